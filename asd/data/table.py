@@ -104,12 +104,16 @@ class ClipTable:
         """Write one row per clip; attributes as JSON so any value survives."""
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["path", "machine", "section", "domain", "split", "label", "attributes", "layout"])
+            writer.writerow(
+                ["path", "machine", "section", "domain", "split", "label", "attributes", "layout"]
+            )
             for c in self.clips:
                 row = asdict(c)
                 row["attributes"] = json.dumps(c.attributes, sort_keys=True)
-                writer.writerow([row[k] for k in ("path", "machine", "section", "domain", "split", "label")]
-                                + [row["attributes"], c.layout])
+                writer.writerow(
+                    [row[k] for k in ("path", "machine", "section", "domain", "split", "label")]
+                    + [row["attributes"], c.layout]
+                )
 
     @classmethod
     def from_csv(cls, path: str | Path) -> ClipTable:
