@@ -1,0 +1,266 @@
+"""Decoded-audio cache: one memory-mapped .npy per clip list, so only the first epoch decodes WAVs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from asd.data.audio import AudioConfig, AudioError, load_audio
+from asd.errors import AsdError
+
+log = logging.getLogger(__name__)
+
+ON_BAD_FILE = ("error", "skip")
+# Bump when the cache files' layout or meaning changes, so old files are rebuilt instead of misread.
+CACHE_FORMAT = 1
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*")
+
+
+@dataclass
+class CachedAudio:
+    """Waveforms of the good clips of one list, in the order given."""
+
+    waves: np.ndarray  # (N_good, T) float32; a read-only np.memmap when it came from or went to the cache
+    paths: list[str]  # the N_good paths, as given, minus the bad ones
+    bad: list[tuple[str, str]]  # (path, reason) of skipped files; only with on_bad_file="skip"
+    hit: bool  # served from the cache without decoding
+
+
+class AudioCache:
+    """Decode lists of recordings once, keep them as `<name>-<key>.npy` + `.json` under `cache_dir`.
+
+    The key hashes the audio settings and every file's absolute path, size and mtime, so
+    any change of files or settings builds a new cache file (older ones of that name are
+    deleted). Cold loads decode with `workers` threads.
+    """
+
+    def __init__(self, cache_dir: str | Path, cfg: AudioConfig, workers: int = 2):
+        if not isinstance(cfg, AudioConfig):
+            raise AsdError(f"AudioCache needs an AudioConfig (see asd.data.audio.audio_config), got {cfg!r}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise AsdError(f"workers={workers!r}: expected an integer >= 1 (decoding threads)")
+        self.cache_dir = Path(cache_dir)
+        self.cfg = cfg
+        self.workers = workers
+
+    def load(self, paths: Sequence[str], name: str, on_bad_file: str = "error") -> CachedAudio:
+        """Waveforms of `paths` (N, T) from the cache, decoding and caching them on a miss.
+
+        Args:
+            paths: audio files, in the order the rows should have.
+            name: cache name such as "fan-train"; one cache file per name is kept.
+            on_bad_file: "error" raises the first AudioError; "skip" leaves bad files out and
+                lists them in `bad` and in a warning.
+        """
+        if on_bad_file not in ON_BAD_FILE:
+            raise AsdError(f"data.on_bad_file={on_bad_file!r}: expected one of {ON_BAD_FILE}")
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise AsdError(
+                f"cache name {name!r}: use letters, digits and '_.=+-' only (e.g. 'fan-train'), "
+                "it becomes part of a file name"
+            )
+        paths = [str(p) for p in paths]
+        if not paths:
+            return CachedAudio(np.zeros((0, self.cfg.num_samples or 0), np.float32), [], [], hit=False)
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise AsdError(
+                f"cache folder {self.cache_dir} cannot be created ({e.strerror}); "
+                "point it (or the ASD_CACHE environment variable) at a writable folder"
+            ) from e
+        key = self._key(paths)
+        npy, meta = self.cache_dir / f"{name}-{key}.npy", self.cache_dir / f"{name}-{key}.json"
+        cached = self._open(npy, meta, key, len(paths))
+        if cached is None:
+            t0 = time.perf_counter()
+            log.info("%s: decoding %d files with %d thread(s) into %s", name, len(paths), self.workers, npy)
+            bad_rows = self._build(paths, name, key, npy, meta, on_bad_file)
+            self._remove_stale(name, key)
+            waves = np.load(npy, mmap_mode="r")  # (N_good, T)
+            log.info("%s: cached %s in %.1f s", name, waves.shape, time.perf_counter() - t0)
+            hit = False
+        else:
+            waves, bad_rows = cached
+            log.info("%s: %d clips of %d samples from %s", name, waves.shape[0], waves.shape[1], npy)
+            hit = True
+        bad = [(paths[i], reason) for i, reason in bad_rows]
+        if bad and on_bad_file == "error":
+            raise AudioError(bad[0][1])
+        if bad:
+            listing = "\n".join(f"  {reason}" for _, reason in bad)
+            log.warning("%s: skipped %d bad file(s) (data.on_bad_file=skip):\n%s", name, len(bad), listing)
+        skipped = {i for i, _ in bad_rows}
+        good = [p for i, p in enumerate(paths) if i not in skipped]
+        return CachedAudio(waves=waves, paths=good, bad=bad, hit=hit)
+
+    def _key(self, paths: list[str]) -> str:
+        """Hash of the settings and each file's absolute path, size and mtime (None when missing)."""
+        h = hashlib.sha256(f"{CACHE_FORMAT}:{self.cfg.key()}".encode())
+        for p in paths:
+            full = os.path.abspath(p)
+            try:
+                st = os.stat(full)
+                stamp = [full, st.st_size, st.st_mtime_ns]
+            except OSError:
+                stamp = [full, None, None]
+            h.update(json.dumps(stamp).encode())
+        return h.hexdigest()[:16]
+
+    def _open(
+        self, npy: Path, meta: Path, key: str, count: int
+    ) -> tuple[np.ndarray, list[tuple[int, str]]] | None:
+        """The cached (waves, bad rows) when both files exist and agree, else None (rebuild)."""
+        if not (npy.exists() and meta.exists()):
+            return None
+        try:
+            info = json.loads(meta.read_text())
+            if info["format"] != CACHE_FORMAT or info["key"] != key or info["count"] != count:
+                raise ValueError("its sidecar describes another clip list")
+            bad_rows = [(int(i), str(reason)) for i, reason in info["bad"]]
+            if any(not 0 <= i < count for i, _ in bad_rows):
+                raise ValueError("its sidecar lists bad rows out of range")
+            waves = np.load(npy, mmap_mode="r")
+            want = (count - len(bad_rows), self.cfg.num_samples or info["shape"][1])
+            if waves.dtype != np.float32 or waves.shape != want or list(waves.shape) != info["shape"]:
+                raise ValueError(f"it holds {waves.dtype} {waves.shape}, expected float32 {want}")
+            if npy.stat().st_size != waves.offset + waves.nbytes:
+                raise ValueError("its size does not match its header")
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            log.warning("cache %s is damaged or incomplete (%s); rebuilding it", npy, e)
+            return None
+        return waves, bad_rows
+
+    def _build(
+        self, paths: list[str], name: str, key: str, npy: Path, meta: Path, on_bad_file: str
+    ) -> list[tuple[int, str]]:
+        """Decode all paths into `npy` (atomically) and write its sidecar; returns the bad rows."""
+        n, t = len(paths), self.cfg.num_samples
+        bad_rows: list[tuple[int, str]] = []
+        first_good = -1
+        out = None
+        tmp = self._temp(name, key, ".npy")
+        try:
+            with closing(self._decode_all(paths)) as results:
+                for i, result in enumerate(results):
+                    if isinstance(result, AudioError):
+                        if on_bad_file == "error":
+                            raise result
+                        bad_rows.append((i, str(result)))
+                        continue
+                    if out is None:
+                        # duration=None: the first good clip sets T; rows of skipped files stay unused
+                        first_good, t = i, t or result.shape[0]
+                        out = self._create(tmp, (n, t))  # (N, T)
+                    if result.shape[0] != t:
+                        raise AsdError(
+                            f"{paths[i]} has {result.shape[0]} samples but {paths[first_good]} has {t}: "
+                            f"clips of different lengths cannot be cached together for '{name}'; "
+                            "set data.audio.duration (seconds) to crop/pad every clip to one length"
+                        )
+                    out[i - len(bad_rows)] = result
+            if out is None:
+                raise AudioError(
+                    f"all {n} files of '{name}' are bad, nothing to load; the first: {bad_rows[0][1]}"
+                )
+            out.flush()
+            if bad_rows:
+                self._shrink(out, n - len(bad_rows), tmp, name, key)
+            del out
+            os.replace(tmp, npy)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        sidecar = {
+            "format": CACHE_FORMAT,
+            "key": key,
+            "count": n,
+            "shape": [n - len(bad_rows), t],
+            "config": asdict(self.cfg),
+            "paths": paths,
+            "bad": [[i, reason] for i, reason in bad_rows],
+        }
+        tmp = self._temp(name, key, ".json")
+        try:
+            Path(tmp).write_text(json.dumps(sidecar, indent=1))
+            os.replace(tmp, meta)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return bad_rows
+
+    def _shrink(self, out: np.memmap, good: int, tmp: str, name: str, key: str) -> None:
+        """Replace the file `tmp` (N, T) by one holding only its first `good` rows (good, T)."""
+        tmp2 = self._temp(name, key, ".npy")
+        try:
+            small = self._create(tmp2, (good, out.shape[1]))
+            for s in range(0, good, 256):  # chunks keep memory flat for large caches
+                small[s : s + 256] = out[s : min(s + 256, good)]
+            small.flush()
+            del small
+            os.replace(tmp2, tmp)
+        finally:
+            if os.path.exists(tmp2):
+                os.unlink(tmp2)
+
+    def _decode_all(self, paths: list[str]) -> Iterator[np.ndarray | AudioError]:
+        """Decoded waves or AudioErrors, in order; threads decode ahead while the caller writes."""
+        decode: Callable[[str], np.ndarray | AudioError] = self._decode_one
+        if self.workers == 1:
+            yield from map(decode, paths)
+            return
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="asd-decode")
+        try:
+            yield from pool.map(decode, paths)
+        finally:  # on an error, drop the files not started yet instead of decoding them all first
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _decode_one(self, path: str) -> np.ndarray | AudioError:
+        try:
+            return load_audio(path, self.cfg)
+        except AudioError as e:
+            return e
+
+    def _create(self, path: str, shape: tuple[int, int]) -> np.memmap:
+        """A float32 .npy memmap of `shape`, after checking the disk has room for it."""
+        need = shape[0] * shape[1] * 4
+        free = shutil.disk_usage(self.cache_dir).free
+        if need > free:
+            raise AsdError(
+                f"the cache for {shape[0]} clips needs {need / 1e9:.2f} GB but {self.cache_dir} has "
+                f"{free / 1e9:.2f} GB free; free space or point ASD_CACHE at a larger disk"
+            )
+        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+
+    def _temp(self, name: str, key: str, suffix: str) -> str:
+        """A fresh hidden file name in the cache folder, so os.replace stays on one file system."""
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{name}-{key}.", suffix=suffix + ".tmp")
+        os.close(fd)
+        return tmp
+
+    def _remove_stale(self, name: str, key: str) -> None:
+        """Delete this name's cache files of other keys (older files or settings)."""
+        pattern = re.compile(re.escape(name) + r"-([0-9a-f]{16})\.(npy|json)")
+        with os.scandir(self.cache_dir) as it:
+            entries = list(it)
+        for entry in entries:
+            m = pattern.fullmatch(entry.name)
+            if m and m.group(1) != key:
+                try:
+                    os.unlink(entry.path)
+                    log.info("removed stale cache file %s", entry.path)
+                except FileNotFoundError:
+                    pass  # another process removed it first
