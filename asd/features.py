@@ -1,0 +1,253 @@
+"""Spectrogram front ends as `nn.Module`s: the DCASE baseline log-mel and AST's Kaldi fbank."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from transformers import ASTFeatureExtractor
+from transformers.audio_utils import mel_filter_bank
+
+from asd.errors import AsdError
+
+log = logging.getLogger(__name__)
+
+# transformers warns once per filter bank when a mel filter covers no FFT bin. Both front ends
+# check for empty filters themselves and say what they mean (see LogMel and AstFbank).
+_EMPTY_FILTER_WARNING = "At least one mel filter has all zero values"
+
+
+def _as_batch(wave: Tensor, owner: str) -> Tensor:
+    """(T,) or (B, T) -> (B, T); any other shape or an empty wave is an AsdError."""
+    if not isinstance(wave, Tensor):
+        raise AsdError(f"{owner}: expected the wave as a torch.Tensor, got {type(wave).__name__}")
+    if wave.ndim == 1:
+        wave = wave.unsqueeze(0)  # (T,) -> (1, T)
+    if wave.ndim != 2:
+        raise AsdError(
+            f"{owner}: expected a wave of shape (B, T) or (T,), got {tuple(wave.shape)}; "
+            "down-mix multi-channel audio to mono first (data.audio settings)"
+        )
+    if wave.shape[-1] == 0:
+        raise AsdError(f"{owner}: got an empty wave (0 samples); check the clip's decoding and cropping")
+    return wave
+
+
+def _positive(owner: str, key: str, value: float, example: str, integer: bool = False) -> None:
+    """Raise an AsdError naming `key` unless `value` is a positive number (an int when `integer`)."""
+    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    is_number = is_int or isinstance(value, (float, np.floating))
+    if not is_number or (integer and not is_int) or not value > 0:
+        kind = "a positive integer" if integer else "a positive number"
+        raise AsdError(f"{owner}: {key}={value!r} must be {kind} (e.g. {key}={example})")
+
+
+class LogMel(nn.Module):
+    """DCASE baseline log-mel spectrogram on the wave's device: `20/power * log10(mel + eps)`.
+
+    Matches `librosa.feature.melspectrogram` (>= 0.10 defaults: periodic Hann window of `n_fft`
+    samples, `center=True` with zero padding, slaney mel scale and slaney area norm) followed by the
+    baseline's log. A wave shorter than `n_fft // 2` still gives one frame: the centre padding is zeros.
+    The filter bank is a non-persistent buffer, so `.to(device)` moves it and state dicts stay empty.
+    """
+
+    def __init__(
+        self,
+        sample_rate: int = 16000,
+        n_fft: int = 1024,
+        hop_length: int = 512,
+        n_mels: int = 128,
+        f_min: float = 0.0,
+        f_max: float | None = None,
+        power: float = 2.0,
+        eps: float = sys.float_info.epsilon,
+    ):
+        super().__init__()
+        owner = "LogMel"
+        _positive(owner, "sample_rate", sample_rate, "16000", integer=True)
+        _positive(owner, "n_fft", n_fft, "1024", integer=True)
+        _positive(owner, "hop_length", hop_length, "512", integer=True)
+        _positive(owner, "n_mels", n_mels, "128", integer=True)
+        _positive(owner, "power", power, "2.0")
+        _positive(owner, "eps", eps, "1e-16")
+        # transformers places FFT bins on linspace(0, sample_rate // 2, n_fft // 2 + 1), which is
+        # librosa's rfftfreq only when both are even; refuse the rest rather than be subtly off.
+        if n_fft % 2 or sample_rate % 2:
+            raise AsdError(
+                f"{owner}: n_fft={n_fft} and sample_rate={sample_rate} must both be even "
+                "(e.g. n_fft=1024, sample_rate=16000; resample with data.audio.sample_rate)"
+            )
+        nyquist = sample_rate / 2
+        for key, value in (("f_min", f_min), ("f_max", f_max)):
+            if not (value is None and key == "f_max") and not isinstance(value, (int, float, np.number)):
+                raise AsdError(f"{owner}: {key}={value!r} must be a frequency in Hz (a number)")
+        f_max = nyquist if f_max is None else float(f_max)
+        if f_max > nyquist:
+            raise AsdError(
+                f"{owner}: f_max={f_max} is above the Nyquist frequency {nyquist} of sample_rate="
+                f"{sample_rate}; set f_max <= {nyquist} or leave it unset"
+            )
+        if not 0 <= f_min < f_max:
+            raise AsdError(f"{owner}: f_min={f_min} must be >= 0 and below f_max={f_max}")
+        self.sample_rate, self.n_fft, self.hop_length, self.n_mels = sample_rate, n_fft, hop_length, n_mels
+        self.f_min, self.f_max, self.power, self.eps = float(f_min), f_max, float(power), float(eps)
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_EMPTY_FILTER_WARNING)
+            # float32 weights are bit-exact with librosa.filters.mel (transformers' docs)
+            fb = mel_filter_bank(
+                num_frequency_bins=n_fft // 2 + 1,
+                num_mel_filters=n_mels,
+                min_frequency=self.f_min,
+                max_frequency=f_max,
+                sampling_rate=sample_rate,
+                norm="slaney",
+                mel_scale="slaney",
+                dtype=np.float32,
+            )  # (n_fft // 2 + 1, n_mels)
+        empty = np.flatnonzero(fb.max(axis=0) == 0)
+        if empty.size:
+            # librosa has the same empty filters; their rows are the constant 20/power*log10(eps)
+            log.warning(
+                "LogMel: %d of n_mels=%d mel filters cover no FFT bin (filters %s) and give a constant "
+                "row; lower n_mels or raise n_fft=%d to avoid them",
+                empty.size,
+                n_mels,
+                empty.tolist(),
+                n_fft,
+            )
+        self.register_buffer("mel_fb", torch.from_numpy(fb.T.copy()), persistent=False)  # (n_mels, F)
+        self.register_buffer("window", torch.hann_window(n_fft, periodic=True), persistent=False)
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames for a wave of `num_samples` samples (centred frames: `1 + num_samples // hop_length`)."""
+        return 1 + num_samples // self.hop_length
+
+    def forward(self, wave: Tensor) -> Tensor:
+        """(B, T) or (T,) -> (B, n_mels, frames) float32 log-mel in dB-like units."""
+        wave = _as_batch(wave, "LogMel")
+        # the STFT, power and log lose too much in half precision: compute in float32 under autocast too
+        with torch.autocast(device_type=wave.device.type, enabled=False):
+            spec = torch.stft(
+                wave.float(),
+                n_fft=self.n_fft,
+                hop_length=self.hop_length,
+                win_length=self.n_fft,
+                window=self.window.float(),
+                center=True,
+                pad_mode="constant",
+                return_complex=True,
+            )  # (B, F, frames) complex64
+            spec = spec.abs().pow(self.power)  # (B, F, frames)
+            # (n_mels, F) @ (B, F, frames) -> (B, n_mels, frames)
+            mel = torch.matmul(self.mel_fb.float(), spec)
+            return (20.0 / self.power) * torch.log10(mel + self.eps)
+
+    def extra_repr(self) -> str:
+        return (
+            f"sample_rate={self.sample_rate}, n_fft={self.n_fft}, hop_length={self.hop_length}, "
+            f"n_mels={self.n_mels}, f_min={self.f_min}, f_max={self.f_max}, power={self.power}"
+        )
+
+
+class AstFbank(nn.Module):
+    """Audio Spectrogram Transformer input: Kaldi fbank via `transformers.ASTFeatureExtractor`.
+
+    Kaldi framing: 25 ms windows (400 samples) every 10 ms (160 samples), no centre padding, so a
+    wave gives `num_frames(T)` frames. The extractor zero-pads the fbank to `max_length` frames and
+    TRUNCATES longer clips to their first `max_length` frames (about 10.25 s at 16 kHz); a caller that
+    needs the whole clip splits the wave into windows of `samples_per_window()` samples. Truncation is
+    logged once per module. `normalize` applies AST's `(fbank - mean) / (2 * std)` (AudioSet statistics).
+
+    Without torchaudio the extractor runs its numpy implementation on the CPU (20-35 ms per 10 s
+    clip on one core); the result is moved back to the wave's device. It is not differentiable. The
+    128-bin Kaldi bank at 16 kHz has one filter that covers no FFT bin (filter 3, a constant row);
+    that is the configuration AST was pre-trained with, so it is kept and logged at debug level only.
+    """
+
+    sample_rate = 16000
+    frame_length = 400  # 25 ms at 16 kHz
+    frame_shift = 160  # 10 ms at 16 kHz
+
+    def __init__(
+        self,
+        sample_rate: int = 16000,
+        num_mel_bins: int = 128,
+        max_length: int = 1024,
+        mean: float = -4.2677393,
+        std: float = 4.5689974,
+        normalize: bool = True,
+    ):
+        super().__init__()
+        owner = "AstFbank"
+        if sample_rate != self.sample_rate:
+            raise AsdError(
+                f"{owner}: sample_rate={sample_rate}, but the Audio Spectrogram Transformer is trained "
+                f"on 16 kHz audio; set data.audio.sample_rate={self.sample_rate}"
+            )
+        _positive(owner, "num_mel_bins", num_mel_bins, "128", integer=True)
+        _positive(owner, "max_length", max_length, "1024", integer=True)
+        _positive(owner, "std", std, "4.5689974")
+        self.num_mel_bins, self.max_length, self.normalize = num_mel_bins, max_length, normalize
+        self.mean, self.std = float(mean), float(std)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_EMPTY_FILTER_WARNING)
+            self.extractor = ASTFeatureExtractor(
+                sampling_rate=self.sample_rate,
+                num_mel_bins=num_mel_bins,
+                max_length=max_length,
+                do_normalize=normalize,
+                mean=self.mean,
+                std=self.std,
+            )
+        filters = getattr(self.extractor, "mel_filters", None)  # only on the numpy path
+        if filters is not None:
+            empty = np.flatnonzero(filters.max(axis=0) == 0).tolist()
+            log.debug("AstFbank: Kaldi mel filters %s cover no FFT bin (as in AST's pre-training)", empty)
+        self._warned_truncation = False
+
+    def num_frames(self, num_samples: int) -> int:
+        """Kaldi frames (before padding/truncation to `max_length`) for a wave of `num_samples` samples."""
+        if num_samples < self.frame_length:
+            return 0
+        return 1 + (num_samples - self.frame_length) // self.frame_shift
+
+    def samples_per_window(self) -> int:
+        """Samples that give exactly `max_length` frames: split longer waves into windows of this size."""
+        return self.frame_length + (self.max_length - 1) * self.frame_shift
+
+    def forward(self, wave: Tensor) -> Tensor:
+        """(B, T) or (T,) -> (B, max_length, num_mel_bins) float32 on the wave's device."""
+        wave = _as_batch(wave, "AstFbank")
+        num_samples = wave.shape[-1]
+        if num_samples < self.frame_length:
+            raise AsdError(
+                f"AstFbank: a wave of {num_samples} samples is shorter than one 25 ms Kaldi frame "
+                f"({self.frame_length} samples at 16 kHz); pad or crop clips to a longer length "
+                "(data.audio settings)"
+            )
+        frames = self.num_frames(num_samples)
+        if frames > self.max_length and not self._warned_truncation:
+            log.warning(
+                "AstFbank: clips of %d samples give %d frames; only the first max_length=%d are kept. "
+                "Split waves into windows of %d samples to use the whole clip",
+                num_samples,
+                frames,
+                self.max_length,
+                self.samples_per_window(),
+            )
+            self._warned_truncation = True
+        batch = wave.detach().to("cpu", torch.float32).numpy()  # (B, T)
+        out = self.extractor(list(batch), sampling_rate=self.sample_rate, return_tensors="np")
+        fbank = np.asarray(out["input_values"], dtype=np.float32)  # (B, max_length, num_mel_bins)
+        return torch.from_numpy(fbank).to(wave.device)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_mel_bins={self.num_mel_bins}, max_length={self.max_length}, "
+            f"normalize={self.normalize}, mean={self.mean}, std={self.std}"
+        )
