@@ -1,0 +1,90 @@
+"""Decision thresholds: a gamma distribution fitted to normal scores, as the DCASE baselines do.
+
+`fit_gamma_threshold` fits shape, location and scale with `scipy.stats.gamma.fit` (all three
+free, like the baselines) and returns the fitted distribution's `percentile` quantile. The free
+location lets the same model describe shifted scores such as z-scores, which may be negative.
+Where the fit cannot apply, the threshold falls back to the empirical quantile
+`np.quantile(scores, percentile)` (linear interpolation) and a warning says why:
+
+- fewer than 3 scores (a 3-parameter fit needs more),
+- constant scores (zero spread; the threshold is that value, so every such score is normal),
+- the fit raises, returns non-finite parameters, or a quantile outside
+  [min(scores), max(scores) + (max(scores) - min(scores))], i.e. a fit that does not describe
+  the scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+
+import numpy as np
+import scipy.stats
+from numpy.typing import ArrayLike
+
+from asd.errors import AsdError
+
+logger = logging.getLogger(__name__)
+
+MIN_FIT_SCORES = 3
+
+
+def _finite_scores(scores: ArrayLike, what: str) -> np.ndarray:
+    try:
+        s = np.asarray(scores, dtype=float).ravel()
+    except (TypeError, ValueError) as e:
+        raise AsdError(f"{what}: scores must be numbers ({e})") from None
+    bad = np.flatnonzero(~np.isfinite(s))
+    if bad.size:
+        raise AsdError(
+            f"{what}: {bad.size} scores are NaN or infinite (first at position {bad[0]}); "
+            "fix the scoring step so every clip gets a finite score"
+        )
+    return s
+
+
+def _gamma_quantile(s: np.ndarray, percentile: float) -> tuple[float | None, str]:
+    """The fitted gamma's quantile, or None and the reason it does not apply."""
+    if s.size < MIN_FIT_SCORES:
+        return None, f"only {s.size} scores (a gamma fit needs at least {MIN_FIT_SCORES})"
+    low, high = float(s.min()), float(s.max())
+    if low == high:
+        return None, f"all {s.size} scores equal {low!r}"
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            shape, loc, scale = scipy.stats.gamma.fit(s)
+            q = float(scipy.stats.gamma.ppf(percentile, shape, loc=loc, scale=scale))
+    except Exception as e:  # scipy's optimisers raise many types; any failure means "no fit"
+        return None, f"gamma fit failed ({type(e).__name__}: {e})"
+    if not all(math.isfinite(v) for v in (shape, loc, scale, q)) or shape <= 0 or scale <= 0:
+        return None, f"gamma fit gave shape={shape}, loc={loc}, scale={scale}, quantile={q}"
+    if not low <= q <= high + (high - low):
+        return None, f"gamma quantile {q!r} lies far outside the scores [{low!r}, {high!r}]"
+    return q, ""
+
+
+def fit_gamma_threshold(scores: ArrayLike, percentile: float = 0.9) -> float:
+    """`percentile` quantile of a gamma fitted to (normal) scores; empirical quantile where no fit applies."""
+    if not 0.0 < percentile < 1.0:
+        raise AsdError(f"percentile={percentile}: must lie strictly between 0 and 1 (the baselines use 0.9)")
+    s = _finite_scores(scores, "fit_gamma_threshold")
+    if s.size == 0:
+        raise AsdError("fit_gamma_threshold: no scores; fit the threshold on the scores of normal clips")
+    q, why = _gamma_quantile(s, percentile)
+    if q is not None:
+        return q
+    fallback = float(np.quantile(s, percentile))
+    logger.warning(
+        "gamma threshold: %s; using the empirical %g quantile %r instead", why, percentile, fallback
+    )
+    return fallback
+
+
+def decide(scores: ArrayLike, threshold: float) -> np.ndarray:
+    """Decisions (N,) int: 1 = anomaly where the score is strictly above `threshold`."""
+    if not math.isfinite(threshold):
+        raise AsdError(f"decide: threshold={threshold} is not finite; fit it on finite normal scores")
+    s = _finite_scores(scores, "decide")
+    return (s > threshold).astype(int)
