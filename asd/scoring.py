@@ -1,0 +1,583 @@
+"""Scoring backends fitted on training normals, per-group score normalisation and label-free fusion.
+
+Ids follow the batch contract of `asd.branches.base`: `section` is a (machine, section) class id,
+unique across machines, so a (section, domain) pair is a (machine, section, domain) group; `domain`
+is 0 source, 1 target, 2 unknown.
+
+Fitted state is kept as module *extra state* (`get_extra_state`/`set_extra_state`, a dict of plain
+tensors), not as parameters or buffers: bank sizes vary between fits, `torch.load(weights_only=True)`
+reads it, and `.half()`/`.to(dtype)` on a surrounding model can never degrade it. Scoring moves the
+state to the query's device (one cached copy) and returns a tensor on that device.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from asd.errors import AsdError
+
+log = logging.getLogger(__name__)
+
+FUSIONS = ("zmean", "zmin", "zmax")
+DOMAIN_NAMES = {0: "source", 1: "target", 2: "unknown"}
+_BLOCK = 4096  # query rows per block where a backend has no `chunk` setting
+
+
+def _acc_dtype(device: torch.device) -> torch.dtype:
+    """float64 for sums and distances, except on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _out_dtype(x: Tensor) -> torch.dtype:
+    """Scores come back in the input's float dtype, at least float32."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _check_feats(feats: Tensor, where: str) -> None:
+    """`feats` must be a finite, non-empty (N, D) float tensor."""
+    if not isinstance(feats, Tensor) or feats.dim() != 2 or not feats.is_floating_point():
+        got = tuple(feats.shape) if isinstance(feats, Tensor) else type(feats).__name__
+        raise AsdError(f"{where}: `feats` must be a float tensor of shape (N, D), got {got}")
+    if feats.shape[1] == 0:
+        raise AsdError(f"{where}: `feats` has 0 feature dimensions; the member produced empty embeddings")
+    _check_finite(feats, "feats", where)
+
+
+def _check_finite(x: Tensor, name: str, where: str) -> None:
+    bad = ~torch.isfinite(x)
+    if x.numel() and bool(bad.any()):
+        rows = torch.nonzero(bad.reshape(x.shape[0], -1).any(dim=1)).flatten()
+        raise AsdError(
+            f"{where}: `{name}` has {int(bad.sum())} NaN/inf values in rows {rows[:10].tolist()}"
+            f"{' ...' if rows.numel() > 10 else ''}; the member that produced them diverged or read "
+            "broken audio - fix or retrain it before scoring"
+        )
+
+
+def _check_ids(ids: Tensor, name: str, n: int, where: str, device: torch.device) -> Tensor:
+    """An integer (N,) id tensor, moved to `device`."""
+    if (
+        not isinstance(ids, Tensor)
+        or ids.dim() != 1
+        or ids.dtype.is_floating_point
+        or ids.dtype == torch.bool
+    ):
+        got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
+        raise AsdError(f"{where}: `{name}` must be an integer tensor of shape (N,), got {got}")
+    if ids.shape[0] != n:
+        raise AsdError(
+            f"{where}: `{name}` has {ids.shape[0]} entries but there are {n} rows; pass one per clip"
+        )
+    return ids.to(device=device, dtype=torch.long)
+
+
+def _check_domain(domain: Tensor, where: str) -> None:
+    bad = (domain < 0) | (domain > 2)
+    if bool(bad.any()):
+        values = sorted(set(domain[bad].tolist()))
+        raise AsdError(f"{where}: `domain` has values {values}; use 0 source, 1 target, 2 unknown")
+
+
+def _check_empty(n: int, where: str) -> None:
+    if n == 0:
+        raise AsdError(f"{where}: no clips to fit on; pass the embeddings of at least one training normal")
+
+
+def _plain_state(state: Any, cls: str, keys: tuple[str, ...]) -> dict[str, Tensor]:
+    """Validate a loaded extra state: a dict holding exactly `keys` (or nothing: unfitted)."""
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise AsdError(f"{cls}: checkpoint state is not a dict of tensors; it was not written by {cls}")
+    missing = set(keys) - set(state)
+    if state and missing:
+        raise AsdError(f"{cls}: checkpoint state lacks {sorted(missing)}; it was written by another version")
+    return dict(state)
+
+
+class _DeviceCache:
+    """Fitted tensors plus one copy of them on the device of the latest query."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Tensor] = {}
+        self._copy: dict[str, Tensor] = {}
+        self._device: torch.device | None = None
+
+    def set(self, state: dict[str, Tensor]) -> None:
+        self.state, self._copy, self._device = state, {}, None
+
+    def on(self, device: torch.device) -> dict[str, Tensor]:
+        if self._device != device:
+            self._copy = {k: v.to(device) for k, v in self.state.items()}
+            self._device = device
+        return self._copy
+
+
+def _knn_mean_distance(query: Tensor, bank: Tensor, k: int, cosine: bool, chunk: int) -> Tensor:
+    """Mean distance of each query row to its k nearest bank rows, (B, D) x (N, D) -> (B,).
+
+    Candidates are ranked with float32 matrix products over `chunk` x `chunk` tiles, so memory
+    stays bounded for any bank; the k winners' distances are then recomputed exactly in float64.
+    """
+    acc = _acc_dtype(query.device)
+    k = min(k, bank.shape[0])
+    query32, bank32 = query.float(), bank.float()
+    # rank by a similarity that is monotone in the distance per query row: q.b for cosine (the bank
+    # is unit-norm), 2 q.b - |b|^2 = |q|^2 - |q - b|^2 for euclidean
+    neg_sq = None if cosine else -(bank32 * bank32).sum(dim=1)  # (N,)
+    means = []
+    for qs in range(0, query32.shape[0], chunk):
+        qb = query32[qs : qs + chunk]  # (b, D)
+        best_val = best_idx = None
+        for bs in range(0, bank32.shape[0], chunk):
+            bb = bank32[bs : bs + chunk]  # (n, D)
+            if cosine:
+                sim = qb @ bb.T  # (b, n)
+            else:
+                sim = torch.addmm(neg_sq[None, bs : bs + chunk], qb, bb.T, alpha=2)  # (b, n)
+            val, idx = sim.topk(min(k, bb.shape[0]), dim=1)  # (b, k')
+            idx = idx + bs
+            if best_val is not None:
+                val, idx = torch.cat([best_val, val], dim=1), torch.cat([best_idx, idx], dim=1)
+                val, pick = val.topk(k, dim=1)
+                idx = idx.gather(1, pick)
+            best_val, best_idx = val, idx
+        # exact distances of the winners, a few queries at a time so (b, k, D) stays ~ chunk x D
+        step = max(1, chunk // k)
+        for rs in range(0, qb.shape[0], step):
+            q = qb[rs : rs + step].to(acc)[:, None, :]  # (r, 1, D)
+            winners = best_idx[rs : rs + step]  # (r, k)
+            nb = bank.index_select(0, winners.flatten()).to(acc).view(*winners.shape, -1)  # (r, k, D)
+            if cosine:
+                q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+                nb = nb / nb.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+                dist = (1 - (q * nb).sum(dim=-1)).clamp_min(0)  # (r, k)
+            else:
+                dist = (nb - q).norm(dim=-1)  # (r, k)
+            means.append(dist.mean(dim=1))
+    return torch.cat(means) if means else query.new_zeros(0, dtype=acc)
+
+
+class KnnBackend(nn.Module):
+    """k-nearest-neighbour distance to training normals, one bank per (section, domain), min over domains.
+
+    Domain 2 (unknown) training clips join the source bank. A bank smaller than `k` is used whole,
+    so its score is the mean distance to all of its clips (DCASE target banks hold 3-10 clips); `fit`
+    logs which banks that applies to. With `normalize`, features are L2-normalised and the distance
+    is the cosine distance 1 - cos; otherwise it is the euclidean distance.
+    """
+
+    _KEYS = ("normalize", "bank", "section", "domain", "size")
+
+    def __init__(self, k: int = 1, normalize: bool = True, chunk: int = 4096):
+        super().__init__()
+        if not isinstance(k, int) or k < 1:
+            raise AsdError(f"KnnBackend: k={k!r}; set `k` to a positive integer")
+        if not isinstance(chunk, int) or chunk < 1:
+            raise AsdError(f"KnnBackend: chunk={chunk!r}; set `chunk` to a positive integer")
+        self.k, self.normalize, self.chunk = k, bool(normalize), chunk
+        self._fitted = _DeviceCache()
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self._fitted.state)
+
+    def fit(self, feats: Tensor, section: Tensor, domain: Tensor) -> KnnBackend:
+        """Build the banks from training normals: feats (N, D), section (N,), domain (N,)."""
+        where = "KnnBackend.fit"
+        _check_feats(feats, where)
+        _check_empty(feats.shape[0], where)
+        section = _check_ids(section, "section", feats.shape[0], where, feats.device)
+        domain = _check_ids(domain, "domain", feats.shape[0], where, feats.device)
+        _check_domain(domain, where)
+        bank_domain = (domain == 1).long()  # unknown (2) -> source bank (0)
+        x = feats.detach().to(_acc_dtype(feats.device))
+        if self.normalize:
+            x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        pairs = torch.stack([section, bank_domain], dim=1)  # (N, 2)
+        keys, inverse, counts = torch.unique(pairs, dim=0, return_inverse=True, return_counts=True)
+        order = torch.argsort(inverse, stable=True)  # rows grouped bank by bank, in `keys` order
+        small = [(s, d, n) for (s, d), n in zip(keys.tolist(), counts.tolist(), strict=True) if n < self.k]
+        if small:
+            names = ", ".join(f"section {s} {DOMAIN_NAMES[d]} ({n} clips)" for s, d, n in small)
+            log.info(
+                "kNN banks smaller than k=%d score the mean distance to all their clips: %s", self.k, names
+            )
+        self._fitted.set(
+            {
+                "normalize": torch.tensor(self.normalize),
+                "bank": x[order].float(),
+                "section": keys[:, 0].cpu(),
+                "domain": keys[:, 1].cpu(),
+                "size": counts.cpu(),
+            }
+        )
+        return self
+
+    def score(self, feats: Tensor, section: Tensor) -> Tensor:
+        """Anomaly score per clip, (B, D) -> (B,): min over the section's banks of the k-NN mean distance."""
+        where = "KnnBackend.score"
+        state = self._require_fitted(where)
+        _check_feats(feats, where)
+        section = _check_ids(section, "section", feats.shape[0], where, feats.device)
+        dim = state["bank"].shape[1]
+        if feats.shape[1] != dim:
+            raise AsdError(
+                f"{where}: `feats` has {feats.shape[1]} dims but the banks have {dim}; "
+                "score with the member and features the backend was fitted on"
+            )
+        banks = self._bank_slices(state)
+        wanted = torch.unique(section).tolist()
+        missing = [s for s in wanted if s not in banks]
+        if missing:
+            raise AsdError(
+                f"{where}: section id(s) {missing} have no kNN bank: the training data given to "
+                "fit() has no clips of them; fit on training normals of every section you score"
+            )
+        acc = _acc_dtype(feats.device)
+        bank = self._fitted.on(feats.device)["bank"]
+        out = torch.full((feats.shape[0],), float("inf"), dtype=acc, device=feats.device)
+        with torch.autocast(feats.device.type, enabled=False):  # ranking in float16 would be wrong
+            for s in wanted:
+                rows = torch.nonzero(section == s).flatten()
+                for start, size in banks[s]:
+                    d = _knn_mean_distance(
+                        feats[rows], bank[start : start + size], self.k, self.normalize, self.chunk
+                    )  # (b,)
+                    out[rows] = torch.minimum(out[rows], d)
+        return out.to(_out_dtype(feats))
+
+    def _require_fitted(self, where: str) -> dict[str, Tensor]:
+        if not self.fitted:
+            raise AsdError(
+                f"{where}: the backend is not fitted; call fit() on training normals first, "
+                "or load the state_dict of a fitted backend"
+            )
+        return self._fitted.state
+
+    @staticmethod
+    def _bank_slices(state: dict[str, Tensor]) -> dict[int, list[tuple[int, int]]]:
+        """section id -> [(first row, rows)] of its source and/or target bank."""
+        slices: dict[int, list[tuple[int, int]]] = {}
+        start = 0
+        for s, n in zip(state["section"].tolist(), state["size"].tolist(), strict=True):
+            slices.setdefault(s, []).append((start, n))
+            start += n
+        return slices
+
+    def get_extra_state(self) -> dict[str, Tensor]:
+        return dict(self._fitted.state)
+
+    def set_extra_state(self, state: Any) -> None:
+        state = _plain_state(state, "KnnBackend", self._KEYS)
+        if state and bool(state["normalize"]) != self.normalize:
+            raise AsdError(
+                f"KnnBackend: the checkpoint's banks were built with normalize={bool(state['normalize'])}"
+                f" but this backend has normalize={self.normalize}; set the same `normalize`"
+            )
+        self._fitted.set(state)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, normalize={self.normalize}, chunk={self.chunk}"
+
+
+def ledoit_wolf(x: Tensor) -> tuple[Tensor, float]:
+    """Ledoit-Wolf shrunk covariance of rows x (N, D) -> ((D, D), shrinkage), as in Ledoit & Wolf (2004).
+
+    Shrinks the maximum-likelihood covariance S (divided by N) toward mu*I with mu = tr(S)/D, by
+    the estimated optimal weight min(b^2, d^2)/d^2 with d^2 = |S - mu I|^2 / D and
+    b^2 = sum_k |x_k x_k^T - S|^2 / (N^2 D) = (sum_k |x_k|^4 - N |S|^2) / (N^2 D).
+    """
+    x = x.to(_acc_dtype(x.device))
+    n, dim = x.shape
+    xc = x - x.mean(dim=0)  # (N, D)
+    cov = xc.T @ xc / n  # (D, D)
+    mu = torch.trace(cov) / dim
+    d2 = ((cov - mu * torch.eye(dim, dtype=x.dtype, device=x.device)) ** 2).sum() / dim
+    b2 = ((xc * xc).sum(dim=1) ** 2).sum() - n * (cov * cov).sum()
+    b2 = torch.minimum(b2 / (n * n * dim), d2)
+    shrinkage = 0.0 if float(d2) == 0 else float(b2 / d2)
+    return _shrink(cov, shrinkage), shrinkage
+
+
+def _shrink(cov: Tensor, shrinkage: float) -> Tensor:
+    """(1 - s) S + s mu I with mu = tr(S)/D: the identity scaled to keep the total variance."""
+    mu = torch.trace(cov) / cov.shape[0]
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    return (1 - shrinkage) * cov + shrinkage * mu * eye
+
+
+class MahalanobisBackend(nn.Module):
+    """Mahalanobis distance to Gaussian models of training normals per section (and domain).
+
+    The covariance is the maximum-likelihood one (divided by N) shrunk toward the scaled identity:
+    `shrinkage="auto"` picks the weight by Ledoit-Wolf, a float in [0, 1] fixes it (0 = no
+    shrinkage, 1 = scaled identity). With `per_domain`, source (plus unknown) and target clips get
+    separate models and the score is the min over them - the "selective Mahalanobis" of the DCASE
+    baseline; a domain with a single clip keeps its own mean but borrows its section's covariance.
+    The score is the distance itself, sqrt((x - m)^T C^-1 (x - m)), not its square.
+    """
+
+    _KEYS = ("mean", "whiten", "section", "domain")
+
+    def __init__(self, shrinkage: float | str = "auto", per_domain: bool = True):
+        super().__init__()
+        ok = isinstance(shrinkage, int | float) and not isinstance(shrinkage, bool) and 0 <= shrinkage <= 1
+        if shrinkage != "auto" and not ok:
+            raise AsdError(f"MahalanobisBackend: shrinkage={shrinkage!r}; use 'auto' or a number in [0, 1]")
+        self.shrinkage, self.per_domain = shrinkage, bool(per_domain)
+        self._fitted = _DeviceCache()
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self._fitted.state)
+
+    def fit(self, feats: Tensor, section: Tensor, domain: Tensor) -> MahalanobisBackend:
+        """Fit mean and whitening per group on training normals: feats (N, D), section (N,), domain (N,)."""
+        where = "MahalanobisBackend.fit"
+        _check_feats(feats, where)
+        _check_empty(feats.shape[0], where)
+        device = feats.device if feats.device.type != "mps" else torch.device("cpu")  # MPS lacks float64
+        section = _check_ids(section, "section", feats.shape[0], where, device)
+        domain = _check_ids(domain, "domain", feats.shape[0], where, device)
+        _check_domain(domain, where)
+        x = feats.detach().to(device=device, dtype=torch.float64)
+        # -1 = all domains pooled; else unknown clips join the source model
+        group_domain = (domain == 1).long() if self.per_domain else torch.full_like(domain, -1)
+        means, whitens, sections, domains, borrowed = [], [], [], [], []
+        for s in torch.unique(section).tolist():
+            in_section = section == s
+            if int(in_section.sum()) < 2:
+                raise AsdError(
+                    f"{where}: section id {s} has 1 training clip; a covariance needs at least 2 "
+                    "clips per section - add training normals of it or use KnnBackend"
+                )
+            pooled = None
+            for d in torch.unique(group_domain[in_section]).tolist():
+                xs = x[in_section & (group_domain == d)]  # (n, D)
+                if xs.shape[0] < 2:
+                    pooled = self._covariance(x[in_section]) if pooled is None else pooled
+                    cov = pooled
+                    borrowed.append(f"section {s} {DOMAIN_NAMES[d]}")
+                else:
+                    cov = self._covariance(xs)
+                chol, info = torch.linalg.cholesky_ex(cov)
+                if int(info) != 0:
+                    raise AsdError(
+                        f"{where}: the covariance of section {s} {DOMAIN_NAMES.get(d, 'all domains')} is "
+                        f"singular ({xs.shape[0]} clips, {x.shape[1]} dims, shrinkage={self.shrinkage!r}); "
+                        "use shrinkage='auto' or a value > 0, or more clips than dimensions"
+                    )
+                eye = torch.eye(x.shape[1], dtype=x.dtype, device=device)
+                whitens.append(torch.linalg.solve_triangular(chol, eye, upper=False))  # L^-1, C = L L^T
+                means.append(xs.mean(dim=0))
+                sections.append(s)
+                domains.append(d)
+        if borrowed:
+            log.warning(
+                "Mahalanobis groups with a single clip use their section's covariance: %s",
+                ", ".join(borrowed),
+            )
+        self._fitted.set(
+            {
+                "mean": torch.stack(means).float(),  # (G, D)
+                "whiten": torch.stack(whitens).float(),  # (G, D, D)
+                "section": torch.tensor(sections),
+                "domain": torch.tensor(domains),
+            }
+        )
+        return self
+
+    def _covariance(self, x: Tensor) -> Tensor:
+        if self.shrinkage == "auto":
+            return ledoit_wolf(x)[0]
+        xc = x - x.mean(dim=0)
+        return _shrink(xc.T @ xc / x.shape[0], float(self.shrinkage))
+
+    def score(self, feats: Tensor, section: Tensor) -> Tensor:
+        """Anomaly score per clip, (B, D) -> (B,): min over the section's models of the distance."""
+        where = "MahalanobisBackend.score"
+        if not self.fitted:
+            raise AsdError(
+                f"{where}: the backend is not fitted; call fit() on training normals first, "
+                "or load the state_dict of a fitted backend"
+            )
+        _check_feats(feats, where)
+        section = _check_ids(section, "section", feats.shape[0], where, feats.device)
+        state = self._fitted.on(feats.device)
+        dim = state["mean"].shape[1]
+        if feats.shape[1] != dim:
+            raise AsdError(
+                f"{where}: `feats` has {feats.shape[1]} dims but the models have {dim}; "
+                "score with the member and features the backend was fitted on"
+            )
+        known = set(self._fitted.state["section"].tolist())
+        wanted = torch.unique(section).tolist()
+        missing = [s for s in wanted if s not in known]
+        if missing:
+            raise AsdError(
+                f"{where}: section id(s) {missing} have no Mahalanobis model: the training data "
+                "given to fit() has no clips of them; fit on training normals of every section you score"
+            )
+        acc = _acc_dtype(feats.device)
+        out = torch.full((feats.shape[0],), float("inf"), dtype=acc, device=feats.device)
+        group_section = self._fitted.state["section"].tolist()
+        with torch.autocast(feats.device.type, enabled=False):
+            for g, s in enumerate(group_section):
+                rows = torch.nonzero(section == s).flatten()
+                mean, whiten = state["mean"][g].to(acc), state["whiten"][g].to(acc)  # (D,), (D, D)
+                for start in range(0, rows.shape[0], _BLOCK):
+                    r = rows[start : start + _BLOCK]
+                    z = (feats[r].to(acc) - mean) @ whiten.T  # (b, D) whitened residuals
+                    out[r] = torch.minimum(out[r], z.norm(dim=1))
+        return out.to(_out_dtype(feats))
+
+    def get_extra_state(self) -> dict[str, Tensor]:
+        return dict(self._fitted.state)
+
+    def set_extra_state(self, state: Any) -> None:
+        self._fitted.set(_plain_state(state, "MahalanobisBackend", self._KEYS))
+
+    def extra_repr(self) -> str:
+        return f"shrinkage={self.shrinkage!r}, per_domain={self.per_domain}"
+
+
+class GroupNormalizer(nn.Module):
+    """z-scores per (section, domain) from a member's scores on held-out normal clips.
+
+    Statistics are float64 mean and sample std (divided by N - 1). A (section, source|target)
+    group with fewer than 2 clips or a std of ~0 (at most 1e-6 |mean|) uses its section's pooled
+    statistics, a degenerate section the global ones; `fit` logs a warning naming every such group.
+    Clips of unknown domain (2) always use their section's pooled statistics.
+    """
+
+    _KEYS = ("section", "domain", "mean", "std")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._fitted = _DeviceCache()
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self._fitted.state)
+
+    def fit(self, scores: Tensor, section: Tensor, domain: Tensor) -> GroupNormalizer:
+        """Fit mean/std per group: scores (N,) of held-out normals, section (N,), domain (N,)."""
+        where = "GroupNormalizer.fit"
+        scores = self._check_scores(scores, where)
+        _check_empty(scores.shape[0], where)
+        section = _check_ids(section, "section", scores.shape[0], where, torch.device("cpu"))
+        domain = _check_ids(domain, "domain", scores.shape[0], where, torch.device("cpu"))
+        _check_domain(domain, where)
+        x = scores.detach().to(device="cpu", dtype=torch.float64)  # a few numbers per group
+
+        def stats(mask: Tensor) -> tuple[float, float] | None:
+            v = x[mask]
+            if v.numel() < 2:
+                return None
+            mean, std = float(v.mean()), float(v.std())
+            return None if std <= 1e-6 * abs(mean) else (mean, std)
+
+        overall = stats(torch.ones_like(section, dtype=torch.bool))
+        if overall is None:
+            raise AsdError(
+                f"{where}: the {x.numel()} scores are constant or fewer than 2, so they cannot be "
+                "normalised; fit on the scores of at least 2 different held-out normal clips"
+            )
+        rows, fallbacks = [], []
+        for s in torch.unique(section).tolist():
+            in_section = section == s
+            pooled = stats(in_section)
+            if pooled is None:
+                fallbacks.append(f"section {s} (all domains, {int(in_section.sum())} clips) -> global")
+                pooled = overall
+            rows.append((s, 2, *pooled))
+            for d in (0, 1):
+                n = int((in_section & (domain == d)).sum())
+                own = stats(in_section & (domain == d))
+                if own is None:
+                    fallbacks.append(f"section {s} {DOMAIN_NAMES[d]} ({n} clips) -> section")
+                rows.append((s, d, *(own or pooled)))
+        if fallbacks:
+            log.warning(
+                "score normalisation groups with < 2 clips or std ~ 0 fell back: %s", "; ".join(fallbacks)
+            )
+        table = torch.tensor([r[2:] for r in rows], dtype=torch.float64)  # (G, 2) mean, std
+        self._fitted.set(
+            {
+                "section": torch.tensor([r[0] for r in rows]),
+                "domain": torch.tensor([r[1] for r in rows]),
+                "mean": table[:, 0].contiguous(),
+                "std": table[:, 1].contiguous(),
+            }
+        )
+        return self
+
+    def transform(self, scores: Tensor, section: Tensor, domain: Tensor) -> Tensor:
+        """z-scores (B,) -> (B,): (score - mean) / std of the clip's (section, domain) group."""
+        where = "GroupNormalizer.transform"
+        if not self.fitted:
+            raise AsdError(
+                f"{where}: the normaliser is not fitted; call fit() on held-out normal scores first, "
+                "or load the state_dict of a fitted normaliser"
+            )
+        scores = self._check_scores(scores, where)
+        section = _check_ids(section, "section", scores.shape[0], where, scores.device)
+        domain = _check_ids(domain, "domain", scores.shape[0], where, scores.device)
+        _check_domain(domain, where)
+        state = self._fitted.on(scores.device)
+        # group row of each clip: sections and domains are small ints, so match by broadcasting
+        match = (section[:, None] == state["section"][None, :]) & (
+            domain[:, None] == state["domain"][None, :]
+        )
+        found = match.any(dim=1)  # (B,)
+        if not bool(found.all()):
+            missing = sorted(set(section[~found].tolist()))
+            raise AsdError(
+                f"{where}: section id(s) {missing} have no normalisation statistics: the held-out "
+                "scores given to fit() have no clips of them; fit on clips of every section you score"
+            )
+        g = match.float().argmax(dim=1)  # (B,)
+        acc = _acc_dtype(scores.device)
+        z = (scores.to(acc) - state["mean"][g].to(acc)) / state["std"][g].to(acc)
+        return z.to(_out_dtype(scores))
+
+    @staticmethod
+    def _check_scores(scores: Tensor, where: str) -> Tensor:
+        if not isinstance(scores, Tensor) or scores.dim() != 1 or not scores.is_floating_point():
+            got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+            raise AsdError(f"{where}: `scores` must be a float tensor of shape (N,), got {got}")
+        _check_finite(scores, "scores", where)
+        return scores
+
+    def get_extra_state(self) -> dict[str, Tensor]:
+        return dict(self._fitted.state)
+
+    def set_extra_state(self, state: Any) -> None:
+        self._fitted.set(_plain_state(state, "GroupNormalizer", self._KEYS))
+
+
+def fuse(z: Tensor, method: str) -> Tensor:
+    """Combine member z-scores (B, M) -> (B,) without labels.
+
+    "zmean" averages the members. "zmin" calls a clip anomalous only when every member agrees it
+    is far from its normal scores: each z is calibrated on that member's own normals, so the min
+    has at most the false-alarm rate of the most conservative member, and one member reacting to a
+    nuisance (a domain shift, a noisy recording) cannot raise the fused score - a sensible default
+    when no labels can say which member to trust. "zmax" is the opposite: any single member can
+    raise the alarm, more sensitive to anomalies only one member sees, at the cost of a false-alarm
+    rate up to the sum of the members' rates.
+    """
+    if method not in FUSIONS:
+        raise AsdError(f"fuse: unknown method {method!r}; use one of {FUSIONS}")
+    if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[1] == 0 or not z.is_floating_point():
+        got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+        raise AsdError(f"fuse: `z` must be a float tensor of shape (B, M) with M >= 1 members, got {got}")
+    _check_finite(z, "z", "fuse")
+    if method == "zmean":
+        return z.to(_acc_dtype(z.device)).mean(dim=1).to(z.dtype)
+    if method == "zmin":
+        return z.amin(dim=1)
+    return z.amax(dim=1)
