@@ -1,0 +1,312 @@
+"""`AsdDataModule`: a dataset folder (or the built-in synthetic data) as dict batches.
+
+Splits:
+    fit   training normals the members learn from
+    val   held-out training normals, per (machine, section, domain), for score normalisation
+          and decision thresholds; never trained on
+    test  every test clip, none dropped
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from asd.data.audio import AudioConfig, audio_config
+from asd.data.cache import AudioCache
+from asd.data.index import index_dataset
+from asd.data.synthetic import SyntheticConfig, ensure_synthetic
+from asd.data.table import Clip, ClipTable
+from asd.errors import AsdError
+from asd.paths import cache_root
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("fit", "val", "test")
+DOMAIN_IDS = {"source": 0, "target": 1, "none": 2}
+ON_BAD_FILE = ("error", "skip")
+
+
+class WaveStore:
+    """Rows of several (memory-mapped) wave arrays addressed by one index; picklable for workers."""
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        self._files = [getattr(p, "filename", None) for p in parts]
+        self._parts: list[np.ndarray] = list(parts)
+        sizes = np.array([len(p) for p in parts], dtype=np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(sizes)])
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        part = int(np.searchsorted(self._offsets, i, side="right")) - 1
+        return np.array(self._parts[part][i - self._offsets[part]], dtype=np.float32)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers reopen memory maps by file name instead of receiving a pickled copy of the data.
+        state = self.__dict__.copy()
+        state["_parts"] = [None if f else p for f, p in zip(self._files, self._parts, strict=True)]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._parts = [
+            np.load(f, mmap_mode="r") if f else p for f, p in zip(self._files, self._parts, strict=True)
+        ]
+
+
+class ClipDataset(Dataset):
+    """One split: waves plus the label tensors of every clip."""
+
+    def __init__(self, table: ClipTable, waves: WaveStore, labels: dict[str, torch.Tensor]):
+        if len(table) != len(waves):
+            raise AsdError(f"internal: {len(table)} clips but {len(waves)} waves")
+        self.table, self.waves, self.labels = table, waves, labels
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = {k: v[i] for k, v in self.labels.items()}
+        item["wave"] = torch.from_numpy(self.waves[i])
+        return item
+
+
+class AsdDataModule(L.LightningDataModule):
+    """Index, decode (through the cache), split and batch a dataset.
+
+    Args:
+        root: dataset folder; None uses the built-in synthetic dataset (generated once).
+        year: DCASE year (2020..2025) when the folder layout alone is ambiguous.
+        machines: restrict to these machine types.
+        synthetic: `SyntheticConfig` fields for the built-in dataset.
+        audio: `AudioConfig` fields (sample_rate, channel, duration, ...).
+        val_fraction: share of each (machine, section, domain) group's training normals held out.
+        mimii_train_normals: MIMII only: normals per (machine, id) used for training.
+        on_bad_file: "error" stops at the first unreadable training file; "skip" leaves
+            it out and lists it in `skipped`. Test clips are never skipped.
+    """
+
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        year: int | None = None,
+        machines: Sequence[str] | None = None,
+        synthetic: dict[str, Any] | SyntheticConfig | None = None,
+        audio: dict[str, Any] | AudioConfig | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        mimii_train_normals: int | None = None,
+        on_bad_file: str = "error",
+        cache_dir: str | Path | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if on_bad_file not in ON_BAD_FILE:
+            raise AsdError(f"data.on_bad_file={on_bad_file!r}: expected one of {ON_BAD_FILE}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise AsdError(f"data.val_fraction={val_fraction}: expected a number in [0, 1)")
+        if batch_size < 1:
+            raise AsdError(f"data.batch_size={batch_size}: expected a positive integer")
+        self.root = Path(root).expanduser() if root else None
+        self.year = year
+        self.machines = list(machines) if machines else None
+        if isinstance(synthetic, SyntheticConfig):
+            self.synthetic = synthetic
+        else:
+            self.synthetic = _build(SyntheticConfig, synthetic or {}, "data.synthetic")
+        if isinstance(audio, AudioConfig):
+            self.audio = audio
+        else:
+            self.audio = audio_config(**(audio or {}))
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.mimii_train_normals = mimii_train_normals
+        self.on_bad_file = on_bad_file
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else cache_root() / "audio"
+        self.seed = seed
+
+        self.tables: dict[str, ClipTable] = {}
+        self.datasets: dict[str, ClipDataset] = {}
+        self.skipped: list[tuple[str, str]] = []
+        self.machine_names: list[str] = []
+        self.section_keys: list[tuple[str, str]] = []
+        self.attribute_keys: list[tuple[str, str, str]] = []
+
+    # ------------------------------------------------------------------ set-up
+    def prepare_data(self) -> None:
+        """Generate the synthetic dataset once (rank 0 only under DDP)."""
+        if self.root is None:
+            ensure_synthetic(cfg=self.synthetic)
+
+    def dataset_root(self) -> Path:
+        return self.root if self.root is not None else ensure_synthetic(cfg=self.synthetic)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        table = index_dataset(
+            self.dataset_root(),
+            year=self.year if self.root is not None else 2023,
+            machines=self.machines,
+            mimii_train_normals=self.mimii_train_normals,
+            seed=self.seed,
+        )
+        train = table.select(split="train")
+        not_normal = train.select(where=lambda c: c.label != "normal")
+        if len(not_normal):
+            raise AsdError(
+                f"{len(not_normal)} training clips are not labelled normal (first: {not_normal[0].path}); "
+                "asd trains on normal clips only: move them to the test folder"
+            )
+        fit, val = split_holdout(train, self.val_fraction, self.seed)
+        test = table.select(split="test")
+        if not len(fit):
+            raise AsdError(
+                f"no training clips under {self.dataset_root()}: asd needs normal training recordings "
+                "(for MIMII folders set data.mimii_train_normals=N)"
+            )
+        if not len(test):
+            log.warning("no test clips under %s: only training will run", self.dataset_root())
+
+        self.machine_names = table.machines()
+        self.section_keys = sorted({(c.machine, c.section) for c in table})
+        self.attribute_keys = sorted({(c.machine, c.section, c.attribute_string) for c in train})
+
+        for split, part in (("fit", fit), ("val", val), ("test", test)):
+            on_bad = self.on_bad_file if split != "test" else "error"
+            kept, waves = self._load(split, part, on_bad)
+            self.tables[split] = kept
+            self.datasets[split] = ClipDataset(kept, waves, self.label_tensors(kept))
+        log.info(
+            "data: %d fit, %d val, %d test clips; machines %s; %d sections",
+            len(self.tables["fit"]),
+            len(self.tables["val"]),
+            len(self.tables["test"]),
+            self.machine_names,
+            len(self.section_keys),
+        )
+
+    def _load(self, split: str, table: ClipTable, on_bad: str) -> tuple[ClipTable, WaveStore]:
+        """Decode (or read from the cache) each machine's clips of this split."""
+        cache = AudioCache(self.cache_dir, self.audio)
+        clips: list[Clip] = []
+        parts: list[np.ndarray] = []
+        for machine in table.machines():
+            group = table.select(machine=machine)
+            loaded = cache.load([c.path for c in group], name=f"{machine}-{split}", on_bad_file=on_bad)
+            if loaded.bad:
+                self.skipped.extend(loaded.bad)
+                bad = {p for p, _ in loaded.bad}
+                group = group.select(where=lambda c, bad=bad: c.path not in bad)
+            clips.extend(group)
+            parts.append(loaded.waves)
+        return ClipTable(clips), WaveStore(parts)
+
+    def label_tensors(self, table: ClipTable) -> dict[str, torch.Tensor]:
+        """Class ids and flags of each clip; attributes unseen in training get id -1."""
+        machine_id = {m: i for i, m in enumerate(self.machine_names)}
+        section_id = {k: i for i, k in enumerate(self.section_keys)}
+        attribute_id = {k: i for i, k in enumerate(self.attribute_keys)}
+        clips = list(table)
+        return {
+            "machine": torch.tensor([machine_id[c.machine] for c in clips], dtype=torch.long),
+            "section": torch.tensor([section_id[(c.machine, c.section)] for c in clips], dtype=torch.long),
+            "attribute": torch.tensor(
+                [attribute_id.get((c.machine, c.section, c.attribute_string), -1) for c in clips],
+                dtype=torch.long,
+            ),
+            "domain": torch.tensor([DOMAIN_IDS[c.domain] for c in clips], dtype=torch.long),
+            "is_target": torch.tensor([c.is_target for c in clips], dtype=torch.bool),
+            "is_normal": torch.tensor([c.is_normal for c in clips], dtype=torch.bool),
+            "index": torch.arange(len(clips), dtype=torch.long),
+        }
+
+    # ------------------------------------------------------------------ loaders
+    @property
+    def num_machines(self) -> int:
+        return len(self.machine_names)
+
+    @property
+    def num_sections(self) -> int:
+        return len(self.section_keys)
+
+    @property
+    def num_attributes(self) -> int:
+        return len(self.attribute_keys)
+
+    def loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        if split not in SPLITS:
+            raise AsdError(f"unknown split {split!r}; expected one of {SPLITS}")
+        if not self.datasets:
+            raise AsdError("AsdDataModule.setup() must run before asking for a loader")
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size if shuffle else self.eval_batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("fit", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader("test")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Class-id maps, so a checkpoint knows which ids mean which machine/section."""
+        return {
+            "machines": self.machine_names,
+            "sections": [list(k) for k in self.section_keys],
+            "attributes": [list(k) for k in self.attribute_keys],
+            "audio": asdict(self.audio),
+        }
+
+
+def split_holdout(train: ClipTable, fraction: float, seed: int) -> tuple[ClipTable, ClipTable]:
+    """Hold out `fraction` of each (machine, section, domain) group (at least one clip of groups of 2+).
+
+    Deterministic for a seed; a group of one clip stays entirely in `fit`.
+    """
+    groups: dict[tuple[str, str, str], list[Clip]] = defaultdict(list)
+    for c in train:
+        groups[(c.machine, c.section, c.domain)].append(c)
+    held: set[str] = set()
+    rng = np.random.default_rng(seed)
+    for key in sorted(groups):
+        clips = sorted(groups[key], key=lambda c: c.path)
+        n_val = 0 if fraction == 0 or len(clips) < 2 else max(1, round(len(clips) * fraction))
+        for i in rng.permutation(len(clips))[:n_val]:
+            held.add(clips[i].path)
+    fit = train.select(where=lambda c: c.path not in held)
+    val = train.select(where=lambda c: c.path in held)
+    return fit, val
+
+
+def _build(cls: type, values: dict[str, Any], key: str) -> Any:
+    """Instantiate a config dataclass from a dict, naming the config key of an unknown field."""
+    fields = set(cls.__dataclass_fields__)
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise AsdError(f"unknown {key} keys {unknown}; expected some of {sorted(fields)}")
+    converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return cls(**converted)

@@ -1,0 +1,34 @@
+"""Shared fixtures: every test writes caches under a temporary ASD_CACHE, never the home folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from asd.data.synthetic import SyntheticConfig, generate
+
+REPO = Path(__file__).resolve().parents[1]
+MIMII = REPO.parent / "shared" / "data" / "mimii_0db"
+
+#: a synthetic dataset small enough for unit tests (1 s clips, one section per machine)
+TINY = SyntheticConfig(sections=1, source_train=8, target_train=2, test_per_class=3, duration=1.0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
+    old = os.environ.get("ASD_CACHE")
+    os.environ["ASD_CACHE"] = str(tmp_path_factory.mktemp("asd-cache"))
+    os.environ.setdefault("WANDB_MODE", "offline")
+    yield
+    if old is None:
+        os.environ.pop("ASD_CACHE", None)
+    else:
+        os.environ["ASD_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny synthetic DCASE 2022+ dataset (2 machines x 1 section), generated once per session."""
+    return generate(tmp_path_factory.mktemp("tiny") / "data", TINY)
