@@ -316,7 +316,8 @@ class MahalanobisBackend(nn.Module):
     `shrinkage="auto"` picks the weight by Ledoit-Wolf, a float in [0, 1] fixes it (0 = no
     shrinkage, 1 = scaled identity). With `per_domain`, source (plus unknown) and target clips get
     separate models and the score is the min over them - the "selective Mahalanobis" of the DCASE
-    baseline; a domain with a single clip keeps its own mean but borrows its section's covariance.
+    baseline; a domain whose own covariance is singular (one clip, or two with Ledoit-Wolf) keeps its
+    own mean but borrows its section's pooled covariance.
     The score is the distance itself, sqrt((x - m)^T C^-1 (x - m)), not its square.
     """
 
@@ -357,13 +358,15 @@ class MahalanobisBackend(nn.Module):
             pooled = None
             for d in torch.unique(group_domain[in_section]).tolist():
                 xs = x[in_section & (group_domain == d)]  # (n, D)
-                if xs.shape[0] < 2:
+                info = torch.ones((), dtype=torch.int32)
+                if xs.shape[0] >= 2:
+                    chol, info = torch.linalg.cholesky_ex(self._covariance(xs))
+                if int(info) != 0 and xs.shape[0] < int(in_section.sum()):
+                    # Too few clips of this domain for a covariance of its own (a single clip, or
+                    # two, where Ledoit-Wolf shrinks nothing): borrow the section's pooled one.
                     pooled = self._covariance(x[in_section]) if pooled is None else pooled
-                    cov = pooled
-                    borrowed.append(f"section {s} {DOMAIN_NAMES[d]}")
-                else:
-                    cov = self._covariance(xs)
-                chol, info = torch.linalg.cholesky_ex(cov)
+                    chol, info = torch.linalg.cholesky_ex(pooled)
+                    borrowed.append(f"section {s} {DOMAIN_NAMES[d]} ({xs.shape[0]} clips)")
                 if int(info) != 0:
                     raise AsdError(
                         f"{where}: the covariance of section {s} {DOMAIN_NAMES.get(d, 'all domains')} is "
@@ -377,7 +380,7 @@ class MahalanobisBackend(nn.Module):
                 domains.append(d)
         if borrowed:
             log.warning(
-                "Mahalanobis groups with a single clip use their section's covariance: %s",
+                "Mahalanobis groups too small for a covariance of their own use their section's: %s",
                 ", ".join(borrowed),
             )
         self._fitted.set(

@@ -206,6 +206,23 @@ def test_mahalanobis_single_clip_domain_borrows_section_covariance(caplog):
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
 
 
+def test_mahalanobis_two_clip_domain_borrows_section_covariance_with_ledoit_wolf(caplog):
+    # Ledoit-Wolf estimates no shrinkage from two clips, so their own covariance is singular.
+    source, target = gaussian(40, 4, seed=15), gaussian(2, 4, seed=16, shift=2.0)
+    feats, domain = torch.cat([source, target]), torch.cat([torch.zeros(40), torch.ones(2)]).long()
+    section = torch.zeros(42, dtype=torch.long)
+    query = gaussian(5, 4, seed=17, shift=1.0)
+    with caplog.at_level(logging.WARNING, logger="asd.scoring"):
+        got = MahalanobisBackend("auto").fit(feats, section, domain).score(query, section[:5])
+    assert "section 0 target (2 clips)" in caplog.text
+    x, q = feats.double().numpy(), query.double().numpy()
+    expected = np.minimum(
+        scipy_distances(x[:40], q, LedoitWolf().fit(x[:40]).covariance_),
+        scipy_distances(x, q, LedoitWolf().fit(x).covariance_, mean=x[40:].mean(axis=0)),
+    )
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+
+
 def test_mahalanobis_singular_covariance_without_shrinkage_is_a_clear_error():
     feats = gaussian(5, 10, seed=13)  # 5 clips in 10 dims: rank 4
     zeros = torch.zeros(5, dtype=torch.long)
