@@ -1,0 +1,78 @@
+"""What every ensemble member offers: pure `loss`/`embed`/`score`, and an optional reference backend.
+
+A batch is a dict of tensors (see `asd.data.datamodule`):
+
+    wave      (B, T) float32   raw audio at the configured sample rate
+    machine   (B,)   long      machine-type class id
+    section   (B,)   long      (machine, section) class id, unique across machines
+    attribute (B,)   long      (machine, section, attributes) class id
+    domain    (B,)   long      0 source, 1 target, 2 unknown
+    is_target (B,)   bool
+    is_normal (B,)   bool
+    index     (B,)   long      row of the clip in its split's table
+
+`loss`, `embed`, `score` and `backend_features` never log: the ensemble calls them on
+nested members and does the logging, because a nested module's `self.log` does nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import pytorch_lightning as L
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], Optimizer]
+
+DOMAIN_IDS = {"source": 0, "target": 1, "none": 2}
+
+
+def default_optimizer(params: Iterable[torch.nn.Parameter]) -> Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3)
+
+
+class Branch(L.LightningModule):
+    """Base class of the members b1..b5 and the reference detector."""
+
+    #: short name used in configs, metric keys and run folders (`b2`)
+    name: str = ""
+    #: True when `score` needs `fit_backend` to have run first
+    needs_backend: bool = False
+
+    def __init__(self, optimizer: OptimizerFactory | None = None):
+        super().__init__()
+        self.optimizer_factory = optimizer or default_optimizer
+
+    def loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """Self-supervised training loss (scalar)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement loss()")
+
+    def embed(self, batch: dict[str, Tensor]) -> Tensor:
+        """Clip embedding z, (B, D); (B, 0) when the member has none."""
+        raise NotImplementedError(f"{type(self).__name__} must implement embed()")
+
+    def score(self, batch: dict[str, Tensor]) -> Tensor:
+        """Clip anomaly score, (B,), higher = more anomalous."""
+        raise NotImplementedError(f"{type(self).__name__} must implement score()")
+
+    def backend_features(self, batch: dict[str, Tensor]) -> Tensor:
+        """What `fit_backend` is fitted on, (B, F); the embedding unless a member needs otherwise."""
+        return self.embed(batch)
+
+    def fit_backend(self, feats: Tensor, meta: dict[str, Tensor]) -> None:
+        """Fit the reference state `score` needs on training normals.
+
+        Args:
+            feats: `backend_features` of every held-in training normal, (N, F), gathered from all ranks.
+            meta: the same clips' `section`, `domain`, `machine`, `attribute` ids, each (N,).
+        """
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["wave"].shape[0])
+        return loss
+
+    def configure_optimizers(self) -> Optimizer:
+        return self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
