@@ -1,0 +1,173 @@
+"""`Ensemble`: the selected members trained jointly in one pass over the data, with freezing.
+
+Each member keeps its own optimizer (its own `configure_optimizers`), so per-member learning
+rates and weight decay are real; the ensemble runs them under manual optimisation: one
+forward per member, one backward of the weighted loss sum, one step per unfrozen member.
+A frozen member has no optimizer, no gradients and stays in eval mode, so its parameters
+*and* buffers (BatchNorm statistics) cannot move.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytorch_lightning as L
+import torch
+from torch import Tensor, nn
+
+from asd.branches.base import Branch
+from asd.errors import AsdError
+
+log = logging.getLogger(__name__)
+
+#: every member the design names, in order
+BRANCHES = ("b1", "b2", "b3", "b4", "b5")
+#: members this version implements; the rest are refused with a clear message
+IMPLEMENTED = ("b2",)
+#: the reference detector trained beside the ensemble (reported, never fused)
+REFERENCE = "dcase_ae"
+
+
+def select_branches(branch: str | Sequence[str]) -> list[str]:
+    """Resolve `branch=all|bN|[..]`; fail loudly on a typo or a member this version lacks."""
+    if isinstance(branch, str):
+        names = list(IMPLEMENTED) if branch == "all" else [branch]
+    else:
+        names = list(branch)
+    unknown = sorted(set(names) - set(BRANCHES))
+    if unknown:
+        raise AsdError(f"unknown branch {unknown}; expected 'all' or some of {list(BRANCHES)}")
+    missing = sorted(set(names) - set(IMPLEMENTED))
+    if missing:
+        raise AsdError(
+            f"branch {missing} is not implemented in this version; implemented: {list(IMPLEMENTED)} "
+            "(use branch=all for every implemented member)"
+        )
+    if not names:
+        raise AsdError("branch=[] selects no member; use branch=all or e.g. branch=b2")
+    return list(dict.fromkeys(names))
+
+
+def select_frozen(freeze: str | Sequence[str] | None, members: Sequence[str]) -> list[str]:
+    """Resolve `freeze=bN|[..]` against the selected members."""
+    names = [] if not freeze else [freeze] if isinstance(freeze, str) else list(freeze)
+    stray = sorted(set(names) - set(members))
+    if stray:
+        raise AsdError(f"freeze={stray} names members that are not selected; selected: {list(members)}")
+    return names
+
+
+class Ensemble(L.LightningModule):
+    """Selected members (and the reference) trained jointly; the module the Trainer runs and logs for."""
+
+    def __init__(
+        self,
+        members: Mapping[str, Branch],
+        loss_weights: Mapping[str, float] | None = None,
+        frozen: Sequence[str] = (),
+        grad_norm_every: int = 50,
+        gradient_clip: float | None = None,
+    ):
+        super().__init__()
+        if not members:
+            raise AsdError("the ensemble needs at least one member")
+        self.members = nn.ModuleDict(dict(members))
+        self.loss_weights = {n: float((loss_weights or {}).get(n, 1.0)) for n in self.members}
+        self.frozen = list(frozen)
+        stray = sorted(set(self.frozen) - set(self.members))
+        if stray:
+            raise AsdError(f"cannot freeze {stray}: not members of this ensemble ({list(self.members)})")
+        self.grad_norm_every = grad_norm_every
+        self.gradient_clip = gradient_clip
+        self.automatic_optimization = False
+        for name in self.frozen:
+            self.members[name].requires_grad_(False)
+        self.train()
+
+    @property
+    def trainable(self) -> list[str]:
+        return [n for n in self.members if n not in self.frozen]
+
+    def train(self, mode: bool = True) -> Ensemble:
+        # Lightning calls train() at every fit/validation switch: re-apply eval mode each time.
+        super().train(mode)
+        for name in getattr(self, "frozen", ()):
+            self.members[name].eval()
+        return self
+
+    def load_member(self, name: str, path: str | Path) -> None:
+        """Restore one member from a checkpoint of this ensemble or of the member trained alone."""
+        if name not in self.members:
+            raise AsdError(f"ckpt.{name}: {name} is not a member of this ensemble ({list(self.members)})")
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise AsdError(f"ckpt.{name}={path}: no such file; give a checkpoint written by asd")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for foreign files
+            raise AsdError(f"ckpt.{name}={path}: not a readable weights-only checkpoint ({e})") from e
+        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+        if not isinstance(state, dict):
+            raise AsdError(f"ckpt.{name}={path}: holds no state_dict")
+        prefix = f"members.{name}."
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        try:
+            self.members[name].load_state_dict(state)
+        except RuntimeError as e:
+            raise AsdError(
+                f"ckpt.{name}={path}: does not fit member {name} of this configuration "
+                f"(another size or member?): {str(e).splitlines()[0]}"
+            ) from e
+        log.info("member %s restored from %s", name, path)
+
+    # ------------------------------------------------------------------ training
+    def losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Each trainable member's loss on the batch."""
+        return {n: self.members[n].loss(batch) for n in self.trainable}
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        if not self.trainable:
+            return None
+        losses = self.losses(batch)
+        total = sum(self.loss_weights[n] * loss for n, loss in losses.items())
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.manual_backward(total)
+        log_norms = self.grad_norm_every > 0 and self.global_step % self.grad_norm_every == 0
+        for name, opt in zip(self.trainable, optimizers, strict=True):
+            if self.gradient_clip:
+                self.clip_gradients(opt, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
+            if log_norms:
+                self.log(f"train/{name}/grad_norm", self.grad_norm(name), batch_size=len(batch["wave"]))
+            opt.step()
+        bs = len(batch["wave"])
+        for name, loss in losses.items():
+            self.log(f"train/{name}/loss", loss.detach(), prog_bar=len(losses) < 4, batch_size=bs)
+        self.log("train/loss", total.detach(), batch_size=bs)
+        return total.detach()
+
+    def grad_norm(self, name: str) -> Tensor:
+        """L2 norm of one member's gradients (zero when it has none), without a host sync."""
+        grads = [
+            p.grad.detach().float().norm() for p in self.members[name].parameters() if p.grad is not None
+        ]
+        return torch.stack(grads).norm() if grads else torch.zeros((), device=self.device)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        bs = len(batch["wave"])
+        for name, member in self.members.items():
+            self.log(f"val/{name}/loss", member.loss(batch), batch_size=bs, sync_dist=True)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        optimizers = []
+        for name in self.trainable:
+            opt = self.members[name].configure_optimizers()
+            if isinstance(opt, (list, tuple)) or isinstance(opt, dict):
+                raise AsdError(f"member {name}: configure_optimizers must return one optimizer")
+            optimizers.append(opt)
+        return optimizers
