@@ -1,0 +1,665 @@
+"""`train(cfg)`: fit → extract → fit backends → score test clips → evaluate → write the run folder.
+
+Every stage records itself in `stages.json` in the run folder; a finished stage found there
+(with its outputs) is skipped and logged as skipped, so re-running the same `run_dir` only
+does what is missing, and `resume=true` continues an interrupted fit from `last.ckpt`.
+Under DDP every rank computes its shard; whole-split results are gathered (duplicates a
+distributed sampler pads in are removed by clip index) and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import inspect
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as L
+import torch
+import torch.distributed as dist
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from asd.branches.base import Branch
+from asd.data.datamodule import AsdDataModule
+from asd.data.table import ClipTable
+from asd.ensemble import REFERENCE, Ensemble, select_branches, select_frozen
+from asd.errors import AsdError
+from asd.evaluation import evaluate, fit_gamma_threshold
+from asd.evaluation.export import write_submission
+from asd.scoring import FUSIONS, GroupNormalizer, fuse
+
+log = logging.getLogger(__name__)
+
+STAGES = ("fit", "backends", "score", "evaluate")
+FINAL_CKPT = "checkpoints/final.ckpt"
+
+
+# ---------------------------------------------------------------------- small helpers
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def is_rank_zero() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class Stages:
+    """Which stages of a run folder are finished (`stages.json`)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "stages.json"
+        self.done: dict[str, bool] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def finished(self, stage: str, *outputs: Path) -> bool:
+        if self.done.get(stage) and all(p.exists() for p in outputs):
+            log.info("stage %s: skipped (finished earlier in %s)", stage, self.path.parent)
+            return True
+        return False
+
+    def mark(self, stage: str) -> None:
+        self.done[stage] = True
+        if is_rank_zero():
+            atomic_write_bytes(self.path, json.dumps(self.done, indent=1).encode())
+
+    def clear_after(self, stage: str) -> None:
+        """A redone stage invalidates every later one."""
+        for later in STAGES[STAGES.index(stage) + 1 :]:
+            self.done.pop(later, None)
+
+
+# ---------------------------------------------------------------------- building
+def build_datamodule(cfg: DictConfig) -> AsdDataModule:
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data.pop("name", None)
+    try:
+        return AsdDataModule(**data)
+    except TypeError as e:
+        raise AsdError(f"data config: {e}; check the keys under data.") from e
+
+
+def member_names(cfg: DictConfig) -> list[str]:
+    names = select_branches(
+        OmegaConf.to_object(cfg.branch) if OmegaConf.is_config(cfg.branch) else cfg.branch
+    )
+    if cfg.reference:
+        names.append(REFERENCE)
+    return names
+
+
+def build_member(name: str, cfg: DictConfig, runtime: dict[str, Any]) -> Branch:
+    """Instantiate `branches.<name>`, passing the data facts (clip length, class counts) it asks for."""
+    if name not in cfg.branches:
+        raise AsdError(f"no config for member {name}: add branches.{name} (see conf/branches/default.yaml)")
+    node = OmegaConf.to_container(cfg.branches[name], resolve=True)
+    node.pop("loss_weight", None)  # the ensemble's business, not the member's
+    try:
+        params = inspect.signature(get_class(node["_target_"]).__init__).parameters
+    except Exception as e:  # hydra raises several types for a bad import path
+        raise AsdError(f"branches.{name}._target_={node.get('_target_')!r} cannot be imported: {e}") from e
+    extra = {k: v for k, v in runtime.items() if k in params and k not in node}
+    try:
+        member = instantiate(node, **extra)
+    except Exception as e:  # hydra wraps constructor errors; show the member's own message
+        cause = e.__cause__ or e
+        if isinstance(cause, AsdError):
+            raise cause from None
+        raise AsdError(f"branches.{name}: cannot build the member: {cause}") from e
+    if not isinstance(member, Branch):
+        raise AsdError(f"branches.{name}._target_ builds {type(member).__name__}, not an asd Branch")
+    return member
+
+
+def data_facts(dm: AsdDataModule) -> dict[str, Any]:
+    """What members are sized by: audio settings and class maps (saved with the run)."""
+    return dm.state_dict()
+
+
+def build_ensemble(cfg: DictConfig, facts: dict[str, Any]) -> Ensemble:
+    names = member_names(cfg)
+    freeze = OmegaConf.to_object(cfg.freeze) if OmegaConf.is_config(cfg.freeze) else cfg.freeze
+    frozen = select_frozen(freeze, names)
+    audio = facts["audio"]
+    runtime = {
+        "num_samples": round(audio["duration"] * audio["sample_rate"]) if audio["duration"] else None,
+        "sample_rate": audio["sample_rate"],
+        "num_machines": len(facts["machines"]),
+        "num_sections": len(facts["sections"]),
+        "num_attributes": len(facts["attributes"]),
+    }
+    members = {n: build_member(n, cfg, runtime) for n in names}
+    weights = {n: cfg.branches[n].get("loss_weight", 1.0) for n in names}
+    ensemble = Ensemble(
+        members, loss_weights=weights, frozen=frozen, grad_norm_every=cfg.get("grad_norm_every", 50)
+    )
+    for name, path in (cfg.get("ckpt") or {}).items():
+        ensemble.load_member(name, path)
+    return ensemble
+
+
+def signature(cfg: DictConfig, facts: dict[str, Any]) -> dict[str, Any]:
+    """What a run's weights depend on; a run folder of another signature is refused."""
+    names = member_names(cfg)
+    members = {n: OmegaConf.to_container(cfg.branches[n], resolve=True) for n in names}
+    sig = {"members": names, "config": members, "facts": facts}
+    sig["hash"] = hashlib.sha256(json.dumps(sig, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return sig
+
+
+def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
+    kind = cfg.logger.kind
+    if kind == "csv":
+        from pytorch_lightning.loggers import CSVLogger
+
+        # a folder per fit attempt (logs/version_N): a resumed fit never overwrites earlier logs
+        return CSVLogger(save_dir=str(run_dir), name="logs")
+    if kind == "tensorboard":
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(save_dir=str(run_dir), name="logs")
+    if kind == "wandb":
+        from pytorch_lightning.loggers import WandbLogger
+
+        mode = cfg.logger.get("mode") or ("online" if _wandb_has_key() else "offline")
+        return WandbLogger(
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            tags=list(cfg.logger.tags),
+            save_dir=str(run_dir),
+            offline=mode == "offline",
+            name=run_dir.name,
+        )
+    raise AsdError(f"logger.kind={kind!r}: expected csv, tensorboard or wandb (logger=csv|tensorboard|wandb)")
+
+
+def _wandb_has_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, logger: Any) -> L.Trainer:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0)
+    opts = OmegaConf.to_container(cfg.trainer, resolve=True)
+    try:
+        return L.Trainer(
+            **opts,
+            logger=logger,
+            callbacks=[ckpt],
+            default_root_dir=str(run_dir),
+            enable_progress_bar=not os.environ.get("CI"),
+        )
+    except (TypeError, ValueError) as e:
+        raise AsdError(f"trainer config: {e}; check the keys under trainer.") from e
+
+
+# ---------------------------------------------------------------------- inference
+def infer(
+    fn: Callable[[dict[str, Tensor]], dict[str, Tensor]], dm: AsdDataModule, split: str, device: torch.device
+) -> dict[str, np.ndarray]:
+    """Run `fn` over a whole split, sharded across ranks, gathered, de-duplicated, in clip order."""
+    dataset = dm.datasets[split]
+    distributed = dist.is_available() and dist.is_initialized()
+    sampler = DistributedSampler(dataset, shuffle=False) if distributed else None
+    loader = DataLoader(dataset, batch_size=dm.eval_batch_size, sampler=sampler, num_workers=dm.num_workers)
+    chunks: dict[str, list[np.ndarray]] = {}
+    with torch.no_grad():
+        for batch in loader:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = fn(batch)
+            out["index"] = batch["index"]
+            for k, v in out.items():
+                chunks.setdefault(k, []).append(
+                    v.detach().float().cpu().numpy() if k != "index" else v.cpu().numpy()
+                )
+    local = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in chunks.items()}
+    if distributed:
+        gathered: list[dict[str, np.ndarray]] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, local)
+        local = {k: np.concatenate([g[k] for g in gathered if k in g]) for k in local}
+    if not local:
+        return {}
+    # The sampler pads the last shard with repeats of the first clips: keep each index once.
+    index, first = np.unique(local["index"], return_index=True)
+    if len(index) != len(dataset):
+        raise AsdError(f"internal: inference over {split} returned {len(index)} of {len(dataset)} clips")
+    return {k: v[first] for k, v in local.items()}
+
+
+def member_scores(ensemble: Ensemble, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Every score column of every member for one batch."""
+    out: dict[str, Tensor] = {}
+    for name, member in ensemble.members.items():
+        if hasattr(member, "scores"):
+            for kind, s in member.scores(batch).items():
+                out[f"{name}_{kind}"] = s
+        else:
+            out[name] = member.score(batch)
+    return out
+
+
+# ---------------------------------------------------------------------- the job
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        pass
+    return Path(cfg.run_dir)
+
+
+def train(cfg: DictConfig) -> Path:
+    """Run (or finish) the whole job described by `cfg`; return the run folder."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir = resolve_run_dir(cfg).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    hydra_cfg = run_dir / ".hydra" / "config.yaml"
+    if not hydra_cfg.exists() and is_rank_zero():
+        atomic_write_bytes(hydra_cfg, OmegaConf.to_yaml(cfg).encode())
+
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup()
+    facts = data_facts(dm)
+    ensemble = build_ensemble(cfg, facts)
+    sig = signature(cfg, facts)
+    stages = Stages(run_dir)
+    final_ckpt = run_dir / FINAL_CKPT
+
+    # ---- fit
+    if stages.finished("fit", final_ckpt):
+        load_final(ensemble, final_ckpt, sig)
+        device = torch.device("cpu")
+        trainer = None
+    else:
+        stages.clear_after("fit")
+        logger = build_logger(cfg, run_dir)
+        trainer = build_trainer(cfg, run_dir, logger)
+        last = run_dir / "checkpoints" / "last.ckpt"
+        resume_from = str(last) if cfg.resume and last.exists() else None
+        if cfg.resume and resume_from is None:
+            log.warning("resume=true but %s does not exist: training from the start", last)
+        if resume_from:
+            log.info("stage fit: resuming from %s", last)
+        if ensemble.trainable:
+            trainer.fit(ensemble, datamodule=dm, ckpt_path=resume_from)
+            if trainer.interrupted:
+                raise AsdError(f"training was interrupted; continue with resume=true run_dir={run_dir}")
+        else:
+            log.info("stage fit: every member is frozen, nothing to train")
+        device = trainer.strategy.root_device
+        if is_rank_zero():
+            atomic_torch_save({"state_dict": ensemble.state_dict(), "asd_signature": sig}, final_ckpt)
+        stages.mark("fit")
+    ensemble.to(device).eval()
+
+    # ---- backends: reference state fitted on the fit split's normals
+    backends_path = run_dir / "backends.pt"
+    if stages.finished("backends", backends_path):
+        backends = torch.load(backends_path, map_location="cpu", weights_only=True)
+        load_backends(ensemble, backends)
+    else:
+        stages.clear_after("backends")
+        needing = [n for n, m in ensemble.members.items() if m.needs_backend]
+        if needing:
+            feats = infer(
+                lambda b: {n: ensemble.members[n].backend_features(b) for n in needing}, dm, "fit", device
+            )
+            meta = {k: torch.as_tensor(v) for k, v in _meta(dm, "fit").items()}
+            for n in needing:
+                ensemble.members[n].fit_backend(
+                    torch.as_tensor(feats[n]).to(device), {k: v.to(device) for k, v in meta.items()}
+                )
+        backends = fit_normalisation(ensemble, cfg, dm, device)
+        backends["signature"] = sig
+        if is_rank_zero():
+            atomic_torch_save(backends, backends_path)
+            atomic_torch_save({"state_dict": ensemble.state_dict(), "asd_signature": sig}, final_ckpt)
+        stages.mark("backends")
+
+    # ---- score the test clips
+    scores_path = run_dir / "scores.csv"
+    if not len(dm.tables["test"]):
+        log.warning("no test clips: stopping after the backends")
+        barrier()
+        return run_dir
+    if stages.finished("score", scores_path):
+        columns = read_scores(scores_path)
+    else:
+        stages.clear_after("score")
+        columns = score_split(ensemble, backends, cfg, dm, "test", device)
+        if is_rank_zero():
+            write_scores(scores_path, dm.tables["test"], columns)
+            write_submission(
+                list(dm.tables["test"]),
+                columns["final"],
+                columns["decision"],
+                run_dir / "submission",
+                year=year_of(cfg, dm),
+            )
+        stages.mark("score")
+
+    # ---- evaluate, tables, plots
+    test = dm.tables["test"]
+    if not all(c.label in ("normal", "anomaly") for c in test):
+        log.info("stage evaluate: skipped (test labels unknown: evaluation data)")
+    elif stages.finished("evaluate", run_dir / "metrics.csv"):
+        pass
+    elif is_rank_zero():
+        results = evaluate_methods(test, columns, year_of(cfg, dm))
+        write_metrics(run_dir, results, columns, cfg)
+        if trainer is not None and trainer.logger is not None:
+            trainer.logger.log_metrics(
+                {f"test/{m}/official": r.official for m, r in results.items()}, step=trainer.global_step
+            )
+        if cfg.plots:
+            write_plots(run_dir, ensemble, dm, columns, backends, cfg, device)
+        stages.mark("evaluate")
+    barrier()
+    return run_dir
+
+
+# ---------------------------------------------------------------------- stage bodies
+def load_final(ensemble: Ensemble, path: Path, sig: dict[str, Any]) -> None:
+    """Restore the trained (and backend-fitted) ensemble of this run; refuse another configuration's."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for foreign or damaged files
+        raise AsdError(f"{path}: not a readable asd checkpoint ({e}); delete it to retrain") from e
+    theirs = ckpt.get("asd_signature", {}).get("hash") if isinstance(ckpt, dict) else None
+    if theirs != sig["hash"]:
+        raise AsdError(
+            f"{path} was written by another configuration (members/sizes/audio/data differ): "
+            "use a new run_dir for this configuration, or the original overrides for this run folder"
+        )
+    ensemble.load_state_dict(ckpt["state_dict"])
+
+
+def load_backends(ensemble: Ensemble, backends: dict[str, Any]) -> None:
+    """Nothing to restore on the members: their fitted backends ride in the final checkpoint."""
+    missing = [
+        n for n, m in ensemble.members.items() if m.needs_backend and n not in backends.get("fitted", [])
+    ]
+    if missing:
+        raise AsdError(f"backends.pt lacks fitted backends of {missing}; delete it to refit")
+
+
+def _meta(dm: AsdDataModule, split: str) -> dict[str, np.ndarray]:
+    labels = dm.datasets[split].labels
+    return {k: labels[k].numpy() for k in ("section", "domain", "machine", "attribute")}
+
+
+def fused_members(ensemble: Ensemble) -> list[str]:
+    """The members whose scores feed the fusions (the reference is reported, never fused)."""
+    return [n for n in ensemble.members if n != REFERENCE]
+
+
+def final_choices(ensemble: Ensemble) -> list[str]:
+    return [*FUSIONS, *fused_members(ensemble)]
+
+
+def fit_normalisation(ensemble: Ensemble, cfg: DictConfig, dm: AsdDataModule, device: torch.device) -> dict:
+    """Per-member z-score statistics and per-section decision thresholds from the held-out normals."""
+    if not len(dm.tables["val"]):
+        raise AsdError(
+            "no held-out training normals to normalise scores and fit thresholds on: "
+            "set data.val_fraction > 0 "
+            "(and give each section at least two training clips)"
+        )
+    if cfg.final not in final_choices(ensemble):
+        raise AsdError(f"final={cfg.final!r}: expected one of {final_choices(ensemble)}")
+    raw = infer(lambda b: member_scores(ensemble, b), dm, "val", device)
+    meta = {k: torch.as_tensor(v) for k, v in _meta(dm, "val").items()}
+    normalizers = {}
+    for col in fused_members(ensemble):
+        normalizers[col] = GroupNormalizer().fit(torch.as_tensor(raw[col]), meta["section"], meta["domain"])
+    backends = {
+        "normalizers": {c: n.state_dict() for c, n in normalizers.items()},
+        "fitted": [n for n, m in ensemble.members.items() if m.needs_backend],
+        "final": cfg.final,
+        "threshold_percentile": float(cfg.threshold_percentile),
+    }
+    val = combine(raw, backends, meta)
+    final = val["final"]
+    pooled = fit_gamma_threshold(final, cfg.threshold_percentile)
+    thresholds = np.full(dm.num_sections, pooled, dtype=np.float64)
+    section = meta["section"].numpy()
+    for s in np.unique(section):
+        thresholds[s] = fit_gamma_threshold(final[section == s], cfg.threshold_percentile)
+    backends["thresholds"] = torch.as_tensor(thresholds)
+    log.info(
+        "stage backends: normalisation on %d held-out normals; thresholds %s",
+        len(final),
+        np.round(thresholds, 3).tolist(),
+    )
+    return backends
+
+
+def combine(
+    raw: dict[str, np.ndarray], backends: dict[str, Any], meta: dict[str, Tensor]
+) -> dict[str, np.ndarray]:
+    """Raw member scores -> z-scores -> fusions -> the final score."""
+    cols = {k: v for k, v in raw.items() if k != "index"}
+    z = []
+    for col, state in backends["normalizers"].items():
+        norm = GroupNormalizer()
+        norm.load_state_dict(state)
+        z.append(norm.transform(torch.as_tensor(cols[col]), meta["section"], meta["domain"]))
+    zz = torch.stack(z, dim=1)  # (N, members)
+    for method in FUSIONS:
+        cols[method] = fuse(zz, method).double().numpy()
+    cols["final"] = cols[backends["final"]]
+    return cols
+
+
+def score_split(
+    ensemble: Ensemble, backends: dict, cfg: DictConfig, dm: AsdDataModule, split: str, device: torch.device
+) -> dict[str, np.ndarray]:
+    raw = infer(lambda b: member_scores(ensemble, b), dm, split, device)
+    meta = {k: torch.as_tensor(v) for k, v in _meta(dm, split).items()}
+    cols = combine(raw, backends, meta)
+    thresholds = backends["thresholds"].numpy()
+    cols["decision"] = (cols["final"] > thresholds[meta["section"].numpy()]).astype(np.int64)
+    return cols
+
+
+SCORE_META = ("file", "machine", "section", "domain", "label")
+
+
+def write_scores(path: Path, table: ClipTable, columns: dict[str, np.ndarray]) -> None:
+    """One row per clip: its identity, every member, every fusion, final, decision."""
+    names = [k for k in columns if k not in ("final", "decision")] + ["final", "decision"]
+    rows = [",".join([*SCORE_META, "path", *names])]
+    for i, c in enumerate(table):
+        values = [repr(float(columns[n][i])) if n != "decision" else str(int(columns[n][i])) for n in names]
+        rows.append(",".join([c.name, c.machine, c.section, c.domain, c.label, c.path, *values]))
+    atomic_write_bytes(path, ("\n".join(rows) + "\n").encode())
+
+
+def read_scores(path: Path) -> dict[str, np.ndarray]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        names = [n for n in reader.fieldnames or [] if n not in (*SCORE_META, "path")]
+    return {n: np.array([float(r[n]) for r in rows]) for n in names}
+
+
+def year_of(cfg: DictConfig, dm: AsdDataModule) -> int:
+    layouts = {c.layout for c in dm.tables["test"]}
+    if layouts & {"dcase2020", "mimii"}:
+        return 2020
+    if "dcase2021" in layouts:
+        return 2021
+    return int(cfg.data.get("year") or cfg.year)
+
+
+def evaluate_methods(test: ClipTable, columns: dict[str, np.ndarray], year: int) -> dict[str, Any]:
+    methods = [k for k in columns if k not in ("final", "decision")]
+    return {
+        m: evaluate(test, columns[m], year=year, decisions=columns["decision"] if m == "final" else None)
+        for m in methods
+    }
+
+
+def write_metrics(
+    run_dir: Path, results: dict[str, Any], columns: dict[str, np.ndarray], cfg: DictConfig
+) -> None:
+    """Write `metrics.csv` (per method and machine/section, plus official scores) and `summary.md`."""
+    fields: list[str] = []
+    rows: list[dict[str, Any]] = []
+    for method, ev in results.items():
+        for r in ev.rows:
+            rows.append({"method": method, **r})
+        rows.append({"method": method, "machine": "all", "section": "all", "official": ev.official})
+    for r in rows:
+        fields.extend(k for k in r if k not in fields)
+    buf = [",".join(fields)]
+    for r in rows:
+        buf.append(",".join(_fmt(r.get(k, "")) for k in fields))
+    atomic_write_bytes(run_dir / "metrics.csv", ("\n".join(buf) + "\n").encode())
+    atomic_write_bytes(run_dir / "summary.md", summary_markdown(results, cfg).encode())
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float | np.floating):
+        return "" if np.isnan(v) else repr(float(v))
+    return str(v)
+
+
+def summary_markdown(results: dict[str, Any], cfg: DictConfig) -> str:
+    year = next(iter(results.values())).year
+    fused = [m for m in results if m not in FUSIONS and not m.startswith(f"{REFERENCE}_")]
+    reference = [m for m in results if m.startswith(f"{REFERENCE}_")]
+    lines = [
+        f"# asd run summary ({cfg.data.name}, official score convention: DCASE {year})",
+        "",
+        f"- members (fused): {', '.join(fused)}",
+        f"- reference, reported beside and never fused: {', '.join(reference) or 'none (reference=false)'}",
+        f"- fusions of the members' z-scores: {', '.join(FUSIONS)}",
+        f"- final score: `{cfg.final}`; decisions: gamma threshold at the {cfg.threshold_percentile:g} "
+        "percentile of held-out normals' final scores per machine/section",
+        "",
+        "| method | official score |",
+        "| --- | --- |",
+    ]
+    for method, ev in results.items():
+        lines.append(f"| {method} | {ev.official:.4f} |")
+    for method, ev in results.items():
+        lines += ["", f"## {method}", "", ev.to_markdown()]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(
+    run_dir: Path,
+    ensemble: Ensemble,
+    dm: AsdDataModule,
+    columns: dict[str, np.ndarray],
+    backends: dict,
+    cfg: DictConfig,
+    device: torch.device,
+) -> None:
+    from asd.evaluation.heatmaps import plot_error_maps
+    from asd.evaluation.plots import plot_histograms, plot_roc
+
+    plots = run_dir / "plots"
+    test = list(dm.tables["test"])
+    plot_roc(test, columns["final"], plots)
+    plot_histograms(test, columns["final"], plots)
+    for name, member in ensemble.members.items():
+        if hasattr(member, "error_map") and cfg.num_heatmaps > 0:
+            plot_error_maps(member, name, dm, plots, cfg.num_heatmaps, device)
+
+
+# ---------------------------------------------------------------------- a finished run, for new recordings
+class Run:
+    """A finished run folder, loaded for scoring new recordings (`tools/score.py`)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir).expanduser().resolve()
+        cfg_path = self.dir / ".hydra" / "config.yaml"
+        for need in (cfg_path, self.dir / FINAL_CKPT, self.dir / "backends.pt"):
+            if not need.exists():
+                raise AsdError(
+                    f"{self.dir} is not a finished asd run: {need.relative_to(self.dir)} is missing "
+                    "(give the folder train.py printed last, after it finished)"
+                )
+        if not Stages(self.dir).done.get("backends"):
+            raise AsdError(f"{self.dir}: training did not finish its backends stage; re-run train.py on it")
+        self.cfg = OmegaConf.load(cfg_path)
+        ckpt = torch.load(self.dir / FINAL_CKPT, map_location="cpu", weights_only=True)
+        self.backends = torch.load(self.dir / "backends.pt", map_location="cpu", weights_only=True)
+        stored = ckpt.get("asd_signature", {})
+        self.facts = stored.get("facts")
+        if self.facts is None:
+            raise AsdError(f"{self.dir / FINAL_CKPT}: no asd signature; was it written by asd train.py?")
+        sig = signature(self.cfg, self.facts)
+        if sig["hash"] != stored.get("hash") or sig["hash"] != self.backends.get("signature", {}).get("hash"):
+            raise AsdError(
+                f"{self.dir}: its .hydra/config.yaml describes another configuration than its checkpoint "
+                "and backends.pt (members, sizes or audio settings differ); score with the run folder "
+                "exactly as train.py wrote it"
+            )
+        self.ensemble = build_ensemble(self.cfg, self.facts)
+        self.ensemble.load_state_dict(ckpt["state_dict"])
+        self.ensemble.eval()
+        self.sections = [tuple(k) for k in self.facts["sections"]]
+
+    def section_id(self, machine: str, section: str) -> int:
+        key = (machine, section)
+        if key not in self.sections:
+            known = ", ".join(f"{m}/section_{s}" for m, s in self.sections)
+            raise AsdError(f"this run has no model of {machine} section {section}; it knows {known}")
+        return self.sections.index(key)
+
+    def score(self, waves: Tensor, section: Tensor, domain: Tensor) -> dict[str, np.ndarray]:
+        """Every column for a batch of waves (B, T) of known sections; decisions from the run's thresholds."""
+        batch = {
+            "wave": waves.float(),
+            "section": section.long(),
+            "domain": domain.long(),
+            "machine": torch.tensor(
+                [self.facts["machines"].index(self.sections[s][0]) for s in section.tolist()]
+            ),
+            "attribute": torch.full_like(section, -1),
+            "is_target": domain == 1,
+            "is_normal": torch.zeros_like(section, dtype=torch.bool),
+            "index": torch.arange(len(section)),
+        }
+        with torch.no_grad():
+            raw = {k: v.double().numpy() for k, v in member_scores(self.ensemble, batch).items()}
+        cols = combine(raw, self.backends, {"section": section, "domain": domain})
+        thresholds = self.backends["thresholds"].numpy()
+        cols["decision"] = (cols["final"] > thresholds[section.numpy()]).astype(np.int64)
+        return cols
