@@ -66,6 +66,17 @@ def is_rank_zero() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def sync_from_rank_zero(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers.
+
+    DDP broadcasts buffers only at the start of each forward, so after the last training step
+    every rank holds its own BatchNorm/normalisation statistics; inference must use one model.
+    """
+    if dist.is_available() and dist.is_initialized():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -320,6 +331,9 @@ def train(cfg: DictConfig) -> Path:
         else:
             log.info("stage fit: every member is frozen, nothing to train")
         device = trainer.strategy.root_device
+        sync_from_rank_zero(ensemble)
+        if not is_rank_zero():  # one copy of every message: rank 0 speaks for all
+            logging.getLogger("asd").setLevel(logging.ERROR)
         if is_rank_zero():
             atomic_torch_save({"state_dict": ensemble.state_dict(), "asd_signature": sig}, final_ckpt)
         stages.mark("fit")
