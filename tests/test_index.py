@@ -348,10 +348,17 @@ def test_mimii_train_normals_seeded_draw(tmp_path):
     assert index_dataset(tmp_path, mimii_train_normals=0) == index_dataset(tmp_path)
 
 
+def test_mimii_train_normals_taking_every_normal_warns_and_drops_nothing(tmp_path, caplog):
+    touch(tmp_path, *MIMII_NAMES)
+    with caplog.at_level("WARNING", logger="asd.data.index"):
+        table = index_dataset(tmp_path, mimii_train_normals=3)
+    assert "fan id_00 (3), fan id_02 (3)" in caplog.text and "no AUC" in caplog.text
+    assert len(table) == 12
+    assert len(table.select(split="train")) == 6 and len(table.select(split="test", label="normal")) == 0
+
+
 def test_mimii_train_normals_errors(tmp_path):
     touch(tmp_path, *MIMII_NAMES)
-    with pytest.raises(AsdError, match="fan id_00 has 3 normal clips.*at least 4"):
-        index_dataset(tmp_path, mimii_train_normals=3)
     with pytest.raises(AsdError, match="mimii_train_normals=-1"):
         index_dataset(tmp_path, mimii_train_normals=-1)
     other = tmp_path / "dcase"

@@ -220,7 +220,8 @@ def index_dataset(
         year: force one DCASE year's conventions (see `parse_path`).
         machines: keep only these machine types; naming one that is absent is an error.
         mimii_train_normals: move this many normal clips per MIMII (machine, id) to the
-            train split (seeded shuffle of the sorted list); at least one must stay for test.
+            train split (seeded shuffle of the sorted list); an id with no more normals than
+            that gives them all to training (with a warning: its test set has no normal clip).
         seed: seed of that shuffle.
     """
     _check_year(year)
@@ -400,13 +401,20 @@ def _split_mimii(clips: list[Clip], n_train: int, seed: int, top: Path) -> None:
         raise AsdError(
             f"mimii_train_normals is set, but there are no MIMII normal clips under {top}; leave it unset"
         )
+    used_up = []
     for (machine, section), normals in sorted(groups.items()):
         if len(normals) <= n_train:
-            raise AsdError(
-                f"MIMII {machine} id_{section} has {len(normals)} normal clips, but mimii_train_normals="
-                f"{n_train} needs at least {n_train + 1} (one stays for test); lower mimii_train_normals"
-            )
+            used_up.append(f"{machine} id_{section} ({len(normals)})")
         normals.sort(key=lambda c: c.path)
         random.Random(seed).shuffle(normals)
         for c in normals[:n_train]:
             c.split = "train"
+    if used_up:
+        # Small samples (a few clips per id) can still train and score; their test sets then hold
+        # no normal clip, so AUCs of those ids cannot be computed: say so rather than refuse.
+        log.warning(
+            "mimii_train_normals=%d takes every normal clip of %s for training: their test sets have no "
+            "normal clip, so no AUC can be computed for them",
+            n_train,
+            ", ".join(used_up),
+        )
