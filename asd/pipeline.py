@@ -353,9 +353,13 @@ def train(cfg: DictConfig) -> Path:
             )
             meta = {k: torch.as_tensor(v) for k, v in _meta(dm, "fit").items()}
             for n in needing:
-                ensemble.members[n].fit_backend(
-                    torch.as_tensor(feats[n]).to(device), {k: v.to(device) for k, v in meta.items()}
-                )
+                try:
+                    ensemble.members[n].fit_backend(
+                        torch.as_tensor(feats[n]).to(device), {k: v.to(device) for k, v in meta.items()}
+                    )
+                except AsdError as e:
+                    hint = "reference=false leaves the reference out" if n == REFERENCE else f"leave {n} out"
+                    raise AsdError(f"member {n} cannot fit its scoring backend: {e} (or: {hint})") from None
         backends = fit_normalisation(ensemble, cfg, dm, device)
         backends["signature"] = sig
         if is_rank_zero():
@@ -387,8 +391,9 @@ def train(cfg: DictConfig) -> Path:
 
     # ---- evaluate, tables, plots
     test = dm.tables["test"]
-    if not all(c.label in ("normal", "anomaly") for c in test):
-        log.info("stage evaluate: skipped (test labels unknown: evaluation data)")
+    unevaluable = why_not_evaluable(test)
+    if unevaluable:
+        log.warning("stage evaluate: skipped: %s; scores and decisions are written", unevaluable)
     elif stages.finished("evaluate", run_dir / "metrics.csv"):
         pass
     elif is_rank_zero():
@@ -446,16 +451,20 @@ def final_choices(ensemble: Ensemble) -> list[str]:
 
 def fit_normalisation(ensemble: Ensemble, cfg: DictConfig, dm: AsdDataModule, device: torch.device) -> dict:
     """Per-member z-score statistics and per-section decision thresholds from the held-out normals."""
-    if not len(dm.tables["val"]):
-        raise AsdError(
-            "no held-out training normals to normalise scores and fit thresholds on: "
-            "set data.val_fraction > 0 "
-            "(and give each section at least two training clips)"
-        )
     if cfg.final not in final_choices(ensemble):
         raise AsdError(f"final={cfg.final!r}: expected one of {final_choices(ensemble)}")
-    raw = infer(lambda b: member_scores(ensemble, b), dm, "val", device)
-    meta = {k: torch.as_tensor(v) for k, v in _meta(dm, "val").items()}
+    split = "val"
+    if not len(dm.tables["val"]):
+        # Tiny datasets (one training clip per group) hold nothing out: statistics of training
+        # clips are optimistic (members fit them), so thresholds will flag too many clips.
+        log.warning(
+            "no held-out training normals (data.val_fraction=%s, or one clip per group): score "
+            "normalisation and thresholds use the training clips themselves and are optimistic",
+            dm.val_fraction,
+        )
+        split = "fit"
+    raw = infer(lambda b: member_scores(ensemble, b), dm, split, device)
+    meta = {k: torch.as_tensor(v) for k, v in _meta(dm, split).items()}
     normalizers = {}
     for col in fused_members(ensemble):
         normalizers[col] = GroupNormalizer().fit(torch.as_tensor(raw[col]), meta["section"], meta["domain"])
@@ -474,8 +483,9 @@ def fit_normalisation(ensemble: Ensemble, cfg: DictConfig, dm: AsdDataModule, de
         thresholds[s] = fit_gamma_threshold(final[section == s], cfg.threshold_percentile)
     backends["thresholds"] = torch.as_tensor(thresholds)
     log.info(
-        "stage backends: normalisation on %d held-out normals; thresholds %s",
+        "stage backends: normalisation on %d %s normals; thresholds %s",
         len(final),
+        "held-out" if split == "val" else "training",
         np.round(thresholds, 3).tolist(),
     )
     return backends
@@ -537,6 +547,22 @@ def year_of(cfg: DictConfig, dm: AsdDataModule) -> int:
     if "dcase2021" in layouts:
         return 2021
     return int(cfg.data.get("year") or cfg.year)
+
+
+def why_not_evaluable(test: ClipTable) -> str:
+    """Why the official metrics cannot be computed on these test clips ("" when they can)."""
+    unknown = [c for c in test if c.label == "unknown"]
+    if unknown:
+        return f"{len(unknown)} test clips have no label (evaluation data, e.g. {unknown[0].name})"
+    one_class = [
+        f"{m}/section_{s}"
+        for m in test.machines()
+        for s in test.sections(m)
+        if len({c.label for c in test.select(machine=m, section=s)}) < 2
+    ]
+    if one_class:
+        return f"AUC needs normal and anomalous test clips, and {', '.join(one_class)} have one kind only"
+    return ""
 
 
 def evaluate_methods(test: ClipTable, columns: dict[str, np.ndarray], year: int) -> dict[str, Any]:

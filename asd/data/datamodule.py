@@ -266,8 +266,9 @@ class AsdDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self.loader("fit", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self.loader("val")
+    def val_dataloader(self) -> DataLoader | list:
+        # no held-out clips (tiny datasets): no validation loop rather than an empty one
+        return self.loader("val") if len(self.datasets["val"]) else []
 
     def test_dataloader(self) -> DataLoader:
         return self.loader("test")
