@@ -194,6 +194,13 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
     if kind == "tensorboard":
         from pytorch_lightning.loggers import TensorBoardLogger
 
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise AsdError(
+                "logger=tensorboard needs the tensorboard package: pip install -e '.[tensorboard]' "
+                "(or use logger=csv)"
+            ) from None
         return TensorBoardLogger(save_dir=str(run_dir), name="logs")
     if kind == "wandb":
         from pytorch_lightning.loggers import WandbLogger
@@ -407,6 +414,10 @@ def train(cfg: DictConfig) -> Path:
             write_plots(run_dir, ensemble, dm, columns, backends, cfg, device)
         stages.mark("evaluate")
     barrier()
+    if trainer is not None and cfg.logger.kind == "wandb" and is_rank_zero():
+        import wandb
+
+        wandb.finish()  # flush now, so the run folder stays the last line printed
     return run_dir
 
 

@@ -339,3 +339,11 @@ def test_real_mimii_files_train_and_score(tmp_path):
     assert all(np.isfinite(float(r["final"])) for r in rows)
     assert len(list((run / "submission").glob("anomaly_score_*_id_*.csv"))) == 15
     assert not (run / "metrics.csv").exists()
+
+
+def test_wandb_logger_writes_an_offline_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    run = train(config(tmp_path / "r", "branch=b2", "reference=false", "logger=wandb", "plots=false"))
+    offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1 and offline[0].stat().st_size > 0
