@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -287,6 +288,12 @@ def member_scores(ensemble: Ensemble, batch: dict[str, Tensor]) -> dict[str, Ten
 
 
 # ---------------------------------------------------------------------- the job
+def inference_device(cfg: DictConfig) -> torch.device:
+    """Where a run that skips training scores: the configured accelerator when it is there."""
+    wants_gpu = str(cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda", "auto")
+    return torch.device("cuda") if wants_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+
 def resolve_run_dir(cfg: DictConfig) -> Path:
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -319,7 +326,7 @@ def train(cfg: DictConfig) -> Path:
     # ---- fit
     if stages.finished("fit", final_ckpt):
         load_final(ensemble, final_ckpt, sig)
-        device = torch.device("cpu")
+        device = inference_device(cfg)
         trainer = None
     else:
         stages.clear_after("fit")
@@ -332,7 +339,10 @@ def train(cfg: DictConfig) -> Path:
         if resume_from:
             log.info("stage fit: resuming from %s", last)
         if ensemble.trainable:
-            trainer.fit(ensemble, datamodule=dm, ckpt_path=resume_from)
+            with warnings.catch_warnings():
+                # frozen members are in eval mode on purpose; Lightning warns about any such module
+                warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+                trainer.fit(ensemble, datamodule=dm, ckpt_path=resume_from)
             if trainer.interrupted:
                 raise AsdError(f"training was interrupted; continue with resume=true run_dir={run_dir}")
         else:
@@ -350,7 +360,7 @@ def train(cfg: DictConfig) -> Path:
     backends_path = run_dir / "backends.pt"
     if stages.finished("backends", backends_path):
         backends = torch.load(backends_path, map_location="cpu", weights_only=True)
-        load_backends(ensemble, backends)
+        check_backends(ensemble, backends)
     else:
         stages.clear_after("backends")
         needing = [n for n, m in ensemble.members.items() if m.needs_backend]
@@ -411,7 +421,7 @@ def train(cfg: DictConfig) -> Path:
                 {f"test/{m}/official": r.official for m, r in results.items()}, step=trainer.global_step
             )
         if cfg.plots:
-            write_plots(run_dir, ensemble, dm, columns, backends, cfg, device)
+            write_plots(run_dir, ensemble, dm, columns, cfg, device)
         stages.mark("evaluate")
     barrier()
     if trainer is not None and cfg.logger.kind == "wandb" and is_rank_zero():
@@ -437,8 +447,8 @@ def load_final(ensemble: Ensemble, path: Path, sig: dict[str, Any]) -> None:
     ensemble.load_state_dict(ckpt["state_dict"])
 
 
-def load_backends(ensemble: Ensemble, backends: dict[str, Any]) -> None:
-    """Nothing to restore on the members: their fitted backends ride in the final checkpoint."""
+def check_backends(ensemble: Ensemble, backends: dict[str, Any]) -> None:
+    """`backends.pt` belongs to these members (their fitted state itself rides in the final checkpoint)."""
     missing = [
         n for n, m in ensemble.members.items() if m.needs_backend and n not in backends.get("fitted", [])
     ]
@@ -637,7 +647,6 @@ def write_plots(
     ensemble: Ensemble,
     dm: AsdDataModule,
     columns: dict[str, np.ndarray],
-    backends: dict,
     cfg: DictConfig,
     device: torch.device,
 ) -> None:
