@@ -199,8 +199,7 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
             import tensorboard  # noqa: F401
         except ImportError:
             raise AsdError(
-                "logger=tensorboard needs the tensorboard package: pip install -e '.[tensorboard]' "
-                "(or use logger=csv)"
+                "logger=tensorboard needs the tensorboard package: pip install tensorboard, or use logger=csv"
             ) from None
         return TensorBoardLogger(save_dir=str(run_dir), name="logs")
     if kind == "wandb":
