@@ -82,6 +82,10 @@ class Ensemble(L.LightningModule):
         self.grad_norm_every = grad_norm_every
         self.gradient_clip = gradient_clip
         self.automatic_optimization = False
+        #: debug mode (`debug_freeze.py`): every step, keep each member's loss and gradient norm,
+        #: the frozen members' included, in `last_step` (costs a host sync per step)
+        self.record = False
+        self.last_step: dict[str, float] = {}
         for name in self.frozen:
             self.members[name].requires_grad_(False)
         self.train()
@@ -149,7 +153,22 @@ class Ensemble(L.LightningModule):
         for name, loss in losses.items():
             self.log(f"train/{name}/loss", loss.detach(), prog_bar=len(losses) < 4, batch_size=bs)
         self.log("train/loss", total.detach(), batch_size=bs)
+        if self.record:
+            self.last_step = self.step_record(batch, losses)
         return total.detach()
+
+    def step_record(self, batch: dict[str, Tensor], losses: dict[str, Tensor]) -> dict[str, float]:
+        """Every member's loss and gradient norm after this step's backward (frozen: loss without grad)."""
+        record = {}
+        for name, member in self.members.items():
+            if name in losses:
+                loss = losses[name].detach()
+            else:
+                with torch.no_grad():
+                    loss = member.loss(batch)
+            record[f"{name}/loss"] = float(loss)
+            record[f"{name}/grad_norm"] = float(self.grad_norm(name))
+        return record
 
     def grad_norm(self, name: str) -> Tensor:
         """L2 norm of one member's gradients (zero when it has none), without a host sync."""

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import html
 import inspect
 import json
 import logging
 import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -224,18 +226,28 @@ def _wandb_has_key() -> bool:
     return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, logger: Any) -> L.Trainer:
+def show_progress() -> bool:
+    """Progress bars only for a person at a terminal: not under CI, not into a file or pipe."""
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, logger: Any, extra_callbacks: list | None = None, checkpoints: bool = True
+) -> L.Trainer:
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0)
+    callbacks = list(extra_callbacks or [])
+    if checkpoints:
+        callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0))
     opts = OmegaConf.to_container(cfg.trainer, resolve=True)
     try:
         return L.Trainer(
             **opts,
             logger=logger,
-            callbacks=[ckpt],
+            callbacks=callbacks,
             default_root_dir=str(run_dir),
-            enable_progress_bar=not os.environ.get("CI"),
+            enable_progress_bar=show_progress(),
+            enable_checkpointing=checkpoints,
         )
     except (TypeError, ValueError) as e:
         raise AsdError(f"trainer config: {e}; check the keys under trainer.") from e
@@ -251,8 +263,11 @@ def infer(
     sampler = DistributedSampler(dataset, shuffle=False) if distributed else None
     loader = DataLoader(dataset, batch_size=dm.eval_batch_size, sampler=sampler, num_workers=dm.num_workers)
     chunks: dict[str, list[np.ndarray]] = {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(loader, desc=f"scoring {split}", leave=False, disable=not (show_progress() and is_rank_zero()))
     with torch.no_grad():
-        for batch in loader:
+        for batch in bar:
             batch = {k: v.to(device) for k, v in batch.items()}
             out = fn(batch)
             out["index"] = batch["index"]
@@ -421,6 +436,8 @@ def train(cfg: DictConfig) -> Path:
             )
         if cfg.plots:
             write_plots(run_dir, ensemble, dm, columns, cfg, device)
+        if trainer is not None and cfg.logger.kind == "wandb":
+            publish_to_wandb(trainer.logger, run_dir, results)
         stages.mark("evaluate")
     barrier()
     if trainer is not None and cfg.logger.kind == "wandb" and is_rank_zero():
@@ -639,6 +656,30 @@ def summary_markdown(results: dict[str, Any], cfg: DictConfig) -> str:
     for method, ev in results.items():
         lines += ["", f"## {method}", "", ev.to_markdown()]
     return "\n".join(lines) + "\n"
+
+
+def publish_to_wandb(logger: Any, run_dir: Path, results: dict[str, Any]) -> None:
+    """The dashboard: metrics table, official scores, ROC curves, histograms, heatmaps, summary.md."""
+    import wandb
+
+    rows = [{"method": m, **r} for m, ev in results.items() for r in ev.rows]
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    table = wandb.Table(columns=columns, data=[[_wandb_value(r.get(c)) for c in columns] for r in rows])
+    payload: dict[str, Any] = {"test/metrics": table}
+    payload.update({f"test/{m}/official": ev.official for m, ev in results.items()})
+    for kind in ("roc", "hist", "heatmap"):
+        for png in sorted((run_dir / "plots").glob(f"{kind}_*.png")):
+            payload[f"plots/{kind}/{png.stem}"] = wandb.Image(str(png))
+    summary = (run_dir / "summary.md").read_text()
+    payload["summary"] = wandb.Html(f"<pre>{html.escape(summary)}</pre>")
+    logger.experiment.log(payload)
+    logger.experiment.summary["summary_md"] = summary
+
+
+def _wandb_value(v: Any) -> Any:
+    if isinstance(v, float | np.floating):
+        return None if np.isnan(v) else float(v)
+    return v
 
 
 def write_plots(
