@@ -25,9 +25,12 @@ log = logging.getLogger(__name__)
 #: every member the design names, in order
 BRANCHES = ("b1", "b2", "b3", "b4", "b5")
 #: members this version implements; the rest are refused with a clear message
-IMPLEMENTED = ("b2",)
+IMPLEMENTED = ("b2", "b3", "b5")
 #: the reference detector trained beside the ensemble (reported, never fused)
 REFERENCE = "dcase_ae"
+#: the flow member and the members whose embeddings it models (DESIGN §4)
+FLOW = "b5"
+FLOW_SOURCES = ("b1", "b2", "b3")
 
 
 def select_branches(branch: str | Sequence[str]) -> list[str]:
@@ -92,7 +95,28 @@ class Ensemble(L.LightningModule):
 
     @property
     def trainable(self) -> list[str]:
-        return [n for n in self.members if n not in self.frozen]
+        """Members that train: not frozen, and with parameters to train (b1 in frozen mode has none)."""
+        return [
+            n
+            for n in self.members
+            if n not in self.frozen and any(p.requires_grad for p in self.members[n].parameters())
+        ]
+
+    @property
+    def flow_sources(self) -> list[str]:
+        """Members whose embeddings feed the flow member, when it is in the ensemble and sized for them."""
+        if FLOW not in self.members or getattr(self.members[FLOW], "input_dim", None) is None:
+            return []
+        return [n for n in FLOW_SOURCES if n in self.members]
+
+    def with_flow_input(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch plus `z`: the detached, concatenated embeddings of the flow's source members."""
+        sources = self.flow_sources
+        if not sources or "z" in batch:
+            return batch
+        with torch.no_grad():
+            z = torch.cat([self.members[n].embed(batch).float() for n in sources], dim=1)  # (B, sum D)
+        return {**batch, "z": z}
 
     def train(self, mode: bool = True) -> Ensemble:
         # Lightning calls train() at every fit/validation switch: re-apply eval mode each time.
@@ -129,8 +153,11 @@ class Ensemble(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Each trainable member's loss on the batch."""
-        return {n: self.members[n].loss(batch) for n in self.trainable}
+        """Each trainable member's loss on the batch (the flow on the others' detached embeddings)."""
+        trainable = self.trainable
+        if FLOW in trainable:
+            batch = self.with_flow_input(batch)
+        return {n: self.members[n].loss(batch) for n in trainable}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         optimizers = self.optimizers()
@@ -165,7 +192,7 @@ class Ensemble(L.LightningModule):
                 loss = losses[name].detach()
             else:
                 with torch.no_grad():
-                    loss = member.loss(batch)
+                    loss = member.loss(self.with_flow_input(batch) if name == FLOW else batch)
             record[f"{name}/loss"] = float(loss)
             record[f"{name}/grad_norm"] = float(self.grad_norm(name))
         return record
@@ -179,6 +206,7 @@ class Ensemble(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         bs = len(batch["wave"])
+        batch = self.with_flow_input(batch)
         for name, member in self.members.items():
             self.log(f"val/{name}/loss", member.loss(batch), batch_size=bs, sync_dist=True)
 

@@ -36,7 +36,7 @@ from torch.utils.data.distributed import DistributedSampler
 from asd.branches.base import Branch
 from asd.data.datamodule import AsdDataModule
 from asd.data.table import ClipTable
-from asd.ensemble import REFERENCE, Ensemble, select_branches, select_frozen
+from asd.ensemble import FLOW, FLOW_SOURCES, REFERENCE, Ensemble, select_branches, select_frozen
 from asd.errors import AsdError
 from asd.evaluation import evaluate, fit_gamma_threshold
 from asd.evaluation.export import write_submission
@@ -168,7 +168,12 @@ def build_ensemble(cfg: DictConfig, facts: dict[str, Any]) -> Ensemble:
         "num_sections": len(facts["sections"]),
         "num_attributes": len(facts["attributes"]),
     }
-    members = {n: build_member(n, cfg, runtime) for n in names}
+    members = {n: build_member(n, cfg, runtime) for n in names if n != FLOW}
+    if FLOW in names:
+        # b5 models the embeddings of b1-b3 when any of them is selected, else log-mel statistics
+        dims = [members[n].embed_dim for n in FLOW_SOURCES if n in members]
+        members[FLOW] = build_member(FLOW, cfg, {**runtime, "input_dim": sum(dims) if dims else None})
+        members = {n: members[n] for n in names}  # keep the configured order
     weights = {n: cfg.branches[n].get("loss_weight", 1.0) for n in names}
     ensemble = Ensemble(
         members, loss_weights=weights, frozen=frozen, grad_norm_every=cfg.get("grad_norm_every", 50)
@@ -292,6 +297,7 @@ def infer(
 def member_scores(ensemble: Ensemble, batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """Every score column of every member for one batch."""
     out: dict[str, Tensor] = {}
+    batch = ensemble.with_flow_input(batch)
     for name, member in ensemble.members.items():
         if hasattr(member, "scores"):
             for kind, s in member.scores(batch).items():

@@ -18,7 +18,8 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_debug_freeze_records_every_step_and_proves_the_member_fixed(tmp_path):
-    res = run(str(REPO / "debug_freeze.py"), "--freeze", "b2", "--epochs", "2", "debug=default", cwd=tmp_path)
+    args = ("--freeze", "b2", "--epochs", "2", "debug=default", "branch=b2")
+    res = run(str(REPO / "debug_freeze.py"), *args, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "b2 stayed frozen" in res.stdout
     path = tmp_path / "logs" / "debug_freeze_b2.csv"

@@ -196,7 +196,7 @@ def test_resume_continues_an_interrupted_fit(tmp_path):
     ("override", "message"),
     [
         ("branch=b9", r"unknown branch \['b9'\]"),
-        ("freeze=b3", r"freeze=\['b3'\] names members that are not selected"),
+        ("freeze=b6", r"freeze=\['b6'\] names members that are not selected"),
         ("final=best", "final='best': expected one of"),
         ("+ckpt.b2=/nonexistent.ckpt", "no such file"),
         ("data.on_bad_file=ignore", "data.on_bad_file"),

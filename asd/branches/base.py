@@ -40,6 +40,8 @@ class Branch(L.LightningModule):
     name: str = ""
     #: True when `score` needs `fit_backend` to have run first
     needs_backend: bool = False
+    #: width D of `embed` (0 when the member has no embedding); b5 is sized from b1-b3's
+    embed_dim: int = 0
 
     def __init__(self, optimizer: OptimizerFactory | None = None):
         super().__init__()

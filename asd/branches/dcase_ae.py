@@ -60,6 +60,7 @@ class DcaseAEBranch(Branch):
             shrinkage: covariance shrinkage of the Mahalanobis models, "auto" (Ledoit-Wolf) or in [0, 1].
         """
         super().__init__(optimizer)
+        self.embed_dim = bottleneck  # width of embed()
         self.save_hyperparameters(ignore=["frontend", "optimizer"])
         for key, value in (("n_frames", n_frames), ("hidden", hidden), ("bottleneck", bottleneck)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -136,6 +136,7 @@ class TransformerAEBranch(Branch):
                 plain autoencoder.
         """
         super().__init__(optimizer)
+        self.embed_dim = dim  # width of embed()
         self.save_hyperparameters(ignore=["frontend", "optimizer"])
         for key, value in (
             ("num_samples", num_samples),
