@@ -1,0 +1,393 @@
+"""b3, the contrastive CNN: loss by hand, positives, target balancing, kNN and centre scores, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import pytorch_lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from asd.branches.contrastive import (
+    ContrastiveBranch,
+    ResNetEncoder,
+    balance_weights,
+    positive_pairs,
+    supcon_loss,
+)
+from asd.errors import AsdError
+from asd.features import LogMel
+
+SR, T = 16000, 4000  # 0.25 s clips -> 1 + 4000 // 128 = 32 frames of 16 mel bins
+N_SECTIONS, N_ATTRIBUTES = 3, 6
+
+
+def tiny(**kw) -> ContrastiveBranch:
+    sizes = dict(num_sections=N_SECTIONS, num_attributes=N_ATTRIBUTES, channels=(4, 8), emb_dim=8)
+    sizes.update(kw)
+    return ContrastiveBranch(LogMel(n_mels=16, n_fft=256, hop_length=128), **sizes)
+
+
+def clips(section: list[int], domain: list[int] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A batch of sines whose pitch follows the section (and domain); attribute = 2 * section + domain."""
+    n = len(section)
+    sec = torch.tensor(section)
+    dom = torch.tensor(domain) if domain is not None else torch.zeros(n, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(T) / SR
+    freq = 300.0 * (1 + sec[:, None]) + 80.0 * dom[:, None] + 20 * torch.rand(n, 1, generator=g)
+    wave = 0.5 * torch.sin(2 * math.pi * freq * t) + 0.02 * torch.randn(n, T, generator=g)
+    return {
+        "wave": wave.float(),
+        "section": sec,
+        "domain": dom,
+        "machine": torch.zeros(n, dtype=torch.long),
+        "attribute": 2 * sec + dom,
+        "is_target": dom == 1,
+        "is_normal": torch.ones(n, dtype=torch.bool),
+        "index": torch.arange(n),
+    }
+
+
+SECTIONS = [0, 0, 0, 1, 1, 1, 2, 2]
+DOMAINS = [0, 0, 1, 0, 0, 1, 0, 0]
+
+
+def train_steps(m: ContrastiveBranch, batch: dict[str, torch.Tensor], steps: int) -> list[float]:
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-3)
+    m.train()
+    losses = []
+    for _ in range(steps):
+        loss = m.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def fitted(score_mode: str = "knn", **kw) -> tuple[ContrastiveBranch, dict[str, torch.Tensor]]:
+    """A briefly trained member with its backend fitted on a training batch (returned too)."""
+    torch.manual_seed(0)
+    m = tiny(score_mode=score_mode, **kw)
+    train_batch = clips(SECTIONS, DOMAINS)
+    train_steps(m, train_batch, 3)
+    m.eval()
+    with torch.no_grad():
+        m.fit_backend(m.backend_features(train_batch), {k: train_batch[k] for k in ("section", "domain")})
+    return m, train_batch
+
+
+def test_shapes():
+    torch.manual_seed(0)
+    m = tiny().eval()
+    b = clips([0, 1, 2])
+    assert m.embed_dim == 8 and m.needs_backend
+    assert m.loss(b).shape == ()
+    assert m.embed(b).shape == m.backend_features(b).shape == (3, 8)
+    assert m.embed(b).dtype == torch.float32
+    m.fit_backend(m.backend_features(b), {"section": b["section"], "domain": b["domain"]})
+    assert m.score(b).shape == (3,)
+
+
+def test_encoder_keeps_the_frequency_axis():
+    # 16 bins: stem -> 8, stage 1 (full resolution) -> 8, stage 2 -> 4, stage 3 -> 2
+    e = ResNetEncoder(16, channels=(4, 8, 12), blocks=2, emb_dim=5)
+    assert e.out_bins == 2 and e.proj.in_features == 12 * 2
+    assert e(torch.randn(3, 16, 7)).shape == (3, 5)
+    assert (
+        sum(isinstance(x, torch.nn.Conv2d) for x in e.modules()) == 1 + 3 * 2 * 2 + 2
+    )  # stem, blocks, shortcuts
+    assert ResNetEncoder(15, channels=(4, 8)).out_bins == 4  # ceil(15 / 2) = 8 -> 8 -> 4
+
+
+def test_supcon_loss_by_hand():
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.0]])
+    # clips 0, 2, 3 are one class, clip 1 is alone (no positive: not an anchor)
+    label = torch.tensor([0, 1, 0, 0])
+    pos = label[:, None] == label[None, :]
+    t = 0.5
+    e = math.exp
+
+    def nll(numerator: float, others: list[float]) -> float:
+        return -math.log(e(numerator / t) / sum(e(s / t) for s in others))
+
+    # dot products: z0.z1 = 0, z0.z2 = 0.6, z0.z3 = -1, z1.z2 = 0.8, z1.z3 = 0, z2.z3 = -0.6
+    l0 = (nll(0.6, [0, 0.6, -1]) + nll(-1, [0, 0.6, -1])) / 2
+    l2 = (nll(0.6, [0.6, 0.8, -0.6]) + nll(-0.6, [0.6, 0.8, -0.6])) / 2
+    l3 = (nll(-1, [-1, 0, -0.6]) + nll(-0.6, [-1, 0, -0.6])) / 2
+    got = supcon_loss(z, pos, temperature=t)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx((l0 + l2 + l3) / 3, rel=1e-6)
+    w = torch.tensor([1.0, 7.0, 2.0, 0.5])  # the weight of the anchor without positives does not count
+    assert supcon_loss(z, pos, w, temperature=t).item() == pytest.approx(
+        (1.0 * l0 + 2.0 * l2 + 0.5 * l3) / 3.5, rel=1e-6
+    )
+
+
+def test_supcon_loss_without_positives_is_zero_and_keeps_the_graph():
+    z = F.normalize(torch.randn(3, 4), dim=1).requires_grad_()
+    loss = supcon_loss(z, torch.zeros(3, 3, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and z.grad is not None and torch.equal(z.grad, torch.zeros(3, 4))
+    one = F.normalize(torch.randn(1, 4), dim=1).requires_grad_()  # a batch of one: no NaN
+    supcon_loss(one, torch.ones(1, 1, dtype=torch.bool)).backward()
+    assert torch.isfinite(one.grad).all()
+
+
+def test_positive_pairs_by_section_and_attribute():
+    section = torch.tensor([0, 0, 0, 1, 1])
+    attribute = torch.tensor([0, 1, -1, 2, 2])  # clip 2's attributes were not seen in training
+    by_section = positive_pairs(section)
+    want = torch.tensor(
+        [
+            [0, 1, 1, 0, 0],
+            [1, 0, 1, 0, 0],
+            [1, 1, 0, 0, 0],
+            [0, 0, 0, 0, 1],
+            [0, 0, 0, 1, 0],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(by_section, want)
+    want[0, 1] = want[1, 0] = False  # same section, different known attributes: negatives
+    assert torch.equal(positive_pairs(section, attribute), want)
+
+
+def test_balance_weights_equalise_section_domain_groups():
+    section = torch.tensor([0, 0, 0, 0, 1, 1])
+    domain = torch.tensor([0, 0, 0, 1, 0, 1])
+    # groups (0, src) x3, (0, tgt), (1, src), (1, tgt): raw 1/3 x3, 1, 1, 1 -> sum 4, scaled by 6 / 4
+    assert torch.allclose(balance_weights(section, domain), torch.tensor([0.5, 0.5, 0.5, 1.5, 1.5, 1.5]))
+    assert torch.equal(balance_weights(section, domain, 0.0), torch.ones(6))
+    raw = torch.tensor([3**-0.5] * 3 + [1.0] * 3)
+    assert torch.allclose(balance_weights(section, domain, 0.5), raw * 6 / raw.sum())
+
+
+class FixedEmbedding(torch.nn.Module):
+    """Stands in for the encoder: the embeddings written by hand, whatever the spectrogram."""
+
+    def __init__(self, z: list[list[float]]):
+        super().__init__()
+        self.z = torch.nn.Parameter(torch.tensor(z))
+
+    def forward(self, spec: torch.Tensor) -> torch.Tensor:
+        return self.z
+
+
+def test_target_clips_get_their_weight_in_the_loss():
+    """Four clips of section 0: three source and one target; the target anchor weighs as much as the three."""
+    torch.manual_seed(0)
+    z = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-0.6, 0.8]])  # unit rows; the last one is target
+    b = clips([0, 0, 0, 0], [0, 0, 0, 1])
+
+    def loss(balance: float) -> float:
+        m = tiny(positives="section", head_weight=0.7, emb_dim=2, balance=balance).eval()
+        m.encoder = FixedEmbedding(z.tolist())
+        m.head.data = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, -0.8], [-1, 0], [0, -1], [0.8, 0.6]])
+        return m.loss(b).item()
+
+    t, s = 0.1, 16.0  # the default temperature and head scale
+    sim = z @ z.T / t
+    con = []
+    for i in range(4):
+        others = [j for j in range(4) if j != i]
+        log_den = np.log(np.exp(sim[i, others]).sum())
+        con.append(-np.mean([sim[i, j] - log_den for j in others]))  # every other clip is a positive
+    head = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, -0.8], [-1, 0], [0, -1], [0.8, 0.6]])
+    logits = s * z @ head.T
+    labels = b["attribute"].numpy()  # 0, 0, 0, 1
+    assert labels.tolist() == [0, 0, 0, 1]
+    ce = [np.log(np.exp(logits[i]).sum()) - logits[i, labels[i]] for i in range(4)]
+    w = np.array([1 / 3, 1 / 3, 1 / 3, 1.0])
+    want = (w @ con) / w.sum() + 0.7 * (w @ ce) / w.sum()
+    flat = np.mean(con) + 0.7 * np.mean(ce)
+    assert loss(1.0) == pytest.approx(want, rel=1e-5)
+    assert loss(0.0) == pytest.approx(flat, rel=1e-5)
+    assert abs(want - flat) > 0.1  # the weighting matters on this batch
+
+
+def test_head_leaves_out_unknown_attributes():
+    torch.manual_seed(0)
+    m = tiny(head_weight=1.0).eval()
+    b = clips([0, 0, 1, 1])
+    b["attribute"] = torch.tensor([-1, -1, -1, -1])
+    only_contrastive = tiny(head_weight=0.0).eval()
+    only_contrastive.load_state_dict({k: v for k, v in m.state_dict().items() if k != "head"})
+    # every clip unknown: the head adds nothing, positives fall back to the section
+    assert m.loss(b).item() == pytest.approx(only_contrastive.loss(b).item(), rel=1e-6)
+    assert only_contrastive.head is None
+
+
+@pytest.mark.parametrize("kw", [{}, {"positives": "section", "classify": "section"}])
+def test_loss_reaches_every_parameter(kw):
+    torch.manual_seed(0)
+    m = tiny(**kw).train()
+    loss = m.loss(clips(SECTIONS, DOMAINS))
+    assert torch.isfinite(loss)
+    loss.backward()
+    missing = [n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert missing == []
+
+
+def test_adam_steps_lower_the_loss():
+    torch.manual_seed(0)
+    m = tiny()
+    losses = train_steps(m, clips(SECTIONS, DOMAINS), 10)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_eval_is_deterministic_and_frozen():
+    m, _ = fitted()
+    b = clips([0, 1, 2, 1], [0, 0, 0, 1], seed=3)
+    before = {k: v.clone() for k, v in m.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert torch.equal(m.score(b), m.score(b))
+    assert torch.equal(m.embed(b), m.embed(b))
+    assert torch.equal(m.loss(b), m.loss(b))
+    after = {k: v for k, v in m.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert before.keys() == after.keys() and all(torch.equal(v, before[k]) for k, v in after.items())
+
+
+def test_knn_score_by_hand():
+    m, train = fitted("knn", k=2)
+    b = clips([0, 1, 2], [0, 1, 0], seed=5)
+    with torch.no_grad():
+        bank = F.normalize(m.embed(train), dim=1).double()
+        q = F.normalize(m.embed(b), dim=1).double()
+    want = []
+    for i in range(3):
+        best = math.inf
+        for d in (0, 1):
+            rows = (train["section"] == b["section"][i]) & (train["domain"] == d)
+            if rows.any():
+                dist = (1 - bank[rows] @ q[i]).sort().values[:2]  # a 1-clip target bank: its only clip
+                best = min(best, dist.mean().item())
+        want.append(best)
+    assert torch.allclose(m.score(b).double(), torch.tensor(want, dtype=torch.float64), atol=1e-5)
+    # a training normal scores ~0 with k=1 whichever its domain
+    m1, train1 = fitted("knn", k=1)
+    assert torch.allclose(m1.score(train1), torch.zeros(8), atol=1e-5)
+
+
+def test_centre_score_by_hand():
+    m, train = fitted("centre")
+    b = clips([0, 1, 2], [1, 0, 0], seed=6)
+    with torch.no_grad():
+        unit = F.normalize(m.embed(train), dim=1).double()
+        q = F.normalize(m.embed(b), dim=1).double()
+    want = []
+    for i in range(3):
+        dists = []
+        for d in (0, 1):
+            rows = (train["section"] == b["section"][i]) & (train["domain"] == d)
+            if rows.any():
+                centre = unit[rows].mean(dim=0)
+                dists.append(1 - (q[i] @ centre / centre.norm()).item())
+        want.append(min(dists))
+    assert torch.allclose(m.score(b).double(), torch.tensor(want, dtype=torch.float64), atol=1e-5)
+
+
+def test_score_needs_fit_backend():
+    m = tiny().eval()
+    with pytest.raises(AsdError, match="fit_backend"):
+        m.score(clips([0]))
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    m = tiny()
+    data = clips(SECTIONS, DOMAINS)
+    rows = [{k: v[i] for k, v in data.items()} for i in range(len(SECTIONS))]
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(m, DataLoader(rows, batch_size=4))
+    assert int(m.stats.count) == 2 * 4 * 32
+    m.eval()
+    with torch.no_grad():
+        m.fit_backend(m.backend_features(data), {"section": data["section"], "domain": data["domain"]})
+    b = clips([2, 0, 1], seed=7)
+    path = tmp_path / "b3.pt"
+    torch.save(m.state_dict(), path)
+
+    fresh = tiny().eval()
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    assert fresh.backend.fitted
+    assert torch.equal(fresh.score(b), m.score(b))
+    assert torch.equal(fresh.embed(b), m.embed(b))
+
+
+def test_bf16_autocast_forward():
+    m, _ = fitted()
+    b = clips(SECTIONS, DOMAINS, seed=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m.train()
+        loss = m.loss(b)
+        m.eval()
+        score = m.score(b)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    assert torch.isfinite(score).all() and score.dtype == torch.float32
+
+
+def test_bad_labels_are_clear_errors():
+    m = tiny()
+    b = clips([0, 1])
+    b["attribute"] = torch.tensor([0, N_ATTRIBUTES])
+    with pytest.raises(AsdError, match="num_attributes"):
+        m.loss(b)
+    del b["domain"]
+    with pytest.raises(AsdError, match="'domain'"):
+        m.loss(b)
+
+
+@pytest.mark.parametrize(
+    "kw, key",
+    [
+        ({"emb_dim": 0}, "emb_dim"),
+        ({"channels": []}, "channels"),
+        ({"channels": [4, 0]}, "channels"),
+        ({"blocks": 1.5}, "blocks"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"balance": 2.0}, "balance"),
+        ({"head_weight": -1.0}, "head_weight"),
+        ({"positives": "machine"}, "positives"),
+        ({"classify": "domain"}, "classify"),
+        ({"score_mode": "mahalanobis"}, "score_mode"),
+        ({"k": 0}, "branches.b3.k"),
+        ({"num_attributes": None}, "num_attributes"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(kw, key):
+    with pytest.raises(AsdError, match=key):
+        tiny(**kw)
+
+
+def test_frontend_without_n_mels_is_a_clear_error():
+    with pytest.raises(AsdError, match="n_mels"):
+        ContrastiveBranch(torch.nn.Identity(), num_sections=2, classify="section")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("score_mode", ["knn", "centre"])
+def test_cuda_fp16_autocast(score_mode):
+    m, train = fitted(score_mode)
+    m = m.cuda()
+    b = {k: v.cuda() for k, v in clips(SECTIONS, DOMAINS, seed=9).items()}
+    with torch.autocast("cuda", dtype=torch.float16):
+        m.train()
+        loss = m.loss(b)
+        m.eval()
+        score = m.score(b)
+    loss.backward()
+    assert torch.isfinite(loss) and score.device.type == "cuda" and torch.isfinite(score).all()
+    assert torch.allclose(score, m.score(b), atol=0.02)
