@@ -24,8 +24,6 @@ log = logging.getLogger(__name__)
 
 #: every member the design names, in order
 BRANCHES = ("b1", "b2", "b3", "b4", "b5")
-#: members this version implements; the rest are refused with a clear message
-IMPLEMENTED = ("b2", "b3", "b4", "b5")
 #: the reference detector trained beside the ensemble (reported, never fused)
 REFERENCE = "dcase_ae"
 #: the flow member and the members whose embeddings it models (DESIGN §4)
@@ -34,20 +32,14 @@ FLOW_SOURCES = ("b1", "b2", "b3")
 
 
 def select_branches(branch: str | Sequence[str]) -> list[str]:
-    """Resolve `branch=all|bN|[..]`; fail loudly on a typo or a member this version lacks."""
+    """Resolve `branch=all|bN|[..]`; fail loudly on a typo."""
     if isinstance(branch, str):
-        names = list(IMPLEMENTED) if branch == "all" else [branch]
+        names = list(BRANCHES) if branch == "all" else [branch]
     else:
         names = list(branch)
     unknown = sorted(set(names) - set(BRANCHES))
     if unknown:
         raise AsdError(f"unknown branch {unknown}; expected 'all' or some of {list(BRANCHES)}")
-    missing = sorted(set(names) - set(IMPLEMENTED))
-    if missing:
-        raise AsdError(
-            f"branch {missing} is not implemented in this version; implemented: {list(IMPLEMENTED)} "
-            "(use branch=all for every implemented member)"
-        )
     if not names:
         raise AsdError("branch=[] selects no member; use branch=all or e.g. branch=b2")
     return list(dict.fromkeys(names))
@@ -121,8 +113,10 @@ class Ensemble(L.LightningModule):
     def train(self, mode: bool = True) -> Ensemble:
         # Lightning calls train() at every fit/validation switch: re-apply eval mode each time.
         super().train(mode)
-        for name in getattr(self, "frozen", ()):
-            self.members[name].eval()
+        for name, member in self.members.items() if hasattr(self, "frozen") else ():
+            # frozen members, and members with nothing to train (b1 in frozen mode), stay in eval mode
+            if name in self.frozen or not any(p.requires_grad for p in member.parameters()):
+                member.eval()
         return self
 
     def load_member(self, name: str, path: str | Path) -> None:

@@ -435,7 +435,13 @@ def train(cfg: DictConfig) -> Path:
         pass
     elif is_rank_zero():
         results = evaluate_methods(test, columns, year_of(cfg, dm))
-        write_metrics(run_dir, results, columns, cfg)
+        notes = [
+            f"{n} weights: {m.weights_source}"
+            + (" (random init, trained here)" * (m.weights_source == "scratch"))
+            for n, m in ensemble.members.items()
+            if hasattr(m, "weights_source")
+        ]
+        write_metrics(run_dir, results, columns, cfg, notes)
         if trainer is not None and trainer.logger is not None:
             trainer.logger.log_metrics(
                 {f"test/{m}/official": r.official for m, r in results.items()}, step=trainer.global_step
@@ -617,7 +623,11 @@ def evaluate_methods(test: ClipTable, columns: dict[str, np.ndarray], year: int)
 
 
 def write_metrics(
-    run_dir: Path, results: dict[str, Any], columns: dict[str, np.ndarray], cfg: DictConfig
+    run_dir: Path,
+    results: dict[str, Any],
+    columns: dict[str, np.ndarray],
+    cfg: DictConfig,
+    notes: list[str] = (),
 ) -> None:
     """Write `metrics.csv` (per method and machine/section, plus official scores) and `summary.md`."""
     fields: list[str] = []
@@ -632,7 +642,7 @@ def write_metrics(
     for r in rows:
         buf.append(",".join(_fmt(r.get(k, "")) for k in fields))
     atomic_write_bytes(run_dir / "metrics.csv", ("\n".join(buf) + "\n").encode())
-    atomic_write_bytes(run_dir / "summary.md", summary_markdown(results, cfg).encode())
+    atomic_write_bytes(run_dir / "summary.md", summary_markdown(results, cfg, notes).encode())
 
 
 def _fmt(v: Any) -> str:
@@ -641,7 +651,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def summary_markdown(results: dict[str, Any], cfg: DictConfig) -> str:
+def summary_markdown(results: dict[str, Any], cfg: DictConfig, notes: list[str] = ()) -> str:
     year = next(iter(results.values())).year
     fused = [m for m in results if m not in FUSIONS and not m.startswith(f"{REFERENCE}_")]
     reference = [m for m in results if m.startswith(f"{REFERENCE}_")]
@@ -653,6 +663,7 @@ def summary_markdown(results: dict[str, Any], cfg: DictConfig) -> str:
         f"- fusions of the members' z-scores: {', '.join(FUSIONS)}",
         f"- final score: `{cfg.final}`; decisions: gamma threshold at the {cfg.threshold_percentile:g} "
         "percentile of held-out normals' final scores per machine/section",
+        *(f"- {note}" for note in notes),
         "",
         "| method | official score |",
         "| --- | --- |",
