@@ -51,7 +51,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
 from asd.data.datamodule import AsdDataModule
-from asd.ensemble import Ensemble
+from asd.ensemble import FLOW, Ensemble
 from asd.errors import AsdError
 from asd.pipeline import build_datamodule, build_ensemble, data_facts, infer, member_names, member_scores
 
@@ -83,6 +83,11 @@ def build_model(cfg: DictConfig, facts: dict[str, Any], which: str) -> Ensemble:
     full = build_ensemble(cfg, facts)
     if which == ENSEMBLE:
         return full
+    if which == FLOW:
+        # alone, the flow is built as `branch=b5` builds it: on log-mel statistics, not others' embeddings
+        alone = cfg.copy()
+        alone.branch, alone.reference, alone.freeze = [FLOW], False, []
+        return build_ensemble(alone, facts)
     return Ensemble(
         {which: full.members[which]},
         loss_weights={which: full.loss_weights[which]},

@@ -368,3 +368,13 @@ def test_wandb_logger_writes_an_offline_run(tmp_path, monkeypatch):
         assert key.encode() in records, key
     media = offline[0].parent / "files" / "media"
     assert list(media.glob("images/plots/roc/*.png")) and list(media.glob("table/test/metrics*.json"))
+
+
+@pytest.mark.parametrize("member", ["b1", "b2", "b3", "b4", "b5"])
+def test_every_member_trains_and_scores_alone(tmp_path, member):
+    run = train(config(tmp_path / "r", f"branch={member}", "reference=false", "plots=false"))
+    rows = read_csv(run / "scores.csv")
+    assert set(rows[0]) >= {member, "zmean", "final"}
+    assert all(np.isfinite(float(r[member])) for r in rows)
+    # one fused member: every fusion is that member's z-score
+    assert all(r["zmean"] == r["zmin"] == r["final"] for r in rows)
