@@ -251,3 +251,40 @@ class AstFbank(nn.Module):
             f"num_mel_bins={self.num_mel_bins}, max_length={self.max_length}, "
             f"normalize={self.normalize}, mean={self.mean}, std={self.std}"
         )
+
+
+class BinStats(nn.Module):
+    """Exact running mean and variance per mel bin over all frames passed to `update`."""
+
+    def __init__(self, n_bins: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("mean", torch.zeros(n_bins))
+        self.register_buffer("m2", torch.zeros(n_bins))  # sum of squared deviations from `mean`
+
+    @torch.no_grad()
+    def update(self, spec: Tensor) -> None:
+        """Merge the frames of `spec` (B, n_bins, frames) into the moments (Chan et al.'s parallel update)."""
+        x = spec.detach().float()
+        n = x.shape[0] * x.shape[2]
+        batch_mean = x.mean(dim=(0, 2))  # (n_bins,)
+        batch_m2 = (x - batch_mean[:, None]).pow(2).sum(dim=(0, 2))  # (n_bins,)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * (n / total)
+        self.m2 += batch_m2 + delta.pow(2) * (self.count * n / total)
+        self.count.copy_(total)
+
+    def std(self) -> Tensor:
+        """(n_bins,) standard deviation so far; ones before the first update."""
+        var = self.m2 / self.count.clamp_min(1)
+        return torch.where(self.count > 0, var.sqrt().clamp_min(self.eps), torch.ones_like(var))
+
+    def normalise(self, spec: Tensor) -> Tensor:
+        """(B, n_bins, frames) -> standardised per bin; the identity before the first update."""
+        return (spec.float() - self.mean[:, None]) / self.std()[:, None]
+
+    def denormalise(self, x: Tensor) -> Tensor:
+        """Inverse of `normalise`, (B, n_bins, frames)."""
+        return x.float() * self.std()[:, None] + self.mean[:, None]

@@ -10,9 +10,9 @@ import pytorch_lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from asd.branches.transformer_ae import BinStats, TransformerAEBranch, sincos_2d
+from asd.branches.transformer_ae import TransformerAEBranch, sincos_2d
 from asd.errors import AsdError
-from asd.features import LogMel
+from asd.features import BinStats, LogMel
 
 SR, T = 16000, 8000  # 0.5 s clips -> 1 + 8000 // 512 = 16 frames
 

@@ -9,8 +9,8 @@ unit sphere and pushes the rest apart, so at test time a clip unlike every train
 of its section lands far from them.
 
 Choices:
-- Normalisation: `BinStats` of b2, per-mel-bin mean and standard deviation of every training
-  frame seen so far, updated only by `loss` in train mode. It keeps no batch statistics at
+- Normalisation: `asd.features.BinStats` (shared with b2), per-mel-bin mean and standard deviation of
+  every training frame seen so far, updated only by `loss` in train mode. It keeps no batch statistics at
   scoring time, and a frozen member (eval mode) never moves it.
 - Loss: `supcon_loss` (Khosla et al. 2020, the L_out form) on L2-normalised z with
   temperature `temperature`, plus `head_weight` times the cross-entropy of a cosine
@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from asd.branches.base import Branch, OptimizerFactory
-from asd.branches.transformer_ae import BinStats
 from asd.errors import AsdError
+from asd.features import BinStats
 from asd.scoring import KnnBackend
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ Choices:
   cut back. Zero is the bin mean after standardisation; the diffusion itself (noise, loss,
   score) lives on the true frames only.
 - Normalisation: per-mel-bin running mean and standard deviation of every training frame
-  (`BinStats`, shared with b2), updated only by `loss` in train mode, the identity before the
+  (`asd.features.BinStats`, shared with b2), updated only by `loss` in train mode, the identity before the
   first step. Standardised bins match the unit-variance noise the schedule assumes.
 - Scoring noise: `noise_draws` noise tensors of one clip's shape are drawn once at
   construction from a CPU `torch.Generator` seeded with `seed` and reused for every clip
@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from asd.branches.base import Branch, OptimizerFactory
-from asd.branches.transformer_ae import BinStats
 from asd.errors import AsdError
+from asd.features import BinStats
 
 log = logging.getLogger(__name__)
 

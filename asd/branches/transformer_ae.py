@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from asd.branches.base import Branch, OptimizerFactory
 from asd.errors import AsdError
+from asd.features import BinStats
 
 log = logging.getLogger(__name__)
 
@@ -50,42 +51,6 @@ def sincos_2d(grid_freq: int, grid_time: int, dim: int) -> Tensor:
     t_emb = torch.cat([t.sin(), t.cos()], dim=1)[None, :, :].expand(grid_freq, grid_time, 2 * quarter)
     pos = torch.cat([f_emb, t_emb], dim=-1)  # (gf, gt, dim)
     return pos.reshape(grid_freq * grid_time, dim).float()  # (gf, gt, dim) -> (N, dim)
-
-
-class BinStats(nn.Module):
-    """Exact running mean and variance per mel bin over all frames passed to `update`."""
-
-    def __init__(self, n_bins: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.register_buffer("count", torch.zeros((), dtype=torch.long))
-        self.register_buffer("mean", torch.zeros(n_bins))
-        self.register_buffer("m2", torch.zeros(n_bins))  # sum of squared deviations from `mean`
-
-    @torch.no_grad()
-    def update(self, spec: Tensor) -> None:
-        """Merge the frames of `spec` (B, n_bins, frames) into the moments (Chan et al.'s parallel update)."""
-        x = spec.detach().float()
-        n = x.shape[0] * x.shape[2]
-        batch_mean = x.mean(dim=(0, 2))  # (n_bins,)
-        batch_m2 = (x - batch_mean[:, None]).pow(2).sum(dim=(0, 2))  # (n_bins,)
-        total = self.count + n
-        delta = batch_mean - self.mean
-        self.mean += delta * (n / total)
-        self.m2 += batch_m2 + delta.pow(2) * (self.count * n / total)
-        self.count.copy_(total)
-
-    def normalise(self, spec: Tensor) -> Tensor:
-        """(B, n_bins, frames) -> standardised per bin; the identity before the first update."""
-        var = self.m2 / self.count.clamp_min(1)
-        std = torch.where(self.count > 0, var.sqrt().clamp_min(self.eps), torch.ones_like(var))
-        return (spec.float() - self.mean[:, None]) / std[:, None]
-
-    def denormalise(self, x: Tensor) -> Tensor:
-        """Inverse of `normalise`, (B, n_bins, frames)."""
-        var = self.m2 / self.count.clamp_min(1)
-        std = torch.where(self.count > 0, var.sqrt().clamp_min(self.eps), torch.ones_like(var))
-        return x.float() * std[:, None] + self.mean[:, None]
 
 
 def _transformer(dim: int, depth: int, heads: int, mlp_ratio: float, dropout: float) -> nn.TransformerEncoder:
