@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from asd.errors import AsdError  # noqa: E402
+from asd.fileio import write_text_atomic  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,11 @@ class StepRecorder(L.Callback):
     def write(self, path: Path) -> None:
         if not self.rows:
             raise AsdError("no training step was recorded (empty training split?)")
-        fields = list(self.rows[0])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, path)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(self.rows[0]))
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text_atomic(path, buf.getvalue())
 
 
 def state_snapshot(module: torch.nn.Module) -> dict:

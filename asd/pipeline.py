@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +39,7 @@ from asd.ensemble import FLOW, FLOW_SOURCES, REFERENCE, Ensemble, select_branche
 from asd.errors import AsdError
 from asd.evaluation import evaluate, fit_gamma_threshold
 from asd.evaluation.export import write_submission
+from asd.fileio import torch_save_atomic, write_text_atomic
 from asd.scoring import FUSIONS, GroupNormalizer, fuse
 
 log = logging.getLogger(__name__)
@@ -49,22 +49,6 @@ FINAL_CKPT = "checkpoints/final.ckpt"
 
 
 # ---------------------------------------------------------------------- small helpers
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def is_rank_zero() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
@@ -101,7 +85,7 @@ class Stages:
     def mark(self, stage: str) -> None:
         self.done[stage] = True
         if is_rank_zero():
-            atomic_write_bytes(self.path, json.dumps(self.done, indent=1).encode())
+            write_text_atomic(self.path, json.dumps(self.done, indent=1))
 
     def clear_after(self, stage: str) -> None:
         """A redone stage invalidates every later one."""
@@ -332,7 +316,7 @@ def train(cfg: DictConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     hydra_cfg = run_dir / ".hydra" / "config.yaml"
     if not hydra_cfg.exists() and is_rank_zero():
-        atomic_write_bytes(hydra_cfg, OmegaConf.to_yaml(cfg).encode())
+        write_text_atomic(hydra_cfg, OmegaConf.to_yaml(cfg))
 
     dm = build_datamodule(cfg)
     dm.prepare_data()
@@ -372,7 +356,7 @@ def train(cfg: DictConfig) -> Path:
         if not is_rank_zero():  # one copy of every message: rank 0 speaks for all
             logging.getLogger("asd").setLevel(logging.ERROR)
         if is_rank_zero():
-            atomic_torch_save({"state_dict": ensemble.state_dict(), "asd_signature": sig}, final_ckpt)
+            torch_save_atomic({"state_dict": ensemble.state_dict(), "asd_signature": sig}, final_ckpt)
         stages.mark("fit")
     ensemble.to(device).eval()
 
@@ -400,8 +384,8 @@ def train(cfg: DictConfig) -> Path:
         backends = fit_normalisation(ensemble, cfg, dm, device)
         backends["signature"] = sig
         if is_rank_zero():
-            atomic_torch_save(backends, backends_path)
-            atomic_torch_save({"state_dict": ensemble.state_dict(), "asd_signature": sig}, final_ckpt)
+            torch_save_atomic(backends, backends_path)
+            torch_save_atomic({"state_dict": ensemble.state_dict(), "asd_signature": sig}, final_ckpt)
         stages.mark("backends")
 
     # ---- score the test clips
@@ -578,7 +562,7 @@ def write_scores(path: Path, table: ClipTable, columns: dict[str, np.ndarray]) -
     for i, c in enumerate(table):
         values = [repr(float(columns[n][i])) if n != "decision" else str(int(columns[n][i])) for n in names]
         rows.append(",".join([c.name, c.machine, c.section, c.domain, c.label, c.path, *values]))
-    atomic_write_bytes(path, ("\n".join(rows) + "\n").encode())
+    write_text_atomic(path, "\n".join(rows) + "\n")
 
 
 def read_scores(path: Path) -> dict[str, np.ndarray]:
@@ -641,8 +625,8 @@ def write_metrics(
     buf = [",".join(fields)]
     for r in rows:
         buf.append(",".join(_fmt(r.get(k, "")) for k in fields))
-    atomic_write_bytes(run_dir / "metrics.csv", ("\n".join(buf) + "\n").encode())
-    atomic_write_bytes(run_dir / "summary.md", summary_markdown(results, cfg, notes).encode())
+    write_text_atomic(run_dir / "metrics.csv", "\n".join(buf) + "\n")
+    write_text_atomic(run_dir / "summary.md", summary_markdown(results, cfg, notes))
 
 
 def _fmt(v: Any) -> str:

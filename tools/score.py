@@ -19,11 +19,12 @@ import torch
 
 from asd.data.audio import audio_config, load_audio
 from asd.data.index import parse_path
+from asd.data.table import DOMAIN_IDS
 from asd.errors import AsdError
-from asd.pipeline import Run, atomic_write_bytes
+from asd.fileio import write_text_atomic
+from asd.pipeline import Run
 
 KEYS = ("run", "inputs", "out", "machine", "section", "domain", "batch_size")
-DOMAINS = {"source": 0, "target": 1, "none": 2}
 
 
 def parse_args(argv: list[str]) -> dict[str, str]:
@@ -80,8 +81,8 @@ def main(argv: list[str]) -> int:
         run = Run(args["run"])
         audio = audio_config(**run.facts["audio"])
         files = list_inputs(args["inputs"])
-        if args.get("domain", "none") not in DOMAINS:
-            raise AsdError(f"domain={args['domain']!r}: expected one of {list(DOMAINS)}")
+        if args.get("domain", "none") not in DOMAIN_IDS:
+            raise AsdError(f"domain={args['domain']!r}: expected one of {list(DOMAIN_IDS)}")
         ids = [identify(f, args) for f in files]
         sections = [run.section_id(m, s) for m, s, _ in ids]
         batch_size = int(args.get("batch_size", 16))
@@ -92,7 +93,7 @@ def main(argv: list[str]) -> int:
             cols = run.score(
                 waves,
                 torch.tensor(sections[chunk]),
-                torch.tensor([DOMAINS[d] for _, _, d in ids[chunk]]),
+                torch.tensor([DOMAIN_IDS[d] for _, _, d in ids[chunk]]),
             )
             for k, v in cols.items():
                 columns.setdefault(k, []).extend(v.tolist())
@@ -107,7 +108,7 @@ def main(argv: list[str]) -> int:
     text = "\n".join(lines) + "\n"
     sys.stdout.write(text)
     if "out" in args:
-        atomic_write_bytes(Path(args["out"]).expanduser(), text.encode())
+        write_text_atomic(Path(args["out"]).expanduser(), text)
     return 0
 
 

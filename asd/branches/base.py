@@ -26,8 +26,6 @@ from torch.optim import Optimizer
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], Optimizer]
 
-DOMAIN_IDS = {"source": 0, "target": 1, "none": 2}
-
 
 def default_optimizer(params: Iterable[torch.nn.Parameter]) -> Optimizer:
     return torch.optim.AdamW(params, lr=1e-3)

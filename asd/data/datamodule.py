@@ -25,14 +25,13 @@ from asd.data.audio import AudioConfig, audio_config
 from asd.data.cache import AudioCache
 from asd.data.index import index_dataset
 from asd.data.synthetic import SyntheticConfig, ensure_synthetic
-from asd.data.table import Clip, ClipTable
+from asd.data.table import DOMAIN_IDS, Clip, ClipTable
 from asd.errors import AsdError
 from asd.paths import cache_root
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("fit", "val", "test")
-DOMAIN_IDS = {"source": 0, "target": 1, "none": 2}
 ON_BAD_FILE = ("error", "skip")
 
 

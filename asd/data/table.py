@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 DOMAINS = ("source", "target", "none")
+#: domain as the long ids batches carry
+DOMAIN_IDS = {"source": 0, "target": 1, "none": 2}
 SPLITS = ("train", "test")
 LABELS = ("normal", "anomaly", "unknown")
 LAYOUTS = ("dcase2020", "dcase2021", "dcase2022", "mimii")
