@@ -6,9 +6,9 @@ import math
 
 import numpy as np
 import pytest
-import pytorch_lightning as L
 import torch
 import torch.nn.functional as F
+from helpers import quick_trainer
 from torch.utils.data import DataLoader
 
 from asd.branches.contrastive import (
@@ -301,14 +301,7 @@ def test_checkpoint_round_trip(tmp_path):
     m = tiny()
     data = clips(SECTIONS, DOMAINS)
     rows = [{k: v[i] for k, v in data.items()} for i in range(len(SECTIONS))]
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quick_trainer(2)
     trainer.fit(m, DataLoader(rows, batch_size=4))
     assert int(m.stats.count) == 2 * 4 * 32
     m.eval()

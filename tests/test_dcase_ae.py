@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-import pytorch_lightning as L
 import torch
+from helpers import quick_trainer
 from torch.utils.data import DataLoader
 
 from asd.branches.dcase_ae import DcaseAEBranch
@@ -159,14 +159,7 @@ def test_checkpoint_round_trip_with_fitted_backend(tmp_path):
     m = tiny(score_mode="mahalanobis")
     rows = clips(8, seed=5)
     batches = [{"wave": w} for w in rows["wave"]]
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quick_trainer(2)
     trainer.fit(m, DataLoader(batches, batch_size=4))
     m.eval()
     train = clips(16, seed=6, n_target=5)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-import pytorch_lightning as L
 import torch
+from helpers import quick_trainer
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
@@ -249,14 +249,7 @@ def test_checkpoint_round_trip(tmp_path):
     m = tiny()
     data = batch(8)
     rows = [{k: v[i] for k, v in data.items()} for i in range(8)]
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quick_trainer(2)
     trainer.fit(m, DataLoader(rows, batch_size=4))
     assert int(m.stats.count) == 2 * 4 * 15
     m.eval()

@@ -1,8 +1,8 @@
 import copy
 
 import pytest
-import pytorch_lightning as L
 import torch
+from helpers import quick_trainer
 from torch.utils.data import DataLoader
 
 from asd.branches.dcase_ae import DcaseAEBranch
@@ -54,14 +54,7 @@ def batches(n: int = 4, size: int = 4) -> list[dict]:
 
 
 def fit(ensemble: Ensemble, steps: int = 4) -> None:
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quick_trainer(steps)
     trainer.fit(ensemble, DataLoader(batches(steps), batch_size=None))
 
 

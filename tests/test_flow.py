@@ -7,10 +7,10 @@ import socket
 
 import numpy as np
 import pytest
-import pytorch_lightning as L
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import quick_trainer
 from scipy import stats
 from torch.utils.data import DataLoader
 
@@ -379,14 +379,7 @@ def test_checkpoint_round_trip(tmp_path, mode):
     m = build()
     data = sines(8) if mode == "stats" else zbatch(8)
     rows = [{k: v[i] for k, v in data.items()} for i in range(8)]
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quick_trainer(2)
     trainer.fit(m, DataLoader(rows, batch_size=4))
     assert int(m.moments.count) == 8
     m.fit_backend(

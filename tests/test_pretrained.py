@@ -12,6 +12,7 @@ import pytest
 import pytorch_lightning as L
 import torch
 import torch.nn.functional as F
+from helpers import quick_trainer
 from torch.utils.data import DataLoader
 from transformers import ASTConfig, ASTModel
 
@@ -350,14 +351,7 @@ def test_checkpoint_round_trip(tmp_path):
     m = tiny(head="adacos")
     b = clips(8)
     rows = [{k: v[i] for k, v in b.items()} for i in range(8)]
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quick_trainer(2)
     trainer.fit(m, DataLoader(rows, batch_size=4))
     m.eval()
     m.fit_backend(m.backend_features(b), {k: b[k] for k in ("section", "domain")})
@@ -374,15 +368,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def _fit(module: L.LightningModule, batches: list[dict]) -> None:
-    trainer = L.Trainer(
-        max_steps=len(batches),
-        max_epochs=1,  # an optimizer step may not happen every batch
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quick_trainer(len(batches), max_epochs=1)  # an optimizer step may not happen every batch
     trainer.fit(module, DataLoader(batches, batch_size=None))
 
 

@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-import pytorch_lightning as L
 import torch
+from helpers import quick_trainer
 from torch.utils.data import DataLoader
 
 from asd.branches.transformer_ae import TransformerAEBranch, sincos_2d
@@ -160,14 +160,7 @@ def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     m = tiny(mask_ratio=0.25)
     batches = [{"wave": w} for w in sines(8)["wave"]]
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quick_trainer(2)
     trainer.fit(m, DataLoader(batches, batch_size=4))
     assert int(m.stats.count) == 2 * 4 * 16
     m.eval()
