@@ -1,0 +1,486 @@
+"""Pseudo-anomalies: normal clips turned into labelled anomalous ones, in the waveform domain.
+
+Every edit stays inside the mask returned with it. Time kinds rewrite one random span of samples;
+TF kinds change the STFT bins of a mask (Perlin blobs, a frequency band, a frame span) and add back
+ISTFT(mask * (X' - X)), so samples no masked frame covers are bit-identical. Working on waves means
+every member, AST included, sees the same anomalies.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from scipy import interpolate, signal
+from torch.utils.data import Dataset
+
+from asd.errors import AsdError
+from asd.fileio import _replace_via_temp
+
+log = logging.getLogger(__name__)
+
+# fmt: off
+KINDS: tuple[str, ...] = ("tone", "harmonics", "impulses", "band_noise", "gain_drift", "pitch_drift",
+                          "modulation", "outlier", "tf_blobs", "tf_band", "tf_span")
+# fmt: on
+TF_KINDS = ("tf_blobs", "tf_band", "tf_span")
+
+
+@dataclass(frozen=True)
+class AnomalyConfig:
+    """What the generator may inject and how strongly; ranges are (low, high), drawn uniformly per call."""
+
+    kinds: tuple[str, ...] = KINDS
+    p_none: float = 0.0  # probability that a call returns the clip unchanged, kind "none"
+    level_db: tuple[float, float] = (-10.0, 5.0)  # added components' RMS relative to the clip's RMS
+    span: tuple[float, float] = (0.1, 0.6)  # fraction of the clip (or of its frames) one event covers
+    n_fft: int = 512
+    hop: int = 128
+    sample_rate: int = 16000
+    gain_db: tuple[float, float] = (6.0, 12.0)  # size of gain changes (gain_drift, TF gain); sign random
+    pitch_semitones: tuple[float, float] = (1.0, 3.0)  # peak pitch excursion of pitch_drift
+    mod_rate_hz: tuple[float, float] = (2.0, 30.0)
+    mod_depth: tuple[float, float] = (0.3, 0.9)  # amplitude-modulation depth
+    band: tuple[float, float] = (0.03, 0.2)  # width of band_noise / tf_band as a fraction of 0..sr/2
+    blob_fraction: tuple[float, float] = (0.03, 0.15)  # share of STFT bins inside tf_blobs
+    p_substitute: float = 0.5  # outlier: probability of substituting the span instead of mixing
+    fade_ms: float = 10.0  # ramps inside a span, so added sounds start and end without a click
+    min_rms: float = 1e-3  # reference RMS floor: a silent clip still gets an audible added component
+
+
+# field: (test on the value, or on each bound of a [low, high] range, and what is allowed)
+_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "p_none": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "level_db": (lambda v: True, "[low, high] in dB"),
+    "span": (lambda v: 0 < v <= 1, "[low, high] fractions in (0, 1]"),
+    "n_fft": (lambda v: v >= 16, "an integer >= 16"),
+    "hop": (lambda v: v >= 1, "an integer >= 1"),
+    "sample_rate": (lambda v: v >= 1000, "an integer >= 1000"),
+    "gain_db": (lambda v: v > 0, "[low, high] positive dB"),
+    "pitch_semitones": (lambda v: 0 < v <= 12, "[low, high] semitones in (0, 12]"),
+    "mod_rate_hz": (lambda v: v > 0, "[low, high] positive rates in Hz"),
+    "mod_depth": (lambda v: 0 < v <= 1, "[low, high] depths in (0, 1]"),
+    "band": (lambda v: 0 < v <= 0.5, "[low, high] fractions in (0, 0.5]"),
+    "blob_fraction": (lambda v: 0 < v < 1, "[low, high] fractions in (0, 1)"),
+    "p_substitute": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "fade_ms": (lambda v: v >= 0, "a number >= 0"),
+    "min_rms": (lambda v: v > 0, "a number > 0"),
+}
+
+
+def _number(value: Any) -> bool:
+    ok = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+    return ok and math.isfinite(value)
+
+
+def _validate(cfg: AnomalyConfig, key: str) -> None:
+    """Raise AsdError naming `key.<field>` and what is allowed, for the first bad field."""
+    kinds = cfg.kinds
+    if not isinstance(kinds, tuple) or not kinds or not all(k in KINDS for k in kinds):
+        raise AsdError(f"{key}.kinds={kinds!r}: expected a non-empty list of some of {list(KINDS)}")
+    if len(set(kinds)) != len(kinds):
+        raise AsdError(f"{key}.kinds={list(kinds)}: a kind is listed twice; list each once")
+    for f in fields(AnomalyConfig)[1:]:
+        value, (ok, allowed) = getattr(cfg, f.name), _RULES[f.name]
+        if isinstance(f.default, tuple):
+            pair = isinstance(value, tuple) and len(value) == 2 and all(_number(v) and ok(v) for v in value)
+            good = pair and value[0] <= value[1]
+            allowed += ", low <= high"
+        elif isinstance(f.default, int):
+            good = isinstance(value, int | np.integer) and not isinstance(value, bool) and ok(value)
+        else:
+            good = _number(value) and ok(value)
+        if not good:
+            raise AsdError(f"{key}.{f.name}={value!r}: expected {allowed}")
+    if cfg.hop > cfg.n_fft // 2:
+        raise AsdError(f"{key}.hop={cfg.hop}: expected at most n_fft // 2 = {cfg.n_fft // 2} (overlap)")
+
+
+def anomaly_config(values: Mapping[str, Any] | None, key: str = "fusion.anomalies") -> AnomalyConfig:
+    """An `AnomalyConfig` from a (Hydra) mapping; lists become tuples, bad fields raise naming `key.field`."""
+    if values is not None and not isinstance(values, Mapping):
+        raise AsdError(f"{key} must be a mapping of AnomalyConfig fields, got {type(values).__name__}")
+    values = dict(values or {})
+    names = [f.name for f in fields(AnomalyConfig)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise AsdError(f"unknown {key} keys {[f'{key}.{u}' for u in unknown]}; expected some of {names}")
+    converted = {
+        k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v for k, v in values.items()
+    }
+    if isinstance(converted.get("kinds"), str):
+        converted["kinds"] = (converted["kinds"],)  # `kinds: tone` means one kind, not five letters
+    cfg = AnomalyConfig(**converted)
+    _validate(cfg, key)
+    if cfg.p_none == 1:  # allowed for a pass-through generator, never for a config that trains fusion
+        raise AsdError(f"{key}.p_none=1 leaves fusion without pseudo-anomalies; expected a value in [0, 1)")
+    return cfg
+
+
+def _as_wave(wave: Any, name: str, min_len: int) -> np.ndarray:
+    """A finite 1-D float32 copy of `wave`, or an AsdError naming `name`."""
+    arr = np.asarray(wave)
+    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise AsdError(f"`{name}` must be a 1-D float array of samples, got shape {arr.shape} {arr.dtype}")
+    if len(arr) < min_len:
+        raise AsdError(f"`{name}` has {len(arr)} samples; expected at least {min_len}")
+    if not np.isfinite(arr).all():
+        raise AsdError(f"`{name}` has NaN/inf samples; fix the audio before generating pseudo-anomalies")
+    return arr.astype(np.float32)
+
+
+def _rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
+
+
+def _scaled(x: np.ndarray, rms: float) -> np.ndarray:
+    return x * (rms / max(_rms(x), 1e-12))
+
+
+def _resample(x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """`x` read at fractional `positions`: a cubic spline keeps the highs that linear interpolation dulls."""
+    return interpolate.CubicSpline(np.arange(len(x)), x)(positions)
+
+
+def _stft_args(cfg: AnomalyConfig) -> dict[str, int]:
+    return {"fs": cfg.sample_rate, "nperseg": cfg.n_fft, "noverlap": cfg.n_fft - cfg.hop}
+
+
+def stft(wave: np.ndarray, config: AnomalyConfig) -> np.ndarray:
+    """Complex (F, frames) Hann STFT: F = n_fft // 2 + 1, frames = 1 + ceil(T / hop), centred at j * hop."""
+    wave = np.asarray(wave, dtype=np.float64)
+    return signal.stft(wave, boundary="zeros", padded=True, **_stft_args(config))[2]
+
+
+def istft(spec: np.ndarray, config: AnomalyConfig, length: int) -> np.ndarray:
+    """Inverse of `stft`, cut to `length` samples; all-zero frames add exactly zero."""
+    return signal.istft(spec, boundary=True, **_stft_args(config))[1][:length]
+
+
+def _gradient_noise(shape: tuple[int, int], ny: int, nx: int, rng: np.random.Generator) -> np.ndarray:
+    """One octave of Perlin noise: random unit gradients on an (ny+1, nx+1) lattice, smoothly blended."""
+    angle = rng.uniform(0, 2 * np.pi, (ny + 1, nx + 1))
+    cos, sin = np.cos(angle), np.sin(angle)  # unit gradients on the small lattice
+    y, x = np.arange(shape[0]) * ny / shape[0], np.arange(shape[1]) * nx / shape[1]
+    iy, ix = y.astype(int)[:, None], x.astype(int)[None, :]  # lattice cell of every point
+    fy, fx = (y % 1)[:, None], (x % 1)[None, :]  # position inside the cell
+
+    def corner(dy: int, dx: int) -> np.ndarray:
+        # (H, W): gradient at this corner of each point's cell, dotted with the offset from that corner
+        return cos[iy + dy, ix + dx] * (fy - dy) + sin[iy + dy, ix + dx] * (fx - dx)
+
+    u, v = (t * t * t * (t * (t * 6 - 15) + 10) for t in (fx, fy))  # quintic fade: smooth across cells
+    top = corner(0, 0) * (1 - u) + corner(0, 1) * u
+    bottom = corner(1, 0) * (1 - u) + corner(1, 1) * u
+    return top * (1 - v) + bottom * v
+
+
+def perlin_noise(
+    shape: tuple[int, int], cells: tuple[int, int], rng: np.random.Generator, octaves: int = 2
+) -> np.ndarray:
+    """2-D Perlin noise of `shape`: `cells` lattice cells per axis, doubled (at half weight) per octave."""
+    octave_list = [
+        _gradient_noise(shape, cells[0] * 2**o, cells[1] * 2**o, rng) / 2**o for o in range(octaves)
+    ]
+    return np.sum(octave_list, axis=0)
+
+
+def _blob_mask(shape: tuple[int, int], rng: np.random.Generator, cfg: AnomalyConfig) -> np.ndarray:
+    noise = perlin_noise(shape, (int(rng.integers(2, 7)), int(rng.integers(3, 13))), rng)
+    # a quantile threshold gives exactly the drawn share of bins, so the mask is never empty
+    return noise >= np.quantile(noise, 1 - rng.uniform(*cfg.blob_fraction))
+
+
+def _band_mask(shape: tuple[int, int], rng: np.random.Generator, cfg: AnomalyConfig) -> np.ndarray:
+    width = max(1, round(rng.uniform(*cfg.band) * shape[0]))
+    low = int(rng.integers(1, shape[0] - width + 1))  # bin 0 (DC) is left alone
+    mask = np.zeros(shape, dtype=bool)
+    mask[low : low + width] = True
+    return mask
+
+
+def _span_mask(shape: tuple[int, int], rng: np.random.Generator, cfg: AnomalyConfig) -> np.ndarray:
+    width = max(1, round(rng.uniform(*cfg.span) * shape[1]))
+    start = int(rng.integers(0, shape[1] - width + 1))
+    mask = np.zeros(shape, dtype=bool)
+    mask[:, start : start + width] = True
+    return mask
+
+
+_TF_MASKS = {"tf_blobs": _blob_mask, "tf_band": _band_mask, "tf_span": _span_mask}
+
+
+@dataclass
+class Injection:
+    """One generated clip: the edited wave, its kind and where the edit may have touched it."""
+
+    wave: np.ndarray  # (T,) float32
+    kind: str  # one of KINDS, or "none"
+    mask: np.ndarray  # bool: (T,) samples for time kinds and "none", (F, frames) STFT bins for TF_KINDS
+
+
+class PseudoAnomalies:
+    """Seeded generator of pseudo-anomalies; each call draws (or is told) one kind and edits one clip."""
+
+    def __init__(self, config: AnomalyConfig):
+        _validate(config, "fusion.anomalies")
+        self.config = config
+        # time kinds: span (n,) -> new span (n,); TF kinds go through `_tf_edit`
+        self._time_edits: dict[str, Callable[..., np.ndarray]] = {
+            k: getattr(self, f"_{k}") for k in KINDS if k not in TF_KINDS
+        }
+
+    def draw_kind(self, rng: np.random.Generator, with_outlier: bool) -> str:
+        """The kind a call with `kind=None` uses: the first draws it makes from `rng`."""
+        allowed = [k for k in self.config.kinds if with_outlier or k != "outlier"]
+        if not allowed:
+            raise AsdError(
+                "fusion.anomalies.kinds=['outlier'] needs an outlier clip (another section's); "
+                "pass `outlier=` or enable more kinds"
+            )
+        if rng.random() < self.config.p_none:
+            return "none"
+        return allowed[int(rng.integers(len(allowed)))]
+
+    def __call__(
+        self,
+        wave: np.ndarray,
+        rng: np.random.Generator,
+        outlier: np.ndarray | None = None,
+        kind: str | None = None,
+    ) -> Injection:
+        """Edit `wave` (T,) with a drawn or forced kind; deterministic given the state of `rng`."""
+        if not isinstance(rng, np.random.Generator):
+            raise AsdError(f"`rng` must be a numpy Generator (np.random.default_rng(seed)), got {type(rng)}")
+        x = _as_wave(wave, "wave", self.config.n_fft)
+        if kind is None:
+            kind = self.draw_kind(rng, with_outlier=outlier is not None)
+        elif kind not in KINDS and kind != "none":
+            raise AsdError(f"unknown pseudo-anomaly kind {kind!r}; expected 'none' or one of {list(KINDS)}")
+        if kind == "none":
+            return Injection(x.copy(), "none", np.zeros(len(x), dtype=bool))
+        other = None
+        if kind == "outlier":
+            if outlier is None:
+                raise AsdError("kind='outlier' needs `outlier=`, a clip of another section or machine")
+            other = np.resize(_as_wave(outlier, "outlier", 1), len(x))  # repeated or cut to T samples
+        ref = max(_rms(x), self.config.min_rms)
+        if kind in TF_KINDS:
+            return self._tf_edit(x, rng, kind, ref)
+        n = min(len(x), max(2, round(rng.uniform(*self.config.span) * len(x))))
+        start = int(rng.integers(0, len(x) - n + 1))
+        out = x.astype(np.float64)
+        span = slice(start, start + n)
+        # the edit only ever sees and returns the span, so nothing outside it can change
+        out[span] = self._time_edits[kind](out[span], rng, ref, None if other is None else other[span])
+        mask = np.zeros(len(x), dtype=bool)
+        mask[span] = True
+        return Injection(out.astype(np.float32), kind, mask)
+
+    # ------------------------------------------------------------------ helpers
+    def _level(self, rng: np.random.Generator, ref: float) -> float:
+        """An added component's RMS: `level_db` relative to the clip's (floored) RMS."""
+        return ref * 10 ** (rng.uniform(*self.config.level_db) / 20)
+
+    def _fade(self, n: int) -> np.ndarray:
+        """(n,) ones with raised-cosine ramps of `fade_ms` at both ends (0 at the span's first sample)."""
+        ramp = min(n // 2, round(self.config.fade_ms * self.config.sample_rate / 1000))
+        window = np.ones(n)
+        if ramp:
+            rise = 0.5 - 0.5 * np.cos(np.pi * np.arange(ramp) / ramp)
+            window[:ramp], window[n - ramp :] = rise, rise[::-1]
+        return window
+
+    # ------------------------------------------------------------------ time kinds: span -> new span
+    def _tone(self, seg, rng, ref, other) -> np.ndarray:
+        sr = self.config.sample_rate
+        freq, phase = rng.uniform(100.0, 0.45 * sr), rng.uniform(0, 2 * np.pi)
+        tone = np.sin(2 * np.pi * freq * np.arange(len(seg)) / sr + phase)
+        return seg + _scaled(tone, self._level(rng, ref)) * self._fade(len(seg))
+
+    def _harmonics(self, seg, rng, ref, other) -> np.ndarray:
+        sr = self.config.sample_rate
+        f0 = rng.uniform(60.0, min(800.0, 0.2 * sr))
+        k = np.arange(1, int(rng.integers(3, 9)) + 1)
+        decay, phases = rng.uniform(0.5, 1.5), rng.uniform(0, 2 * np.pi, len(k))
+        keep = k * f0 < 0.45 * sr  # no partial above 0.45 sr, so nothing aliases
+        k, phases = k[keep, None], phases[keep, None]
+        partials = np.sin(2 * np.pi * f0 * k * np.arange(len(seg)) / sr + phases)  # (K, n)
+        comp = (k**-decay * partials).sum(axis=0)
+        return seg + _scaled(comp, self._level(rng, ref)) * self._fade(len(seg))
+
+    def _impulses(self, seg, rng, ref, other) -> np.ndarray:
+        out, n, peak = seg.copy(), len(seg), 4 * self._level(rng, ref)  # short clicks: peak well above RMS
+        for _ in range(int(rng.integers(2, 9))):
+            length = max(2, round(rng.uniform(1.0, 8.0) * self.config.sample_rate / 1000))
+            start = int(rng.integers(0, n))
+            burst = rng.standard_normal(length) * np.exp(-np.arange(length) / (length / 5))
+            stop = min(n, start + length)
+            out[start:stop] += (burst * peak / np.abs(burst).max())[: stop - start]
+        return out
+
+    def _band_noise(self, seg, rng, ref, other) -> np.ndarray:
+        sr = self.config.sample_rate
+        width = rng.uniform(*self.config.band) * sr / 2
+        low = rng.uniform(50.0, max(60.0, 0.45 * sr - width))
+        high = max(min(low + width, 0.45 * sr), 1.1 * low)
+        sos = signal.butter(4, [low, high], btype="bandpass", fs=sr, output="sos")
+        settle = sr // 10  # drop the filter's start-up transient
+        noise = signal.sosfilt(sos, rng.standard_normal(len(seg) + settle))[settle:]
+        return seg + _scaled(noise, self._level(rng, ref)) * self._fade(len(seg))
+
+    def _gain_drift(self, seg, rng, ref, other) -> np.ndarray:
+        gain = rng.choice([-1.0, 1.0]) * rng.uniform(*self.config.gain_db)
+        curve = signal.windows.tukey(len(seg), alpha=rng.uniform(0.3, 1.0))  # smooth rise, hold, fall
+        return seg * 10 ** (gain * curve / 20)
+
+    def _pitch_drift(self, seg, rng, ref, other) -> np.ndarray:
+        n = len(seg)
+        rate = 2 ** (rng.uniform(*self.config.pitch_semitones) / 12) - 1  # peak |playback rate - 1|
+        t = np.arange(n)
+        # read position t + d(t), d = D (1 - cos 2pi u) / 2: zero at both span ends, so the span keeps its
+        # length; d' peaks at D pi / (n - 1) = rate (< 1, positions stay increasing)
+        d = rate * (n - 1) / np.pi * (1 - np.cos(2 * np.pi * t / max(n - 1, 1))) / 2
+        return _resample(seg, t + rng.choice([-1.0, 1.0]) * d)
+
+    def _modulation(self, seg, rng, ref, other) -> np.ndarray:
+        n, sr, fade = len(seg), self.config.sample_rate, self._fade(len(seg))
+        t = np.arange(n)
+        out = seg
+        if rng.random() < 0.5:  # frequency-ish: a small periodic time warp (vibrato)
+            rate_hz = rng.uniform(*self.config.mod_rate_hz)
+            excursion = (2 ** (rng.uniform(*self.config.pitch_semitones) / 12) - 1) / 2
+            warp = fade * excursion * sr / (2 * np.pi * rate_hz) * np.sin(2 * np.pi * rate_hz * t / sr)
+            out = _resample(seg, np.clip(t + warp, 0, n - 1))
+        rate_hz, depth = rng.uniform(*self.config.mod_rate_hz), rng.uniform(*self.config.mod_depth)
+        envelope = 1 + depth * fade * np.sin(2 * np.pi * rate_hz * t / sr + rng.uniform(0, 2 * np.pi))
+        return out * envelope
+
+    def _outlier(self, seg, rng, ref, other) -> np.ndarray:
+        fade = self._fade(len(seg))
+        if rng.random() < self.config.p_substitute:
+            # substitute: the other clip at the span's own loudness, cross-faded in and out inside the span
+            return seg * (1 - fade) + _scaled(other, max(_rms(seg), self.config.min_rms)) * fade
+        return seg + _scaled(other, self._level(rng, ref)) * fade
+
+    # ------------------------------------------------------------------ TF kinds
+    def _tf_edit(self, x: np.ndarray, rng: np.random.Generator, kind: str, ref: float) -> Injection:
+        """x + ISTFT(M * (X' - X)): a gain on, or noise in place of, the masked bins."""
+        spec = stft(x, self.config)  # (F, frames)
+        mask = _TF_MASKS[kind](spec.shape, rng, self.config)
+        change = np.zeros(len(x))
+        if rng.random() < 0.5:
+            gain = rng.choice([-1.0, 1.0]) * rng.uniform(*self.config.gain_db)
+            change = istft(np.where(mask, spec * (10 ** (gain / 20) - 1), 0), self.config, len(x))
+        if _rms(change) < 1e-3 * ref:  # noise drawn, or a gain on (near-)silent bins that changed nothing
+            noise = stft(rng.standard_normal(len(x)) * self._level(rng, ref), self.config)
+            change = istft(np.where(mask, noise - spec, 0), self.config, len(x))
+        return Injection((x + change).astype(np.float32), kind, mask)
+
+
+def _kind_id(kind: str) -> int:
+    return KINDS.index(kind) if kind in KINDS else -1
+
+
+class PseudoAnomalyDataset(Dataset):
+    """`copies` pseudo-anomalous versions of every clip of a base ClipDataset, deterministic per index."""
+
+    def __init__(self, base, generator: PseudoAnomalies, copies: int, seed: int, pool=None):
+        for name, value, low in (("copies", copies, 1), ("seed", seed, 0)):
+            if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < low:
+                raise AsdError(f"PseudoAnomalyDataset: {name}={value!r}: expected an integer >= {low}")
+        self.base, self.generator, self.copies, self.seed = base, generator, int(copies), int(seed)
+        self.pool = base if pool is None else pool
+        self._sections = base.labels["section"].numpy()
+        pool_sections = self.pool.labels["section"].numpy()
+        # outlier candidates per source section: every pool clip of another (global) section id
+        self._others = {int(s): np.flatnonzero(pool_sections != s) for s in np.unique(self._sections)}
+        alone = sorted(s for s, idx in self._others.items() if not len(idx))
+        if alone and generator.config.kinds == ("outlier",):
+            raise AsdError(
+                f"fusion.anomalies.kinds=['outlier'] but the pool has no clip outside section ids {alone}; "
+                "give a pool with other sections/machines or enable more kinds"
+            )
+        if alone and "outlier" in generator.config.kinds:
+            log.info("no outlier clips for section ids %s: their pseudo-anomalies skip 'outlier'", alone)
+
+    def __len__(self) -> int:
+        return len(self.base) * self.copies
+
+    def _draw(self, i: int) -> tuple[np.random.Generator, np.ndarray, str]:
+        """Item i's generator, outlier candidates and kind: the first draws of its own rng."""
+        rng = np.random.default_rng([self.seed, i])
+        others = self._others[int(self._sections[i // self.copies])]
+        return rng, others, self.generator.draw_kind(rng, with_outlier=len(others) > 0)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"item {i} of a PseudoAnomalyDataset of {len(self)}")
+        i = int(i) % len(self)
+        source = i // self.copies
+        rng, others, kind = self._draw(i)
+        outlier = self.pool.waves[int(others[rng.integers(len(others))])] if kind == "outlier" else None
+        item = dict(self.base[source])
+        injection = self.generator(item["wave"].numpy(), rng, outlier, kind=kind)
+        item["wave"] = torch.from_numpy(injection.wave)
+        item["is_normal"] = torch.tensor(kind == "none")
+        item["index"] = torch.tensor(i, dtype=torch.long)
+        item["source"] = torch.tensor(source, dtype=torch.long)
+        item["kind"] = torch.tensor(_kind_id(kind), dtype=torch.long)
+        return item
+
+    def kinds(self) -> np.ndarray:
+        """(len,) int64 kind id of every item (index into KINDS, -1 for "none"), without rendering waves."""
+        return np.array([_kind_id(self._draw(i)[2]) for i in range(len(self))], dtype=np.int64)
+
+
+def plot_injections(
+    wave: np.ndarray,
+    injections: list[Injection],
+    path: Path,
+    sample_rate: int = 16000,
+    n_fft: int = 512,
+    hop: int = 128,
+) -> Path:
+    """Log-spectrograms of the clean clip and each injection, the mask outlined in white; one PNG."""
+    cfg = AnomalyConfig(n_fft=n_fft, hop=hop, sample_rate=sample_rate)
+    _validate(cfg, "plot_injections")
+    x = _as_wave(wave, "wave", n_fft)
+    rows = [("clean", x, None)] + [(inj.kind, inj.wave, inj.mask) for inj in injections]
+    clean_db = 20 * np.log10(np.abs(stft(x, cfg)) + 1e-9)
+    vmax = float(clean_db.max())
+    frames = clean_db.shape[1]
+    extent = (-hop / 2 / sample_rate, (frames - 0.5) * hop / sample_rate, 0, sample_rate / 2)
+    fig = Figure(figsize=(8, 2.2 * len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
+    for ax, (title, w, mask) in zip(axes, rows, strict=True):
+        w = _as_wave(w, f"injection {title!r} wave", n_fft)
+        if len(w) != len(x):
+            raise AsdError(f"plot_injections: {title!r} has {len(w)} samples, the clean clip {len(x)}")
+        spec_db = 20 * np.log10(np.abs(stft(w, cfg)) + 1e-9)
+        ax.imshow(spec_db, origin="lower", aspect="auto", extent=extent, vmin=vmax - 80, vmax=vmax)
+        if mask is not None and mask.ndim == 1 and mask.any():
+            touched = np.flatnonzero(mask) / sample_rate  # time kinds edit one contiguous span
+            ax.axvspan(touched[0], touched[-1], facecolor="none", edgecolor="white", lw=1.5)
+        elif mask is not None and mask.ndim == 2 and mask.any():
+            if mask.shape != spec_db.shape:
+                raise AsdError(
+                    f"plot_injections: {title!r} mask has shape {mask.shape} but n_fft={n_fft}, hop={hop} "
+                    f"give {spec_db.shape}; pass the generator's n_fft and hop"
+                )
+            times, freqs = np.arange(frames) * hop / sample_rate, np.arange(len(mask)) * sample_rate / n_fft
+            ax.contour(times, freqs, mask.astype(float), levels=[0.5], colors="white", linewidths=1.0)
+        ax.set(title=title, ylabel="Hz")
+    axes[-1].set_xlabel("s")
+    FigureCanvasAgg(fig)  # attaches the Agg canvas: PNG output, no display
+    path = Path(path)
+    _replace_via_temp(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    return path
