@@ -11,35 +11,18 @@ the two, and the same numbers go to a JSON file.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import time
 from pathlib import Path
 
 import numpy as np
 import sklearn
 import torch
 from sklearn.neighbors import NearestNeighbors
+from timing import best_times, environment, write_result  # benchmarks/timing.py, beside this script
 
 from asd.scoring import KnnBackend
 
 BANKS = (1_000, 10_000)
 DIMS = (128, 384, 768)
-
-
-def best_times(fns: list, repeats: int) -> tuple[list[float], list]:
-    """Fastest of `repeats` calls (seconds) of each function, and their last results.
-
-    The functions take turns, so a burst of load from other processes hits both sides alike.
-    """
-    best, outs = [float("inf")] * len(fns), [None] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            outs[i] = fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best, outs
 
 
 def run_case(n_bank: int, dim: int, n_query: int, k: int, repeats: int, device: torch.device) -> dict:
@@ -97,17 +80,11 @@ def main() -> None:
     result = {
         "what": "KnnBackend.score vs sklearn NearestNeighbors(metric='cosine', algorithm='brute')",
         "k": args.k,
-        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        **environment(device),
         "sklearn": sklearn.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "load_average_1min": os.getloadavg()[0],  # other processes on the machine make timings noisy
         "cases": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
