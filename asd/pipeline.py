@@ -1,4 +1,4 @@
-"""`train(cfg)`: fit → extract → fit backends → score test clips → evaluate → write the run folder.
+"""`train(cfg)`: fit → backends → fusion → score test clips → evaluate → write the run folder.
 
 Every stage records itself in `stages.json` in the run folder; a finished stage found there
 (with its outputs) is skipped and logged as skipped, so re-running the same `run_dir` only
@@ -29,9 +29,10 @@ import torch.distributed as dist
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from asd.anomalies import KINDS, AnomalyConfig, PseudoAnomalies, PseudoAnomalyDataset, anomaly_config
 from asd.branches.base import Branch
 from asd.data.datamodule import AsdDataModule
 from asd.data.table import ClipTable
@@ -40,12 +41,16 @@ from asd.errors import AsdError
 from asd.evaluation import evaluate, fit_gamma_threshold
 from asd.evaluation.export import write_submission
 from asd.fileio import torch_save_atomic, write_text_atomic
+from asd.fusion.attention import AttentionFusion, group_weights, plot_attention_weights
+from asd.fusion.stage import apply_fusion, fit_fusion, held_out_meta_scores, summarise_kinds, weights_table
 from asd.scoring import FUSIONS, GroupNormalizer, fuse
 
 log = logging.getLogger(__name__)
 
-STAGES = ("fit", "backends", "score", "evaluate")
+STAGES = ("fit", "backends", "fusion", "score", "evaluate")
 FINAL_CKPT = "checkpoints/final.ckpt"
+#: the learned fusions (asd.fusion), fitted on held-out normals vs pseudo-anomalies
+LEARNED = ("meta", "attention")
 
 
 # ---------------------------------------------------------------------- small helpers
@@ -244,10 +249,15 @@ def build_trainer(
 
 # ---------------------------------------------------------------------- inference
 def infer(
-    fn: Callable[[dict[str, Tensor]], dict[str, Tensor]], dm: AsdDataModule, split: str, device: torch.device
+    fn: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+    dm: AsdDataModule,
+    split: str | Dataset,
+    device: torch.device,
 ) -> dict[str, np.ndarray]:
-    """Run `fn` over a whole split, sharded across ranks, gathered, de-duplicated, in clip order."""
-    dataset = dm.datasets[split]
+    """Run `fn` over a whole split (or any dataset of batch dicts), sharded across ranks, gathered,
+    de-duplicated, in clip order."""
+    dataset = dm.datasets[split] if isinstance(split, str) else split
+    split = split if isinstance(split, str) else type(dataset).__name__
     distributed = dist.is_available() and dist.is_initialized()
     sampler = DistributedSampler(dataset, shuffle=False) if distributed else None
     loader = DataLoader(dataset, batch_size=dm.eval_batch_size, sampler=sampler, num_workers=dm.num_workers)
@@ -323,6 +333,8 @@ def train(cfg: DictConfig) -> Path:
     dm.setup()
     facts = data_facts(dm)
     ensemble = build_ensemble(cfg, facts)
+    check_final(ensemble, cfg)
+    anomaly_settings(cfg, dm.audio.sample_rate)  # a typo fails now, not after training
     sig = signature(cfg, facts)
     stages = Stages(run_dir)
     final_ckpt = run_dir / FINAL_CKPT
@@ -388,6 +400,23 @@ def train(cfg: DictConfig) -> Path:
             torch_save_atomic({"state_dict": ensemble.state_dict(), "asd_signature": sig}, final_ckpt)
         stages.mark("backends")
 
+    # ---- fusion: attention head and meta-learner on held-out normals vs pseudo-anomalies; thresholds
+    check_final(ensemble, cfg)
+    settings = fusion_settings(cfg)
+    if backends.get("fusion_settings") == settings and stages.finished("fusion", backends_path):
+        pass
+    else:
+        if stages.done.get("fusion"):
+            log.info("stage fusion: fusion/final/threshold settings changed since the last run: refitting")
+        stages.clear_after("fusion")
+        stages.done.pop("fusion", None)
+        backends = fit_fusion_stage(ensemble, backends, cfg, dm, device, run_dir)
+        backends["fusion_settings"] = settings
+        if is_rank_zero():
+            torch_save_atomic(backends, backends_path)
+            write_text_atomic(hydra_cfg, OmegaConf.to_yaml(cfg))  # the settings this run now holds
+        stages.mark("fusion")
+
     # ---- score the test clips
     scores_path = run_dir / "scores.csv"
     if not len(dm.tables["test"]):
@@ -425,7 +454,18 @@ def train(cfg: DictConfig) -> Path:
             for n, m in ensemble.members.items()
             if hasattr(m, "weights_source")
         ]
-        write_metrics(run_dir, results, columns, cfg, notes)
+        if "fusion" in backends:
+            counts = backends["fusion"]["counts"]
+            kinds = ", ".join(f"{k} {n}" for k, n in backends["fusion"]["kinds"].items())
+            notes.append(
+                f"learned fusions fitted on {counts['normal']} {backends['normalised_on']} normals and "
+                f"{counts['pseudo_anomaly']} pseudo-anomalies ({kinds}); meta-learner adapted "
+                f"{backends['fusion']['meta_args']['test_steps']} inner steps per machine/section/domain"
+            )
+        weights_rows = []
+        if "fusion" in backends and is_rank_zero():
+            weights_rows = write_attention_weights(run_dir, backends, dm, columns, cfg.plots)
+        write_metrics(run_dir, results, columns, cfg, notes, weights_rows)
         if trainer is not None and trainer.logger is not None:
             trainer.logger.log_metrics(
                 {f"test/{m}/official": r.official for m, r in results.items()}, step=trainer.global_step
@@ -433,7 +473,7 @@ def train(cfg: DictConfig) -> Path:
         if cfg.plots:
             write_plots(run_dir, ensemble, dm, columns, cfg, device)
         if trainer is not None and cfg.logger.kind == "wandb":
-            publish_to_wandb(trainer.logger, run_dir, results)
+            publish_to_wandb(trainer.logger, run_dir, results, weights_rows)
         stages.mark("evaluate")
     barrier()
     if trainer is not None and cfg.logger.kind == "wandb" and is_rank_zero():
@@ -478,37 +518,137 @@ def fused_members(ensemble: Ensemble) -> list[str]:
     return [n for n in ensemble.members if n != REFERENCE]
 
 
-def final_choices(ensemble: Ensemble) -> list[str]:
-    return [*FUSIONS, *fused_members(ensemble)]
+def final_choices(ensemble: Ensemble, cfg: DictConfig) -> list[str]:
+    learned = list(LEARNED) if cfg.fusion.enabled else []
+    return [*learned, *FUSIONS, *fused_members(ensemble)]
+
+
+def check_final(ensemble: Ensemble, cfg: DictConfig) -> None:
+    if cfg.final in LEARNED and not cfg.fusion.enabled:
+        raise AsdError(f"final={cfg.final} needs the learned fusions: fusion.enabled=true, or final=zmean")
+    if cfg.final not in final_choices(ensemble, cfg):
+        raise AsdError(f"final={cfg.final!r}: expected one of {final_choices(ensemble, cfg)}")
+
+
+def fusion_settings(cfg: DictConfig) -> dict[str, Any]:
+    """What the fusion stage's result depends on beyond the members: refit when any of it changes."""
+    return {
+        "fusion": OmegaConf.to_container(cfg.fusion, resolve=True),
+        "final": cfg.final,
+        "threshold_percentile": float(cfg.threshold_percentile),
+    }
+
+
+def anomaly_settings(cfg: DictConfig, sample_rate: int) -> tuple[AnomalyConfig, int]:
+    """The pseudo-anomaly generator's settings and the number of copies per clip, validated."""
+    values = dict(OmegaConf.to_container(cfg.fusion.anomalies, resolve=True))
+    copies = values.pop("copies", 4)
+    if not isinstance(copies, int) or copies < 1:
+        raise AsdError(f"fusion.anomalies.copies={copies}: expected a whole number of pseudo-anomalies >= 1")
+    return anomaly_config({**values, "sample_rate": sample_rate}), copies
+
+
+def normalisation_split(dm: AsdDataModule) -> str:
+    if len(dm.tables["val"]):
+        return "val"
+    # Tiny datasets (one training clip per group) hold nothing out: statistics of training
+    # clips are optimistic (members fit them), so thresholds will flag too many clips.
+    log.warning(
+        "no held-out training normals (data.val_fraction=%s, or one clip per group): score "
+        "normalisation, fusion and thresholds use the training clips themselves and are optimistic",
+        dm.val_fraction,
+    )
+    return "fit"
 
 
 def fit_normalisation(ensemble: Ensemble, cfg: DictConfig, dm: AsdDataModule, device: torch.device) -> dict:
-    """Per-member z-score statistics and per-section decision thresholds from the held-out normals."""
-    if cfg.final not in final_choices(ensemble):
-        raise AsdError(f"final={cfg.final!r}: expected one of {final_choices(ensemble)}")
-    split = "val"
-    if not len(dm.tables["val"]):
-        # Tiny datasets (one training clip per group) hold nothing out: statistics of training
-        # clips are optimistic (members fit them), so thresholds will flag too many clips.
-        log.warning(
-            "no held-out training normals (data.val_fraction=%s, or one clip per group): score "
-            "normalisation and thresholds use the training clips themselves and are optimistic",
-            dm.val_fraction,
-        )
-        split = "fit"
+    """Per-member z-score statistics per (machine, section, domain) from the held-out normals."""
+    check_final(ensemble, cfg)
+    split = normalisation_split(dm)
     raw = infer(lambda b: member_scores(ensemble, b), dm, split, device)
     meta = {k: torch.as_tensor(v) for k, v in _meta(dm, split).items()}
     normalizers = {}
     for col in fused_members(ensemble):
         normalizers[col] = GroupNormalizer().fit(torch.as_tensor(raw[col]), meta["section"], meta["domain"])
-    backends = {
+    log.info("stage backends: score normalisation on %d %s normals", len(raw[col]), split)
+    return {
         "normalizers": {c: n.state_dict() for c, n in normalizers.items()},
         "fitted": [n for n, m in ensemble.members.items() if m.needs_backend],
-        "final": cfg.final,
-        "threshold_percentile": float(cfg.threshold_percentile),
+        "normalised_on": split,
     }
-    val = combine(raw, backends, meta)
-    final = val["final"]
+
+
+def fit_fusion_stage(
+    ensemble: Ensemble,
+    backends: dict,
+    cfg: DictConfig,
+    dm: AsdDataModule,
+    device: torch.device,
+    run_dir: Path,
+) -> dict:
+    """Learned fusions on held-out normals vs their pseudo-anomalies, then per-section thresholds.
+
+    The thresholds come from the gamma fit on the held-out normals' final scores; for `final=meta`
+    each of those scores comes from an adaptation that left the clip out (see
+    `asd.fusion.stage.held_out_meta_scores`).
+    """
+    split = backends.get("normalised_on", "val")
+    backends = {k: v for k, v in backends.items() if k not in ("fusion", "thresholds")}
+    backends["final"] = cfg.final
+    backends["threshold_percentile"] = float(cfg.threshold_percentile)
+    raw = infer(lambda b: member_scores(ensemble, b), dm, split, device)
+    meta = {k: torch.as_tensor(v) for k, v in _meta(dm, split).items()}
+    normal_z = normalised(raw, backends, meta)
+    if cfg.fusion.enabled:
+        fcfg = OmegaConf.to_container(cfg.fusion, resolve=True)
+        config, copies = anomaly_settings(cfg, dm.audio.sample_rate)
+        fake = PseudoAnomalyDataset(
+            dm.datasets[split],
+            PseudoAnomalies(config),
+            copies=copies,
+            seed=int(fcfg["seed"]),
+            pool=dm.datasets["fit"],
+        )
+        kinds = fake.kinds()
+        log.info(
+            "stage fusion: scoring %d pseudo-anomalies of %d %s normals (%s)",
+            len(fake),
+            len(normal_z),
+            split,
+            ", ".join(f"{k} {n}" for k, n in summarise_kinds(kinds, KINDS).items()),
+        )
+        fake_raw = infer(lambda b: member_scores(ensemble, b), dm, fake, device)
+        source = torch.arange(len(fake)) // copies
+        fake_meta = {k: v[source] for k, v in meta.items()}
+        z = torch.cat([normal_z, normalised(fake_raw, backends, fake_meta)])
+        ctx = {k: torch.cat([meta[k], fake_meta[k]]) for k in ("machine", "section", "domain")}
+        y = torch.cat([torch.zeros(len(normal_z)), torch.as_tensor(kinds >= 0, dtype=torch.float32)])
+        rows_source = torch.cat([torch.arange(len(normal_z)), source])
+        state = fit_fusion(
+            z,
+            ctx["machine"],
+            ctx["section"],
+            ctx["domain"],
+            y,
+            members=fused_members(ensemble),
+            num_machines=dm.num_machines,
+            num_sections=dm.num_sections,
+            cfg=fcfg,
+        )
+        state["kinds"] = summarise_kinds(kinds, KINDS)
+        backends["fusion"] = state
+        if cfg.plots and is_rank_zero():
+            plot_fusion_training(run_dir / "plots", dm, fake)
+    cols = combine(raw, backends, meta)
+    final = cols["final"]
+    if cfg.final == "meta":
+        final = (
+            held_out_meta_scores(
+                backends["fusion"], z, ctx["machine"], ctx["section"], ctx["domain"], y, rows_source
+            )
+            .double()
+            .numpy()
+        )
     pooled = fit_gamma_threshold(final, cfg.threshold_percentile)
     thresholds = np.full(dm.num_sections, pooled, dtype=np.float64)
     section = meta["section"].numpy()
@@ -516,29 +656,53 @@ def fit_normalisation(ensemble: Ensemble, cfg: DictConfig, dm: AsdDataModule, de
         thresholds[s] = fit_gamma_threshold(final[section == s], cfg.threshold_percentile)
     backends["thresholds"] = torch.as_tensor(thresholds)
     log.info(
-        "stage backends: normalisation on %d %s normals; thresholds %s",
+        "stage fusion: thresholds from %d %s normals' %s scores%s: %s",
         len(final),
         "held-out" if split == "val" else "training",
+        cfg.final,
+        " (each left out of its group's adaptation)" if cfg.final == "meta" else "",
         np.round(thresholds, 3).tolist(),
     )
     return backends
 
 
-def combine(
-    raw: dict[str, np.ndarray], backends: dict[str, Any], meta: dict[str, Tensor]
-) -> dict[str, np.ndarray]:
-    """Raw member scores -> z-scores -> fusions -> the final score."""
-    cols = {k: v for k, v in raw.items() if k != "index"}
+def normalised(raw: dict[str, np.ndarray], backends: dict[str, Any], meta: dict[str, Tensor]) -> Tensor:
+    """Raw member scores -> z-scores (N, members) in the normalisers' member order."""
     z = []
     for col, state in backends["normalizers"].items():
         norm = GroupNormalizer()
         norm.load_state_dict(state)
-        z.append(norm.transform(torch.as_tensor(cols[col]), meta["section"], meta["domain"]))
-    zz = torch.stack(z, dim=1)  # (N, members)
+        z.append(norm.transform(torch.as_tensor(raw[col]), meta["section"], meta["domain"]))
+    return torch.stack(z, dim=1)
+
+
+def combine(
+    raw: dict[str, np.ndarray], backends: dict[str, Any], meta: dict[str, Tensor]
+) -> dict[str, np.ndarray]:
+    """Raw member scores -> z-scores -> label-free and learned fusions -> the final score.
+
+    `meta` holds each clip's section, domain and machine ids, never its label.
+    """
+    cols = {k: v for k, v in raw.items() if k != "index"}
+    zz = normalised(cols, backends, meta)  # (N, members)
     for method in FUSIONS:
         cols[method] = fuse(zz, method).double().numpy()
+    if "fusion" in backends:
+        learned = apply_fusion(backends["fusion"], zz, meta["machine"], meta["section"], meta["domain"])
+        for method in LEARNED:
+            cols[method] = learned[method].double().numpy()
     cols["final"] = cols[backends["final"]]
     return cols
+
+
+def attention_weights(
+    columns: dict[str, np.ndarray], backends: dict[str, Any], meta: dict[str, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Mean attention weights per (machine, section, domain) of these clips: keys (G, 3), weights (G, M)."""
+    zz = normalised(columns, backends, meta)
+    head = AttentionFusion(**backends["fusion"]["attention_args"])
+    head.load_state_dict(backends["fusion"]["attention"])
+    return group_weights(head.eval(), zz.float(), meta["machine"], meta["section"], meta["domain"])
 
 
 def score_split(
@@ -606,12 +770,66 @@ def evaluate_methods(test: ClipTable, columns: dict[str, np.ndarray], year: int)
     }
 
 
+def section_names(dm: AsdDataModule) -> list[str]:
+    return [f"{m}/section_{s}" for m, s in dm.section_keys]
+
+
+def write_attention_weights(
+    run_dir: Path, backends: dict, dm: AsdDataModule, columns: dict[str, np.ndarray], plots: bool
+) -> list[dict]:
+    """Mean attention weights per (machine, section, domain), on the fusion's training clips and on
+    the test clips: `attention_weights.csv`, and `plots/attention_weights.png` of the test clips."""
+    state = backends["fusion"]
+    names = section_names(dm)
+    train_rows = weights_table(state, state["group_keys"], state["group_weights"], names)
+    meta = {k: torch.as_tensor(v) for k, v in _meta(dm, "test").items()}
+    keys, weights = attention_weights(columns, backends, meta)
+    test_rows = weights_table(state, keys, weights, names)
+    rows = [{"clips": "train", **r} for r in train_rows] + [{"clips": "test", **r} for r in test_rows]
+    fields = ["clips", "group", *state["members"]]
+    lines = [",".join(fields)] + [",".join(_fmt(r[f]) for f in fields) for r in rows]
+    write_text_atomic(run_dir / "attention_weights.csv", "\n".join(lines) + "\n")
+    if plots:
+        plot_attention_weights(
+            [r["group"] for r in test_rows],
+            weights.numpy(),
+            state["members"],
+            run_dir / "plots" / "attention_weights.png",
+        )
+    return test_rows
+
+
+def plot_fusion_training(plots: Path, dm: AsdDataModule, fake: PseudoAnomalyDataset) -> None:
+    """What the fusion learned from: one held-out clip and a pseudo-anomaly of every enabled kind."""
+    from asd.anomalies import plot_injections
+
+    base = fake.base
+    wave = np.asarray(base.waves[0], dtype=np.float32)
+    section = int(base.labels["section"][0])
+    pool = dm.datasets["fit"]
+    others = np.flatnonzero(pool.labels["section"].numpy() != section)
+    outlier = np.asarray(pool.waves[int(others[0])], dtype=np.float32) if len(others) else None
+    rng = np.random.default_rng(0)
+    shown = [k for k in fake.generator.config.kinds if k != "outlier" or outlier is not None]
+    injections = [fake.generator(wave, rng, outlier=outlier, kind=k) for k in shown]
+    config = fake.generator.config
+    plot_injections(
+        wave,
+        injections,
+        plots / "pseudo_anomalies.png",
+        config.sample_rate,
+        n_fft=config.n_fft,
+        hop=config.hop,
+    )
+
+
 def write_metrics(
     run_dir: Path,
     results: dict[str, Any],
     columns: dict[str, np.ndarray],
     cfg: DictConfig,
     notes: list[str] = (),
+    weights_rows: list[dict] = (),
 ) -> None:
     """Write `metrics.csv` (per method and machine/section, plus official scores) and `summary.md`."""
     fields: list[str] = []
@@ -626,7 +844,7 @@ def write_metrics(
     for r in rows:
         buf.append(",".join(_fmt(r.get(k, "")) for k in fields))
     write_text_atomic(run_dir / "metrics.csv", "\n".join(buf) + "\n")
-    write_text_atomic(run_dir / "summary.md", summary_markdown(results, cfg, notes))
+    write_text_atomic(run_dir / "summary.md", summary_markdown(results, cfg, notes, weights_rows))
 
 
 def _fmt(v: Any) -> str:
@@ -635,16 +853,22 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def summary_markdown(results: dict[str, Any], cfg: DictConfig, notes: list[str] = ()) -> str:
+def summary_markdown(
+    results: dict[str, Any], cfg: DictConfig, notes: list[str] = (), weights_rows: list[dict] = ()
+) -> str:
     year = next(iter(results.values())).year
-    fused = [m for m in results if m not in FUSIONS and not m.startswith(f"{REFERENCE}_")]
+    fusions = [m for m in results if m in FUSIONS or m in LEARNED]
+    fused = [m for m in results if m not in fusions and not m.startswith(f"{REFERENCE}_")]
     reference = [m for m in results if m.startswith(f"{REFERENCE}_")]
+    learned = [m for m in LEARNED if m in results]
     lines = [
         f"# asd run summary ({cfg.data.name}, official score convention: DCASE {year})",
         "",
         f"- members (fused): {', '.join(fused)}",
         f"- reference, reported beside and never fused: {', '.join(reference) or 'none (reference=false)'}",
-        f"- fusions of the members' z-scores: {', '.join(FUSIONS)}",
+        f"- label-free fusions of the members' z-scores: {', '.join(FUSIONS)}",
+        f"- learned fusions (held-out normals vs pseudo-anomalies, never test labels): "
+        f"{', '.join(learned) or 'none (fusion.enabled=false)'}",
         f"- final score: `{cfg.final}`; decisions: gamma threshold at the {cfg.threshold_percentile:g} "
         "percentile of held-out normals' final scores per machine/section",
         *(f"- {note}" for note in notes),
@@ -654,13 +878,53 @@ def summary_markdown(results: dict[str, Any], cfg: DictConfig, notes: list[str] 
     ]
     for method, ev in results.items():
         lines.append(f"| {method} | {ev.official:.4f} |")
+    lines += ["", *comparison_table(results)]
+    if weights_rows:
+        members = [k for k in weights_rows[0] if k != "group"]
+        lines += [
+            "",
+            "## attention weights (mean over each group's test clips)",
+            "",
+            "| group | " + " | ".join(members) + " |",
+            "| --- |" + " --- |" * len(members),
+        ]
+        for r in weights_rows:
+            lines.append(f"| {r['group']} | " + " | ".join(f"{r[m]:.3f}" for m in members) + " |")
     for method, ev in results.items():
         lines += ["", f"## {method}", "", ev.to_markdown()]
     return "\n".join(lines) + "\n"
 
 
-def publish_to_wandb(logger: Any, run_dir: Path, results: dict[str, Any]) -> None:
-    """The dashboard: metrics table, official scores, ROC curves, histograms, heatmaps, summary.md."""
+def comparison_table(results: dict[str, Any]) -> list[str]:
+    """Every method's AUC per machine/section/domain side by side (pAUC in the per-method tables)."""
+    first = next(iter(results.values()))
+    keys = [k for k in first.rows[0] if k.startswith("auc")] if first.rows else []
+    heads = [
+        f"{r['machine']}/{r['section']} {k.removeprefix('auc').strip('_') or 'both domains'}"
+        for r in first.rows
+        for k in keys
+    ]
+    lines = [
+        "## AUC per machine/section/domain",
+        "",
+        "| method | " + " | ".join(heads) + " | official |",
+        "| --- |" + " --- |" * (len(heads) + 1),
+    ]
+    for method, ev in results.items():
+        values = [_fmt4(r[k]) for r in ev.rows for k in keys]
+        lines.append(f"| {method} | " + " | ".join(values) + f" | {ev.official:.4f} |")
+    return lines
+
+
+def _fmt4(v: float) -> str:
+    return "n/a" if v is None or np.isnan(v) else f"{v:.4f}"
+
+
+def publish_to_wandb(
+    logger: Any, run_dir: Path, results: dict[str, Any], weights_rows: list[dict] = ()
+) -> None:
+    """The dashboard: metrics table, official scores, ROC curves, histograms, heatmaps, attention
+    weights, summary.md."""
     import wandb
 
     rows = [{"method": m, **r} for m, ev in results.items() for r in ev.rows]
@@ -668,6 +932,14 @@ def publish_to_wandb(logger: Any, run_dir: Path, results: dict[str, Any]) -> Non
     table = wandb.Table(columns=columns, data=[[_wandb_value(r.get(c)) for c in columns] for r in rows])
     payload: dict[str, Any] = {"test/metrics": table}
     payload.update({f"test/{m}/official": ev.official for m, ev in results.items()})
+    if weights_rows:
+        names = list(weights_rows[0])
+        payload["test/attention_weights"] = wandb.Table(
+            columns=names, data=[[r[n] for n in names] for r in weights_rows]
+        )
+    for png in [run_dir / "plots" / "attention_weights.png", run_dir / "plots" / "pseudo_anomalies.png"]:
+        if png.exists():
+            payload[f"plots/{png.stem}"] = wandb.Image(str(png))
     for kind in ("roc", "hist", "heatmap"):
         for png in sorted((run_dir / "plots").glob(f"{kind}_*.png")):
             payload[f"plots/{kind}/{png.stem}"] = wandb.Image(str(png))
@@ -716,8 +988,10 @@ class Run:
                     f"{self.dir} is not a finished asd run: {need.relative_to(self.dir)} is missing "
                     "(give the folder train.py printed last, after it finished)"
                 )
-        if not Stages(self.dir).done.get("backends"):
-            raise AsdError(f"{self.dir}: training did not finish its backends stage; re-run train.py on it")
+        if not Stages(self.dir).done.get("fusion"):
+            raise AsdError(
+                f"{self.dir}: training did not finish its backends and fusion stages; re-run train.py on it"
+            )
         self.cfg = OmegaConf.load(cfg_path)
         ckpt = torch.load(self.dir / FINAL_CKPT, map_location="cpu", weights_only=True)
         self.backends = torch.load(self.dir / "backends.pt", map_location="cpu", weights_only=True)
@@ -760,7 +1034,9 @@ class Run:
         }
         with torch.no_grad():
             raw = {k: v.double().numpy() for k, v in member_scores(self.ensemble, batch).items()}
-        cols = combine(raw, self.backends, {"section": section, "domain": domain})
+        cols = combine(
+            raw, self.backends, {"section": section, "domain": domain, "machine": batch["machine"]}
+        )
         thresholds = self.backends["thresholds"].numpy()
         cols["decision"] = (cols["final"] > thresholds[section.numpy()]).astype(np.int64)
         return cols

@@ -50,6 +50,7 @@ def test_run_folder_is_complete(run):
         "scores.csv",
         "metrics.csv",
         "summary.md",
+        "attention_weights.csv",
         "stages.json",
         "logs/version_0/metrics.csv",
     ):
@@ -61,9 +62,9 @@ def test_run_folder_is_complete(run):
         for m in ("rotor", "valve")
     ]
     plots = {p.name.split("_")[0] for p in (run / "plots").iterdir()}
-    assert plots == {"roc", "hist", "heatmap"}
+    assert plots == {"roc", "hist", "heatmap", "attention", "pseudo"}
     assert json.loads((run / "stages.json").read_text()) == dict.fromkeys(
-        ("fit", "backends", "score", "evaluate"), True
+        ("fit", "backends", "fusion", "score", "evaluate"), True
     )
 
 
@@ -72,11 +73,21 @@ def test_scores_have_one_row_per_test_clip_and_every_column(run):
     root = Path(rows[0]["path"]).parents[2]
     test = index_dataset(root).select(split="test")
     assert sorted(r["path"] for r in rows) == sorted(c.path for c in test)
-    for col in ("b2", "dcase_ae_mse", "dcase_ae_mahalanobis", "zmean", "zmin", "final", "decision"):
+    for col in (
+        "b2",
+        "dcase_ae_mse",
+        "dcase_ae_mahalanobis",
+        "zmean",
+        "zmin",
+        "attention",
+        "meta",
+        "final",
+        "decision",
+    ):
         assert col in rows[0]
         assert all(np.isfinite(float(r[col])) for r in rows)
     assert {r["decision"] for r in rows} <= {"0", "1"}
-    assert all(r["final"] == r["zmean"] for r in rows)
+    assert all(r["final"] == r["meta"] for r in rows)
 
 
 def test_metrics_equal_a_recomputation_from_scores(run):
@@ -85,7 +96,7 @@ def test_metrics_equal_a_recomputation_from_scores(run):
     by_path = {c.path: c for c in test}
     clips = [by_path[r["path"]] for r in rows]
     metrics = read_csv(run / "metrics.csv")
-    for method in ("b2", "dcase_ae_mse", "zmean"):
+    for method in ("b2", "dcase_ae_mse", "zmean", "attention", "meta"):
         expected = evaluate(clips, [float(r[method]) for r in rows], year=2023)
         official = [m for m in metrics if m["method"] == method and m["machine"] == "all"]
         assert float(official[0]["official"]) == pytest.approx(expected.official, abs=1e-12)
@@ -93,7 +104,10 @@ def test_metrics_equal_a_recomputation_from_scores(run):
             got = next(m for m in metrics if m["method"] == method and m["machine"] == row["machine"])
             assert float(got["auc_source"]) == pytest.approx(row["auc_source"], abs=1e-12)
             assert float(got["pauc"]) == pytest.approx(row["pauc"], abs=1e-12)
-    assert "| zmean |" in (run / "summary.md").read_text()
+    summary = (run / "summary.md").read_text()
+    for method in ("zmean", "zmin", "attention", "meta", "dcase_ae_mse", "b2"):
+        assert f"| {method} |" in summary
+    assert "## AUC per machine/section/domain" in summary and "## attention weights" in summary
 
 
 def test_submission_scores_equal_final_scores(run):
@@ -108,7 +122,7 @@ def test_finished_stages_are_skipped_and_logged(run, caplog):
     cfg = compose_from(run)
     with caplog.at_level("INFO", logger="asd.pipeline"):
         assert train(cfg) == run
-    for stage in ("fit", "backends", "score", "evaluate"):
+    for stage in ("fit", "backends", "fusion", "score", "evaluate"):
         assert f"stage {stage}: skipped" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
@@ -157,6 +171,76 @@ def test_score_tool_reproduces_the_run_and_refuses_another_configuration(run, tm
     assert res.returncode == 2 and "not a finished asd run" in res.stderr
 
 
+def test_changing_final_refits_only_the_fusion_stage(run, tmp_path, caplog):
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    cfg = compose_from(other)
+    cfg.run_dir, cfg.final = str(other), "zmean"
+    with caplog.at_level("INFO", logger="asd.pipeline"):
+        train(cfg)
+    assert "stage fit: skipped" in caplog.text and "stage backends: skipped" in caplog.text
+    assert "stage fusion: fusion/final/threshold settings changed" in caplog.text
+    rows = read_csv(other / "scores.csv")
+    assert all(r["final"] == r["zmean"] for r in rows)
+    # the learned fusions are the same models: same scores as the first run's
+    first = {r["path"]: r for r in read_csv(run / "scores.csv")}
+    for r in rows:
+        assert float(r["meta"]) == pytest.approx(float(first[r["path"]]["meta"]), abs=1e-6)
+
+
+def test_label_free_fusion_only(tmp_path):
+    run = train(config(tmp_path / "r", "branch=[b2,b3]", "fusion.enabled=false", "final=zmin", "plots=false"))
+    rows = read_csv(run / "scores.csv")
+    assert "attention" not in rows[0] and "meta" not in rows[0]
+    assert all(r["final"] == r["zmin"] for r in rows)
+    assert not (run / "attention_weights.csv").exists()
+
+
+def relabelled_copy(src: Path, dst: Path, seed: int = 0) -> dict[str, str]:
+    """A copy of a DCASE 2022+ folder whose test labels are shuffled; returns new path -> old path."""
+    shutil.copytree(src, dst)
+    rng = np.random.default_rng(seed)
+    mapping = {}
+    for folder in sorted(dst.glob("*/test")):
+        files = sorted(folder.glob("*.wav"))
+        labels = [("anomaly" if "_anomaly_" in f.name else "normal") for f in files]
+        shuffled = list(rng.permutation(labels))
+        assert shuffled != labels
+        for k, (f, label) in enumerate(zip(files, shuffled, strict=True)):
+            parts = f.name.split("_")  # section, XX, domain, test, label, NNNN, attributes...
+            parts[4], parts[5] = label, f"{k:04d}"
+            new = f.with_name("_".join(parts))
+            f.rename(new)
+            mapping[str(new)] = str(src / f.relative_to(dst))
+    return mapping
+
+
+def test_permuting_the_test_labels_leaves_every_score_unchanged(run, tiny_root, tmp_path):
+    """No test label reaches any score: members, normalisation, attention, meta, decisions."""
+    first = {}
+    for case, root in (("original", tiny_root), ("permuted", tmp_path / "permuted")):
+        mapping = relabelled_copy(tiny_root, root) if case == "permuted" else None
+        out = tmp_path / case
+        (out / "checkpoints").mkdir(parents=True)
+        shutil.copy(run / FINAL_CKPT, out / FINAL_CKPT)
+        (out / "stages.json").write_text('{"fit": true}')
+        train(config(out, "branch=all", f"data.root={root}", "data.name=tiny", "plots=false"))
+        rows = read_csv(out / "scores.csv")
+        if case == "original":
+            first = {r["path"]: r for r in rows}
+            continue
+        changed = 0
+        for r in rows:
+            before = first[mapping[r["path"]]]
+            changed += r["label"] != before["label"]
+            for col in before:
+                if col in ("machine", "section", "domain", "decision"):
+                    assert r[col] == before[col], col
+                elif col not in ("file", "path", "label"):
+                    assert float(r[col]) == pytest.approx(float(before[col]), rel=1e-6, abs=1e-9), col
+        assert changed > 0
+
+
 def test_reference_only_and_member_only_runs(tmp_path):
     run = train(config(tmp_path / "b2", "branch=b2", "reference=false", "plots=false"))
     header = read_csv(run / "scores.csv")[0].keys()
@@ -198,6 +282,9 @@ def test_resume_continues_an_interrupted_fit(tmp_path):
         ("branch=b9", r"unknown branch \['b9'\]"),
         ("freeze=b6", r"freeze=\['b6'\] names members that are not selected"),
         ("final=best", "final='best': expected one of"),
+        ("fusion.enabled=false", "final=meta needs the learned fusions"),
+        ("fusion.anomalies.kinds=[tone,hum]", "fusion.anomalies.kinds"),
+        ("fusion.anomalies.copies=0", "fusion.anomalies.copies=0"),
         ("+ckpt.b2=/nonexistent.ckpt", "no such file"),
         ("data.on_bad_file=ignore", "data.on_bad_file"),
         ("logger.kind=paper", "logger.kind='paper'"),
@@ -359,7 +446,10 @@ def test_wandb_logger_writes_an_offline_run(tmp_path, monkeypatch):
         "train/b2/grad_norm",
         "train/dcase_ae/loss",
         "test/zmean/official",
+        "test/meta/official",
         "test/metrics",
+        "test/attention_weights",
+        "plots/attention_weights",
         "plots/roc/roc_rotor_section_00",
         "plots/hist/hist_valve_section_00",
         "plots/heatmap/heatmap_b2",
@@ -376,5 +466,6 @@ def test_every_member_trains_and_scores_alone(tmp_path, member):
     rows = read_csv(run / "scores.csv")
     assert set(rows[0]) >= {member, "zmean", "final"}
     assert all(np.isfinite(float(r[member])) for r in rows)
-    # one fused member: every fusion is that member's z-score
-    assert all(r["zmean"] == r["zmin"] == r["final"] for r in rows)
+    # one fused member: every label-free fusion is that member's z-score
+    assert all(r["zmean"] == r["zmin"] == r["zmax"] for r in rows)
+    assert all(r["final"] == r["meta"] for r in rows)
