@@ -20,13 +20,10 @@ import torch
 from torch import Tensor
 
 from asd.errors import AsdError
-from asd.fusion.attention import AttentionFusion, fit_attention, group_weights
+from asd.fusion.attention import NUM_DOMAINS, AttentionFusion, fit_attention, group_weights
 from asd.fusion.meta import MAML, MetaClassifier, meta_features
 
 log = logging.getLogger(__name__)
-
-#: domain ids per clip: 0 source, 1 target, 2 unknown; a task/group is (section, domain)
-NUM_DOMAINS = 3
 
 
 def group_ids(section: Tensor, domain: Tensor) -> Tensor:
@@ -161,24 +158,42 @@ def apply_fusion(
 ) -> dict[str, Tensor]:
     """Scores of the learned fusions for any clips: `attention` (N,), `meta` (N,), `weights` (N, M).
 
-    Each clip is scored by its group's adapted meta-parameters; a group that had no training clips
-    (a section/domain absent from training, or domain unknown) uses the meta-learned initialisation.
+    Each clip is scored by its group's adapted meta-parameters. A clip of unknown domain (2: an
+    evaluation file or a new recording whose name does not say) in a section trained with source
+    and target clips gets the mean of that section's source- and target-adapted scores, each
+    computed as if the clip were of that domain (no classifier there learned what "unknown"
+    means). Data without domains (MIMII, DCASE 2020) train groups of domain 2 and use them. A
+    group without any training clips uses the meta-learned initialisation, and a warning names it.
     """
     z = z.float()
     head = _attention(state)
-    fused, weights, x = _features(head, z, machine, section, domain, state["num_machines"])
+    fused, weights, _ = _features(head, z, machine, section, domain, state["num_machines"])
     maml = _maml(state)
-    init = dict(maml.params())
+    init = {k: v.detach() for k, v in maml.params().items()}
+    adapted = state["adapted"]
     groups = group_ids(section, domain)
-    meta = torch.empty(len(z), dtype=torch.float32)
+    meta = torch.zeros(len(z), dtype=torch.float32)
     missing = []
     for g in torch.unique(groups).tolist():
         rows = groups == g
-        params = state["adapted"].get(int(g))
-        if params is None:
+        s, d = divmod(int(g), NUM_DOMAINS)
+        if g in adapted:
+            ways = [(d, adapted[g])]
+        elif d == 2 and any(s * NUM_DOMAINS + k in adapted for k in (0, 1)):
+            ways = [(k, adapted[s * NUM_DOMAINS + k]) for k in (0, 1) if s * NUM_DOMAINS + k in adapted]
+        else:
             missing.append(g)
-            params = init
-        meta[rows] = maml.score(params, x[rows]).float()
+            ways = [(d, init)]
+        for as_domain, params in ways:
+            _, _, x = _features(
+                head,
+                z[rows],
+                machine[rows],
+                section[rows],
+                torch.full_like(domain[rows], as_domain),
+                state["num_machines"],
+            )
+            meta[rows] += maml.score(params, x).float() / len(ways)
     if missing:
         names = ", ".join(f"section id {g // NUM_DOMAINS} domain {g % NUM_DOMAINS}" for g in missing)
         log.warning("meta-learner: no training clips of %s: scored without adaptation", names)
@@ -193,6 +208,7 @@ def held_out_meta_scores(
     domain: Tensor,
     y: Tensor,
     source: Tensor,
+    query_z: Tensor | None = None,
 ) -> Tensor:
     """Meta scores of the training normals, each from an adaptation that left it out.
 
@@ -201,33 +217,31 @@ def held_out_meta_scores(
     Here each normal clip i is scored after adapting on its group minus clip i and minus the
     pseudo-anomalies made from it (`source` (N,) is the normal row each row came from). A group
     left with one class only still adapts on it; one left empty uses the initialisation.
+    `query_z` (normals, M), when given, are the z-scores the left-out clips are scored with
+    (z-scores normalised without the clip itself; `z` keeps the ones the fusion trained on).
     """
     head = _attention(state)
     _, _, x = _features(head, z.float(), machine, section, domain, state["num_machines"])
+    normals = torch.nonzero(y == 0).flatten()
+    query = x.clone()
+    if query_z is not None:
+        n = normals
+        query[n] = _features(head, query_z.float(), machine[n], section[n], domain[n], state["num_machines"])[
+            2
+        ]
     maml = _maml(state)
-    init = dict(maml.params())
+    init = {k: v.detach() for k, v in maml.params().items()}
     steps = state["meta_args"]["test_steps"]
     groups = group_ids(section, domain)
-    normals = torch.nonzero(y == 0).flatten()
     out = torch.empty(len(normals), dtype=torch.float32)
     for j, i in enumerate(normals.tolist()):
         keep = (groups == groups[i]) & (source != i) & (torch.arange(len(y)) != i)
         if keep.any():
-            params = maml.adapt(init, x[keep], y[keep], _balanced(y[keep]), steps=steps)
+            params = maml.adapt(init, x[keep], y[keep], steps=steps)  # classes weigh equally
         else:
             params = init
-        out[j] = maml.score({k: v.detach() for k, v in params.items()}, x[i : i + 1]).float()[0]
+        out[j] = maml.score({k: v.detach() for k, v in params.items()}, query[i : i + 1]).float()[0]
     return out
-
-
-def _balanced(y: Tensor) -> Tensor:
-    """Sample weights giving each present class the same total weight."""
-    w = torch.zeros_like(y, dtype=torch.float32)
-    for cls in (0.0, 1.0):
-        rows = y == cls
-        if rows.any():
-            w[rows] = 1.0 / float(rows.sum())
-    return w
 
 
 def weights_table(state: dict[str, Any], keys: Tensor, weights: Tensor, names: list[str]) -> list[dict]:
