@@ -34,12 +34,13 @@ from torch.utils.data.distributed import DistributedSampler
 
 from asd.anomalies import KINDS, AnomalyConfig, PseudoAnomalies, PseudoAnomalyDataset, anomaly_config
 from asd.branches.base import Branch
-from asd.data.datamodule import AsdDataModule
+from asd.data.datamodule import AsdDataModule, ClipDataset, WaveStore
 from asd.data.table import ClipTable
 from asd.ensemble import FLOW, FLOW_SOURCES, REFERENCE, Ensemble, select_branches, select_frozen
 from asd.errors import AsdError
 from asd.evaluation import evaluate, fit_gamma_threshold
 from asd.evaluation.export import write_submission
+from asd.evaluation.metrics import TABLE_KEYS
 from asd.fileio import torch_save_atomic, write_text_atomic
 from asd.fusion.attention import AttentionFusion, group_weights, plot_attention_weights
 from asd.fusion.stage import apply_fusion, fit_fusion, held_out_meta_scores, summarise_kinds, weights_table
@@ -542,39 +543,76 @@ def fusion_settings(cfg: DictConfig) -> dict[str, Any]:
 def anomaly_settings(cfg: DictConfig, sample_rate: int) -> tuple[AnomalyConfig, int]:
     """The pseudo-anomaly generator's settings and the number of copies per clip, validated."""
     values = dict(OmegaConf.to_container(cfg.fusion.anomalies, resolve=True))
-    copies = values.pop("copies", 4)
+    copies = values.pop("copies", 8)
     if not isinstance(copies, int) or copies < 1:
         raise AsdError(f"fusion.anomalies.copies={copies}: expected a whole number of pseudo-anomalies >= 1")
     return anomaly_config({**values, "sample_rate": sample_rate}), copies
 
 
-def normalisation_split(dm: AsdDataModule) -> str:
-    if len(dm.tables["val"]):
-        return "val"
-    # Tiny datasets (one training clip per group) hold nothing out: statistics of training
-    # clips are optimistic (members fit them), so thresholds will flag too many clips.
+class _Rows:
+    """Some rows of a wave store, read lazily (a part of a WaveStore; picklable for workers)."""
+
+    def __init__(self, store: Any, rows: list[int]):
+        self.store, self.rows = store, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.store[self.rows[i]]
+
+
+def reference_normals(dm: AsdDataModule) -> tuple[ClipDataset, str]:
+    """The normals that normalisation, fusion and thresholds are fitted on, and how to name them.
+
+    The held-out training normals; a section too small to hold any clip out (a single training
+    clip) adds its training clips, and with nothing held out at all every training clip is used.
+    Training clips stand in for held-out ones only with a warning: members have fitted them, so
+    their statistics are optimistic and thresholds will flag too many clips.
+    """
+    val, fit = dm.datasets["val"], dm.datasets["fit"]
+    if not len(val):
+        log.warning(
+            "no held-out training normals (data.val_fraction=%s, or one clip per group): score "
+            "normalisation, fusion and thresholds use the training clips themselves and are optimistic",
+            dm.val_fraction,
+        )
+        return fit, "training"
+    missing = sorted(set(fit.labels["section"].tolist()) - set(val.labels["section"].tolist()))
+    if not missing:
+        return val, "held-out"
+    names = section_names(dm)
     log.warning(
-        "no held-out training normals (data.val_fraction=%s, or one clip per group): score "
-        "normalisation, fusion and thresholds use the training clips themselves and are optimistic",
-        dm.val_fraction,
+        "%s hold out no training clip (too few of them): their training clips stand in for held-out "
+        "normals, so their normalisation and thresholds are optimistic",
+        ", ".join(names[s] for s in missing),
     )
-    return "fit"
+    rows = [i for i, s in enumerate(fit.labels["section"].tolist()) if s in missing]
+    table = ClipTable([*val.table, *(fit.table[i] for i in rows)])
+    waves = WaveStore([_Rows(val.waves, list(range(len(val)))), _Rows(fit.waves, rows)])
+    labels = {k: torch.cat([val.labels[k], fit.labels[k][rows]]) for k in val.labels}
+    labels["index"] = torch.arange(len(table))
+    return ClipDataset(table, waves, labels), "held-out (and some training)"
+
+
+def _meta_of(dataset: ClipDataset) -> dict[str, Tensor]:
+    return {k: dataset.labels[k].clone() for k in ("section", "domain", "machine", "attribute")}
 
 
 def fit_normalisation(ensemble: Ensemble, cfg: DictConfig, dm: AsdDataModule, device: torch.device) -> dict:
     """Per-member z-score statistics per (machine, section, domain) from the held-out normals."""
     check_final(ensemble, cfg)
-    split = normalisation_split(dm)
-    raw = infer(lambda b: member_scores(ensemble, b), dm, split, device)
-    meta = {k: torch.as_tensor(v) for k, v in _meta(dm, split).items()}
+    normals, kind = reference_normals(dm)
+    raw = infer(lambda b: member_scores(ensemble, b), dm, normals, device)
+    meta = _meta_of(normals)
     normalizers = {}
     for col in fused_members(ensemble):
         normalizers[col] = GroupNormalizer().fit(torch.as_tensor(raw[col]), meta["section"], meta["domain"])
-    log.info("stage backends: score normalisation on %d %s normals", len(raw[col]), split)
+    log.info("stage backends: score normalisation on %d %s normals", len(normals), kind)
     return {
         "normalizers": {c: n.state_dict() for c, n in normalizers.items()},
         "fitted": [n for n, m in ensemble.members.items() if m.needs_backend],
-        "normalised_on": split,
+        "normalised_on": kind,
     }
 
 
@@ -592,18 +630,18 @@ def fit_fusion_stage(
     each of those scores comes from an adaptation that left the clip out (see
     `asd.fusion.stage.held_out_meta_scores`).
     """
-    split = backends.get("normalised_on", "val")
+    normals, kind = reference_normals(dm)
     backends = {k: v for k, v in backends.items() if k not in ("fusion", "thresholds")}
     backends["final"] = cfg.final
     backends["threshold_percentile"] = float(cfg.threshold_percentile)
-    raw = infer(lambda b: member_scores(ensemble, b), dm, split, device)
-    meta = {k: torch.as_tensor(v) for k, v in _meta(dm, split).items()}
+    raw = infer(lambda b: member_scores(ensemble, b), dm, normals, device)
+    meta = _meta_of(normals)
     normal_z = normalised(raw, backends, meta)
     if cfg.fusion.enabled:
         fcfg = OmegaConf.to_container(cfg.fusion, resolve=True)
         config, copies = anomaly_settings(cfg, dm.audio.sample_rate)
         fake = PseudoAnomalyDataset(
-            dm.datasets[split],
+            normals,
             PseudoAnomalies(config),
             copies=copies,
             seed=int(fcfg["seed"]),
@@ -614,7 +652,7 @@ def fit_fusion_stage(
             "stage fusion: scoring %d pseudo-anomalies of %d %s normals (%s)",
             len(fake),
             len(normal_z),
-            split,
+            kind,
             ", ".join(f"{k} {n}" for k, n in summarise_kinds(kinds, KINDS).items()),
         )
         fake_raw = infer(lambda b: member_scores(ensemble, b), dm, fake, device)
@@ -639,16 +677,22 @@ def fit_fusion_stage(
         backends["fusion"] = state
         if cfg.plots and is_rank_zero():
             plot_fusion_training(run_dir / "plots", dm, fake)
-    cols = combine(raw, backends, meta)
-    final = cols["final"]
+    # Decision thresholds need scores of normals nothing was fitted on. The members never saw
+    # these clips, but their z-scores were normalised with statistics that include them (a z of a
+    # group of 5 can never exceed 1.8) and the meta-learner adapted on them: both are undone here.
+    loo = left_out_z(raw, backends, meta)
     if cfg.final == "meta":
-        final = (
-            held_out_meta_scores(
-                backends["fusion"], z, ctx["machine"], ctx["section"], ctx["domain"], y, rows_source
-            )
-            .double()
-            .numpy()
+        final_t = held_out_meta_scores(
+            backends["fusion"], z, ctx["machine"], ctx["section"], ctx["domain"], y, rows_source, query_z=loo
         )
+    elif cfg.final == "attention":
+        final_t = apply_fusion(backends["fusion"], loo, meta["machine"], meta["section"], meta["domain"])
+        final_t = final_t["attention"]
+    elif cfg.final in FUSIONS:
+        final_t = fuse(loo, cfg.final)
+    else:
+        final_t = torch.as_tensor(raw[cfg.final])
+    final = final_t.double().numpy()
     pooled = fit_gamma_threshold(final, cfg.threshold_percentile)
     thresholds = np.full(dm.num_sections, pooled, dtype=np.float64)
     section = meta["section"].numpy()
@@ -656,14 +700,42 @@ def fit_fusion_stage(
         thresholds[s] = fit_gamma_threshold(final[section == s], cfg.threshold_percentile)
     backends["thresholds"] = torch.as_tensor(thresholds)
     log.info(
-        "stage fusion: thresholds from %d %s normals' %s scores%s: %s",
+        "stage fusion: thresholds from %d %s normals' left-out %s scores: %s",
         len(final),
-        "held-out" if split == "val" else "training",
+        kind,
         cfg.final,
-        " (each left out of its group's adaptation)" if cfg.final == "meta" else "",
         np.round(thresholds, 3).tolist(),
     )
     return backends
+
+
+def left_out_z(raw: dict[str, np.ndarray], backends: dict[str, Any], meta: dict[str, Tensor]) -> Tensor:
+    """z-scores (N, members) of the reference normals, each from statistics fitted without it.
+
+    A clip whose section holds no other clip keeps its ordinary z-score (nothing else describes
+    its section). The refits' fallback warnings are those `fit_normalisation` already gave.
+    """
+    n = len(meta["section"])
+    out = normalised(raw, backends, meta)
+    scoring_log = logging.getLogger("asd.scoring")
+    level = scoring_log.level
+    scoring_log.setLevel(logging.ERROR)
+    try:
+        for i in range(n):
+            keep = torch.arange(n) != i
+            here = {k: meta[k][i : i + 1] for k in ("section", "domain")}
+            if not (meta["section"][keep] == here["section"]).any():
+                continue
+            for j, col in enumerate(backends["normalizers"]):
+                x = torch.as_tensor(raw[col])
+                try:
+                    norm = GroupNormalizer().fit(x[keep], meta["section"][keep], meta["domain"][keep])
+                except AsdError:  # the others' scores are constant: keep the ordinary z-score
+                    continue
+                out[i, j] = norm.transform(x[i : i + 1], here["section"], here["domain"])[0]
+    finally:
+        scoring_log.setLevel(level)
+    return out
 
 
 def normalised(raw: dict[str, np.ndarray], backends: dict[str, Any], meta: dict[str, Tensor]) -> Tensor:
@@ -898,12 +970,9 @@ def summary_markdown(
 def comparison_table(results: dict[str, Any]) -> list[str]:
     """Every method's AUC per machine/section/domain side by side (pAUC in the per-method tables)."""
     first = next(iter(results.values()))
-    keys = [k for k in first.rows[0] if k.startswith("auc")] if first.rows else []
-    heads = [
-        f"{r['machine']}/{r['section']} {k.removeprefix('auc').strip('_') or 'both domains'}"
-        for r in first.rows
-        for k in keys
-    ]
+    keys = [k for k in TABLE_KEYS[first.year] if k.startswith("auc")]
+    short = {"auc": "AUC", "auc_source": "source", "auc_target": "target"}
+    heads = [f"{r['machine']}/{r['section']} {short[k]}" for r in first.rows for k in keys]
     lines = [
         "## AUC per machine/section/domain",
         "",

@@ -469,3 +469,26 @@ def test_every_member_trains_and_scores_alone(tmp_path, member):
     # one fused member: every label-free fusion is that member's z-score
     assert all(r["zmean"] == r["zmin"] == r["zmax"] for r in rows)
     assert all(r["final"] == r["meta"] for r in rows)
+
+
+def test_a_section_too_small_to_hold_out_a_clip_lends_its_training_clips(tiny_root, tmp_path, caplog):
+    from asd.data.datamodule import AsdDataModule
+    from asd.pipeline import reference_normals
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    rotor = sorted((root / "rotor" / "train").glob("*.wav"))
+    for f in rotor[1:]:  # rotor keeps a single training clip: nothing of it can be held out
+        f.unlink()
+    dm = AsdDataModule(root=root, year=2023, audio={"duration": 1.0}, batch_size=4)
+    dm.setup()
+    with caplog.at_level("WARNING", logger="asd.pipeline"):
+        normals, kind = reference_normals(dm)
+    assert "rotor/section_00 hold out no training clip" in caplog.text
+    assert kind == "held-out (and some training)"
+    names = [c.name for c in normals.table]
+    assert rotor[0].name in names and len(names) == len(dm.tables["val"]) + 1
+    assert normals.labels["index"].tolist() == list(range(len(names)))
+    item = normals[len(names) - 1]
+    assert item["section"] == dm.section_keys.index(("rotor", "00"))
+    assert torch.equal(item["wave"], torch.from_numpy(dm.datasets["fit"].waves[0]))
