@@ -23,7 +23,7 @@ from scipy import interpolate, signal
 from torch.utils.data import Dataset
 
 from asd.errors import AsdError
-from asd.fileio import _replace_via_temp
+from asd.fileio import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -482,5 +482,5 @@ def plot_injections(
     axes[-1].set_xlabel("s")
     FigureCanvasAgg(fig)  # attaches the Agg canvas: PNG output, no display
     path = Path(path)
-    _replace_via_temp(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     return path

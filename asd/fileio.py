@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _replace_via_temp(path: str | Path, write: Callable[[str], None]) -> Path:
+def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
     """Let `write` fill a temporary file beside `path`, then move it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,11 +31,11 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             f.write(text)
 
-    return _replace_via_temp(path, write)
+    return write_atomic(path, write)
 
 
 def torch_save_atomic(obj: Any, path: str | Path) -> Path:
     """`torch.save` to `path` atomically."""
     import torch
 
-    return _replace_via_temp(path, lambda tmp: torch.save(obj, tmp))
+    return write_atomic(path, lambda tmp: torch.save(obj, tmp))

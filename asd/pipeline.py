@@ -42,8 +42,15 @@ from asd.evaluation import evaluate, fit_gamma_threshold
 from asd.evaluation.export import write_submission
 from asd.evaluation.metrics import TABLE_KEYS
 from asd.fileio import torch_save_atomic, write_text_atomic
-from asd.fusion.attention import AttentionFusion, group_weights, plot_attention_weights
-from asd.fusion.stage import apply_fusion, fit_fusion, held_out_meta_scores, summarise_kinds, weights_table
+from asd.fusion.attention import group_weights, plot_attention_weights
+from asd.fusion.stage import (
+    apply_fusion,
+    attention_head,
+    fit_fusion,
+    held_out_meta_scores,
+    summarise_kinds,
+    weights_table,
+)
 from asd.scoring import FUSIONS, GroupNormalizer, fuse
 
 log = logging.getLogger(__name__)
@@ -402,7 +409,6 @@ def train(cfg: DictConfig) -> Path:
         stages.mark("backends")
 
     # ---- fusion: attention head and meta-learner on held-out normals vs pseudo-anomalies; thresholds
-    check_final(ensemble, cfg)
     settings = fusion_settings(cfg)
     if backends.get("fusion_settings") == settings and stages.finished("fusion", backends_path):
         pass
@@ -601,7 +607,6 @@ def _meta_of(dataset: ClipDataset) -> dict[str, Tensor]:
 
 def fit_normalisation(ensemble: Ensemble, cfg: DictConfig, dm: AsdDataModule, device: torch.device) -> dict:
     """Per-member z-score statistics per (machine, section, domain) from the held-out normals."""
-    check_final(ensemble, cfg)
     normals, kind = reference_normals(dm)
     raw = infer(lambda b: member_scores(ensemble, b), dm, normals, device)
     meta = _meta_of(normals)
@@ -626,9 +631,10 @@ def fit_fusion_stage(
 ) -> dict:
     """Learned fusions on held-out normals vs their pseudo-anomalies, then per-section thresholds.
 
-    The thresholds come from the gamma fit on the held-out normals' final scores; for `final=meta`
-    each of those scores comes from an adaptation that left the clip out (see
-    `asd.fusion.stage.held_out_meta_scores`).
+    The thresholds come from the gamma fit on the held-out normals' final scores, each computed
+    as if the clip had been held out of everything fitted here: z-statistics without it
+    (`left_out_z`) and, for `final=meta`, an adaptation without it and its pseudo-anomalies
+    (`asd.fusion.stage.held_out_meta_scores`).
     """
     normals, kind = reference_normals(dm)
     backends = {k: v for k, v in backends.items() if k not in ("fusion", "thresholds")}
@@ -772,9 +778,8 @@ def attention_weights(
 ) -> tuple[Tensor, Tensor]:
     """Mean attention weights per (machine, section, domain) of these clips: keys (G, 3), weights (G, M)."""
     zz = normalised(columns, backends, meta)
-    head = AttentionFusion(**backends["fusion"]["attention_args"])
-    head.load_state_dict(backends["fusion"]["attention"])
-    return group_weights(head.eval(), zz.float(), meta["machine"], meta["section"], meta["domain"])
+    head = attention_head(backends["fusion"])
+    return group_weights(head, zz.float(), meta["machine"], meta["section"], meta["domain"])
 
 
 def score_split(
@@ -942,7 +947,7 @@ def summary_markdown(
         f"- learned fusions (held-out normals vs pseudo-anomalies, never test labels): "
         f"{', '.join(learned) or 'none (fusion.enabled=false)'}",
         f"- final score: `{cfg.final}`; decisions: gamma threshold at the {cfg.threshold_percentile:g} "
-        "percentile of held-out normals' final scores per machine/section",
+        "percentile of held-out normals' left-out final scores per machine/section",
         *(f"- {note}" for note in notes),
         "",
         "| method | official score |",

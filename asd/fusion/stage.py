@@ -31,7 +31,8 @@ def group_ids(section: Tensor, domain: Tensor) -> Tensor:
     return section.long() * NUM_DOMAINS + domain.long()
 
 
-def _attention(state: dict[str, Any]) -> AttentionFusion:
+def attention_head(state: dict[str, Any]) -> AttentionFusion:
+    """The fitted attention head of a fusion state, in eval mode."""
     head = AttentionFusion(**state["attention_args"])
     head.load_state_dict(state["attention"])
     return head.eval()
@@ -166,7 +167,7 @@ def apply_fusion(
     group without any training clips uses the meta-learned initialisation, and a warning names it.
     """
     z = z.float()
-    head = _attention(state)
+    head = attention_head(state)
     fused, weights, _ = _features(head, z, machine, section, domain, state["num_machines"])
     maml = _maml(state)
     init = {k: v.detach() for k, v in maml.params().items()}
@@ -220,7 +221,7 @@ def held_out_meta_scores(
     `query_z` (normals, M), when given, are the z-scores the left-out clips are scored with
     (z-scores normalised without the clip itself; `z` keeps the ones the fusion trained on).
     """
-    head = _attention(state)
+    head = attention_head(state)
     _, _, x = _features(head, z.float(), machine, section, domain, state["num_machines"])
     normals = torch.nonzero(y == 0).flatten()
     query = x.clone()
