@@ -611,8 +611,18 @@ def fit_normalisation(ensemble: Ensemble, cfg: DictConfig, dm: AsdDataModule, de
     raw = infer(lambda b: member_scores(ensemble, b), dm, normals, device)
     meta = _meta_of(normals)
     normalizers = {}
+    fell_back: dict[str, list[str]] = {}  # one warning per distinct list of groups, naming its members
     for col in fused_members(ensemble):
-        normalizers[col] = GroupNormalizer().fit(torch.as_tensor(raw[col]), meta["section"], meta["domain"])
+        norm = GroupNormalizer().fit(torch.as_tensor(raw[col]), meta["section"], meta["domain"], warn=False)
+        normalizers[col] = norm
+        if norm.fallbacks:
+            fell_back.setdefault("; ".join(norm.fallbacks), []).append(col)
+    for groups, cols in fell_back.items():
+        log.warning(
+            "score normalisation of %s: groups with < 2 clips or std ~ 0 fell back: %s",
+            ", ".join(cols),
+            groups,
+        )
     log.info("stage backends: score normalisation on %d %s normals", len(normals), kind)
     return {
         "normalizers": {c: n.state_dict() for c, n in normalizers.items()},

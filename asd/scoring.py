@@ -461,13 +461,18 @@ class GroupNormalizer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._fitted = _DeviceCache()
+        self.fallbacks: list[str] = []
 
     @property
     def fitted(self) -> bool:
         return bool(self._fitted.state)
 
-    def fit(self, scores: Tensor, section: Tensor, domain: Tensor) -> GroupNormalizer:
-        """Fit mean/std per group: scores (N,) of held-out normals, section (N,), domain (N,)."""
+    def fit(self, scores: Tensor, section: Tensor, domain: Tensor, warn: bool = True) -> GroupNormalizer:
+        """Fit mean/std per group: scores (N,) of held-out normals, section (N,), domain (N,).
+
+        The groups that fell back are kept in `self.fallbacks`; `warn=False` leaves saying so to
+        the caller (the pipeline says it once for all members).
+        """
         where = "GroupNormalizer.fit"
         scores = self._check_scores(scores, where)
         _check_empty(scores.shape[0], where)
@@ -503,7 +508,8 @@ class GroupNormalizer(nn.Module):
                 if own is None:
                     fallbacks.append(f"section {s} {DOMAIN_NAMES[d]} ({n} clips) -> section")
                 rows.append((s, d, *(own or pooled)))
-        if fallbacks:
+        self.fallbacks = fallbacks
+        if fallbacks and warn:
             log.warning(
                 "score normalisation groups with < 2 clips or std ~ 0 fell back: %s", "; ".join(fallbacks)
             )

@@ -451,3 +451,15 @@ def test_cuda_matches_cpu_and_returns_on_query_device():
         torch.testing.assert_close(g.cpu(), c, rtol=1e-5, atol=1e-6)
     knn = KnnBackend(k=2).fit(query.cuda(), section.cuda(), domain.cuda())  # fitted on the GPU
     torch.testing.assert_close(knn.score(query, section), knn.score(query.cuda(), section.cuda()).cpu())
+
+
+def test_normaliser_fallbacks_are_kept_and_warned_only_when_asked(caplog):
+    scores = torch.tensor([1.0, 2.0, 3.0, 5.0])
+    section = torch.tensor([0, 0, 0, 0])
+    domain = torch.tensor([0, 0, 0, 1])  # one target clip: the target group borrows its section's
+    with caplog.at_level(logging.WARNING, logger="asd.scoring"):
+        quiet = GroupNormalizer().fit(scores, section, domain, warn=False)
+    assert quiet.fallbacks == ["section 0 target (1 clips) -> section"] and not caplog.text
+    with caplog.at_level(logging.WARNING, logger="asd.scoring"):
+        GroupNormalizer().fit(scores, section, domain)
+    assert "section 0 target (1 clips) -> section" in caplog.text
