@@ -392,7 +392,7 @@ def train(cfg: DictConfig) -> Path:
             feats = infer(
                 lambda b: {n: ensemble.members[n].backend_features(b) for n in needing}, dm, "fit", device
             )
-            meta = {k: torch.as_tensor(v) for k, v in _meta(dm, "fit").items()}
+            meta = _meta_of(dm.datasets["fit"])
             for n in needing:
                 try:
                     ensemble.members[n].fit_backend(
@@ -513,11 +513,10 @@ def check_backends(ensemble: Ensemble, backends: dict[str, Any]) -> None:
     ]
     if missing:
         raise AsdError(f"backends.pt lacks fitted backends of {missing}; delete it to refit")
-
-
-def _meta(dm: AsdDataModule, split: str) -> dict[str, np.ndarray]:
-    labels = dm.datasets[split].labels
-    return {k: labels[k].numpy() for k in ("section", "domain", "machine", "attribute")}
+    if "reference_scores" not in backends:
+        raise AsdError(
+            "backends.pt was written by an older asd (no held-out normals' scores); delete it to refit"
+        )
 
 
 def fused_members(ensemble: Ensemble) -> list[str]:
@@ -568,7 +567,7 @@ class _Rows:
         return self.store[self.rows[i]]
 
 
-def reference_normals(dm: AsdDataModule) -> tuple[ClipDataset, str]:
+def reference_normals(dm: AsdDataModule, warn: bool = True) -> tuple[ClipDataset, str]:
     """The normals that normalisation, fusion and thresholds are fitted on, and how to name them.
 
     The held-out training normals; a section too small to hold any clip out (a single training
@@ -577,8 +576,9 @@ def reference_normals(dm: AsdDataModule) -> tuple[ClipDataset, str]:
     their statistics are optimistic and thresholds will flag too many clips.
     """
     val, fit = dm.datasets["val"], dm.datasets["fit"]
+    say = log.warning if warn else log.debug
     if not len(val):
-        log.warning(
+        say(
             "no held-out training normals (data.val_fraction=%s, or one clip per group): score "
             "normalisation, fusion and thresholds use the training clips themselves and are optimistic",
             dm.val_fraction,
@@ -588,7 +588,7 @@ def reference_normals(dm: AsdDataModule) -> tuple[ClipDataset, str]:
     if not missing:
         return val, "held-out"
     names = section_names(dm)
-    log.warning(
+    say(
         "%s hold out no training clip (too few of them): their training clips stand in for held-out "
         "normals, so their normalisation and thresholds are optimistic",
         ", ".join(names[s] for s in missing),
@@ -602,6 +602,7 @@ def reference_normals(dm: AsdDataModule) -> tuple[ClipDataset, str]:
 
 
 def _meta_of(dataset: ClipDataset) -> dict[str, Tensor]:
+    """Each clip's context ids (never its label)."""
     return {k: dataset.labels[k].clone() for k in ("section", "domain", "machine", "attribute")}
 
 
@@ -626,6 +627,8 @@ def fit_normalisation(ensemble: Ensemble, cfg: DictConfig, dm: AsdDataModule, de
     log.info("stage backends: score normalisation on %d %s normals", len(normals), kind)
     return {
         "normalizers": {c: n.state_dict() for c, n in normalizers.items()},
+        # the fusion stage (and any refit of it) fits on these same scores: keep them
+        "reference_scores": {c: torch.as_tensor(raw[c]) for c in normalizers},
         "fitted": [n for n, m in ensemble.members.items() if m.needs_backend],
         "normalised_on": kind,
     }
@@ -646,11 +649,11 @@ def fit_fusion_stage(
     (`left_out_z`) and, for `final=meta`, an adaptation without it and its pseudo-anomalies
     (`asd.fusion.stage.held_out_meta_scores`).
     """
-    normals, kind = reference_normals(dm)
+    normals, kind = reference_normals(dm, warn=False)  # the backends stage said it
     backends = {k: v for k, v in backends.items() if k not in ("fusion", "thresholds")}
     backends["final"] = cfg.final
     backends["threshold_percentile"] = float(cfg.threshold_percentile)
-    raw = infer(lambda b: member_scores(ensemble, b), dm, normals, device)
+    raw = {c: v.numpy() for c, v in backends["reference_scores"].items()}
     meta = _meta_of(normals)
     normal_z = normalised(raw, backends, meta)
     if cfg.fusion.enabled:
@@ -796,7 +799,7 @@ def score_split(
     ensemble: Ensemble, backends: dict, cfg: DictConfig, dm: AsdDataModule, split: str, device: torch.device
 ) -> dict[str, np.ndarray]:
     raw = infer(lambda b: member_scores(ensemble, b), dm, split, device)
-    meta = {k: torch.as_tensor(v) for k, v in _meta(dm, split).items()}
+    meta = _meta_of(dm.datasets[split])
     cols = combine(raw, backends, meta)
     thresholds = backends["thresholds"].numpy()
     cols["decision"] = (cols["final"] > thresholds[meta["section"].numpy()]).astype(np.int64)
@@ -869,7 +872,7 @@ def write_attention_weights(
     state = backends["fusion"]
     names = section_names(dm)
     train_rows = weights_table(state, state["group_keys"], state["group_weights"], names)
-    meta = {k: torch.as_tensor(v) for k, v in _meta(dm, "test").items()}
+    meta = _meta_of(dm.datasets["test"])
     keys, weights = attention_weights(columns, backends, meta)
     test_rows = weights_table(state, keys, weights, names)
     rows = [{"clips": "train", **r} for r in train_rows] + [{"clips": "test", **r} for r in test_rows]
