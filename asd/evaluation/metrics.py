@@ -108,11 +108,14 @@ def _as_labels(y_true: ArrayLike, what: str) -> np.ndarray:
     return y.astype(int)
 
 
-def _as_scores(y_score: ArrayLike, what: str) -> np.ndarray:
+def finite_scores(y_score: ArrayLike, what: str, flatten: bool = False) -> np.ndarray:
+    """Scores as a 1-D float array (`flatten`: of any shape), or an AsdError naming `what`."""
     try:
         s = np.asarray(y_score, dtype=float)
     except (TypeError, ValueError) as e:
         raise AsdError(f"{what}: scores must be numbers ({e})") from None
+    if flatten:
+        s = s.ravel()
     if s.ndim != 1:
         raise AsdError(f"{what}: scores must be one-dimensional, got shape {s.shape}")
     bad = np.flatnonzero(~np.isfinite(s))
@@ -144,7 +147,7 @@ def _auc_pauc(y: np.ndarray, s: np.ndarray, max_fpr: float, what: str) -> tuple[
 def auc_pauc(y_true: ArrayLike, y_score: ArrayLike, max_fpr: float = 0.1) -> tuple[float, float]:
     """AUC and McClish-standardised pAUC (FPR up to `max_fpr`) of scores; `y_true` 1 = anomaly."""
     y = _as_labels(y_true, "auc_pauc")
-    s = _as_scores(y_score, "auc_pauc")
+    s = finite_scores(y_score, "auc_pauc")
     if y.size != s.size:
         raise AsdError(f"auc_pauc: {y.size} labels but {s.size} scores; give one score per label")
     return _auc_pauc(y, s, _check_max_fpr(max_fpr), "auc_pauc")

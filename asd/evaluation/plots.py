@@ -18,7 +18,7 @@ from sklearn.metrics import roc_curve
 
 from asd.data.table import Clip, ClipTable
 from asd.errors import AsdError
-from asd.evaluation.metrics import _as_scores, _auc_pauc, labelled_test_clips
+from asd.evaluation.metrics import _auc_pauc, finite_scores, labelled_test_clips
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def plot_histograms(
     any split and label are drawn (unlabelled clips as "unknown"), so monitoring data works too.
     """
     clips = list(clips)
-    s = _as_scores(scores, "plot_histograms")
+    s = finite_scores(scores, "plot_histograms")
     if s.size != len(clips):
         raise AsdError(f"got {s.size} scores for {len(clips)} clips; give exactly one score per clip")
     out_dir = Path(out_dir)

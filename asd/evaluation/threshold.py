@@ -24,24 +24,11 @@ import scipy.stats
 from numpy.typing import ArrayLike
 
 from asd.errors import AsdError
+from asd.evaluation.metrics import finite_scores
 
 logger = logging.getLogger(__name__)
 
 MIN_FIT_SCORES = 3
-
-
-def _finite_scores(scores: ArrayLike, what: str) -> np.ndarray:
-    try:
-        s = np.asarray(scores, dtype=float).ravel()
-    except (TypeError, ValueError) as e:
-        raise AsdError(f"{what}: scores must be numbers ({e})") from None
-    bad = np.flatnonzero(~np.isfinite(s))
-    if bad.size:
-        raise AsdError(
-            f"{what}: {bad.size} scores are NaN or infinite (first at position {bad[0]}); "
-            "fix the scoring step so every clip gets a finite score"
-        )
-    return s
 
 
 def _gamma_quantile(s: np.ndarray, percentile: float) -> tuple[float | None, str]:
@@ -69,7 +56,7 @@ def fit_gamma_threshold(scores: ArrayLike, percentile: float = 0.9) -> float:
     """`percentile` quantile of a gamma fitted to (normal) scores; empirical quantile where no fit applies."""
     if not 0.0 < percentile < 1.0:
         raise AsdError(f"percentile={percentile}: must lie strictly between 0 and 1 (the baselines use 0.9)")
-    s = _finite_scores(scores, "fit_gamma_threshold")
+    s = finite_scores(scores, "fit_gamma_threshold", flatten=True)
     if s.size == 0:
         raise AsdError("fit_gamma_threshold: no scores; fit the threshold on the scores of normal clips")
     q, why = _gamma_quantile(s, percentile)
@@ -86,5 +73,5 @@ def decide(scores: ArrayLike, threshold: float) -> np.ndarray:
     """Decisions (N,) int: 1 = anomaly where the score is strictly above `threshold`."""
     if not math.isfinite(threshold):
         raise AsdError(f"decide: threshold={threshold} is not finite; fit it on finite normal scores")
-    s = _finite_scores(scores, "decide")
+    s = finite_scores(scores, "decide", flatten=True)
     return (s > threshold).astype(int)
