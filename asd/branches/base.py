@@ -24,11 +24,22 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from asd.errors import AsdError
+
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], Optimizer]
 
 
 def default_optimizer(params: Iterable[torch.nn.Parameter]) -> Optimizer:
     return torch.optim.AdamW(params, lr=1e-3)
+
+
+def check_int(member: str, key: str, value: object, minimum: int = 1, example: str | None = None) -> int:
+    """`value` when it is an int (not a bool) >= `minimum`; else one AsdError naming the config key."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        need = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        hint = f"branches.{member}.{key}" + (f", e.g. {example}" if example else "")
+        raise AsdError(f"{member}: {key}={value!r} must be {need} ({hint})")
+    return value
 
 
 class Branch(L.LightningModule):

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from asd.branches.base import Branch, OptimizerFactory
+from asd.branches.base import Branch, OptimizerFactory, check_int
 from asd.errors import AsdError
 from asd.features import BinStats
 from asd.scoring import KnnBackend
@@ -54,12 +54,6 @@ log = logging.getLogger(__name__)
 SCORE_MODES = ("knn", "centre")
 LABEL_KINDS = ("attribute", "section")
 _MASKED = -1e9  # logit of an anchor with itself: finite, so a batch of one gives no NaN gradient
-
-
-def _positive_int(value: object, key: str, example: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise AsdError(f"b3: {key}={value!r} must be a positive integer (branches.b3.{key}, e.g. {example})")
-    return value
 
 
 def _number(value: object, key: str) -> float:
@@ -210,14 +204,14 @@ class ContrastiveBranch(Branch):
         """
         super().__init__(optimizer)
         self.save_hyperparameters(ignore=["frontend", "optimizer"])
-        _positive_int(num_sections, "num_sections", "the number of (machine, section) pairs")
+        check_int("b3", "num_sections", num_sections, example="the number of (machine, section) pairs")
         if isinstance(channels, str) or not isinstance(channels, Sequence) or not channels:
             raise AsdError(f"b3: channels={channels!r} must be a list of stage widths (branches.b3.channels)")
         for c in channels:
-            _positive_int(c, "channels", "[16, 32, 64]")
-        _positive_int(blocks, "blocks", "1")
-        _positive_int(emb_dim, "emb_dim", "128")
-        _positive_int(k, "k", "1")
+            check_int("b3", "channels", c, example="[16, 32, 64]")
+        check_int("b3", "blocks", blocks, example="1")
+        check_int("b3", "emb_dim", emb_dim, example="128")
+        check_int("b3", "k", k, example="1")
         temperature, head_weight = _number(temperature, "temperature"), _number(head_weight, "head_weight")
         head_scale, balance = _number(head_scale, "head_scale"), _number(balance, "balance")
         if not temperature > 0:
@@ -249,7 +243,9 @@ class ContrastiveBranch(Branch):
                     "b3: classify='attribute' needs num_attributes (the pipeline passes it); "
                     "pass it or set branches.b3.classify=section"
                 )
-            num_classes = _positive_int(num_attributes, "num_attributes", "the number of attribute classes")
+            num_classes = check_int(
+                "b3", "num_attributes", num_attributes, example="the number of attribute classes"
+            )
         n_mels = getattr(frontend, "n_mels", None)
         if isinstance(n_mels, bool) or not isinstance(n_mels, int) or n_mels < 1:
             raise AsdError(

@@ -22,7 +22,7 @@ import logging
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from asd.branches.base import Branch, OptimizerFactory
+from asd.branches.base import Branch, OptimizerFactory, check_int
 from asd.errors import AsdError
 from asd.scoring import MahalanobisBackend
 
@@ -63,10 +63,7 @@ class DcaseAEBranch(Branch):
         self.embed_dim = bottleneck  # width of embed()
         self.save_hyperparameters(ignore=["frontend", "optimizer"])
         for key, value in (("n_frames", n_frames), ("hidden", hidden), ("bottleneck", bottleneck)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise AsdError(
-                    f"dcase_ae: {key}={value!r} must be a positive integer (branches.dcase_ae.{key})"
-                )
+            check_int("dcase_ae", key, value)
         if score_mode not in SCORE_MODES:
             raise AsdError(
                 f"dcase_ae: score_mode={score_mode!r} is unknown; set branches.dcase_ae.score_mode to one of "

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from asd.branches.base import Branch, OptimizerFactory
+from asd.branches.base import Branch, OptimizerFactory, check_int
 from asd.errors import AsdError
 from asd.features import BinStats
 
@@ -197,11 +197,6 @@ class UNet1d(nn.Module):
 # -- the member -----------------------------------------------------------------------------------
 
 
-def _positive_int(key: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise AsdError(f"b4: {key}={value!r} must be a positive integer (branches.b4.{key})")
-
-
 class DiffusionBranch(Branch):
     """b4: DDPM denoiser on log-mel; partial noising + DDIM denoising error as the score, no z."""
 
@@ -251,14 +246,14 @@ class DiffusionBranch(Branch):
             ("ddim_steps", ddim_steps),
             ("noise_draws", noise_draws),
         ):
-            _positive_int(key, value)
+            check_int("b4", key, value)
         if isinstance(channels, str) or not isinstance(channels, Sequence) or not 1 <= len(channels) <= 5:
             raise AsdError(
                 f"b4: channels={channels!r} must be a list of 1 to 5 channel counts, one per U-Net level "
                 "(branches.b4.channels, e.g. [128, 128, 256])"
             )
         for c in channels:
-            _positive_int("channels", c)
+            check_int("b4", "channels", c)
             if c % norm_groups:
                 raise AsdError(
                     f"b4: channels={list(channels)} must all be multiples of norm_groups={norm_groups} "

@@ -62,7 +62,7 @@ from nflows.transforms.base import CompositeTransform
 from nflows.transforms.coupling import AffineCouplingTransform
 from torch import Tensor, nn
 
-from asd.branches.base import Branch, OptimizerFactory
+from asd.branches.base import Branch, OptimizerFactory, check_int
 from asd.errors import AsdError
 
 log = logging.getLogger(__name__)
@@ -168,11 +168,6 @@ def coupling_masks(dim: int, layers: int, seed: int = 0) -> list[Tensor]:
     return masks
 
 
-def _positive_int(key: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise AsdError(f"b5: {key}={value!r} must be an integer >= {minimum} (branches.b5.{key})")
-
-
 class FlowBranch(Branch):
     """b5: RealNVP on standardised clip features (other members' z or log-mel statistics); -log p score."""
 
@@ -216,8 +211,8 @@ class FlowBranch(Branch):
         super().__init__(optimizer)
         self.save_hyperparameters(ignore=["frontend", "optimizer"])
         for key, value in (("hidden", hidden), ("blocks", blocks)):
-            _positive_int(key, value)
-        _positive_int("layers", layers, minimum=2)
+            check_int("b5", key, value)
+        check_int("b5", "layers", layers, minimum=2)
         if not 0.0 <= dropout < 1.0:
             raise AsdError(f"b5: dropout={dropout!r} must be in [0, 1) (branches.b5.dropout)")
         if not (isinstance(max_log_scale, (int, float)) and 0 < max_log_scale <= 10):
@@ -235,7 +230,7 @@ class FlowBranch(Branch):
         self.frontend = frontend
         self.input_dim = input_dim  # the ensemble feeds `z` only when this is set
         if input_dim is not None:
-            _positive_int("input_dim", input_dim, minimum=2)
+            check_int("b5", "input_dim", input_dim, minimum=2)
             dim = input_dim
         else:
             if frontend is None:
@@ -246,7 +241,7 @@ class FlowBranch(Branch):
             dim = 2 * self._probe_mels(frontend)
         self.feature_dim = dim
         if pca_dim is not None:
-            _positive_int("pca_dim", pca_dim, minimum=2)
+            check_int("b5", "pca_dim", pca_dim, minimum=2)
             if pca_dim >= dim:
                 raise AsdError(
                     f"b5: pca_dim={pca_dim} must be smaller than the input width {dim}; set "
@@ -259,7 +254,7 @@ class FlowBranch(Branch):
         if self.conditional:
             if num_sections is None:
                 raise AsdError("b5: conditional=true needs num_sections (branches.b5.num_sections)")
-            _positive_int("num_sections", num_sections)
+            check_int("b5", "num_sections", num_sections)
         self.num_sections = num_sections
         self.min_std = float(min_std)
         self.embed_dim = 0

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from transformers import ASTConfig, ASTModel
 
-from asd.branches.base import Branch, OptimizerFactory
+from asd.branches.base import Branch, OptimizerFactory, check_int
 from asd.errors import AsdError
 from asd.features import AstFbank
 from asd.scoring import KnnBackend
@@ -223,11 +223,6 @@ class AngularHead(nn.Module):
         return f"kind={self.kind}, classes={self.num_classes}{margin}"
 
 
-def _check_int(key: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise AsdError(f"b1: {key}={value!r} must be an integer >= {minimum} (branches.b1.{key})")
-
-
 class PretrainedASTBranch(Branch):
     """b1: Audio Spectrogram Transformer, frozen or fine-tuned with an angular-margin head; kNN score."""
 
@@ -294,9 +289,9 @@ class PretrainedASTBranch(Branch):
             raise AsdError(f"b1: head={head!r} is unknown; set branches.b1.head to one of {HEADS}")
         if not isinstance(weights, str) or not weights:
             raise AsdError(f"b1: weights={weights!r}; {_weights_help()}")
-        _check_int("k", k)
+        check_int("b1", "k", k)
         if num_samples is not None:
-            _check_int("num_samples", num_samples)
+            check_int("b1", "num_samples", num_samples)
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
             raise AsdError(f"b1: scale={scale!r} must be a positive number (branches.b1.scale)")
         if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not 0 <= margin < math.pi / 2:
@@ -362,9 +357,9 @@ class PretrainedASTBranch(Branch):
                     "b1: mode=finetune needs num_sections (the pipeline passes it); give "
                     "branches.b1.num_sections or use branches.b1.mode=frozen"
                 )
-            _check_int("num_sections", num_sections)
+            check_int("b1", "num_sections", num_sections)
             if num_attributes is not None:
-                _check_int("num_attributes", num_attributes, minimum=0)
+                check_int("b1", "num_attributes", num_attributes, minimum=0)
             if labels == "attribute" and num_attributes is None:
                 raise AsdError(
                     "b1: labels=attribute needs num_attributes (the pipeline passes it); give "
@@ -400,9 +395,9 @@ class PretrainedASTBranch(Branch):
                 "data.audio.duration (clips of a fixed length) or use pre-trained weights"
             )
         for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "patch_size"):
-            _check_int(key, sizes[key])
+            check_int("b1", key, sizes[key])
         for key in ("frequency_stride", "time_stride", "num_mel_bins"):
-            _check_int(key, sizes[key])
+            check_int("b1", key, sizes[key])
         if sizes["hidden_size"] % sizes["num_heads"]:
             raise AsdError(
                 f"b1: hidden_size={sizes['hidden_size']} must be a multiple of "

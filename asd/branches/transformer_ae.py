@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from asd.branches.base import Branch, OptimizerFactory
+from asd.branches.base import Branch, OptimizerFactory, check_int
 from asd.errors import AsdError
 from asd.features import BinStats
 
@@ -112,8 +112,7 @@ class TransformerAEBranch(Branch):
             ("decoder_depth", decoder_depth),
             ("heads", heads),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise AsdError(f"b2: {key}={value!r} must be a positive integer (branches.b2.{key})")
+            check_int("b2", key, value)
         if dim % 4 or dim % heads:
             raise AsdError(
                 f"b2: dim={dim} must be a multiple of 4 (2-D sine-cosine positions) and of heads={heads}; "
