@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+from timing import write_result  # benchmarks/timing.py, beside this script
 from transformers.audio_utils import mel_filter_bank
 
 from asd.data.audio import AudioConfig
@@ -174,9 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     print("(numpy/scipy reads and computes per clip: its load is inside its features time)")
     print(f"LogMel vs numpy features: max |diff| {res['max_abs_diff_db']:.2e} dB")
     print(res["markdown"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, res)
     return 0
 
 

@@ -48,6 +48,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from timing import write_result  # benchmarks/timing.py, beside this script
 from torch import Tensor
 
 from asd.data.datamodule import AsdDataModule
@@ -593,9 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     res["markdown"] = markdown(res)
     print_table(res)
     print(res["markdown"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, res)
     return 0
 
 
