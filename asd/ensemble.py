@@ -5,17 +5,31 @@ rates and weight decay are real; the ensemble runs them under manual optimisatio
 forward per member, one backward of the weighted loss sum, one step per unfrozen member.
 A frozen member has no optimizer, no gradients and stays in eval mode, so its parameters
 *and* buffers (BatchNorm statistics) cannot move.
+
+Each trainable member may also have its own gradient clipping (by norm) and learning-rate
+scheduler (`branches.<member>.gradient_clip`, `branches.<member>.scheduler`). Manual
+optimisation leaves both to us:
+- clipping runs in `on_before_optimizer_step`, which Lightning calls inside `opt.step()` *after*
+  AMP has unscaled the gradients; clipping in `training_step` would clip the scaled ones under
+  `precision=16-mixed`. The logged `train/<member>/grad_norm` is the raw norm, before clipping.
+- a scheduler is stepped after every optimizer step of its member (interval "step": budgets are
+  counted in optimizer steps); Lightning checkpoints and restores its state like the optimizers'.
+Settings for a frozen member are ignored with a warning, so one member config serves both the
+run that trains a member and the run that freezes it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytorch_lightning as L
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from asd.branches.base import Branch
 from asd.errors import AsdError
@@ -26,9 +40,13 @@ log = logging.getLogger(__name__)
 BRANCHES = ("b1", "b2", "b3", "b4", "b5")
 #: the reference detector trained beside the ensemble (reported, never fused)
 REFERENCE = "dcase_ae"
-#: the flow member and the members whose embeddings it models (DESIGN §4)
+#: the flow member and the members whose embeddings it models (docs/architecture.md, "Members")
 FLOW = "b5"
 FLOW_SOURCES = ("b1", "b2", "b3")
+
+#: what Hydra builds from a `_partial_: true` scheduler node: the member's optimizer -> its scheduler
+SchedulerFactory = Callable[[Optimizer], LRScheduler]
+T = TypeVar("T")
 
 
 def select_branches(branch: str | Sequence[str]) -> list[str]:
@@ -63,8 +81,22 @@ class Ensemble(L.LightningModule):
         loss_weights: Mapping[str, float] | None = None,
         frozen: Sequence[str] = (),
         grad_norm_every: int = 50,
-        gradient_clip: float | None = None,
+        gradient_clip: Mapping[str, float | None] | float | None = None,
+        schedulers: Mapping[str, SchedulerFactory | None] | None = None,
     ):
+        """Build the ensemble.
+
+        Args:
+            members: the members by name, in training order.
+            loss_weights: weight of each member's loss in the summed loss (default 1).
+            frozen: members that do not train.
+            grad_norm_every: log each trainable member's gradient norm (and scheduled learning rate)
+                every this many global steps; 0 never.
+            gradient_clip: max gradient norm per member name, or one value for every trainable member;
+                None (or a missing name) does not clip.
+            schedulers: per member name, a factory that takes the member's optimizer and returns its
+                `LRScheduler`, stepped after each of that member's optimizer steps.
+        """
         super().__init__()
         if not members:
             raise AsdError("the ensemble needs at least one member")
@@ -75,7 +107,6 @@ class Ensemble(L.LightningModule):
         if stray:
             raise AsdError(f"cannot freeze {stray}: not members of this ensemble ({list(self.members)})")
         self.grad_norm_every = grad_norm_every
-        self.gradient_clip = gradient_clip
         self.automatic_optimization = False
         #: debug mode (`debug_freeze.py`): every step, keep each member's loss and gradient norm,
         #: the frozen members' included, in `last_step` (costs a host sync per step)
@@ -84,6 +115,26 @@ class Ensemble(L.LightningModule):
         for name in self.frozen:
             self.members[name].requires_grad_(False)
         self.train()
+        self.gradient_clip: dict[str, float] = self.per_member("gradient_clip", gradient_clip)
+        self.scheduler_factories: dict[str, SchedulerFactory] = self.per_member("scheduler", schedulers or {})
+        #: decided once per batch by `training_step` for `on_before_optimizer_step`, which cannot decide
+        #: itself: `global_step` advances with each member's optimizer step
+        self.log_grad_norms = False
+
+    def per_member(self, key: str, value: Mapping[str, T | None] | T | None) -> dict[str, T]:
+        """`value` for each trainable member it sets: given by member name, or one for all of them."""
+        if not isinstance(value, Mapping):
+            return {} if value is None else dict.fromkeys(self.trainable, value)
+        stray = sorted(set(value) - set(self.members))
+        if stray:
+            raise AsdError(
+                f"{key} is set for {stray}: not members of this ensemble ({list(self.members)}); "
+                f"set branches.<member>.{key} only for selected members"
+            )
+        ignored = [n for n, v in value.items() if v is not None and n not in self.trainable]
+        if ignored:
+            log.warning("%s of %s ignored: frozen or nothing to train", key, ignored)
+        return {n: v for n, v in value.items() if v is not None and n not in ignored}
 
     @property
     def trainable(self) -> list[str]:
@@ -163,13 +214,13 @@ class Ensemble(L.LightningModule):
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         self.manual_backward(total)
-        log_norms = self.grad_norm_every > 0 and self.global_step % self.grad_norm_every == 0
+        self.log_grad_norms = self.grad_norm_every > 0 and self.global_step % self.grad_norm_every == 0
+        schedulers = self.member_schedulers()
         for name, opt in zip(self.trainable, optimizers, strict=True):
-            if self.gradient_clip:
-                self.clip_gradients(opt, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
-            if log_norms:
-                self.log(f"train/{name}/grad_norm", self.grad_norm(name), batch_size=len(batch["wave"]))
-            opt.step()
+            opt.step()  # norm logging and clipping: in on_before_optimizer_step
+            if name in schedulers:
+                schedulers[name].step()
+        self.log_grad_norms = False
         bs = len(batch["wave"])
         for name, loss in losses.items():
             self.log(f"train/{name}/loss", loss.detach(), prog_bar=len(losses) < 4, batch_size=bs)
@@ -177,6 +228,28 @@ class Ensemble(L.LightningModule):
         if self.record:
             self.last_step = self.step_record(batch, losses)
         return total.detach()
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        # inside opt.step(): gradients are unscaled (AMP) and not yet applied
+        name = self.member_of(optimizer)
+        if self.log_grad_norms:
+            self.log(f"train/{name}/grad_norm", self.grad_norm(name))  # raw: before clipping
+            if name in self.scheduler_factories:
+                self.log(f"train/{name}/lr", float(optimizer.param_groups[0]["lr"]))  # the lr this step uses
+        if name in self.gradient_clip:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.gradient_clip[name], gradient_clip_algorithm="norm"
+            )
+
+    def member_of(self, optimizer: Optimizer) -> str:
+        """The member that `optimizer` (one of `configure_optimizers`') trains."""
+        return next(n for n, o in zip(self.trainable, self.trainer.optimizers, strict=True) if o is optimizer)
+
+    def member_schedulers(self) -> dict[str, LRScheduler]:
+        """The schedulers of `configure_optimizers` (restored on resume) by member name."""
+        schedulers = self.lr_schedulers() or []
+        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        return {self.member_of(s.optimizer): s for s in schedulers}
 
     def step_record(self, batch: dict[str, Tensor], losses: dict[str, Tensor]) -> dict[str, float]:
         """Every member's loss and gradient norm after this step's backward (frozen: loss without grad)."""
@@ -204,11 +277,22 @@ class Ensemble(L.LightningModule):
         for name, member in self.members.items():
             self.log(f"val/{name}/loss", member.loss(batch), batch_size=bs, sync_dist=True)
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        optimizers = []
+    def configure_optimizers(self) -> list[Optimizer] | tuple[list[Optimizer], list[dict[str, Any]]]:
+        """One optimizer per trainable member, in `trainable` order; plus the members' schedulers, if any."""
+        optimizers, schedulers = [], []
         for name in self.trainable:
             opt = self.members[name].configure_optimizers()
             if isinstance(opt, (list, tuple)) or isinstance(opt, dict):
                 raise AsdError(f"member {name}: configure_optimizers must return one optimizer")
             optimizers.append(opt)
-        return optimizers
+            if name in self.scheduler_factories:
+                sched = self.scheduler_factories[name](opt)
+                if not isinstance(sched, LRScheduler) or isinstance(sched, ReduceLROnPlateau):
+                    raise AsdError(
+                        f"branches.{name}.scheduler made {type(sched).__name__}: give a torch LRScheduler "
+                        "stepped per optimizer step, as a _partial_ node (ReduceLROnPlateau needs a "
+                        "monitored metric and is not supported)"
+                    )
+                # "step" is for LearningRateMonitor; training_step does the stepping in manual optimisation
+                schedulers.append({"scheduler": sched, "interval": "step"})
+        return (optimizers, schedulers) if schedulers else optimizers

@@ -1,12 +1,20 @@
 import copy
+import functools
+import logging
+from collections import defaultdict
 
 import pytest
+import pytorch_lightning as L
 import torch
 from helpers import quick_trainer
+from hydra.utils import instantiate
+from pytorch_lightning.plugins.precision import MixedPrecision
+from torch.optim.lr_scheduler import ExponentialLR, LambdaLR, ReduceLROnPlateau, StepLR
 from torch.utils.data import DataLoader
 
 from asd.branches.dcase_ae import DcaseAEBranch
 from asd.branches.transformer_ae import TransformerAEBranch
+from asd.diagnostics import StepRecorder
 from asd.ensemble import BRANCHES, Ensemble, select_branches, select_frozen
 from asd.errors import AsdError
 from asd.features import LogMel
@@ -143,3 +151,150 @@ def test_select_frozen():
     assert select_frozen(None, ["b2"]) == []
     with pytest.raises(AsdError, match=r"freeze=\['b3'\] names members that are not selected"):
         select_frozen(["b3"], ["b2"])
+
+
+# ---------------------------------------------------------------- clipping and schedulers per member
+class RawGradNorms(L.Callback):
+    """Each member's gradient norm when its optimizer steps: unscaled by AMP, not yet clipped.
+
+    Lightning runs the callbacks' `on_before_optimizer_step` before the module's, where the ensemble clips.
+    """
+
+    def __init__(self):
+        self.norms: dict[str, list[float]] = defaultdict(list)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        name = pl_module.member_of(optimizer)
+        self.norms[name].append(float(pl_module.grad_norm(name)))
+
+
+class LearningRates(L.Callback):
+    """Each member's learning rate after every training step."""
+
+    def __init__(self):
+        self.lrs: dict[str, list[float]] = defaultdict(list)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        for name, opt in zip(pl_module.trainable, trainer.optimizers, strict=True):
+            self.lrs[name].append(opt.param_groups[0]["lr"])
+
+
+def sgd_members(lr: float = 0.1) -> dict:
+    members = tiny_members()
+    members["b2"].optimizer_factory = lambda params: torch.optim.SGD(params, lr=lr)
+    return members
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "fp16-grad-scaler"])
+def test_gradient_clip_is_per_member_and_the_logged_norm_is_the_raw_one(amp):
+    torch.manual_seed(0)
+    clip = 1e-3  # far below b2's gradient norm, so every step clips
+    ensemble = Ensemble(tiny_members(), gradient_clip={"b2": clip, "dcase_ae": None}, grad_norm_every=1)
+    raw, after = RawGradNorms(), StepRecorder()  # after: norms once the step is done (grads kept)
+    # under a GradScaler, gradients are scaled by 1024 until Lightning unscales them inside opt.step()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    plugins = [MixedPrecision("16-mixed", "cpu", scaler=scaler)] if amp else []
+    trainer = quick_trainer(6, callbacks=[raw, after], plugins=plugins)  # 3 batches x 2 optimizer steps
+    trainer.fit(ensemble, DataLoader(batches(3), batch_size=None))
+    post = {n: [row[f"{n}/grad_norm"] for row in after.rows] for n in ensemble.members}
+    assert len(post["b2"]) == len(raw.norms["b2"]) == 3
+    assert all(norm > 10 * clip for norm in raw.norms["b2"])
+    assert all(norm <= clip for norm in post["b2"])
+    assert post["b2"] == pytest.approx([clip] * 3, rel=1e-3)  # clipped to the norm, not to norm / scale
+    assert post["dcase_ae"] == raw.norms["dcase_ae"]  # not clipped
+    logged = trainer.callback_metrics
+    assert logged["train/b2/grad_norm"].item() == pytest.approx(raw.norms["b2"][-1])
+    assert logged["train/dcase_ae/grad_norm"].item() == pytest.approx(raw.norms["dcase_ae"][-1])
+    assert "train/b2/lr" not in logged  # no scheduler, no lr key
+
+
+def test_one_gradient_clip_value_is_for_every_trainable_member():
+    assert Ensemble(tiny_members(), gradient_clip=0.5).gradient_clip == {"b2": 0.5, "dcase_ae": 0.5}
+    assert Ensemble(tiny_members(), gradient_clip=0.5, frozen=["b2"]).gradient_clip == {"dcase_ae": 0.5}
+    assert Ensemble(tiny_members()).gradient_clip == {}
+
+
+STEP_LR = {"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True, "step_size": 2, "gamma": 0.5}
+
+
+@pytest.mark.parametrize(
+    "factory, expected",
+    [
+        # what hydra builds from a `branches.b2.scheduler` node
+        (lambda: instantiate(STEP_LR), lambda k: 0.1 * 0.5 ** (k // 2)),
+        (lambda: functools.partial(LambdaLR, lr_lambda=lambda k: 1 / (1 + k)), lambda k: 0.1 / (1 + k)),
+    ],
+    ids=["StepLR", "LambdaLR"],
+)
+def test_member_scheduler_moves_its_lr_by_the_hand_computed_sequence(factory, expected):
+    ensemble = Ensemble(sgd_members(0.1), schedulers={"b2": factory(), "dcase_ae": None}, grad_norm_every=1)
+    lrs = LearningRates()
+    trainer = quick_trainer(10, callbacks=[lrs])  # 5 batches: 5 steps of each member
+    trainer.fit(ensemble, DataLoader(batches(5), batch_size=None))
+    assert lrs.lrs["b2"] == pytest.approx([expected(k) for k in range(1, 6)])  # after step k
+    assert lrs.lrs["dcase_ae"] == [1e-3] * 5  # no scheduler: its lr stays
+    # logged: the lr the last step used, before its scheduler step
+    assert trainer.callback_metrics["train/b2/lr"].item() == pytest.approx(expected(4))
+    assert "train/dcase_ae/lr" not in trainer.callback_metrics
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"gradient_clip": {"b2": 1.0, "b9": 1.0}},
+        {"schedulers": {"b9": functools.partial(StepLR, step_size=1)}},
+    ],
+    ids=["gradient_clip", "schedulers"],
+)
+def test_settings_for_members_not_in_the_ensemble_are_refused(settings):
+    with pytest.raises(AsdError, match=r"is set for \['b9'\]: not members of this ensemble"):
+        Ensemble(tiny_members(), **settings)
+
+
+def test_settings_of_a_frozen_member_are_ignored_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="asd.ensemble"):
+        ensemble = Ensemble(
+            tiny_members(),
+            frozen=["dcase_ae"],
+            gradient_clip={"dcase_ae": 1.0},
+            schedulers={"b2": None, "dcase_ae": functools.partial(StepLR, step_size=1)},
+        )
+    assert "gradient_clip of ['dcase_ae'] ignored" in caplog.text
+    assert "scheduler of ['dcase_ae'] ignored" in caplog.text
+    assert ensemble.gradient_clip == {} and ensemble.scheduler_factories == {}
+    optimizers = ensemble.configure_optimizers()  # the plain list: no scheduler left
+    assert len(optimizers) == 1 and isinstance(optimizers[0], torch.optim.Optimizer)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [functools.partial(ReduceLROnPlateau), lambda opt: {"scheduler": StepLR(opt, 1), "interval": "epoch"}],
+    ids=["ReduceLROnPlateau", "dict"],
+)
+def test_a_factory_that_does_not_make_a_step_scheduler_is_refused(factory):
+    ensemble = Ensemble(tiny_members(), schedulers={"b2": factory})
+    with pytest.raises(AsdError, match="branches.b2.scheduler made"):
+        ensemble.configure_optimizers()
+
+
+def test_resume_from_a_checkpoint_continues_the_lr_sequence(tmp_path):
+    def ensemble() -> Ensemble:
+        return Ensemble(sgd_members(0.1), schedulers={"b2": functools.partial(ExponentialLR, gamma=0.5)})
+
+    def loader() -> DataLoader:
+        return DataLoader(batches(2), batch_size=None)
+
+    expected = [0.1 * 0.5**k for k in range(1, 5)]  # after each of 4 steps
+    whole = LearningRates()
+    quick_trainer(8, callbacks=[whole]).fit(ensemble(), loader())  # 2 epochs of 2 batches
+    assert whole.lrs["b2"] == pytest.approx(expected)
+
+    first = quick_trainer(4)
+    first.fit(ensemble(), loader())
+    first.save_checkpoint(tmp_path / "half.ckpt")
+    ckpt = torch.load(tmp_path / "half.ckpt", weights_only=False)
+    assert [s["last_epoch"] for s in ckpt["lr_schedulers"]] == [2]
+    resumed, rest = ensemble(), LearningRates()  # a fresh scheduler would restart at lr 0.1
+    quick_trainer(8, callbacks=[rest]).fit(resumed, loader(), ckpt_path=tmp_path / "half.ckpt")
+    assert rest.lrs["b2"] == pytest.approx(expected[2:])
+    assert resumed.member_schedulers()["b2"].last_epoch == 4
