@@ -288,3 +288,32 @@ class BinStats(nn.Module):
     def denormalise(self, x: Tensor) -> Tensor:
         """Inverse of `normalise`, (B, n_bins, frames)."""
         return x.float() * self.std()[:, None] + self.mean[:, None]
+
+
+class LogSpectrum(nn.Module):
+    """Full-spectrum front end: the log power of the FFT of the whole clip, (B, T) -> (B, n_bins).
+
+    Where a log-mel averages over 64 ms frames and ~100 Hz bands, the FFT of the whole clip resolves
+    1 / duration Hz (0.5 Hz for 2 s), so the fine lines of rotating machines and their drift stay
+    visible (the "full-spectrum" input of Wilkinghoff's DCASE 2023/2024 systems). Waves are zero-padded
+    or cut to `num_samples` so every clip gives `num_samples // 2 + 1` bins; the power is divided by
+    `num_samples` so the level does not depend on the clip length. Computed in float32 under autocast.
+    """
+
+    def __init__(self, num_samples: int, eps: float = 1e-10):
+        super().__init__()
+        _positive("LogSpectrum", "num_samples", num_samples, "32000", integer=True)
+        _positive("LogSpectrum", "eps", eps, "1e-10")
+        self.num_samples, self.eps = num_samples, float(eps)
+        self.n_bins = num_samples // 2 + 1
+
+    def forward(self, wave: Tensor) -> Tensor:
+        """(B, T) or (T,) -> (B, num_samples // 2 + 1) float32 log power in dB."""
+        wave = _as_batch(wave, "LogSpectrum")
+        with torch.autocast(device_type=wave.device.type, enabled=False):
+            spec = torch.fft.rfft(wave.float(), n=self.num_samples)  # (B, n_bins) complex64
+            power = spec.real.square() + spec.imag.square()
+            return 10.0 * torch.log10(power / self.num_samples + self.eps)
+
+    def extra_repr(self) -> str:
+        return f"num_samples={self.num_samples}, n_bins={self.n_bins}"

@@ -8,6 +8,9 @@ Fitted state is kept as module *extra state* (`get_extra_state`/`set_extra_state
 tensors), not as parameters or buffers: bank sizes vary between fits, `torch.load(weights_only=True)`
 reads it, and `.half()`/`.to(dtype)` on a surrounding model can never degrade it. Scoring moves the
 state to the query's device (one cached copy) and returns a tensor on that device.
+
+One file: the backends and the normaliser share the fitted-state contract (extra state, device
+cache, id checks) described here.
 """
 
 from __future__ import annotations
@@ -115,15 +118,21 @@ class _DeviceCache:
         return self._copy
 
 
-def _knn_mean_distance(query: Tensor, bank: Tensor, k: int, cosine: bool, chunk: int) -> Tensor:
+def _knn_mean_distance(
+    query: Tensor, bank: Tensor, k: int, cosine: bool, chunk: int, inv_scale: Tensor | None = None
+) -> Tensor:
     """Mean distance of each query row to its k nearest bank rows, (B, D) x (N, D) -> (B,).
 
     Candidates are ranked with float32 matrix products over `chunk` x `chunk` tiles, so memory
     stays bounded for any bank; the k winners' distances are then recomputed exactly in float64.
+    With `inv_scale` (N,), each bank row's distance is multiplied by its entry, and the k rows
+    nearest by that rescaled distance are averaged (the density rescaling of `KnnBackend`).
     """
     acc = _acc_dtype(query.device)
     k = min(k, bank.shape[0])
     query32, bank32 = query.float(), bank.float()
+    if inv_scale is not None and cosine:  # rescaled distances need the true cosine, not q.b
+        query32 = query32 / query32.norm(dim=1, keepdim=True).clamp_min(1e-30)
     # rank by a similarity that is monotone in the distance per query row: q.b for cosine (the bank
     # is unit-norm), 2 q.b - |b|^2 = |q|^2 - |q - b|^2 for euclidean
     neg_sq = None if cosine else -(bank32 * bank32).sum(dim=1)  # (N,)
@@ -137,6 +146,12 @@ def _knn_mean_distance(query: Tensor, bank: Tensor, k: int, cosine: bool, chunk:
                 sim = qb @ bb.T  # (b, n)
             else:
                 sim = torch.addmm(neg_sq[None, bs : bs + chunk], qb, bb.T, alpha=2)  # (b, n)
+            if inv_scale is not None:  # rank by minus the rescaled distance
+                if cosine:
+                    dist = (1 - sim).clamp_min(0)  # (b, n)
+                else:
+                    dist = ((qb * qb).sum(dim=1, keepdim=True) - sim).clamp_min(0).sqrt()  # (b, n)
+                sim = -dist * inv_scale[None, bs : bs + chunk].float()
             val, idx = sim.topk(min(k, bb.shape[0]), dim=1)  # (b, k')
             idx = idx + bs
             if best_val is not None:
@@ -156,6 +171,8 @@ def _knn_mean_distance(query: Tensor, bank: Tensor, k: int, cosine: bool, chunk:
                 dist = (1 - (q * nb).sum(dim=-1)).clamp_min(0)  # (r, k)
             else:
                 dist = (nb - q).norm(dim=-1)  # (r, k)
+            if inv_scale is not None:
+                dist = dist * inv_scale[winners].to(acc)  # (r, k)
             means.append(dist.mean(dim=1))
     return torch.cat(means) if means else query.new_zeros(0, dtype=acc)
 
@@ -167,17 +184,25 @@ class KnnBackend(nn.Module):
     so its score is the mean distance to all of its clips (DCASE target banks hold 3-10 clips); `fit`
     logs which banks that applies to. With `normalize`, features are L2-normalised and the distance
     is the cosine distance 1 - cos; otherwise it is the euclidean distance.
+
+    With `density`, each bank clip's distance is divided by its local scale rho: the mean distance
+    of that clip to its `k` nearest other training normals of its section (both domains), as in
+    LOF-like normalisation, and the score is the mean rescaled distance of the `k` bank clips nearest
+    in rescaled distance. A clip in a sparse region (a target clip among few) then does not make every
+    query near it look anomalous. A section with one clip has rho = 1. Off by default.
     """
 
     _KEYS = ("normalize", "bank", "section", "domain", "size")
+    _DENSITY_KEYS = (*_KEYS, "rho")
+    _MIN_RHO = 1e-6  # duplicate clips have rho 0; a floor keeps their rescaled distances finite
 
-    def __init__(self, k: int = 1, normalize: bool = True, chunk: int = 4096):
+    def __init__(self, k: int = 1, normalize: bool = True, chunk: int = 4096, density: bool = False):
         super().__init__()
         if not isinstance(k, int) or k < 1:
             raise AsdError(f"KnnBackend: k={k!r}; set `k` to a positive integer")
         if not isinstance(chunk, int) or chunk < 1:
             raise AsdError(f"KnnBackend: chunk={chunk!r}; set `chunk` to a positive integer")
-        self.k, self.normalize, self.chunk = k, bool(normalize), chunk
+        self.k, self.normalize, self.chunk, self.density = k, bool(normalize), chunk, bool(density)
         self._fitted = _DeviceCache()
 
     @property
@@ -205,16 +230,33 @@ class KnnBackend(nn.Module):
             log.info(
                 "kNN banks smaller than k=%d score the mean distance to all their clips: %s", self.k, names
             )
-        self._fitted.set(
-            {
-                "normalize": torch.tensor(self.normalize),
-                "bank": x[order].float(),
-                "section": keys[:, 0].cpu(),
-                "domain": keys[:, 1].cpu(),
-                "size": counts.cpu(),
-            }
-        )
+        state = {
+            "normalize": torch.tensor(self.normalize),
+            "bank": x[order].float(),
+            "section": keys[:, 0].cpu(),
+            "domain": keys[:, 1].cpu(),
+            "size": counts.cpu(),
+        }
+        if self.density:
+            state["rho"] = self._local_scale(x, section)[order].float()
+        self._fitted.set(state)
         return self
+
+    def _local_scale(self, x: Tensor, section: Tensor) -> Tensor:
+        """rho per clip, (N,): mean distance to its k nearest other clips of the same section."""
+        rho = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
+        lone = []
+        for s in torch.unique(section).tolist():
+            rows = torch.nonzero(section == s).flatten()
+            m = min(self.k + 1, rows.numel())  # the clip itself is among its m nearest, at distance 0
+            if m < 2:
+                lone.append(s)
+                continue
+            mean_with_self = _knn_mean_distance(x[rows], x[rows], m, self.normalize, self.chunk)  # (n,)
+            rho[rows] = (mean_with_self * m / (m - 1)).to(x.dtype)
+        if lone:
+            log.info("kNN density: sections %s have one training clip; their clips keep rho = 1", lone)
+        return rho.clamp_min(self._MIN_RHO)
 
     def score(self, feats: Tensor, section: Tensor) -> Tensor:
         """Anomaly score per clip, (B, D) -> (B,): min over the section's banks of the k-NN mean distance."""
@@ -237,14 +279,17 @@ class KnnBackend(nn.Module):
                 "fit() has no clips of them; fit on training normals of every section you score"
             )
         acc = _acc_dtype(feats.device)
-        bank = self._fitted.on(feats.device)["bank"]
+        fitted = self._fitted.on(feats.device)
+        bank = fitted["bank"]
+        inv_rho = 1.0 / fitted["rho"] if self.density else None  # (N,)
         out = torch.full((feats.shape[0],), float("inf"), dtype=acc, device=feats.device)
         with torch.autocast(feats.device.type, enabled=False):  # ranking in float16 would be wrong
             for s in wanted:
                 rows = torch.nonzero(section == s).flatten()
                 for start, size in banks[s]:
+                    scale = None if inv_rho is None else inv_rho[start : start + size]
                     d = _knn_mean_distance(
-                        feats[rows], bank[start : start + size], self.k, self.normalize, self.chunk
+                        feats[rows], bank[start : start + size], self.k, self.normalize, self.chunk, scale
                     )  # (b,)
                     out[rows] = torch.minimum(out[rows], d)
         return out.to(_out_dtype(feats))
@@ -271,16 +316,22 @@ class KnnBackend(nn.Module):
         return dict(self._fitted.state)
 
     def set_extra_state(self, state: Any) -> None:
-        state = _plain_state(state, "KnnBackend", self._KEYS)
+        state = _plain_state(state, "KnnBackend", self._DENSITY_KEYS if self.density else self._KEYS)
         if state and bool(state["normalize"]) != self.normalize:
             raise AsdError(
                 f"KnnBackend: the checkpoint's banks were built with normalize={bool(state['normalize'])}"
                 f" but this backend has normalize={self.normalize}; set the same `normalize`"
             )
+        if state and ("rho" in state) != self.density:
+            raise AsdError(
+                f"KnnBackend: the checkpoint's banks were built with density={'rho' in state} but this "
+                f"backend has density={self.density}; set the same `density` (b3: knn_density)"
+            )
         self._fitted.set(state)
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, normalize={self.normalize}, chunk={self.chunk}"
+        density = ", density=True" if self.density else ""
+        return f"k={self.k}, normalize={self.normalize}, chunk={self.chunk}{density}"
 
 
 def ledoit_wolf(x: Tensor) -> tuple[Tensor, float]:

@@ -117,20 +117,6 @@ def test_bad_test_file_is_never_skipped(tiny_root, tmp_path):
         make_dm(root, tmp_path, on_bad_file="skip")
 
 
-@pytest.mark.parametrize(
-    ("kw", "key"),
-    [
-        ({"on_bad_file": "ignore"}, "data.on_bad_file"),
-        ({"val_fraction": 1.0}, "data.val_fraction"),
-        ({"batch_size": 0}, "data.batch_size"),
-        ({"synthetic": {"sectionz": 2}}, "data.synthetic"),
-    ],
-)
-def test_config_errors_name_the_key(kw, key):
-    with pytest.raises(AsdError, match=key):
-        AsdDataModule(**kw)
-
-
 def test_synthetic_default_is_generated_under_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ASD_CACHE", str(tmp_path))
     dm = AsdDataModule(

@@ -339,26 +339,18 @@ def test_too_short_clip_is_a_clear_error():
         tiny_stats().score({"wave": torch.zeros(2, 100)})  # one frame
 
 
+# Types and ranges of the config keys are the schema's (tests/test_config.py); these need the data's facts.
 @pytest.mark.parametrize(
-    "kw, key",
+    "kw, match",
     [
-        ({"layers": 1}, "layers"),
-        ({"hidden": 0}, "hidden"),
-        ({"blocks": 2.5}, "blocks"),
-        ({"pca_dim": 12}, "pca_dim"),
-        ({"pca_dim": 1}, "pca_dim"),
-        ({"input_dim": 1}, "input_dim"),
-        ({"dropout": 1.0}, "dropout"),
-        ({"momentum": 1.0}, "momentum"),
-        ({"min_std": 0.0}, "min_std"),
-        ({"max_log_scale": -1.0}, "max_log_scale"),
+        ({"pca_dim": 12}, "branches.b5.pca_dim"),
+        ({"input_dim": 1}, "input_dim=1"),
         ({"conditional": True}, "num_sections"),
-        ({"conditional": True, "num_sections": 0}, "num_sections"),
     ],
 )
-def test_bad_arguments_are_clear_errors(kw, key):
+def test_bad_arguments_are_clear_errors(kw, match):
     args = {"input_dim": 12, **kw}
-    with pytest.raises(AsdError, match=f"branches.b5.{key}"):
+    with pytest.raises(AsdError, match=match):
         FlowBranch(None, **args)
 
 

@@ -33,15 +33,6 @@ def default_optimizer(params: Iterable[torch.nn.Parameter]) -> Optimizer:
     return torch.optim.AdamW(params, lr=1e-3)
 
 
-def check_int(member: str, key: str, value: object, minimum: int = 1, example: str | None = None) -> int:
-    """`value` when it is an int (not a bool) >= `minimum`; else one AsdError naming the config key."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        need = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        hint = f"branches.{member}.{key}" + (f", e.g. {example}" if example else "")
-        raise AsdError(f"{member}: {key}={value!r} must be {need} ({hint})")
-    return value
-
-
 class Branch(L.LightningModule):
     """Base class of the members b1..b5 and the reference detector."""
 
@@ -51,6 +42,10 @@ class Branch(L.LightningModule):
     needs_backend: bool = False
     #: width D of `embed` (0 when the member has no embedding); b5 is sized from b1-b3's
     embed_dim: int = 0
+    #: True when the member draws heatmaps: `error_map` gives per-bin input/reconstruction/error
+    has_error_map: bool = False
+    #: where pretrained weights came from (b1: a hub id, a folder, or "scratch"); "" = trained here
+    weights_source: str = ""
 
     def __init__(self, optimizer: OptimizerFactory | None = None):
         super().__init__()
@@ -67,6 +62,30 @@ class Branch(L.LightningModule):
     def score(self, batch: dict[str, Tensor]) -> Tensor:
         """Clip anomaly score, (B,), higher = more anomalous."""
         raise NotImplementedError(f"{type(self).__name__} must implement score()")
+
+    def scores(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Every score the member reports, each (B,), keyed by a column suffix.
+
+        The default is the one `score` under the key "" (column `bN`); a member with several
+        scores from one pass overrides this (the reference: `mse`, `mahalanobis`, giving columns
+        `dcase_ae_mse`, `dcase_ae_mahalanobis`).
+        """
+        return {"": self.score(batch)}
+
+    def error_map(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Input, reconstruction and squared error per bin, each (B, n_mels, frames); see `has_error_map`."""
+        raise AsdError(f"{type(self).__name__} draws no error maps (has_error_map is False)")
+
+    def backend_state(self) -> dict[str, Tensor]:
+        """The fitted reference state (`fit_backend`'s result), for the run's `backends.pt`.
+
+        Members with `needs_backend` keep it in their `backend` submodule.
+        """
+        return self.backend.state_dict() if self.needs_backend else {}
+
+    def load_backend_state(self, state: dict[str, Tensor]) -> None:
+        if self.needs_backend:
+            self.backend.load_state_dict(state)
 
     def backend_features(self, batch: dict[str, Tensor]) -> Tensor:
         """What `fit_backend` is fitted on, (B, F); the embedding unless a member needs otherwise."""

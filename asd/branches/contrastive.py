@@ -1,34 +1,50 @@
-"""b3: contrastive CNN, a small ResNet on log-mel trained with supervised contrastive loss plus a classifier.
+"""b3: discriminative embedding CNN, trained from scratch on auxiliary classes; kNN scoring.
 
-The clip's log-mel is standardised per mel bin and encoded by a small 2-D ResNet (strided
+A clip's log-mel is standardised per mel bin and encoded by a small 2-D ResNet (strided
 stem, one stage per entry of `channels`, the first at full resolution and each later one
-halving both axes) into an embedding z (B, emb_dim): the last stage's map is averaged over
+halving both axes) into an embedding (B, emb_dim): the last stage's map is averaged over
 time and its channels x remaining mel bins are projected linearly, so the embedding keeps
-where in frequency a pattern sits. Training pulls clips of the same class together on the
-unit sphere and pushes the rest apart, so at test time a clip unlike every training normal
-of its section lands far from them.
+where in frequency a pattern sits. With `spectrum="multires"` a second branch encodes the
+log power of the FFT of the whole clip (`asd.features.LogSpectrum`, standardised per bin) with
+a 1-D CNN over frequency (`SpectrumEncoder`), and the two embeddings are concatenated (embed_dim
+= 2 emb_dim): the full spectrum resolves 1/duration Hz, where the log-mel sees ~100 Hz bands.
+Training pulls clips of one class together and apart from the other classes, so at test time a
+clip unlike every training normal of its section lands far from them.
+
+Objectives (`objective`):
+- "subcluster_adacos" (the DCASE 2023/2024 from-scratch recipe, `asd.branches.auxiliary`):
+  sub-cluster AdaCos over `classify` classes with `subclusters` fixed centres each, and mixup of
+  waves and targets (`mixup` probability per clip, lam ~ Beta(`mixup_alpha`, `mixup_alpha`)).
+  The keys `temperature`, `positives`, `head_weight`, `head_scale` are the other objective's.
+- "supcon": `supcon_loss` (Khosla et al. 2020, the L_out form) on L2-normalised embeddings with
+  temperature `temperature`, plus `head_weight` times the cross-entropy of a cosine classifier
+  (unit-norm class weights, logits scaled by `head_scale`) over `classify` classes.
+  `positives="attribute"`: two clips are positives when they share the section (so the machine)
+  and, where both attribute ids are known (>= 0), the attribute class; `positives="section"`
+  ignores attributes. An anchor with no positive in the batch is left out of the contrastive term;
+  the classifier's class weights act as prototypes that every clip always has. No mixup.
 
 Choices:
-- Normalisation: `asd.features.BinStats` (shared with b2), per-mel-bin mean and standard deviation of
-  every training frame seen so far, updated only by `loss` in train mode. It keeps no batch statistics at
-  scoring time, and a frozen member (eval mode) never moves it.
-- Loss: `supcon_loss` (Khosla et al. 2020, the L_out form) on L2-normalised z with
-  temperature `temperature`, plus `head_weight` times the cross-entropy of a cosine
-  classifier (unit-norm class weights, logits scaled by `head_scale`) over `classify`
-  classes. `positives="attribute"`: two clips are positives when they share the section
-  (so the machine) and, where both attribute ids are known (>= 0), the attribute class;
-  `positives="section"` ignores attributes. An anchor with no positive in the batch is left
-  out of the contrastive term; the classifier's class weights act as prototypes that every
-  clip always has, so a lone clip still trains through the head.
+- Classes: `classify="section"` (machine x section) or `"attribute"` (section x attributes).
+- One class (`self_supervised`): when `classify` gives a single class (one section, no attributes:
+  the first-shot case) the objectives have nothing to separate, so with "auto" every training clip
+  also enters as transformed copies (`asd.branches.auxiliary.VIEWS`: time-reversed, faster,
+  slower) and the class is (label, view); "always" does this on any data, "never" not at all. The
+  constructor logs the objective and classes at INFO. Scores embed the untransformed clip.
+- Normalisation: `asd.features.BinStats` (shared with b2), per-bin mean and standard deviation of
+  every untransformed, unmixed training clip seen so far, updated only by `loss` in train mode. It
+  keeps no batch statistics at scoring time, and a frozen member (eval mode) never moves it.
 - Few-shot target clips: every clip's loss is weighted by n^-`balance`, n the number of clips
   of its (section, domain) in the batch, weights scaled to mean 1 (`balance_weights`). With
   `balance=1` each (section, domain) group present in a batch weighs the same in total, so the
   one or two target clips in a batch count as much as the dozen source clips of their section;
-  0 switches the weighting off. The same weights apply to both loss terms.
-- z is the encoder's output before L2 normalisation (the loss and both scores use its
-  direction only; b5 standardises z itself).
+  0 switches the weighting off.
+- The embedding is the encoders' output before L2 normalisation (the losses and both scores use its
+  direction only; b5 standardises it itself).
 - Score: `score_mode="knn"` is the mean cosine distance to the `k` nearest training normals
-  of the clip's section, min over the source and target banks (`asd.scoring.KnnBackend`);
+  of the clip's section, min over the source and target banks (`asd.scoring.KnnBackend`), with
+  `knn_density` each bank clip's distance divided by its local scale (its mean distance to its k
+  nearest training neighbours of the section), so a sparse target bank is not penalised;
   `"centre"` is the cosine distance to the mean unit embedding of the section's training
   normals, source and target centres apart, the smaller of the two. Domain-unknown training
   clips join the source bank or centre. The fitted state is a `KnnBackend` (for "centre" one
@@ -44,22 +60,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from asd.branches.base import Branch, OptimizerFactory, check_int
+from asd.branches.auxiliary import VIEWS, SubclusterAdaCos, mixup, one_hot, self_supervised_views
+from asd.branches.base import Branch, OptimizerFactory
 from asd.errors import AsdError
-from asd.features import BinStats
+from asd.features import BinStats, LogSpectrum
 from asd.scoring import KnnBackend
 
 log = logging.getLogger(__name__)
 
-SCORE_MODES = ("knn", "centre")
-LABEL_KINDS = ("attribute", "section")
+OBJECTIVES = ("supcon", "subcluster_adacos")
+SPECTRA = ("logmel", "multires")
+SELF_SUPERVISED = ("auto", "always", "never")
 _MASKED = -1e9  # logit of an anchor with itself: finite, so a batch of one gives no NaN gradient
-
-
-def _number(value: object, key: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise AsdError(f"b3: {key}={value!r} must be a number (branches.b3.{key})")
-    return float(value)
 
 
 def balance_weights(section: Tensor, domain: Tensor, power: float = 1.0) -> Tensor:
@@ -162,8 +174,50 @@ class ResNetEncoder(nn.Module):
         return self.proj(h.flatten(1))  # (B, C * F') -> (B, emb_dim)
 
 
+class SpectrumEncoder(nn.Module):
+    """Full log spectrum (B, n_bins) -> embedding (B, emb_dim) by a 1-D CNN over frequency.
+
+    A wide strided stem (kernel `kernel`, stride `stride` bins) reads the fine spectrum; each later
+    entry of `channels` is a stride-2 convolution and a 3-wide one; the map is averaged into
+    `positions` frequency bands whose channels are projected linearly, so the embedding keeps where
+    in frequency a line sits, for any number of bins.
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int] = (32, 64, 128),
+        emb_dim: int = 128,
+        positions: int = 16,
+        kernel: int = 256,
+        stride: int = 64,
+    ):
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Conv1d(1, channels[0], kernel, stride=stride, padding=kernel // 2, bias=False),
+            nn.BatchNorm1d(channels[0]),
+            nn.ReLU(),
+        ]
+        for c_in, c in zip(channels[:-1], channels[1:], strict=True):
+            layers += [
+                nn.Conv1d(c_in, c, 5, stride=2, padding=2, bias=False),
+                nn.BatchNorm1d(c),
+                nn.ReLU(),
+                nn.Conv1d(c, c, 3, padding=1, bias=False),
+                nn.BatchNorm1d(c),
+                nn.ReLU(),
+            ]
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool1d(positions)
+        self.proj = nn.Linear(channels[-1] * positions, emb_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.layers(x[:, None])  # (B, 1, n_bins) -> (B, C, L)
+        h = self.pool(h)  # (B, C, L) -> (B, C, positions)
+        return self.proj(h.flatten(1))  # (B, C * positions) -> (B, emb_dim)
+
+
 class ContrastiveBranch(Branch):
-    """b3: ResNet on log-mel, supervised contrastive + cosine-classifier loss; kNN or centre score."""
+    """b3: ResNet on log-mel (+ 1-D CNN on the full spectrum), sub-cluster AdaCos or SupCon; kNN score."""
 
     name = "b3"
     needs_backend = True
@@ -173,9 +227,17 @@ class ContrastiveBranch(Branch):
         frontend: nn.Module,
         num_sections: int,
         num_attributes: int | None = None,
+        num_samples: int | None = None,
         channels: Sequence[int] = (16, 32, 64, 128),
         blocks: int = 1,
         emb_dim: int = 128,
+        objective: str = "supcon",
+        subclusters: int = 16,
+        mixup: float = 0.0,
+        mixup_alpha: float = 1.0,
+        self_supervised: str = "auto",
+        spectrum: str = "logmel",
+        spectrum_channels: Sequence[int] = (32, 64, 128),
         temperature: float = 0.1,
         positives: str = "attribute",
         classify: str = "attribute",
@@ -184,67 +246,47 @@ class ContrastiveBranch(Branch):
         balance: float = 1.0,
         score_mode: str = "knn",
         k: int = 1,
+        knn_density: bool = False,
         optimizer: OptimizerFactory | None = None,
     ):
-        """Build the encoder for the front end's `n_mels` bins.
+        """Build the encoders for the front end's `n_mels` bins (and the clip's `num_samples`).
 
         Args:
             frontend: wave (B, T) -> log-mel (B, n_mels, frames) with an `n_mels` attribute (`LogMel`).
             num_sections, num_attributes: class counts of (machine, section) and of training
-                (machine, section, attributes); `num_attributes` is needed when `classify="attribute"`.
-            channels, blocks, emb_dim: ResNet stage widths, residual blocks per stage, embedding size.
-            temperature: of the contrastive loss.
-            positives: "attribute" (same section and, when both known, attributes) or "section".
-            classify: classes of the cosine classifier head, "attribute" or "section".
-            head_weight: weight of the classifier's cross-entropy; 0 builds no head.
-            head_scale: the classifier's logit scale (cosine similarities times this).
+                (machine, section, attributes); `num_attributes` is needed when classifying attributes.
+            num_samples: clip length in samples (the builder passes it); `spectrum="multires"` needs it.
+            channels, blocks, emb_dim: ResNet stage widths, residual blocks per stage, embedding size
+                (per input branch).
+            objective: "subcluster_adacos" or "supcon" (see the module docstring).
+            subclusters: centres per class of sub-cluster AdaCos.
+            mixup, mixup_alpha: probability that a clip is mixed, and the Beta parameter of the mix.
+            self_supervised: "auto" (transformed copies as classes when `classify` gives one class),
+                "always" or "never".
+            spectrum: "logmel", or "multires" (log-mel and full-spectrum branches, concatenated).
+            spectrum_channels: widths of the full-spectrum CNN.
+            temperature, positives, head_weight, head_scale: the supcon objective's (module docstring).
+            classify: classes of the objective, "attribute" or "section".
             balance: exponent of the (section, domain) balancing weights, in [0, 1]; 0 = unweighted.
             score_mode: "knn" or "centre".
             k: neighbours averaged by the kNN score.
+            knn_density: divide kNN distances by each bank clip's local scale (`KnnBackend(density=)`).
         """
         super().__init__(optimizer)
         self.save_hyperparameters(ignore=["frontend", "optimizer"])
-        check_int("b3", "num_sections", num_sections, example="the number of (machine, section) pairs")
-        if isinstance(channels, str) or not isinstance(channels, Sequence) or not channels:
-            raise AsdError(f"b3: channels={channels!r} must be a list of stage widths (branches.b3.channels)")
-        for c in channels:
-            check_int("b3", "channels", c, example="[16, 32, 64]")
-        check_int("b3", "blocks", blocks, example="1")
-        check_int("b3", "emb_dim", emb_dim, example="128")
-        check_int("b3", "k", k, example="1")
-        temperature, head_weight = _number(temperature, "temperature"), _number(head_weight, "head_weight")
-        head_scale, balance = _number(head_scale, "head_scale"), _number(balance, "balance")
-        if not temperature > 0:
+        adacos = objective == "subcluster_adacos"
+        if not adacos and mixup > 0:
             raise AsdError(
-                f"b3: temperature={temperature} must be positive (branches.b3.temperature, e.g. 0.1)"
+                f"b3: mixup={mixup} needs objective=subcluster_adacos (supcon has no targets to mix); "
+                "set branches.b3.mixup=0"
             )
-        if not head_weight >= 0:
+        if knn_density and score_mode != "knn":
+            raise AsdError("b3: knn_density rescales kNN distances; it needs score_mode=knn")
+        by_attribute = classify == "attribute" and (adacos or head_weight > 0)
+        if by_attribute and num_attributes is None:
             raise AsdError(
-                f"b3: head_weight={head_weight} must be >= 0 (branches.b3.head_weight); 0 = no head"
-            )
-        if not head_scale > 0:
-            raise AsdError(f"b3: head_scale={head_scale} must be positive (branches.b3.head_scale, e.g. 16)")
-        if not 0 <= balance <= 1:
-            raise AsdError(f"b3: balance={balance} must be in [0, 1] (branches.b3.balance); 0 = unweighted")
-        for key, value in (("positives", positives), ("classify", classify)):
-            if value not in LABEL_KINDS:
-                raise AsdError(
-                    f"b3: {key}={value!r} is unknown; set branches.b3.{key} to one of {LABEL_KINDS}"
-                )
-        if score_mode not in SCORE_MODES:
-            raise AsdError(
-                f"b3: score_mode={score_mode!r} is unknown; set branches.b3.score_mode to one of "
-                f"{SCORE_MODES}"
-            )
-        num_classes = num_sections
-        if classify == "attribute" and head_weight > 0:
-            if num_attributes is None:
-                raise AsdError(
-                    "b3: classify='attribute' needs num_attributes (the pipeline passes it); "
-                    "pass it or set branches.b3.classify=section"
-                )
-            num_classes = check_int(
-                "b3", "num_attributes", num_attributes, example="the number of attribute classes"
+                "b3: classify='attribute' needs num_attributes (the pipeline passes it); "
+                "pass it or set branches.b3.classify=section"
             )
         n_mels = getattr(frontend, "n_mels", None)
         if isinstance(n_mels, bool) or not isinstance(n_mels, int) or n_mels < 1:
@@ -252,32 +294,95 @@ class ContrastiveBranch(Branch):
                 f"b3: the frontend {type(frontend).__name__} has no integer `n_mels`; use "
                 "asd.features.LogMel (branches.b3.frontend)"
             )
+        multires = spectrum == "multires"
+        if multires and num_samples is None:
+            raise AsdError(
+                "b3: spectrum=multires needs the clip length (num_samples, passed by the pipeline when "
+                "data.audio.duration is set); set data.audio.duration or branches.b3.spectrum=logmel"
+            )
 
+        num_real = num_attributes if by_attribute else num_sections
+        one_class = num_real == 1
+        self.views = VIEWS if self_supervised == "always" or (self_supervised == "auto" and one_class) else ()
+        if one_class and not self.views:
+            log.warning(
+                "b3: classify=%s gives 1 class and self_supervised=never: the %s objective has nothing "
+                "to separate, so b3 learns little",
+                classify,
+                objective,
+            )
         self.frontend = frontend
         self.n_mels = n_mels
-        self.embed_dim = emb_dim
-        self.temperature, self.head_scale, self.balance = temperature, head_scale, balance
-        self.head_weight, self.positives, self.classify = head_weight, positives, classify
-        self.num_classes, self.score_mode = num_classes, score_mode
+        self.embed_dim = emb_dim * (2 if multires else 1)
+        self.objective, self.classify, self.positives = objective, classify, positives
+        self.temperature, self.head_scale = float(temperature), float(head_scale)
+        self.balance, self.head_weight = float(balance), float(head_weight)
+        self.mixup, self.mixup_alpha = float(mixup), float(mixup_alpha)
+        self.num_classes = num_real * max(len(self.views), 1)
+        self.score_mode = score_mode
         self.stats = BinStats(n_mels)
         self.encoder = ResNetEncoder(n_mels, tuple(channels), blocks, emb_dim)
+        if multires:
+            self.spectrum_frontend = LogSpectrum(num_samples)
+            self.spectrum_stats = BinStats(self.spectrum_frontend.n_bins)
+            self.spectrum_encoder = SpectrumEncoder(tuple(spectrum_channels), emb_dim)
+        else:
+            self.spectrum_frontend = self.spectrum_stats = self.spectrum_encoder = None
         # only a member that uses its head has one: an unused parameter would break DDP's gradient sync
-        self.head = (
-            nn.Parameter(torch.randn(num_classes, emb_dim) * emb_dim**-0.5) if head_weight > 0 else None
-        )
-        self.backend = KnnBackend(k=k if score_mode == "knn" else 1, normalize=True)
+        self.head = None
+        self.adacos = SubclusterAdaCos(self.num_classes, self.embed_dim, subclusters) if adacos else None
+        if not adacos and head_weight > 0:
+            self.head = nn.Parameter(torch.randn(self.num_classes, self.embed_dim) * self.embed_dim**-0.5)
+        self.backend = KnnBackend(k=k if score_mode == "knn" else 1, normalize=True, density=knn_density)
+        log.info("b3: %s", self.describe(num_sections, num_attributes))
+
+    def describe(self, num_sections: int, num_attributes: int | None) -> str:
+        """The objective, its classes and inputs, in words (logged when the member is built)."""
+        data = f"{num_sections} section(s), {num_attributes} attribute class(es)"
+        kind = f"{self.classify} class(es)"
+        if self.views:
+            why = "1 class" if self.num_classes == len(self.views) else "self_supervised=always"
+            classes = f"{self.num_classes} self-supervised classes ({why}): {kind} x {', '.join(self.views)}"
+        else:
+            classes = f"{self.num_classes} {kind}"
+        if self.adacos is not None:
+            objective = (
+                f"sub-cluster AdaCos ({self.adacos.subclusters} sub-clusters per class, mixup p={self.mixup})"
+            )
+        else:
+            objective = f"supervised contrastive (positives: {self.positives}) + cosine classifier"
+        inputs = "log-mel + full spectrum" if self.spectrum_encoder is not None else "log-mel"
+        return f"{data}: {objective} over {classes}; inputs {inputs}"
 
     # -- pieces -----------------------------------------------------------------------------------
 
     def spectrogram(self, batch: dict[str, Tensor]) -> Tensor:
         """The batch's log-mel in the front end's units, (B, n_mels, frames)."""
-        spec = self.frontend(batch["wave"])  # (B, T) -> (B, n_mels, frames)
+        return self._logmel(batch["wave"])
+
+    def _logmel(self, wave: Tensor) -> Tensor:
+        spec = self.frontend(wave)  # (B, T) -> (B, n_mels, frames)
         if spec.ndim != 3 or spec.shape[1] != self.n_mels:
             raise AsdError(
                 f"b3: the frontend returned {tuple(spec.shape)}, expected (B, {self.n_mels}, frames); "
                 "branches.b3.frontend must be a log-mel front end such as asd.features.LogMel"
             )
         return spec
+
+    def _inputs(self, wave: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Log-mel (B, n_mels, frames) and, with the full-spectrum branch, log spectrum (B, n_bins, 1)."""
+        mel = self._logmel(wave)
+        if self.spectrum_frontend is None:
+            return mel, None
+        return mel, self.spectrum_frontend(wave)[:, :, None]  # (B, n_bins) -> (B, n_bins, 1)
+
+    def _encode(self, mel: Tensor, spec: Tensor | None) -> Tensor:
+        """Standardised inputs -> the embedding (B, embed_dim) float32."""
+        z = self.encoder(self.stats.normalise(mel)).float()  # (B, emb_dim)
+        if spec is None:
+            return z
+        zs = self.spectrum_encoder(self.spectrum_stats.normalise(spec)[:, :, 0]).float()  # (B, emb_dim)
+        return torch.cat([z, zs], dim=1)  # (B, 2 emb_dim)
 
     @staticmethod
     def _labels(batch: dict[str, Tensor], kind: str) -> Tensor:
@@ -286,14 +391,17 @@ class ContrastiveBranch(Branch):
             raise AsdError(f"b3: the batch has no '{kind}' ids; b3 trains on batches of asd.data.datamodule")
         return batch[kind].long()
 
-    def _head_loss(self, z: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
-        """Weighted cross-entropy of the cosine classifier; clips of unknown class (-1) are left out."""
+    def _check_classes(self, labels: Tensor) -> None:
         if labels.numel() and (int(labels.min()) < -1 or int(labels.max()) >= self.num_classes):
             raise AsdError(
                 f"b3: '{self.classify}' ids range over [{int(labels.min())}, {int(labels.max())}] but the "
-                f"head has {self.num_classes} classes; build b3 with the data's num_sections / "
+                f"objective has {self.num_classes} classes; build b3 with the data's num_sections / "
                 "num_attributes (a checkpoint of another dataset does not fit)"
             )
+
+    def _head_loss(self, z: Tensor, labels: Tensor, weight: Tensor) -> Tensor:
+        """Weighted cross-entropy of the cosine classifier; clips of unknown class (-1) are left out."""
+        self._check_classes(labels)
         with torch.autocast(z.device.type, enabled=False):
             logits = self.head_scale * F.normalize(z.float(), dim=1) @ F.normalize(self.head.float(), dim=1).T
             ce = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")  # (B,)
@@ -303,27 +411,49 @@ class ContrastiveBranch(Branch):
     # -- the member contract ----------------------------------------------------------------------
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
-        """Balanced supervised contrastive loss plus `head_weight` times the classifier's cross-entropy."""
-        spec = self.spectrogram(batch)  # (B, n_mels, frames)
-        if self.training:
-            self.stats.update(spec)
-        z = self.encoder(self.stats.normalise(spec)).float()  # (B, emb_dim)
+        """The objective's loss on the batch (and its self-supervised views), (section, domain)-balanced."""
+        wave = batch["wave"]
+        mel, spec = self._inputs(wave)
+        if self.training:  # statistics of untransformed, unmixed clips only: those are what is scored
+            self.stats.update(mel)
+            if spec is not None:
+                self.spectrum_stats.update(spec)
         section = self._labels(batch, "section")
         domain = self._labels(batch, "domain")
-        attribute = (
-            self._labels(batch, "attribute") if "attribute" in (self.positives, self.classify) else None
-        )
+        by_attribute = self.positives == "attribute" if self.adacos is None else False
+        attribute = self._labels(batch, "attribute") if by_attribute or self.classify == "attribute" else None
         weight = balance_weights(section, domain, self.balance)  # (B,)
+        if self.views:
+            n = len(self.views)
+            wave, view = self_supervised_views(wave)  # (V B, T), (V B,)
+            section = section.repeat(n) * n + view  # class (label, view), view-major rows
+            if attribute is not None:
+                attribute = attribute.repeat(n)
+                attribute = torch.where(attribute >= 0, attribute * n + view, attribute)
+            weight = weight.repeat(n)
+            mel = None
+        labels = attribute if self.classify == "attribute" and attribute is not None else section
+
+        if self.adacos is not None:
+            self._check_classes(labels)
+            target = one_hot(labels, self.num_classes)  # (B', C)
+            weight = weight * (labels >= 0)
+            if self.training and self.mixup > 0:
+                wave, target, weight = mixup(wave, target, weight, self.mixup, self.mixup_alpha)
+                mel = None
+            z = self._encode(*self._inputs(wave)) if mel is None else self._encode(mel, spec)
+            return self.adacos(z, target, weight)
+
+        z = self._encode(*self._inputs(wave)) if mel is None else self._encode(mel, spec)
         positive = positive_pairs(section, attribute if self.positives == "attribute" else None)
         total = supcon_loss(F.normalize(z, dim=1), positive, weight, self.temperature)
         if self.head is not None:
-            labels = attribute if self.classify == "attribute" else section
             total = total + self.head_weight * self._head_loss(z, labels, weight)
         return total
 
     def embed(self, batch: dict[str, Tensor]) -> Tensor:
-        """The encoder's embedding before L2 normalisation, (B, emb_dim) float32."""
-        return self.encoder(self.stats.normalise(self.spectrogram(batch))).float()
+        """The encoders' embedding of the untransformed clip before L2 normalisation, (B, embed_dim)."""
+        return self._encode(*self._inputs(batch["wave"]))
 
     def fit_backend(self, feats: Tensor, meta: dict[str, Tensor]) -> None:
         """kNN banks, or centres, per (section, source|target) of the training normals' embeddings."""

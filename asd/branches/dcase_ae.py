@@ -22,13 +22,11 @@ import logging
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from asd.branches.base import Branch, OptimizerFactory, check_int
+from asd.branches.base import Branch, OptimizerFactory
 from asd.errors import AsdError
 from asd.scoring import MahalanobisBackend
 
 log = logging.getLogger(__name__)
-
-SCORE_MODES = ("mse", "mahalanobis")
 
 
 def _dense(n_in: int, n_out: int) -> list[nn.Module]:
@@ -62,13 +60,6 @@ class DcaseAEBranch(Branch):
         super().__init__(optimizer)
         self.embed_dim = bottleneck  # width of embed()
         self.save_hyperparameters(ignore=["frontend", "optimizer"])
-        for key, value in (("n_frames", n_frames), ("hidden", hidden), ("bottleneck", bottleneck)):
-            check_int("dcase_ae", key, value)
-        if score_mode not in SCORE_MODES:
-            raise AsdError(
-                f"dcase_ae: score_mode={score_mode!r} is unknown; set branches.dcase_ae.score_mode to one of "
-                f"{SCORE_MODES}"
-            )
         n_mels = getattr(frontend, "n_mels", None)
         if not isinstance(n_mels, int) or n_mels < 1:
             raise AsdError(

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from asd.branches.base import Branch, OptimizerFactory, check_int
+from asd.branches.base import Branch, OptimizerFactory
 from asd.errors import AsdError
 from asd.features import BinStats
 
@@ -202,6 +202,7 @@ class DiffusionBranch(Branch):
 
     name = "b4"
     needs_backend = False
+    has_error_map = True
 
     def __init__(
         self,
@@ -238,46 +239,13 @@ class DiffusionBranch(Branch):
         """
         super().__init__(optimizer)
         self.save_hyperparameters(ignore=["frontend", "optimizer"])
-        for key, value in (
-            ("num_samples", num_samples),
-            ("time_dim", time_dim),
-            ("norm_groups", norm_groups),
-            ("timesteps", timesteps),
-            ("ddim_steps", ddim_steps),
-            ("noise_draws", noise_draws),
-        ):
-            check_int("b4", key, value)
-        if isinstance(channels, str) or not isinstance(channels, Sequence) or not 1 <= len(channels) <= 5:
+        if num_samples is None:
+            raise AsdError("b4 needs clips of one fixed length (num_samples): set data.audio.duration")
+        if any(c % norm_groups for c in channels):
             raise AsdError(
-                f"b4: channels={channels!r} must be a list of 1 to 5 channel counts, one per U-Net level "
-                "(branches.b4.channels, e.g. [128, 128, 256])"
+                f"b4: channels={list(channels)} must all be multiples of norm_groups={norm_groups} "
+                "(GroupNorm); change branches.b4.channels or branches.b4.norm_groups"
             )
-        for c in channels:
-            check_int("b4", "channels", c)
-            if c % norm_groups:
-                raise AsdError(
-                    f"b4: channels={list(channels)} must all be multiples of norm_groups={norm_groups} "
-                    "(GroupNorm); change branches.b4.channels or branches.b4.norm_groups"
-                )
-        if time_dim % 2:
-            raise AsdError(
-                f"b4: time_dim={time_dim} must be even (sine and cosine halves; branches.b4.time_dim)"
-            )
-        if timesteps < 2:
-            raise AsdError(f"b4: timesteps={timesteps} must be at least 2 (branches.b4.timesteps, e.g. 200)")
-        if schedule not in SCHEDULES:
-            raise AsdError(
-                f"b4: schedule={schedule!r} is unknown; set branches.b4.schedule to one of {SCHEDULES}"
-            )
-        if isinstance(t_star, bool) or not isinstance(t_star, (int, float)) or not 0 < t_star <= 1:
-            raise AsdError(
-                f"b4: t_star={t_star!r} must be a fraction of the chain in (0, 1] "
-                "(branches.b4.t_star, e.g. 0.2)"
-            )
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise AsdError(f"b4: dropout={dropout!r} must be in [0, 1) (branches.b4.dropout)")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise AsdError(f"b4: seed={seed!r} must be a non-negative integer (branches.b4.seed)")
         self.t_star_step = round(t_star * (timesteps - 1))
         if ddim_steps > max(1, self.t_star_step):
             raise AsdError(
@@ -299,7 +267,7 @@ class DiffusionBranch(Branch):
         self.timesteps, self.schedule, self.seed = timesteps, schedule, seed
         self.ddim_steps = ddim_timesteps(self.t_star_step, ddim_steps)
         self.noise_draws = noise_draws
-        #: the member has no embedding (DESIGN.md section 4)
+        #: the member has no embedding (docs/architecture.md, "Members")
         self.embed_dim = 0
 
         self.stats = BinStats(self.n_mels)

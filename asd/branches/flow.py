@@ -44,6 +44,9 @@ Choices:
 - Numerics: the front end and the flow run in float32 with autocast disabled; a non-finite
   input is an AsdError; standardised values are clipped to +-`MAX_STD` standard deviations
   (such a clip is an extreme outlier either way) so the float32 flow stays finite.
+
+One file: one member per file (STYLE.md); its input-width, standardisation and PCA choices
+belong together with the flow they feed.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from nflows.transforms.base import CompositeTransform
 from nflows.transforms.coupling import AffineCouplingTransform
 from torch import Tensor, nn
 
-from asd.branches.base import Branch, OptimizerFactory, check_int
+from asd.branches.base import Branch, OptimizerFactory
 from asd.errors import AsdError
 
 log = logging.getLogger(__name__)
@@ -210,51 +213,34 @@ class FlowBranch(Branch):
         """
         super().__init__(optimizer)
         self.save_hyperparameters(ignore=["frontend", "optimizer"])
-        for key, value in (("hidden", hidden), ("blocks", blocks)):
-            check_int("b5", key, value)
-        check_int("b5", "layers", layers, minimum=2)
-        if not 0.0 <= dropout < 1.0:
-            raise AsdError(f"b5: dropout={dropout!r} must be in [0, 1) (branches.b5.dropout)")
-        if not (isinstance(max_log_scale, (int, float)) and 0 < max_log_scale <= 10):
-            raise AsdError(
-                f"b5: max_log_scale={max_log_scale!r} must be in (0, 10] (branches.b5.max_log_scale)"
-            )
-        if momentum is not None and not 0.0 < momentum < 1.0:
-            raise AsdError(
-                f"b5: momentum={momentum!r} must be in (0, 1), or null for exact running moments "
-                "(branches.b5.momentum)"
-            )
-        if not (isinstance(min_std, (int, float)) and 0 < min_std < 1):
-            raise AsdError(f"b5: min_std={min_std!r} must be in (0, 1) (branches.b5.min_std)")
-
         self.frontend = frontend
         self.input_dim = input_dim  # the ensemble feeds `z` only when this is set
         if input_dim is not None:
-            check_int("b5", "input_dim", input_dim, minimum=2)
+            if input_dim < 2:
+                raise AsdError(
+                    f"b5: input_dim={input_dim}: the other members' embeddings must have 2 or more features "
+                    "for the flow to couple"
+                )
             dim = input_dim
         else:
             if frontend is None:
                 raise AsdError(
-                    "b5: needs either input_dim (branches.b5.input_dim, the width of the other members' "
-                    "embeddings) or a frontend (branches.b5.frontend) for log-mel statistics"
+                    "b5: without input_dim (the width of the b1-b3 embeddings, none selected) it models "
+                    "log-mel statistics and needs a frontend (branches.b5.frontend)"
                 )
             dim = 2 * self._probe_mels(frontend)
         self.feature_dim = dim
-        if pca_dim is not None:
-            check_int("b5", "pca_dim", pca_dim, minimum=2)
-            if pca_dim >= dim:
-                raise AsdError(
-                    f"b5: pca_dim={pca_dim} must be smaller than the input width {dim}; set "
-                    "branches.b5.pca_dim: null to model the whole input"
-                )
+        if pca_dim is not None and pca_dim >= dim:
+            raise AsdError(
+                f"b5: pca_dim={pca_dim} must be smaller than the input width {dim}; set "
+                "branches.b5.pca_dim: null to model the whole input"
+            )
         self.pca_dim = pca_dim
         self.flow_dim = pca_dim or dim
 
         self.conditional = bool(conditional)
-        if self.conditional:
-            if num_sections is None:
-                raise AsdError("b5: conditional=true needs num_sections (branches.b5.num_sections)")
-            check_int("b5", "num_sections", num_sections)
+        if self.conditional and num_sections is None:
+            raise AsdError("b5: conditional=true needs num_sections (the pipeline passes it)")
         self.num_sections = num_sections
         self.min_std = float(min_std)
         self.embed_dim = 0

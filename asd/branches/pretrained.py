@@ -32,6 +32,9 @@ Choices:
   `configure_optimizers` refuses, so the ensemble must treat it as frozen.
 - Score: `asd.scoring.KnnBackend` on L2-normalised z (cosine distance), one bank per (section,
   source|target), the smaller of the two k-NN mean distances; fitted by `fit_backend`.
+
+One file: one member per file (STYLE.md); loading weights (hub, folder, scratch) and the
+angular-margin heads are b1's alone.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,17 +52,13 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from transformers import ASTConfig, ASTModel
 
-from asd.branches.base import Branch, OptimizerFactory, check_int
+from asd.branches.base import Branch, OptimizerFactory
 from asd.errors import AsdError
 from asd.features import AstFbank
 from asd.scoring import KnnBackend
 
 log = logging.getLogger(__name__)
 
-MODES = ("finetune", "frozen")
-LABELS = ("auto", "attribute", "section")
-HEADS = ("arcface", "adacos")
-POOLINGS = ("mean", "cls")
 AST_MODEL_TYPE = "audio-spectrogram-transformer"
 #: the AudioSet-trained AST the full-size configuration uses
 DEFAULT_HUB_ID = "MIT/ast-finetuned-audioset-10-10-0.4593"
@@ -223,6 +224,61 @@ class AngularHead(nn.Module):
         return f"kind={self.kind}, classes={self.num_classes}{margin}"
 
 
+@dataclass(frozen=True)
+class ScratchAST:
+    """The sizes of a small AST initialised at random and trained here (`weights: scratch`)."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+    patch_size: int = 16
+    frequency_stride: int = 16
+    time_stride: int = 16
+    num_mel_bins: int = 128
+    dropout: float = 0.0
+
+    def config(self, num_samples: int | None, sample_rate: int) -> ASTConfig:
+        """The AST config whose `max_length` covers clips of `num_samples` samples."""
+        if num_samples is None:
+            raise AsdError(
+                "b1: weights=scratch sizes the AST from the clip length, but num_samples is unknown; set "
+                "data.audio.duration (clips of a fixed length) or use pre-trained weights"
+            )
+        if self.hidden_size % self.num_heads:
+            raise AsdError(
+                f"b1: hidden_size={self.hidden_size} must be a multiple of num_heads={self.num_heads} "
+                "(branches.b1.hidden_size, e.g. 64 with num_heads=4)"
+            )
+        patch = self.patch_size
+        if patch > self.num_mel_bins:
+            raise AsdError(
+                f"b1: patch_size={patch} is larger than num_mel_bins={self.num_mel_bins} "
+                "(branches.b1.patch_size)"
+            )
+        frames = AstFbank(sample_rate=sample_rate, num_mel_bins=self.num_mel_bins).num_frames(num_samples)
+        if frames < patch:
+            raise AsdError(
+                f"b1: clips of {num_samples} samples give {frames} fbank frames, fewer than patch_size="
+                f"{patch}; use longer clips (data.audio.duration) or a smaller branches.b1.patch_size"
+            )
+        stride = self.time_stride
+        max_length = patch + math.ceil((frames - patch) / stride) * stride  # patches cover every frame
+        return ASTConfig(
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            hidden_dropout_prob=float(self.dropout),
+            attention_probs_dropout_prob=float(self.dropout),
+            patch_size=patch,
+            frequency_stride=self.frequency_stride,
+            time_stride=stride,
+            num_mel_bins=self.num_mel_bins,
+            max_length=max_length,
+        )
+
+
 class PretrainedASTBranch(Branch):
     """b1: Audio Spectrogram Transformer, frozen or fine-tuned with an angular-margin head; kNN score."""
 
@@ -237,15 +293,6 @@ class PretrainedASTBranch(Branch):
         sample_rate: int = 16000,
         weights: str = "scratch",
         mode: str = "finetune",
-        hidden_size: int = 64,
-        num_layers: int = 2,
-        num_heads: int = 4,
-        intermediate_size: int = 128,
-        patch_size: int = 16,
-        frequency_stride: int = 16,
-        time_stride: int = 16,
-        num_mel_bins: int = 128,
-        dropout: float = 0.0,
         pooling: str = "mean",
         labels: str = "auto",
         head: str = "arcface",
@@ -254,6 +301,7 @@ class PretrainedASTBranch(Branch):
         k: int = 1,
         head_lr: float | None = None,
         optimizer: OptimizerFactory | None = None,
+        **scratch: Any,
     ):
         """Load or build the AST and, when fine-tuning, its classification head.
 
@@ -264,9 +312,6 @@ class PretrainedASTBranch(Branch):
                 ("finetune" only; see `labels`).
             weights: "scratch", a local folder written by `save_pretrained`, or a hub id.
             mode: "finetune" (train the AST with the head) or "frozen" (fixed AST, nothing to train).
-            hidden_size, num_layers, num_heads, intermediate_size, patch_size, frequency_stride,
-                time_stride, num_mel_bins, dropout: sizes of a "scratch" AST (ignored for pre-trained
-                weights, whose config decides).
             pooling: "mean" of the patch tokens or "cls" (mean of the [CLS] and distillation tokens).
             labels: what the head classifies: "attribute" classes, "section" classes, or "auto" =
                 attributes when there are more of them than sections, else sections.
@@ -274,71 +319,18 @@ class PretrainedASTBranch(Branch):
             k: neighbours of the kNN score.
             head_lr: learning rate of the head when it should differ from the AST's (a pre-trained AST
                 is fine-tuned slowly, a fresh head learns fast); None uses the optimizer's.
+            scratch: `ScratchAST` sizes (hidden_size, num_layers, ...; the config's flat keys) of a
+                "scratch" AST; pre-trained weights bring their own config, and these are ignored.
         """
         super().__init__(optimizer)
         self.save_hyperparameters(ignore=["optimizer"])
-        if mode not in MODES:
-            raise AsdError(f"b1: mode={mode!r} is unknown; set branches.b1.mode to one of {MODES}")
-        if pooling not in POOLINGS:
-            raise AsdError(
-                f"b1: pooling={pooling!r} is unknown; set branches.b1.pooling to one of {POOLINGS}"
-            )
-        if labels not in LABELS:
-            raise AsdError(f"b1: labels={labels!r} is unknown; set branches.b1.labels to one of {LABELS}")
-        if head not in HEADS:
-            raise AsdError(f"b1: head={head!r} is unknown; set branches.b1.head to one of {HEADS}")
-        if not isinstance(weights, str) or not weights:
-            raise AsdError(f"b1: weights={weights!r}; {_weights_help()}")
-        check_int("b1", "k", k)
-        if num_samples is not None:
-            check_int("b1", "num_samples", num_samples)
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
-            raise AsdError(f"b1: scale={scale!r} must be a positive number (branches.b1.scale)")
-        if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not 0 <= margin < math.pi / 2:
-            raise AsdError(f"b1: margin={margin!r} must be in [0, pi/2) radians (branches.b1.margin)")
-        if head_lr is not None and not (isinstance(head_lr, (int, float)) and head_lr > 0):
-            raise AsdError(f"b1: head_lr={head_lr!r} must be a positive number or null (branches.b1.head_lr)")
         self.mode, self.pooling, self.head_lr = mode, pooling, head_lr
         self.num_samples = num_samples
-
-        if weights == "scratch":
-            config = self._scratch_config(
-                num_samples,
-                sample_rate,
-                hidden_size=hidden_size,
-                num_layers=num_layers,
-                num_heads=num_heads,
-                intermediate_size=intermediate_size,
-                patch_size=patch_size,
-                frequency_stride=frequency_stride,
-                time_stride=time_stride,
-                num_mel_bins=num_mel_bins,
-                dropout=dropout,
-            )
-        else:
-            config = None
+        sizes = ScratchAST(**scratch)  # built for pre-trained weights too, so a misspelt size fails
+        config = sizes.config(num_samples, sample_rate) if weights == "scratch" else None
         self.encoder, self.weights_source = load_ast(weights, config)
         config = self.encoder.config
-        trained = "fine-tuned here" if mode == "finetune" else "frozen"
-        if weights == "scratch":
-            log.info("b1: AST weights from scratch (random init, trained here)")
-            if mode == "frozen":
-                log.warning("b1: mode=frozen with weights=scratch scores with a random, untrained AST")
-        else:
-            kind, where = self.weights_source.split(":", 1)
-            log.info(
-                "b1: AST weights from %s %s (%s)",
-                "hub id" if kind == "hub" else "local folder",
-                where,
-                trained,
-            )
-            log.info(
-                "b1: sizes come from the checkpoint (hidden %d, %d layers, max_length %d); the scratch size "
-                "arguments are ignored",
-                config.hidden_size,
-                config.num_hidden_layers,
-                config.max_length,
-            )
+        self._log_source(weights, mode)
         self.frontend = AstFbank(
             sample_rate=sample_rate, num_mel_bins=config.num_mel_bins, max_length=config.max_length
         )
@@ -354,16 +346,13 @@ class PretrainedASTBranch(Branch):
         if mode == "finetune":
             if num_sections is None:
                 raise AsdError(
-                    "b1: mode=finetune needs num_sections (the pipeline passes it); give "
-                    "branches.b1.num_sections or use branches.b1.mode=frozen"
+                    "b1: mode=finetune needs num_sections (the pipeline passes it); or use "
+                    "branches.b1.mode=frozen"
                 )
-            check_int("b1", "num_sections", num_sections)
-            if num_attributes is not None:
-                check_int("b1", "num_attributes", num_attributes, minimum=0)
             if labels == "attribute" and num_attributes is None:
                 raise AsdError(
-                    "b1: labels=attribute needs num_attributes (the pipeline passes it); give "
-                    "branches.b1.num_attributes or use branches.b1.labels=section"
+                    "b1: labels=attribute needs num_attributes (the pipeline passes it); or use "
+                    "branches.b1.labels=section"
                 )
             more = num_attributes is not None and num_attributes > num_sections
             self.use_attributes = labels == "attribute" or (labels == "auto" and more)
@@ -386,52 +375,24 @@ class PretrainedASTBranch(Branch):
             self.encoder.eval()
         self.backend = KnnBackend(k=k, normalize=True)
 
-    @staticmethod
-    def _scratch_config(num_samples: int | None, sample_rate: int, **sizes) -> ASTConfig:
-        """A small AST config whose `max_length` covers clips of `num_samples` samples."""
-        if num_samples is None:
-            raise AsdError(
-                "b1: weights=scratch sizes the AST from the clip length, but num_samples is unknown; set "
-                "data.audio.duration (clips of a fixed length) or use pre-trained weights"
-            )
-        for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "patch_size"):
-            check_int("b1", key, sizes[key])
-        for key in ("frequency_stride", "time_stride", "num_mel_bins"):
-            check_int("b1", key, sizes[key])
-        if sizes["hidden_size"] % sizes["num_heads"]:
-            raise AsdError(
-                f"b1: hidden_size={sizes['hidden_size']} must be a multiple of "
-                f"num_heads={sizes['num_heads']} (branches.b1.hidden_size, e.g. 64 with num_heads=4)"
-            )
-        patch = sizes["patch_size"]
-        if patch > sizes["num_mel_bins"]:
-            raise AsdError(
-                f"b1: patch_size={patch} is larger than num_mel_bins={sizes['num_mel_bins']} "
-                "(branches.b1.patch_size)"
-            )
-        dropout = sizes["dropout"]
-        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout < 1:
-            raise AsdError(f"b1: dropout={dropout!r} must be in [0, 1) (branches.b1.dropout)")
-        frames = AstFbank(sample_rate=sample_rate, num_mel_bins=sizes["num_mel_bins"]).num_frames(num_samples)
-        if frames < patch:
-            raise AsdError(
-                f"b1: clips of {num_samples} samples give {frames} fbank frames, fewer than patch_size="
-                f"{patch}; use longer clips (data.audio.duration) or a smaller branches.b1.patch_size"
-            )
-        stride = sizes["time_stride"]
-        max_length = patch + math.ceil((frames - patch) / stride) * stride  # patches cover every frame
-        return ASTConfig(
-            hidden_size=sizes["hidden_size"],
-            num_hidden_layers=sizes["num_layers"],
-            num_attention_heads=sizes["num_heads"],
-            intermediate_size=sizes["intermediate_size"],
-            hidden_dropout_prob=float(dropout),
-            attention_probs_dropout_prob=float(dropout),
-            patch_size=patch,
-            frequency_stride=sizes["frequency_stride"],
-            time_stride=stride,
-            num_mel_bins=sizes["num_mel_bins"],
-            max_length=max_length,
+    def _log_source(self, weights: str, mode: str) -> None:
+        if weights == "scratch":
+            log.info("b1: AST weights from scratch (random init, trained here)")
+            if mode == "frozen":
+                log.warning("b1: mode=frozen with weights=scratch scores with a random, untrained AST")
+            return
+        config = self.encoder.config
+        kind, where = self.weights_source.split(":", 1)
+        trained = "fine-tuned here" if mode == "finetune" else "frozen"
+        log.info(
+            "b1: AST weights from %s %s (%s)", "hub id" if kind == "hub" else "local folder", where, trained
+        )
+        log.info(
+            "b1: sizes come from the checkpoint (hidden %d, %d layers, max_length %d); the scratch size "
+            "arguments are ignored",
+            config.hidden_size,
+            config.num_hidden_layers,
+            config.max_length,
         )
 
     # -- pieces -----------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from asd.branches.base import Branch, OptimizerFactory, check_int
+from asd.branches.base import Branch, OptimizerFactory
 from asd.errors import AsdError
 from asd.features import BinStats
 
@@ -72,6 +72,7 @@ class TransformerAEBranch(Branch):
 
     name = "b2"
     needs_backend = False
+    has_error_map = True
 
     def __init__(
         self,
@@ -103,27 +104,13 @@ class TransformerAEBranch(Branch):
         super().__init__(optimizer)
         self.embed_dim = dim  # width of embed()
         self.save_hyperparameters(ignore=["frontend", "optimizer"])
-        for key, value in (
-            ("num_samples", num_samples),
-            ("patch_freq", patch_freq),
-            ("patch_time", patch_time),
-            ("dim", dim),
-            ("depth", depth),
-            ("decoder_depth", decoder_depth),
-            ("heads", heads),
-        ):
-            check_int("b2", key, value)
+        if num_samples is None:
+            raise AsdError("b2 needs clips of one fixed length (num_samples): set data.audio.duration")
         if dim % 4 or dim % heads:
             raise AsdError(
                 f"b2: dim={dim} must be a multiple of 4 (2-D sine-cosine positions) and of heads={heads}; "
                 "set branches.b2.dim accordingly (e.g. 128 with heads=4)"
             )
-        if not 0.0 <= mask_ratio < 1.0:
-            raise AsdError(f"b2: mask_ratio={mask_ratio!r} must be in [0, 1) (branches.b2.mask_ratio)")
-        if not 0.0 <= dropout < 1.0:
-            raise AsdError(f"b2: dropout={dropout!r} must be in [0, 1) (branches.b2.dropout)")
-        if not mlp_ratio > 0:
-            raise AsdError(f"b2: mlp_ratio={mlp_ratio!r} must be positive (branches.b2.mlp_ratio)")
 
         self.frontend = frontend
         self.num_samples = num_samples

@@ -32,7 +32,6 @@ from asd.paths import cache_root
 log = logging.getLogger(__name__)
 
 SPLITS = ("fit", "val", "test")
-ON_BAD_FILE = ("error", "skip")
 
 
 class WaveStore:
@@ -94,6 +93,7 @@ class AsdDataModule(L.LightningDataModule):
         mimii_train_normals: MIMII only: normals per (machine, id) used for training.
         on_bad_file: "error" stops at the first unreadable training file; "skip" leaves
             it out and lists it in `skipped`. Test clips are never skipped.
+        name: what the dataset is called in run folders and summaries.
     """
 
     def __init__(
@@ -111,21 +111,17 @@ class AsdDataModule(L.LightningDataModule):
         on_bad_file: str = "error",
         cache_dir: str | Path | None = None,
         seed: int = 0,
+        name: str = "data",
     ):
         super().__init__()
-        if on_bad_file not in ON_BAD_FILE:
-            raise AsdError(f"data.on_bad_file={on_bad_file!r}: expected one of {ON_BAD_FILE}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise AsdError(f"data.val_fraction={val_fraction}: expected a number in [0, 1)")
-        if batch_size < 1:
-            raise AsdError(f"data.batch_size={batch_size}: expected a positive integer")
+        self.name = name
         self.root = Path(root).expanduser() if root else None
         self.year = year
         self.machines = list(machines) if machines else None
         if isinstance(synthetic, SyntheticConfig):
             self.synthetic = synthetic
         else:
-            self.synthetic = _build(SyntheticConfig, synthetic or {}, "data.synthetic")
+            self.synthetic = SyntheticConfig(**(synthetic or {}))
         if isinstance(audio, AudioConfig):
             self.audio = audio
         else:
@@ -218,22 +214,7 @@ class AsdDataModule(L.LightningDataModule):
 
     def label_tensors(self, table: ClipTable) -> dict[str, torch.Tensor]:
         """Class ids and flags of each clip; attributes unseen in training get id -1."""
-        machine_id = {m: i for i, m in enumerate(self.machine_names)}
-        section_id = {k: i for i, k in enumerate(self.section_keys)}
-        attribute_id = {k: i for i, k in enumerate(self.attribute_keys)}
-        clips = list(table)
-        return {
-            "machine": torch.tensor([machine_id[c.machine] for c in clips], dtype=torch.long),
-            "section": torch.tensor([section_id[(c.machine, c.section)] for c in clips], dtype=torch.long),
-            "attribute": torch.tensor(
-                [attribute_id.get((c.machine, c.section, c.attribute_string), -1) for c in clips],
-                dtype=torch.long,
-            ),
-            "domain": torch.tensor([DOMAIN_IDS[c.domain] for c in clips], dtype=torch.long),
-            "is_target": torch.tensor([c.is_target for c in clips], dtype=torch.bool),
-            "is_normal": torch.tensor([c.is_normal for c in clips], dtype=torch.bool),
-            "index": torch.arange(len(clips), dtype=torch.long),
-        }
+        return label_tensors(table, self.machine_names, self.section_keys, self.attribute_keys)
 
     # ------------------------------------------------------------------ loaders
     @property
@@ -282,6 +263,35 @@ class AsdDataModule(L.LightningDataModule):
         }
 
 
+def label_tensors(
+    table: ClipTable,
+    machines: Sequence[str],
+    section_keys: Sequence[tuple[str, str]],
+    attribute_keys: Sequence[tuple[str, str, str]],
+) -> dict[str, torch.Tensor]:
+    """The label tensors of a batch dict for these clips, with a run's class-id maps.
+
+    Attributes unseen in training get id -1; a machine or section the maps lack is the caller's
+    to refuse first.
+    """
+    machine_id = {m: i for i, m in enumerate(machines)}
+    section_id = {tuple(k): i for i, k in enumerate(section_keys)}
+    attribute_id = {tuple(k): i for i, k in enumerate(attribute_keys)}
+    clips = list(table)
+    return {
+        "machine": torch.tensor([machine_id[c.machine] for c in clips], dtype=torch.long),
+        "section": torch.tensor([section_id[(c.machine, c.section)] for c in clips], dtype=torch.long),
+        "attribute": torch.tensor(
+            [attribute_id.get((c.machine, c.section, c.attribute_string), -1) for c in clips],
+            dtype=torch.long,
+        ),
+        "domain": torch.tensor([DOMAIN_IDS[c.domain] for c in clips], dtype=torch.long),
+        "is_target": torch.tensor([c.is_target for c in clips], dtype=torch.bool),
+        "is_normal": torch.tensor([c.is_normal for c in clips], dtype=torch.bool),
+        "index": torch.arange(len(clips), dtype=torch.long),
+    }
+
+
 def split_holdout(train: ClipTable, fraction: float, seed: int) -> tuple[ClipTable, ClipTable]:
     """Hold out `fraction` of each (machine, section, domain) group (at least one clip of groups of 2+).
 
@@ -300,13 +310,3 @@ def split_holdout(train: ClipTable, fraction: float, seed: int) -> tuple[ClipTab
     fit = train.select(where=lambda c: c.path not in held)
     val = train.select(where=lambda c: c.path in held)
     return fit, val
-
-
-def _build(cls: type, values: dict[str, Any], key: str) -> Any:
-    """Instantiate a config dataclass from a dict, naming the config key of an unknown field."""
-    fields = set(cls.__dataclass_fields__)
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise AsdError(f"unknown {key} keys {unknown}; expected some of {sorted(fields)}")
-    converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return cls(**converted)

@@ -1,0 +1,369 @@
+"""The config's nodes as pydantic models: every key of `conf/`, its type and its range.
+
+Known key sets forbid other keys, so a typo fails naming the key. Keys the shipped config does not
+show (b3's `head_scale`) are optional with the constructor's default; `trainer` and `logger` pass any
+further key on to Lightning. Runtime facts (`num_samples`, `num_sections`, b5's `input_dim`, ...)
+are not keys: the builder passes them from the data, which a config value would override.
+"""
+
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from asd.anomalies import KINDS
+from asd.branches.contrastive import OBJECTIVES, SELF_SUPERVISED, SPECTRA
+from asd.branches.diffusion import SCHEDULES
+from asd.config.values import (
+    Count,
+    Dropout,
+    Flag,
+    Folder,
+    Fraction,
+    PosInt,
+    Positive,
+    Seed,
+    Text,
+    Weight,
+    choice,
+    integer,
+    integers,
+    interval,
+    is_int,
+    is_number,
+    is_texts,
+    number,
+    value,
+)
+from asd.data.audio import CROPS, PADS
+from asd.data.cache import ON_BAD_FILE
+from asd.data.index import YEARS
+from asd.data.synthetic import MODELS
+
+
+def _distinct(v: Any, options: tuple[str, ...]) -> bool:
+    return is_texts(v) and bool(v) and all(x in options for x in v) and len(set(v)) == len(v)
+
+
+def _names(v: Any) -> bool:
+    return isinstance(v, str) or is_texts(v)
+
+
+# values of one key (or a few), named so the nodes read as a list of keys
+Selection = value("'all', a member name or a list of them", _names)
+Frozen = value("a member name or a list of them", _names, null=True)
+Models = value(
+    f"a non-empty list of distinct sound models from {list(MODELS)}", lambda v: _distinct(v, MODELS)
+)
+Kinds = value(  # `kinds: tone` is one kind (asd.anomalies.anomaly_config)
+    f"a kind or a non-empty list of distinct kinds from {list(KINDS)}",
+    lambda v: v in KINDS or _distinct(v, KINDS),
+)
+Margin = value("a number of radians in [0, pi/2)", lambda v: is_number(v) and 0 <= v < math.pi / 2)
+TimeDim = value("an even integer >= 2", lambda v: is_int(v) and v >= 2 and v % 2 == 0)
+Shrinkage = value("'auto' or a number in [0, 1]", lambda v: v == "auto" or (is_number(v) and 0 <= v <= 1))
+Channel = value("a channel index >= 0 or 'mean'", lambda v: v == "mean" or (is_int(v) and v >= 0))
+Machines = value("a non-empty list of machine types", lambda v: bool(v) and is_texts(v), null=True)
+Devices = value(
+    "an integer >= 1, 'auto' or a list of device indices",
+    lambda v: (
+        v == "auto" or (is_int(v) and v >= 1) or (isinstance(v, list) and bool(v) and all(map(is_int, v)))
+    ),
+)
+Precision = value("a Lightning precision such as '32-true'", lambda v: isinstance(v, str) or is_int(v))
+Deterministic = value("true, false or 'warn'", lambda v: isinstance(v, bool) or v == "warn", null=True)
+Checkpoints = value(
+    "a mapping of member names to checkpoint paths",
+    lambda v: isinstance(v, dict) and all(isinstance(p, str) for p in v.values()),
+)
+
+
+class Node(BaseModel):
+    """A config node whose keys are all known."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Target(BaseModel):
+    """A Hydra `_target_` node (a front end); its other keys are the target's arguments."""
+
+    model_config = ConfigDict(extra="allow")
+    target: Text = Field(alias="_target_")
+
+
+class Partial(Target):
+    """A `_partial_` factory that gets runtime arguments (an optimizer its parameters)."""
+
+    partial: value("true (it gets runtime arguments)", lambda v: v is True) = Field(alias="_partial_")
+
+
+class Member(Node):
+    """Keys every `branches.<name>` node may have; the ensemble, not the member, uses the last three."""
+
+    target: Text = Field(alias="_target_")
+    optimizer: Partial | None = None
+    loss_weight: Weight = 1.0
+    gradient_clip: number(gt=0, null=True) = None
+    scheduler: Partial | None = None
+
+
+class B1(Member):
+    """`asd.branches.pretrained.PretrainedASTBranch`; the sizes are those of a scratch AST."""
+
+    weights: Text = "scratch"
+    mode: choice("finetune", "frozen") = "finetune"
+    hidden_size: PosInt = 64
+    num_layers: PosInt = 2
+    num_heads: PosInt = 4
+    intermediate_size: PosInt = 128
+    patch_size: PosInt = 16
+    frequency_stride: PosInt = 16
+    time_stride: PosInt = 16
+    num_mel_bins: PosInt = 128
+    dropout: Dropout = 0.0
+    pooling: choice("mean", "cls") = "mean"
+    labels: choice("auto", "attribute", "section") = "auto"
+    head: choice("arcface", "adacos") = "arcface"
+    scale: Positive = 30.0
+    margin: Margin = 0.5
+    k: PosInt = 1
+    head_lr: number(gt=0, null=True) = None
+
+
+class B2(Member):
+    """`asd.branches.transformer_ae.TransformerAEBranch`."""
+
+    frontend: Target
+    patch_freq: PosInt = 16
+    patch_time: PosInt = 8
+    dim: PosInt = 128
+    depth: PosInt = 4
+    decoder_depth: PosInt = 2
+    heads: PosInt = 4
+    mlp_ratio: Positive = 4.0
+    dropout: Dropout = 0.1
+    mask_ratio: number(ge=0, lt=1) = 0.0
+
+
+class B3(Member):
+    """`asd.branches.contrastive.ContrastiveBranch`."""
+
+    frontend: Target
+    channels: integers() = [16, 32, 64, 128]
+    blocks: PosInt = 1
+    emb_dim: PosInt = 128
+    objective: choice(*OBJECTIVES) = "supcon"
+    subclusters: PosInt = 16
+    mixup: Fraction = 0.0
+    mixup_alpha: Positive = 1.0
+    self_supervised: choice(*SELF_SUPERVISED) = "auto"
+    spectrum: choice(*SPECTRA) = "logmel"
+    spectrum_channels: integers() = [32, 64, 128]
+    temperature: Positive = 0.1
+    positives: choice("attribute", "section") = "attribute"
+    classify: choice("attribute", "section") = "attribute"
+    head_weight: Weight = 1.0
+    head_scale: Positive = 16.0
+    balance: Fraction = 1.0
+    score_mode: choice("knn", "centre") = "knn"
+    k: PosInt = 1
+    knn_density: Flag = False
+
+
+class B4(Member):
+    """`asd.branches.diffusion.DiffusionBranch`."""
+
+    frontend: Target
+    channels: integers(max_len=5) = [128, 128, 256]
+    time_dim: TimeDim = 128
+    norm_groups: PosInt = 8
+    dropout: Dropout = 0.0
+    timesteps: integer(ge=2) = 200
+    schedule: choice(*SCHEDULES) = "cosine"
+    t_star: number(gt=0, le=1) = 0.2
+    ddim_steps: PosInt = 4
+    noise_draws: PosInt = 2
+    seed: Seed = 0
+
+
+class B5(Member):
+    """`asd.branches.flow.FlowBranch`; the front end is used only when no b1-b3 embedding is selected."""
+
+    frontend: Target | None = None
+    pca_dim: integer(ge=2, null=True) = None
+    hidden: PosInt = 64
+    layers: integer(ge=2) = 4
+    blocks: PosInt = 1
+    dropout: Dropout = 0.0
+    max_log_scale: number(gt=0, le=10) = 3.0
+    momentum: number(gt=0, lt=1, null=True) = None
+    min_std: number(gt=0, lt=1) = 1e-3
+    conditional: Flag = False
+
+
+class DcaseAE(Member):
+    """`asd.branches.dcase_ae.DcaseAEBranch`, the reference detector."""
+
+    frontend: Target
+    n_frames: PosInt = 5
+    hidden: PosInt = 128
+    bottleneck: PosInt = 8
+    score_mode: choice("mse", "mahalanobis") = "mse"
+    shrinkage: Shrinkage = "auto"
+
+
+SCHEMAS: dict[str, type[Member]] = {"b1": B1, "b2": B2, "b3": B3, "b4": B4, "b5": B5, "dcase_ae": DcaseAE}
+
+
+class Branches(Node):
+    b1: B1 | None = None
+    b2: B2 | None = None
+    b3: B3 | None = None
+    b4: B4 | None = None
+    b5: B5 | None = None
+    dcase_ae: DcaseAE | None = None
+
+
+class Audio(Node):
+    """`asd.data.audio.AudioConfig`."""
+
+    sample_rate: PosInt = 16000
+    channel: Channel = 0
+    duration: number(gt=0, null=True) = None
+    crop: choice(*CROPS) = "start"
+    pad: choice(*PADS) = "wrap"
+    resample: Flag = True
+
+
+class Synthetic(Node):
+    """`asd.data.synthetic.SyntheticConfig`."""
+
+    machines: Models = list(MODELS)
+    sections: integer(ge=1, le=100) = 2
+    source_train: integer(ge=1, le=10000) = 40
+    target_train: integer(ge=0, le=10000) = 5
+    test_per_class: integer(ge=1, le=10000) = 10
+    duration: number(ge=0.1, le=60) = 2.0
+    sample_rate: integer(ge=8000, le=48000) = 16000
+    difficulty: Fraction = 0.5
+    seed: integer(ge=0, le=2**63 - 1) = 0
+
+
+class Data(Node):
+    """`asd.data.datamodule.AsdDataModule`'s arguments under its `_target_`."""
+
+    target: Text = Field(alias="_target_")
+    name: Text = "synthetic"
+    root: Folder = None
+    year: choice(*YEARS, null=True) = None
+    machines: Machines = None
+    synthetic: Synthetic | None = None
+    audio: Audio = Audio()
+    batch_size: PosInt = 16
+    eval_batch_size: integer(ge=1, null=True) = None
+    num_workers: Count = 0
+    val_fraction: number(ge=0, lt=1) = 0.1
+    mimii_train_normals: integer(ge=1, null=True) = None
+    on_bad_file: choice(*ON_BAD_FILE) = "error"
+    cache_dir: Folder = None
+    seed: Seed = 0
+
+
+class Anomalies(Node):
+    """`asd.anomalies.AnomalyConfig` fields (the sample rate comes from the data) and `copies`."""
+
+    copies: PosInt = 8
+    kinds: Kinds = list(KINDS)
+    p_none: number(ge=0, lt=1) = 0.0
+    level_db: interval() = [-10.0, 5.0]
+    span: interval(gt=0, le=1) = [0.1, 0.6]
+    n_fft: integer(ge=16) = 512
+    hop: PosInt = 128
+    gain_db: interval(gt=0) = [6.0, 12.0]
+    pitch_semitones: interval(gt=0, le=12) = [1.0, 3.0]
+    mod_rate_hz: interval(gt=0) = [2.0, 30.0]
+    mod_depth: interval(gt=0, le=1) = [0.3, 0.9]
+    band: interval(gt=0, le=0.5) = [0.03, 0.2]
+    blob_fraction: interval(gt=0, lt=1) = [0.03, 0.15]
+    p_substitute: Fraction = 0.5
+    fade_ms: Weight = 10.0
+    min_rms: Positive = 1e-3
+
+
+class Attention(Node):
+    hidden: PosInt = 16
+    context_dim: PosInt = 4
+    epochs: PosInt = 300
+    lr: Positive = 0.01
+    weight_decay: Weight = 1e-4
+
+
+class Meta(Node):
+    hidden: PosInt = 16
+    inner_lr: Positive = 0.1
+    inner_steps: Count = 3
+    test_steps: Count = 3
+    first_order: Flag = False
+    vmap: Flag = True
+    meta_steps: Count = 200
+    meta_lr: Positive = 3e-3
+    support_fraction: number(gt=0, lt=1) = 0.5
+
+
+class Fusion(Node):
+    enabled: Flag = True
+    seed: Seed = 0
+    anomalies: Anomalies = Anomalies()
+    attention: Attention = Attention()
+    meta: Meta = Meta()
+
+
+class Trainer(BaseModel):
+    """The keys of `conf/trainer/` (defaults: Lightning's); any other `Trainer` argument passes unchecked."""
+
+    model_config = ConfigDict(extra="allow")
+    target: Text = Field(alias="_target_")
+    accelerator: Text = "auto"
+    devices: Devices = "auto"
+    strategy: Text = "auto"
+    precision: Precision = "32-true"
+    max_epochs: PosInt = None  # Lightning's -1 (endless) would never reach the later stages
+    log_every_n_steps: PosInt = 50
+    num_sanity_val_steps: integer(ge=-1) = 2
+    enable_model_summary: Flag = True
+    deterministic: Deterministic = None
+
+
+class Logger(BaseModel):
+    """A `_target_` logger node; further keys are the logger's arguments."""
+
+    model_config = ConfigDict(extra="allow")
+    target: Text = Field(alias="_target_")
+
+
+class TrainConfig(Node):
+    """`conf/train.yaml` with its groups."""
+
+    data: Data
+    branches: Branches
+    fusion: Fusion
+    trainer: Trainer
+    logger: Logger
+    # which names fit is decided once, with the selection at hand: asd.ensemble.select_branches and
+    # select_frozen, Ensemble.load_member, and the final score's check among the built members
+    branch: Selection = "all"
+    freeze: Frozen = []
+    ckpt: Checkpoints = {}
+    reference: Flag = True
+    final: Text = "meta"
+    threshold_percentile: number(gt=0, lt=1) = 0.9
+    year: choice(*YEARS, null=True) = None  # null: the data's layout, data.year, else 2023
+    seed: Seed = 0
+    resume: Flag = False
+    grad_norm_every: Count = 50
+    plots: Flag = True
+    num_heatmaps: Count = 4
+    name: Text = "run"
+    experiment_name: Text = "default"
+    run_dir: Text = "runs"
+    hydra: dict | None = None
