@@ -7,7 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 from asd.errors import AsdError
-from asd.pipeline import is_rank_zero, train
+from asd.run import is_rank_zero, train
 
 log = logging.getLogger("asd")
 

@@ -83,7 +83,7 @@ class FreezeReport:
 
 def debug_freeze(cfg: DictConfig, member: str, out_dir: Path) -> FreezeReport:
     """Train the ensemble with `member` frozen, record every step, check the member did not move."""
-    from asd.pipeline import build_datamodule, build_ensemble, build_trainer, data_facts
+    from asd.run.build import build_datamodule, build_ensemble, build_trainer, data_facts
 
     dm = build_datamodule(cfg)
     dm.prepare_data()

@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 from timing import best_times, environment, write_result
 
+from asd.calibration import Calibration, fit_normalizers, left_out_z
 from asd.fusion.stage import apply_fusion, fit_fusion, held_out_meta_scores
-from asd.pipeline import left_out_z, normalised
-from asd.scoring import GroupNormalizer
 
 MACHINES, MEMBERS = 7, 5
 CFG = {
@@ -55,13 +54,13 @@ def main() -> None:
     domain = torch.tensor([0] * 99 + [1]).repeat(MACHINES)
     machine, n = section.clone(), len(section)
     raw = {f"m{j}": torch.rand(n, generator=gen).double().numpy() for j in range(MEMBERS)}
-    backends = {
-        "normalizers": {
-            c: GroupNormalizer().fit(torch.as_tensor(v), section, domain, warn=False).state_dict()
-            for c, v in raw.items()
-        }
-    }
-    meta = {"section": section, "domain": domain}
+    meta = {"machine": machine, "section": section, "domain": domain}
+    calibration = Calibration(
+        members=list(raw),
+        normalizers=fit_normalizers(raw, list(raw), meta),
+        reference_scores={c: torch.as_tensor(v) for c, v in raw.items()},
+        normalised_on="held-out",
+    )
     source = torch.arange(n * args.copies) // args.copies
     z = torch.cat(
         [torch.randn(n, MEMBERS, generator=gen), torch.randn(n * args.copies, MEMBERS, generator=gen) + 2]
@@ -73,7 +72,7 @@ def main() -> None:
     q, q_ids = torch.randn(test, MEMBERS, generator=gen), torch.arange(test) % MACHINES
 
     state = fit_fusion(z, *ctx, y, members=list(raw), num_machines=MACHINES, num_sections=MACHINES, cfg=CFG)
-    loo = left_out_z(raw, backends, meta)
+    loo = left_out_z(calibration, meta)
     loop_cfg = {**CFG, "meta": {**CFG["meta"], "vmap": False}}
     sizes = {"members": list(raw), "num_machines": MACHINES, "num_sections": MACHINES}
     pairs = {  # what the fusion stage does vs the obvious alternative, timed in turns
@@ -82,8 +81,8 @@ def main() -> None:
             lambda: fit_fusion(z, *ctx, y, **sizes, cfg=loop_cfg),
         ),
         "threshold z-scores: left-out vs in-sample": (
-            lambda: left_out_z(raw, backends, meta),
-            lambda: normalised(raw, backends, meta),
+            lambda: left_out_z(calibration, meta),
+            lambda: calibration.normalise(raw, meta),
         ),
         "threshold meta scores: left-out vs in-sample": (
             lambda: held_out_meta_scores(state, z, *ctx, y, rows_source, query_z=loo),
@@ -104,7 +103,7 @@ def main() -> None:
         "what": "fusion stage on CPU at DCASE 2023 dev scale (random z-scores; members' scoring excluded)",
         "held_out_clips": n,
         "pseudo_anomalies": n * args.copies,
-        "tasks": len(state["adapted"]),
+        "tasks": len(state.adapted),
         **environment(torch.device("cpu")),
         "cases": rows,
         "apply_test_clips_s": t_apply,

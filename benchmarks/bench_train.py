@@ -9,8 +9,8 @@ overridden). Targets: each member alone (b2, dcase_ae) and the Ensemble of all o
           timed over --steps steps; parameter counts
   memory  peak increase over the warm-up plus a few steps (CPU: process RSS; CUDA: allocator),
           each target in a fresh subprocess so peaks do not mix
-  score   real-time factor of `asd.pipeline.member_scores` over the test split (eval mode,
-          no_grad, through `asd.pipeline.infer` as the pipeline scores): compute seconds per
+  score   real-time factor of `asd.run.predict.member_scores` over the test split (eval mode,
+          no_grad, through `asd.run.predict.infer` as the pipeline scores): compute seconds per
           second of audio, best of --score-repeats passes; below 1 is faster than real time
 
 and compares the joint step (one pass over the data, each batch fetched once) with training the
@@ -54,7 +54,8 @@ from torch import Tensor
 from asd.data.datamodule import AsdDataModule
 from asd.ensemble import FLOW, Ensemble
 from asd.errors import AsdError
-from asd.pipeline import build_datamodule, build_ensemble, data_facts, infer, member_names, member_scores
+from asd.run.build import build_datamodule, build_ensemble, data_facts, member_names
+from asd.run.predict import infer, member_scores
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "bench_train.json"
@@ -252,7 +253,12 @@ def fit_backends(model: Ensemble, dm: AsdDataModule, device: torch.device) -> No
     needing = [n for n, m in model.members.items() if m.needs_backend]
     if not needing:
         return
-    feats = infer(lambda b: {n: model.members[n].backend_features(b) for n in needing}, dm, "fit", device)
+    feats = infer(
+        lambda b: {n: model.members[n].backend_features(b) for n in needing},
+        dm.datasets["fit"],
+        device,
+        dm.eval_batch_size,
+    )
     labels = dm.datasets["fit"].labels
     meta = {k: labels[k].to(device) for k in ("section", "domain", "machine", "attribute")}
     for n in needing:
@@ -323,6 +329,7 @@ def measure_speed(
             timed[c.name] += c.train(n)
 
     amp = autocast(device, precision)
+    test = dm.datasets["test"]
     audio_s = len(dm.tables["test"]) * float(dm.audio.duration)
     best = {c.name: float("inf") for c in contenders}
     columns: dict[str, list[str]] = {}
@@ -330,12 +337,14 @@ def measure_speed(
         c.model.eval()
         fit_backends(c.model, dm, device)
         with amp():
-            infer(lambda b, m=c.model: member_scores(m, b), dm, "test", device)  # warm-up pass
+            infer(lambda b, m=c.model: member_scores(m, b), test, device, dm.eval_batch_size)  # warm-up pass
     for r in range(score_repeats):
         for c in contenders[r % len(contenders) :] + contenders[: r % len(contenders)]:
             start = time.perf_counter()
             with amp():
-                cols = infer(lambda b, m=c.model: member_scores(m, b), dm, "test", device)  # on the host
+                cols = infer(
+                    lambda b, m=c.model: member_scores(m, b), test, device, dm.eval_batch_size
+                )  # on the host
             best[c.name] = min(best[c.name], time.perf_counter() - start)
             columns[c.name] = [k for k in cols if k != "index"]
 

@@ -8,7 +8,7 @@ import torch
 
 from asd.diagnostics import changed_entries, plot_loss_curves, read_curves, state_snapshot
 from asd.errors import AsdError
-from asd.pipeline import show_progress
+from asd.run.progress import show_progress
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from asd.fusion.stage import apply_fusion, fit_fusion, group_ids, held_out_meta_scores
+from asd.fusion.stage import FusionState, apply_fusion, fit_fusion, group_ids, held_out_meta_scores
 
 CFG = {
     "seed": 0,
@@ -52,13 +52,13 @@ def test_state_survives_a_weights_only_round_trip_and_scores_the_same():
     z, machine, section, domain, y, _ = toy()
     state = fitted(z, machine, section, domain, y)
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save(state.state_dict(), buf)
     buf.seek(0)
-    loaded = torch.load(buf, weights_only=True)
+    loaded = FusionState.from_state_dict(torch.load(buf, weights_only=True))
     a, b = apply_fusion(state, z, machine, section, domain), apply_fusion(loaded, z, machine, section, domain)
     for key in ("attention", "meta", "weights"):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
-    assert sorted(state["adapted"]) == sorted(set(group_ids(section, domain).tolist()))
+    assert sorted(state.adapted) == sorted(set(group_ids(section, domain).tolist()))
     torch.testing.assert_close(a["weights"].sum(1), torch.ones(len(z)))
 
 
@@ -118,7 +118,7 @@ def test_data_without_domains_uses_its_own_adapted_groups(caplog):
     z, machine, section, domain, y, _ = toy()
     unknown = torch.full_like(domain, 2)  # MIMII and DCASE 2020 clips carry no domain
     state = fitted(z, machine, section, unknown, y)
-    assert sorted(state["adapted"]) == [2, 5]
+    assert sorted(state.adapted) == [2, 5]
     with caplog.at_level("WARNING", logger="asd.fusion.stage"):
         out = apply_fusion(state, z, machine, section, unknown)
     assert "no training clips" not in caplog.text and torch.isfinite(out["meta"]).all()

@@ -19,15 +19,17 @@ from omegaconf import DictConfig
 from asd.data.index import index_dataset
 from asd.errors import AsdError
 from asd.evaluation import evaluate
-from asd.pipeline import FINAL_CKPT, train
+from asd.run import FINAL_CKPT, train
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = str(REPO / "conf")
+STAGES = ["fit", "backends", "calibrate", "predict", "report"]
 
 
 def config(run_dir: Path, *overrides: str) -> DictConfig:
     with initialize_config_dir(CONF, version_base="1.3"):
-        return compose("train", overrides=["debug=default", f"run_dir={run_dir}", *overrides])
+        # quoted: a path may hold commas, which Hydra's override grammar reads as a sweep
+        return compose("train", overrides=["debug=default", f"run_dir='{run_dir}'", *overrides])
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -38,7 +40,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """One finished debug run of every implemented member plus the reference."""
-    return train(config(tmp_path_factory.mktemp("run") / "r", "branch=all"))
+    return train(config(tmp_path_factory.mktemp("run") / "my run, v2", "branch=all"))
 
 
 def test_run_folder_is_complete(run):
@@ -47,6 +49,7 @@ def test_run_folder_is_complete(run):
         FINAL_CKPT,
         "checkpoints/last.ckpt",
         "backends.pt",
+        "calibration.pt",
         "scores.csv",
         "metrics.csv",
         "summary.md",
@@ -63,9 +66,7 @@ def test_run_folder_is_complete(run):
     ]
     plots = {p.name.split("_")[0] for p in (run / "plots").iterdir()}
     assert plots == {"roc", "hist", "heatmap", "attention", "pseudo"}
-    assert json.loads((run / "stages.json").read_text()) == dict.fromkeys(
-        ("fit", "backends", "fusion", "score", "evaluate"), True
-    )
+    assert list(json.loads((run / "stages.json").read_text())) == STAGES
 
 
 def test_scores_have_one_row_per_test_clip_and_every_column(run):
@@ -120,9 +121,9 @@ def test_submission_scores_equal_final_scores(run):
 def test_finished_stages_are_skipped_and_logged(run, caplog):
     before = {p: p.stat().st_mtime_ns for p in (run / "scores.csv", run / "metrics.csv", run / FINAL_CKPT)}
     cfg = compose_from(run)
-    with caplog.at_level("INFO", logger="asd.pipeline"):
+    with caplog.at_level("INFO", logger="asd.run"):
         assert train(cfg) == run
-    for stage in ("fit", "backends", "fusion", "score", "evaluate"):
+    for stage in STAGES:
         assert f"stage {stage}: skipped" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
@@ -133,53 +134,71 @@ def compose_from(run: Path) -> DictConfig:
     return OmegaConf.load(run / ".hydra" / "config.yaml")
 
 
-def test_score_tool_reproduces_the_run_and_refuses_another_configuration(run, tmp_path):
+def score_tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "score.py"), *args], capture_output=True, text=True
+    )
+
+
+def test_score_tool_reproduces_the_runs_scores_exactly(run, tmp_path):
     rows = read_csv(run / "scores.csv")
-    folder = Path(rows[0]["path"]).parent
-    out = tmp_path / "scored.csv"
-    res = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "score.py"), f"run={run}", f"inputs={folder}", f"out={out}"],
-        capture_output=True,
-        text=True,
+    folders = list(dict.fromkeys(str(Path(r["path"]).parent) for r in rows))  # rotor/test, valve/test
+    listing = tmp_path / "inputs, a list.txt"
+    listing.write_text("\n".join(folders[1:]) + "\n")
+    out = tmp_path / "scored, v2.csv"
+    res = score_tool(f"run={run}", f"inputs={folders[0]}", f"inputs=@{listing}", f"out={out}")
+    assert res.returncode == 0, res.stderr
+    scored = read_csv(out)
+    assert [r["file"] for r in scored] == [r["path"] for r in rows]
+    for mine, theirs in zip(scored, rows, strict=True):
+        for col in theirs:
+            if col not in ("file", "path", "domain", "label"):
+                assert mine[col] == theirs[col], col  # the same text: the same float
+
+
+def test_score_tool_takes_paths_with_commas_and_names_without_a_convention(run, tmp_path):
+    rows = read_csv(run / "scores.csv")
+    folder = tmp_path / "line 3, valve A"
+    folder.mkdir()
+    shutil.copy(rows[0]["path"], folder / "rec 1, mic A.wav")
+    out = tmp_path / "out.csv"
+    res = score_tool(
+        f"run={run}", f"inputs={folder}", f"machine={rows[0]['machine']}", "section=0", f"out={out}"
     )
     assert res.returncode == 0, res.stderr
-    scored = {Path(r["file"]).name: r for r in read_csv(out)}
-    for r in rows:
-        if Path(r["path"]).parent == folder:
-            # the tool scores without knowing the domain of a file (as in deployment), so compare the raw
-            # member scores exactly and the decisions only where the domain did not matter
-            assert float(scored[r["file"]]["b2"]) == pytest.approx(float(r["b2"]), rel=1e-5)
-            assert float(scored[r["file"]]["dcase_ae_mse"]) == pytest.approx(
-                float(r["dcase_ae_mse"]), rel=1e-5
-            )
-    # edit the run's config: the tool must refuse it rather than load mismatched weights
+    (got,) = read_csv(out)
+    assert got["file"] == str(folder / "rec 1, mic A.wav") and got["decision"] in ("0", "1")
+    assert float(got["b2"]) == pytest.approx(float(rows[0]["b2"]), rel=1e-5)
+    res = score_tool(f"run={run}", f"inputs={folder}")
+    assert (
+        res.returncode == 2 and "add machine=NAME section=XX" in res.stderr and "Traceback" not in res.stderr
+    )
+    for bad in ("batch_size=0", "batch_size=abc"):
+        res = score_tool(f"run={run}", f"inputs={folder}", "machine=rotor", "section=00", bad)
+        assert res.returncode == 2 and "batch_size=" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_score_tool_refuses_another_configuration_and_unfinished_runs(run, tmp_path):
+    folder = Path(read_csv(run / "scores.csv")[0]["path"]).parent
     other = tmp_path / "other"
     shutil.copytree(run, other)
     cfg_path = other / ".hydra" / "config.yaml"
     cfg_path.write_text(cfg_path.read_text().replace("dim: 16", "dim: 32", 1))
-    res = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "score.py"), f"run={other}", f"inputs={folder}"],
-        capture_output=True,
-        text=True,
-    )
+    res = score_tool(f"run={other}", f"inputs={folder}")
     assert res.returncode == 2 and "another configuration" in res.stderr
-    res = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "score.py"), f"run={tmp_path}", f"inputs={folder}"],
-        capture_output=True,
-        text=True,
-    )
+    res = score_tool(f"run={tmp_path}", f"inputs={folder}")
     assert res.returncode == 2 and "not a finished asd run" in res.stderr
 
 
-def test_changing_final_refits_only_the_fusion_stage(run, tmp_path, caplog):
+def test_changing_final_recalibrates_without_retraining(run, tmp_path, caplog):
     other = tmp_path / "other"
     shutil.copytree(run, other)
     cfg = compose_from(other)
     cfg.run_dir, cfg.final = str(other), "zmean"
-    with caplog.at_level("INFO", logger="asd.pipeline"):
+    with caplog.at_level("INFO", logger="asd.run"):
         train(cfg)
     assert "stage fit: skipped" in caplog.text and "stage backends: skipped" in caplog.text
-    assert "stage fusion: fusion/final/threshold settings changed" in caplog.text
+    assert "stage calibrate: its settings changed since the last run" in caplog.text
     rows = read_csv(other / "scores.csv")
     assert all(r["final"] == r["zmean"] for r in rows)
     # the learned fusions are the same models: same scores as the first run's
@@ -218,13 +237,13 @@ def relabelled_copy(src: Path, dst: Path, seed: int = 0) -> dict[str, str]:
 def test_permuting_the_test_labels_leaves_every_score_unchanged(run, tiny_root, tmp_path):
     """No test label reaches any score: members, normalisation, attention, meta, decisions."""
     first = {}
-    for case, root in (("original", tiny_root), ("permuted", tmp_path / "permuted")):
+    for case, root in (("original", tiny_root), ("permuted", tmp_path / "my data, v2")):
         mapping = relabelled_copy(tiny_root, root) if case == "permuted" else None
         out = tmp_path / case
         (out / "checkpoints").mkdir(parents=True)
         shutil.copy(run / FINAL_CKPT, out / FINAL_CKPT)
         (out / "stages.json").write_text('{"fit": true}')
-        train(config(out, "branch=all", f"data.root={root}", "data.name=tiny", "plots=false"))
+        train(config(out, "branch=all", f"data.root='{root}'", "data.name=tiny", "plots=false"))
         rows = read_csv(out / "scores.csv")
         if case == "original":
             first = {r["path"]: r for r in rows}
@@ -250,7 +269,7 @@ def test_reference_only_and_member_only_runs(tmp_path):
 
 
 def test_frozen_member_restored_from_a_checkpoint_does_not_move(run, tmp_path):
-    cfg = config(tmp_path / "r", "branch=b2", "freeze=b2", f"+ckpt.b2={run / FINAL_CKPT}", "plots=false")
+    cfg = config(tmp_path / "r", "branch=b2", "freeze=b2", f"+ckpt.b2='{run / FINAL_CKPT}'", "plots=false")
     out = train(cfg)
     before = torch.load(run / FINAL_CKPT, weights_only=True)["state_dict"]
     after = torch.load(out / FINAL_CKPT, weights_only=True)["state_dict"]
@@ -287,7 +306,7 @@ def test_resume_continues_an_interrupted_fit(tmp_path):
         ("fusion.anomalies.copies=0", "fusion.anomalies.copies=0"),
         ("+ckpt.b2=/nonexistent.ckpt", "no such file"),
         ("data.on_bad_file=ignore", "data.on_bad_file"),
-        ("logger.kind=paper", "logger.kind='paper'"),
+        ("logger._target_=paper.Logger", "logger._target_='paper.Logger' cannot be imported"),
     ],
 )
 def test_config_errors_are_one_clear_message(tmp_path, override, message):
@@ -473,7 +492,7 @@ def test_every_member_trains_and_scores_alone(tmp_path, member):
 
 def test_a_section_too_small_to_hold_out_a_clip_lends_its_training_clips(tiny_root, tmp_path, caplog):
     from asd.data.datamodule import AsdDataModule
-    from asd.pipeline import reference_normals
+    from asd.run.calibrate import reference_normals
 
     root = tmp_path / "data"
     shutil.copytree(tiny_root, root)
@@ -482,7 +501,7 @@ def test_a_section_too_small_to_hold_out_a_clip_lends_its_training_clips(tiny_ro
         f.unlink()
     dm = AsdDataModule(root=root, year=2023, audio={"duration": 1.0}, batch_size=4)
     dm.setup()
-    with caplog.at_level("WARNING", logger="asd.pipeline"):
+    with caplog.at_level("WARNING", logger="asd.run"):
         normals, kind = reference_normals(dm)
     assert "rotor/section_00 hold out no training clip" in caplog.text
     assert kind == "held-out (and some training)"

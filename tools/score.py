@@ -1,49 +1,63 @@
 """Score new recordings with a finished run: anomaly scores and decisions per file.
 
-    python tools/score.py run=RUN inputs=FILE_OR_DIR[,FILE_OR_DIR...] [out=CSV]
+    python tools/score.py run=RUN inputs=FILE_OR_DIR [inputs=FILE_OR_DIR ...] [out=CSV]
                           [machine=NAME section=XX] [domain=source|target] [batch_size=N]
 
-Files named by a DCASE or MIMII convention carry their machine and section; other names
-(a plant's own recordings) need `machine=` and `section=`. Prints one CSV row per file
-(file, machine, section, every member, every fusion, final, decision) and writes it to `out=`.
+`inputs=` may be given several times; `inputs=@LIST.txt` reads one file or folder per line
+(paths may hold commas, spaces or `=`). Folders are searched for .wav files. Files named by a
+DCASE or MIMII convention carry their machine, section and domain; other names (a plant's own
+recordings) need `machine=` and `section=`. Prints one CSV row per file (file, machine, section,
+every member, every fusion, final, decision) and writes it to `out=`. Scores go through the
+same path as the run's own test clips, with the run's batch size unless `batch_size=` says
+otherwise, so the run's test files score exactly as in its scores.csv.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from asd.data.audio import audio_config, load_audio
 from asd.data.index import parse_path
-from asd.data.table import DOMAIN_IDS
+from asd.data.table import DOMAIN_IDS, Clip
 from asd.errors import AsdError
 from asd.fileio import write_text_atomic
-from asd.pipeline import Run
+from asd.run import FinishedRun
+from asd.run.report import csv_text, score_cells, score_names
 
 KEYS = ("run", "inputs", "out", "machine", "section", "domain", "batch_size")
 
 
-def parse_args(argv: list[str]) -> dict[str, str]:
-    args: dict[str, str] = {}
+def parse_args(argv: list[str]) -> dict[str, list[str]]:
+    args: dict[str, list[str]] = {}
     for a in argv:
         key, eq, value = a.partition("=")
         if not eq or key not in KEYS:
             raise AsdError(f"argument {a!r}: expected key=value with key one of {KEYS} (see --help)")
-        args[key] = value
+        if key != "inputs" and key in args:
+            raise AsdError(f"{key}= given twice; only inputs= may repeat")
+        args.setdefault(key, []).append(value)
     for need in ("run", "inputs"):
         if need not in args:
-            raise AsdError(f"missing {need}=...; usage: python tools/score.py run=RUN inputs=FILES_OR_DIR")
+            raise AsdError(f"missing {need}=...; usage: python tools/score.py run=RUN inputs=FILE_OR_DIR")
     return args
 
 
-def list_inputs(spec: str) -> list[Path]:
+def list_inputs(specs: list[str]) -> list[Path]:
+    """The .wav files the `inputs=` values name: files, folders, or @lists of either."""
     files: list[Path] = []
-    for part in spec.split(","):
-        p = Path(part).expanduser()
+    for spec in specs:
+        if spec.startswith("@"):
+            listing = Path(spec[1:]).expanduser()
+            if not listing.is_file():
+                raise AsdError(f"inputs={spec}: no such list file")
+            entries = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+            if not entries:
+                raise AsdError(f"inputs={spec}: the list names no file")
+            files.extend(list_inputs(entries))
+            continue
+        p = Path(spec).expanduser()
         if p.is_dir():
             found = sorted(q for q in p.rglob("*") if q.suffix.lower() == ".wav")
             if not found:
@@ -56,19 +70,38 @@ def list_inputs(spec: str) -> list[Path]:
     return files
 
 
-def identify(path: Path, args: dict[str, str]) -> tuple[str, str, str]:
-    """(machine, section, domain) of a file: from its name, else from the machine=/section= arguments."""
+def identify(path: Path, args: dict[str, str]) -> Clip:
+    """The clip a file is: from its name, else from the machine=/section= arguments."""
+    domain = args.get("domain")
+    if domain is not None and domain not in DOMAIN_IDS:
+        raise AsdError(f"domain={domain!r}: expected one of {list(DOMAIN_IDS)}")
     if "machine" in args or "section" in args:
         if not ("machine" in args and "section" in args):
             raise AsdError("give both machine= and section= (or neither, for DCASE/MIMII-named files)")
-        return args["machine"], args["section"].zfill(2), args.get("domain", "none")
+        return Clip(
+            str(path.resolve()),
+            args["machine"],
+            args["section"].zfill(2),
+            domain or "none",
+            "test",
+            "unknown",
+        )
     try:
         clip = parse_path(path)
     except AsdError as e:
         raise AsdError(
             f"{path}: its name says nothing of machine and section; add machine=NAME section=XX. ({e})"
         ) from None
-    return clip.machine, clip.section, args.get("domain", clip.domain)
+    return dataclasses.replace(clip, domain=domain) if domain else clip
+
+
+def batch_size_of(args: dict[str, str]) -> int | None:
+    if "batch_size" not in args:
+        return None
+    value = args["batch_size"]
+    if not value.isdigit() or int(value) < 1:
+        raise AsdError(f"batch_size={value!r}: expected a whole number of clips >= 1")
+    return int(value)
 
 
 def main(argv: list[str]) -> int:
@@ -77,38 +110,25 @@ def main(argv: list[str]) -> int:
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args = parse_args(argv)
-        run = Run(args["run"])
-        audio = audio_config(**run.facts["audio"])
-        files = list_inputs(args["inputs"])
-        if args.get("domain", "none") not in DOMAIN_IDS:
-            raise AsdError(f"domain={args['domain']!r}: expected one of {list(DOMAIN_IDS)}")
-        ids = [identify(f, args) for f in files]
-        sections = [run.section_id(m, s) for m, s, _ in ids]
-        batch_size = int(args.get("batch_size", 16))
-        columns: dict[str, list[float]] = {}
-        for start in range(0, len(files), batch_size):
-            chunk = slice(start, start + batch_size)
-            waves = torch.from_numpy(np.stack([load_audio(f, audio) for f in files[chunk]]))
-            cols = run.score(
-                waves,
-                torch.tensor(sections[chunk]),
-                torch.tensor([DOMAIN_IDS[d] for _, _, d in ids[chunk]]),
-            )
-            for k, v in cols.items():
-                columns.setdefault(k, []).extend(v.tolist())
+        parsed = parse_args(argv)
+        args = {k: v[0] for k, v in parsed.items() if k != "inputs"}
+        batch_size = batch_size_of(args)
+        run = FinishedRun(args["run"])
+        files = list_inputs(parsed["inputs"])
+        clips = [identify(f, args) for f in files]
+        columns = run.score(clips, batch_size)
+        names = score_names(columns)
+        rows = (
+            [str(f), c.machine, c.section, *score_cells(columns, names, i)]
+            for i, (f, c) in enumerate(zip(files, clips, strict=True))
+        )
+        text = csv_text(["file", "machine", "section", *names], rows)
+        if "out" in args:
+            write_text_atomic(Path(args["out"]).expanduser(), text)
     except AsdError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    names = [k for k in columns if k not in ("final", "decision")] + ["final", "decision"]
-    lines = [",".join(["file", "machine", "section", *names])]
-    for i, f in enumerate(files):
-        values = [str(int(columns[n][i])) if n == "decision" else repr(columns[n][i]) for n in names]
-        lines.append(",".join([str(f), ids[i][0], ids[i][1], *values]))
-    text = "\n".join(lines) + "\n"
     sys.stdout.write(text)
-    if "out" in args:
-        write_text_atomic(Path(args["out"]).expanduser(), text)
     return 0
 
 

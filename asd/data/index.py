@@ -20,6 +20,9 @@ Rules that names alone cannot settle, decided here once:
   folder; in `test/` their domain is "none".
 - With `year=None`, a machine folder that has `source_test/` or `target_test/` is read
   as DCASE 2021 (all its section-named clips, `train/` included), others as 2022+.
+
+One file: every year's naming rules in one place, so a name is judged by all of them at once
+and a file that fits none gets one error listing the conventions.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ training clips, and five anomaly kinds per machine whose strength follows `diffi
 Every clip draws from its own generator seeded by (seed, machine, section, domain, split,
 label, index), so a config always gives bit-identical files and changing one count
 leaves every other clip as it was.
+
+One file: the two sound models, their anomaly kinds and the folder writer share one seeded
+per-clip generator; the dataset's bit-identity depends on keeping them together.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ or from the organisers' evaluator layouts:
   and `ground_truth_domain/` files of the same names with rows `filename,<0 source|1 target>`;
   optional `ground_truth_attributes/` files (2023+) with rows `<eval name>,<labelled stem>` let
   scores use the labelled names.
+
+One file: the writers and readers of each year's CSV layouts must agree byte for byte; they
+are kept side by side so a change to one shows the other.
 """
 
 from __future__ import annotations

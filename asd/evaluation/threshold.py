@@ -69,9 +69,16 @@ def fit_gamma_threshold(scores: ArrayLike, percentile: float = 0.9) -> float:
     return fallback
 
 
-def decide(scores: ArrayLike, threshold: float) -> np.ndarray:
-    """Decisions (N,) int: 1 = anomaly where the score is strictly above `threshold`."""
-    if not math.isfinite(threshold):
-        raise AsdError(f"decide: threshold={threshold} is not finite; fit it on finite normal scores")
+def decide(scores: ArrayLike, threshold: float | ArrayLike) -> np.ndarray:
+    """Decisions (N,) int64: 1 = anomaly where the score is strictly above its threshold.
+
+    `threshold` is one number, or one per score (each clip's section threshold).
+    """
+    t = np.asarray(threshold, dtype=np.float64)
+    if not np.isfinite(t).all():
+        bad = t if t.ndim == 0 else t[~np.isfinite(t)][0]
+        raise AsdError(f"decide: threshold={float(bad)} is not finite; fit it on finite normal scores")
     s = finite_scores(scores, "decide", flatten=True)
-    return (s > threshold).astype(int)
+    if t.ndim and t.shape != s.shape:
+        raise AsdError(f"decide: {t.shape[0]} thresholds for {s.shape[0]} scores")
+    return (s > t).astype(np.int64)

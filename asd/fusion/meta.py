@@ -16,6 +16,9 @@ same gathered inputs and seed, so every rank ends with the same parameters and n
 communicated. The outer loss is an ordinary tensor, so a DDP-wrapped classifier works too:
 its forward is bypassed by `functional_call`, so DDP's own gradient hooks never fire and
 `meta_fit` averages the meta-gradients over ranks itself.
+
+One file: the classifier, task sampling, the inner loop and its vmap form are one algorithm
+(MAML); the tests compare the vmap and loop forms within it.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""The pipeline's fusion stage: fit the attention head and the meta-learner, apply them to any split.
+"""The learned fusions' fitting: the attention head and the meta-learner, applied to any split.
 
 Inputs are the members' z-scores (already normalised per machine/section/domain) of held-out normal
 training clips and of pseudo-anomalies made from them, with each clip's context. Nothing here
 ever sees a test label: `fit_fusion` takes training clips only, and `apply_fusion` reads scores and
-context, never labels. The returned state is plain tensors, lists and numbers, so it rides in
-`backends.pt` and loads with `weights_only=True`.
+context, never labels. The result is a `FusionState` whose `state_dict()` is plain tensors, lists
+and numbers, so it rides in the run's `calibration.pt` and loads with `weights_only=True`.
 
 Every rank of a DDP run calls `fit_fusion` on the same gathered inputs with the same seed, so all
 ranks hold the same fusion without communicating (it is a few thousand numbers, fitted on CPU).
@@ -13,6 +13,7 @@ ranks hold the same fusion without communicating (it is a few thousand numbers, 
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,22 +27,52 @@ from asd.fusion.meta import MAML, MetaClassifier, meta_features
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class FusionState:
+    """A fitted attention head and meta-learner: what `apply_fusion` needs, and what they learned from."""
+
+    #: the fused members, in the column order of the z-scores
+    members: list[str]
+    num_machines: int
+    attention_args: dict[str, int]
+    attention: dict[str, Tensor]
+    meta_args: dict[str, Any]
+    meta_init: dict[str, Tensor]
+    #: group id (`group_ids`) -> that group's adapted meta-parameters
+    adapted: dict[int, dict[str, Tensor]]
+    #: training losses per epoch/meta-step: `attention`, `meta`
+    history: dict[str, list[float]]
+    #: mean attention weights on the training clips: keys (G, 3) machine/section/domain, weights (G, M)
+    group_keys: Tensor
+    group_weights: Tensor
+    #: how many training rows of each class (`normal`, `pseudo_anomaly`) and of each anomaly kind
+    counts: dict[str, int]
+    kinds: dict[str, int] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> FusionState:
+        return cls(**state)
+
+
 def group_ids(section: Tensor, domain: Tensor) -> Tensor:
     """One id per (machine, section, domain): sections are global ids, so they imply the machine."""
     return section.long() * NUM_DOMAINS + domain.long()
 
 
-def attention_head(state: dict[str, Any]) -> AttentionFusion:
+def attention_head(state: FusionState) -> AttentionFusion:
     """The fitted attention head of a fusion state, in eval mode."""
-    head = AttentionFusion(**state["attention_args"])
-    head.load_state_dict(state["attention"])
+    head = AttentionFusion(**state.attention_args)
+    head.load_state_dict(state.attention)
     return head.eval()
 
 
-def _maml(state: dict[str, Any]) -> MAML:
-    args = state["meta_args"]
+def _maml(state: FusionState) -> MAML:
+    args = state.meta_args
     model = MetaClassifier(args["in_dim"], hidden=args["hidden"])
-    model.load_state_dict(state["meta_init"])
+    model.load_state_dict(state.meta_init)
     return MAML(
         model,
         inner_lr=args["inner_lr"],
@@ -71,7 +102,7 @@ def fit_fusion(
     num_machines: int,
     num_sections: int,
     cfg: dict[str, Any],
-) -> dict[str, Any]:
+) -> FusionState:
     """Train attention (BCE) then MAML (tasks = groups) on training clips; adapt every group.
 
     Args:
@@ -131,12 +162,12 @@ def fit_fusion(
     )
     adapted = maml.adapt_groups(x, y, groups, steps=int(meta["test_steps"]))
     keys, weights = group_weights(head, z, machine, section, domain)
-    return {
-        "members": list(members),
-        "num_machines": num_machines,
-        "attention_args": attention_args,
-        "attention": {k: v.detach().clone() for k, v in head.state_dict().items()},
-        "meta_args": {
+    return FusionState(
+        members=list(members),
+        num_machines=num_machines,
+        attention_args=attention_args,
+        attention={k: v.detach().clone() for k, v in head.state_dict().items()},
+        meta_args={
             "in_dim": int(x.shape[1]),
             "hidden": int(meta["hidden"]),
             "inner_lr": float(meta["inner_lr"]),
@@ -145,17 +176,17 @@ def fit_fusion(
             "first_order": bool(meta["first_order"]),
             "vmap": bool(meta["vmap"]),
         },
-        "meta_init": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "adapted": {int(g): {k: v.detach().clone() for k, v in p.items()} for g, p in adapted.items()},
-        "history": {"attention": [float(v) for v in att_losses], "meta": [float(v) for v in meta_losses]},
-        "group_keys": keys,
-        "group_weights": weights.detach().clone(),
-        "counts": {"normal": int((y == 0).sum()), "pseudo_anomaly": int((y == 1).sum())},
-    }
+        meta_init={k: v.detach().clone() for k, v in model.state_dict().items()},
+        adapted={int(g): {k: v.detach().clone() for k, v in p.items()} for g, p in adapted.items()},
+        history={"attention": [float(v) for v in att_losses], "meta": [float(v) for v in meta_losses]},
+        group_keys=keys,
+        group_weights=weights.detach().clone(),
+        counts={"normal": int((y == 0).sum()), "pseudo_anomaly": int((y == 1).sum())},
+    )
 
 
 def apply_fusion(
-    state: dict[str, Any], z: Tensor, machine: Tensor, section: Tensor, domain: Tensor
+    state: FusionState, z: Tensor, machine: Tensor, section: Tensor, domain: Tensor
 ) -> dict[str, Tensor]:
     """Scores of the learned fusions for any clips: `attention` (N,), `meta` (N,), `weights` (N, M).
 
@@ -168,10 +199,10 @@ def apply_fusion(
     """
     z = z.float()
     head = attention_head(state)
-    fused, weights, _ = _features(head, z, machine, section, domain, state["num_machines"])
+    fused, weights, _ = _features(head, z, machine, section, domain, state.num_machines)
     maml = _maml(state)
     init = {k: v.detach() for k, v in maml.params().items()}
-    adapted = state["adapted"]
+    adapted = state.adapted
     groups = group_ids(section, domain)
     meta = torch.zeros(len(z), dtype=torch.float32)
     missing = []
@@ -192,7 +223,7 @@ def apply_fusion(
                 machine[rows],
                 section[rows],
                 torch.full_like(domain[rows], as_domain),
-                state["num_machines"],
+                state.num_machines,
             )
             meta[rows] += maml.score(params, x).float() / len(ways)
     if missing:
@@ -202,7 +233,7 @@ def apply_fusion(
 
 
 def held_out_meta_scores(
-    state: dict[str, Any],
+    state: FusionState,
     z: Tensor,
     machine: Tensor,
     section: Tensor,
@@ -222,17 +253,15 @@ def held_out_meta_scores(
     (z-scores normalised without the clip itself; `z` keeps the ones the fusion trained on).
     """
     head = attention_head(state)
-    _, _, x = _features(head, z.float(), machine, section, domain, state["num_machines"])
+    _, _, x = _features(head, z.float(), machine, section, domain, state.num_machines)
     normals = torch.nonzero(y == 0).flatten()
     query = x.clone()
     if query_z is not None:
         n = normals
-        query[n] = _features(head, query_z.float(), machine[n], section[n], domain[n], state["num_machines"])[
-            2
-        ]
+        query[n] = _features(head, query_z.float(), machine[n], section[n], domain[n], state.num_machines)[2]
     maml = _maml(state)
     init = {k: v.detach() for k, v in maml.params().items()}
-    steps = state["meta_args"]["test_steps"]
+    steps = state.meta_args["test_steps"]
     groups = group_ids(section, domain)
     out = torch.empty(len(normals), dtype=torch.float32)
     for j, i in enumerate(normals.tolist()):
@@ -245,14 +274,14 @@ def held_out_meta_scores(
     return out
 
 
-def weights_table(state: dict[str, Any], keys: Tensor, weights: Tensor, names: list[str]) -> list[dict]:
+def weights_table(state: FusionState, keys: Tensor, weights: Tensor, names: list[str]) -> list[dict]:
     """Rows `{group, member: weight...}` for CSV/markdown; `names` are '<machine>/section_<XX>' per id."""
     domains = ("source", "target", "unknown")
     rows = []
     for (machine, section, domain), w in zip(keys.tolist(), weights.tolist(), strict=True):
         del machine  # the section name carries it
         row = {"group": f"{names[section]} {domains[domain]}"}
-        row.update({m: float(v) for m, v in zip(state["members"], w, strict=True)})
+        row.update({m: float(v) for m, v in zip(state.members, w, strict=True)})
         rows.append(row)
     return rows
 

@@ -1,0 +1,195 @@
+"""`Calibration`: everything that turns raw member scores into fused scores and decisions.
+
+A run's calibrate stage fits it once on normal training clips (never test clips) and writes it
+to `calibration.pt`; the predict stage and `tools/score.py` load it and call `combine` and
+`decide`, the one place where a decision is made. It holds:
+
+- per member, z-score statistics per (machine, section, domain) (`asd.scoring.GroupNormalizer`);
+- the raw scores of the normals those statistics came from, so a refit of the fusions needs no
+  member to score them again;
+- the learned fusions (`asd.fusion.stage.FusionState`), when they are enabled;
+- the final method and one decision threshold per section.
+
+Its `state_dict()` is tensors, lists, numbers and strings only: it loads with `weights_only=True`.
+The fitting helpers here work on score matrices alone (no model, no data), so they are tested on
+synthetic numbers; docs/architecture.md shows where the calibrate stage calls them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from asd.errors import AsdError
+from asd.evaluation import decide, fit_gamma_threshold
+from asd.fileio import torch_save_atomic
+from asd.fusion.stage import FusionState, apply_fusion
+from asd.scoring import FUSIONS, GroupNormalizer, fuse
+
+log = logging.getLogger(__name__)
+
+#: the learned fusions (asd.fusion), fitted on normals vs pseudo-anomalies
+LEARNED = ("meta", "attention")
+#: the context ids of a clip that calibration reads (never its label)
+CONTEXT = ("machine", "section", "domain")
+
+Scores = Mapping[str, np.ndarray]
+Context = Mapping[str, Tensor]
+
+
+@dataclass
+class Calibration:
+    """Normalisers, reference scores, learned fusions, thresholds and the final method of one run."""
+
+    #: the fused members, in the column order of the z-scores
+    members: list[str]
+    #: member -> `GroupNormalizer.state_dict()`
+    normalizers: dict[str, dict[str, Any]]
+    #: member -> raw scores (N,) of the normals the statistics were fitted on
+    reference_scores: dict[str, Tensor]
+    #: which normals those were ("held-out", "training", ...), for the summary
+    normalised_on: str
+    #: the column that decides: a learned fusion, a label-free one, or a member
+    final: str = "zmean"
+    threshold_percentile: float = 0.9
+    #: (num_sections,) float64 decision threshold of each section on the final score
+    thresholds: Tensor | None = None
+    fusion: FusionState | None = None
+
+    # ------------------------------------------------------------------ scoring
+    def normalise(self, raw: Scores, context: Context) -> Tensor:
+        """Raw member scores -> z-scores (N, members), in `members` order."""
+        z = []
+        for member in self.members:
+            norm = GroupNormalizer()
+            norm.load_state_dict(self.normalizers[member])
+            z.append(norm.transform(torch.as_tensor(raw[member]), context["section"], context["domain"]))
+        return torch.stack(z, dim=1)
+
+    def combine(self, raw: Scores, context: Context) -> dict[str, np.ndarray]:
+        """Raw member scores -> every column: the raw ones, label-free and learned fusions, `final`.
+
+        `raw` may hold more columns than the fused members (the reference's); they are passed on.
+        """
+        cols = {k: np.asarray(v) for k, v in raw.items() if k != "index"}
+        z = self.normalise(cols, context)  # (N, members)
+        for method in FUSIONS:
+            cols[method] = fuse(z, method).double().numpy()
+        if self.fusion is not None:
+            learned = apply_fusion(self.fusion, z, context["machine"], context["section"], context["domain"])
+            for method in LEARNED:
+                cols[method] = learned[method].double().numpy()
+        if self.final not in cols:
+            raise AsdError(f"calibration: final={self.final!r} is not among the columns {sorted(cols)}")
+        cols["final"] = cols[self.final]
+        return cols
+
+    def decide(self, final: np.ndarray, section: Tensor | np.ndarray) -> np.ndarray:
+        """0/1 decisions (N,) int64: final score above its section's threshold."""
+        if self.thresholds is None:
+            raise AsdError("calibration: no thresholds fitted; run the calibrate stage first")
+        return decide(final, self.thresholds.numpy()[np.asarray(section, dtype=np.int64)])
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        state["fusion"] = self.fusion.state_dict() if self.fusion is not None else None
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> Calibration:
+        names = {f.name for f in fields(cls)}
+        if not isinstance(state, Mapping) or set(state) != names:
+            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise AsdError(f"not a calibration state: keys {got}, expected {sorted(names)}")
+        values = dict(state)
+        if values["fusion"] is not None:
+            values["fusion"] = FusionState.from_state_dict(values["fusion"])
+        return cls(**values)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take every field from `state` (a `state_dict()`), checked as `from_state_dict` checks it."""
+        loaded = Calibration.from_state_dict(state)
+        for f in fields(self):
+            setattr(self, f.name, getattr(loaded, f.name))
+
+    def save(self, path: Path) -> None:
+        torch_save_atomic(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path: Path) -> Calibration:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            return cls.from_state_dict(state)
+        except AsdError as e:
+            raise AsdError(f"{path}: {e}; delete it to recalibrate") from None
+        except Exception as e:  # torch raises many types for foreign or damaged files
+            raise AsdError(f"{path}: not a readable asd calibration ({e}); delete it to recalibrate") from e
+
+
+# ---------------------------------------------------------------------- fitting, on score matrices
+def fit_normalizers(raw: Scores, members: list[str], context: Context) -> dict[str, dict[str, Any]]:
+    """Per-member z-score statistics per (machine, section, domain); one warning for all fallbacks."""
+    states, fell_back = {}, {}
+    for member in members:
+        norm = GroupNormalizer().fit(
+            torch.as_tensor(raw[member]), context["section"], context["domain"], warn=False
+        )
+        states[member] = norm.state_dict()
+        if norm.fallbacks:
+            fell_back.setdefault("; ".join(norm.fallbacks), []).append(member)
+    for groups, cols in fell_back.items():
+        log.warning(
+            "score normalisation of %s: groups with < 2 clips or std ~ 0 fell back: %s",
+            ", ".join(cols),
+            groups,
+        )
+    return states
+
+
+def left_out_z(calibration: Calibration, context: Context) -> Tensor:
+    """z-scores (N, members) of the reference normals, each from statistics fitted without it.
+
+    A clip whose section holds no other clip keeps its ordinary z-score (nothing else describes
+    its section). The refits' fallback warnings are those `fit_normalizers` already gave.
+    """
+    raw = {m: v.numpy() for m, v in calibration.reference_scores.items()}
+    n = len(context["section"])
+    out = calibration.normalise(raw, context)
+    scoring_log = logging.getLogger("asd.scoring")
+    level = scoring_log.level
+    scoring_log.setLevel(logging.ERROR)
+    try:
+        for i in range(n):
+            keep = torch.arange(n) != i
+            here = {k: context[k][i : i + 1] for k in ("section", "domain")}
+            if not (context["section"][keep] == here["section"]).any():
+                continue
+            for j, member in enumerate(calibration.members):
+                x = torch.as_tensor(raw[member])
+                try:
+                    norm = GroupNormalizer().fit(x[keep], context["section"][keep], context["domain"][keep])
+                except AsdError:  # the others' scores are constant: keep the ordinary z-score
+                    continue
+                out[i, j] = norm.transform(x[i : i + 1], here["section"], here["domain"])[0]
+    finally:
+        scoring_log.setLevel(level)
+    return out
+
+
+def fit_thresholds(final: np.ndarray, section: Tensor, num_sections: int, percentile: float) -> Tensor:
+    """One gamma threshold per section from normals' final scores; sections without any: the pooled one."""
+    final = np.asarray(final, dtype=np.float64)
+    pooled = fit_gamma_threshold(final, percentile)
+    thresholds = np.full(num_sections, pooled, dtype=np.float64)
+    section = np.asarray(section, dtype=np.int64)
+    for s in np.unique(section):
+        thresholds[s] = fit_gamma_threshold(final[section == s], percentile)
+    return torch.as_tensor(thresholds)

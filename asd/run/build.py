@@ -1,0 +1,212 @@
+"""Builders: the config's objects (datamodule, members, ensemble, loggers, trainer) via Hydra.
+
+Every object comes from its config node's `_target_` through `hydra.utils.instantiate`; what
+only the data can tell (clip length, class counts, the flow's input width, the run folder) is
+passed at build time to the constructors that name it. Types and ranges are checked before any
+of this by the schema (`asd.config.validate`); the checks here are the cross-field ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as L
+import torch
+from hydra.utils import get_class, get_method, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from asd.branches.base import Branch
+from asd.calibration import LEARNED
+from asd.data.datamodule import AsdDataModule
+from asd.ensemble import FLOW, FLOW_SOURCES, REFERENCE, Ensemble, select_branches, select_frozen
+from asd.errors import AsdError
+from asd.run.progress import show_progress
+from asd.scoring import FUSIONS
+
+#: keys of a member's node that are the ensemble's business, not the member constructor's
+ENSEMBLE_KEYS = ("loss_weight", "gradient_clip", "scheduler")
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain Python (lists, dicts), resolved; anything else unchanged."""
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def build(node: dict[str, Any], key: str, runtime: dict[str, Any] | None = None, **kwargs: Any) -> Any:
+    """`instantiate(node)`, plus those `runtime` values its constructor names and the node lacks.
+
+    A bad `_target_` or a constructor's own error becomes one AsdError naming the config key.
+    """
+    target = node.get("_target_")
+    if not target:
+        raise AsdError(f"{key}: no _target_ (the class or function to build)")
+    try:
+        params = _parameters(_import(target))
+    except Exception as e:  # hydra raises several types for a bad import path
+        raise AsdError(f"{key}._target_={target!r} cannot be imported: {e}") from e
+    extra = {k: v for k, v in (runtime or {}).items() if k in params and k not in node}
+    try:
+        return instantiate(node, **extra, **kwargs)
+    except Exception as e:  # hydra wraps constructor errors; show the object's own message
+        cause = e.__cause__ or e
+        if isinstance(cause, AsdError):
+            raise cause from None
+        if isinstance(cause, ImportError | ModuleNotFoundError):
+            raise AsdError(f"{key}: {target} needs a package that is not installed: {cause}") from e
+        raise AsdError(f"{key}: cannot build {target}: {cause}") from e
+
+
+def _import(target: str) -> Any:
+    """The class or function a `_target_` names."""
+    try:
+        return get_class(target)
+    except Exception:  # not a class: a factory function
+        return get_method(target)
+
+
+def _parameters(obj: Any) -> set[str]:
+    try:
+        return set(inspect.signature(obj).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+# ---------------------------------------------------------------------- data and members
+def build_datamodule(cfg: DictConfig) -> AsdDataModule:
+    dm = build(plain(cfg.data), "data", _convert_="all")
+    if not isinstance(dm, AsdDataModule):
+        raise AsdError(f"data._target_ builds {type(dm).__name__}, not an asd AsdDataModule")
+    return dm
+
+
+def data_facts(dm: AsdDataModule) -> dict[str, Any]:
+    """What members are sized by: audio settings and class maps (saved with the run)."""
+    return dm.state_dict()
+
+
+def member_names(cfg: DictConfig) -> list[str]:
+    names = select_branches(plain(cfg.branch))
+    if cfg.reference:
+        names.append(REFERENCE)
+    return names
+
+
+def build_member(name: str, cfg: DictConfig, runtime: dict[str, Any]) -> Branch:
+    """Instantiate `branches.<name>`, passing the data facts (clip length, class counts) it asks for."""
+    if name not in cfg.branches:
+        raise AsdError(f"no config for member {name}: add branches.{name} (see conf/branches/default.yaml)")
+    node = {k: v for k, v in plain(cfg.branches[name]).items() if k not in ENSEMBLE_KEYS}
+    member = build(node, f"branches.{name}", runtime)
+    if not isinstance(member, Branch):
+        raise AsdError(f"branches.{name}._target_ builds {type(member).__name__}, not an asd Branch")
+    return member
+
+
+def build_ensemble(cfg: DictConfig, facts: dict[str, Any]) -> Ensemble:
+    names = member_names(cfg)
+    frozen = select_frozen(plain(cfg.freeze), names)
+    audio = facts["audio"]
+    runtime = {
+        "num_samples": round(audio["duration"] * audio["sample_rate"]) if audio["duration"] else None,
+        "sample_rate": audio["sample_rate"],
+        "num_machines": len(facts["machines"]),
+        "num_sections": len(facts["sections"]),
+        "num_attributes": len(facts["attributes"]),
+    }
+    members = {n: build_member(n, cfg, runtime) for n in names if n != FLOW}
+    if FLOW in names:
+        # b5 models the embeddings of b1-b3 when any of them is selected, else log-mel statistics
+        dims = [members[n].embed_dim for n in FLOW_SOURCES if n in members]
+        members[FLOW] = build_member(FLOW, cfg, {**runtime, "input_dim": sum(dims) if dims else None})
+        members = {n: members[n] for n in names}  # keep the configured order
+    nodes = {n: plain(cfg.branches[n]) for n in names}
+    schedulers = {
+        n: build(node["scheduler"], f"branches.{n}.scheduler")
+        for n, node in nodes.items()
+        if node.get("scheduler")
+    }
+    ensemble = Ensemble(
+        members,
+        loss_weights={n: node.get("loss_weight", 1.0) for n, node in nodes.items()},
+        frozen=frozen,
+        grad_norm_every=cfg.get("grad_norm_every", 50),
+        gradient_clip={n: node.get("gradient_clip") for n, node in nodes.items()},
+        schedulers=schedulers,
+    )
+    for name, path in (cfg.get("ckpt") or {}).items():
+        ensemble.load_member(name, path)
+    return ensemble
+
+
+def signature(cfg: DictConfig, facts: dict[str, Any]) -> dict[str, Any]:
+    """What a run's weights depend on; a run folder of another signature is refused."""
+    names = member_names(cfg)
+    members = {n: plain(cfg.branches[n]) for n in names}
+    sig = {"members": names, "config": members, "facts": facts}
+    sig["hash"] = hashlib.sha256(json.dumps(sig, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return sig
+
+
+# ---------------------------------------------------------------------- cross-field checks
+def fused_members(ensemble: Ensemble) -> list[str]:
+    """The members whose scores feed the fusions (the reference is reported, never fused)."""
+    return [n for n in ensemble.members if n != REFERENCE]
+
+
+def final_choices(ensemble: Ensemble, cfg: DictConfig) -> list[str]:
+    learned = list(LEARNED) if cfg.fusion.enabled else []
+    return [*learned, *FUSIONS, *fused_members(ensemble)]
+
+
+def check_final(ensemble: Ensemble, cfg: DictConfig) -> None:
+    if cfg.final in LEARNED and not cfg.fusion.enabled:
+        raise AsdError(f"final={cfg.final} needs the learned fusions: fusion.enabled=true, or final=zmean")
+    if cfg.final not in final_choices(ensemble, cfg):
+        raise AsdError(f"final={cfg.final!r}: expected one of {final_choices(ensemble, cfg)}")
+
+
+# ---------------------------------------------------------------------- training machinery
+def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
+    """The `logger` node's logger, writing under the run folder (`name` the run's when it takes one)."""
+    return build(plain(cfg.logger), "logger", {"name": run_dir.name}, save_dir=str(run_dir), _convert_="all")
+
+
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, logger: Any, extra_callbacks: list | None = None, checkpoints: bool = True
+) -> L.Trainer:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    callbacks = list(extra_callbacks or [])
+    if checkpoints:
+        callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0))
+    return build(
+        plain(cfg.trainer),
+        "trainer",
+        logger=logger,
+        callbacks=callbacks,
+        default_root_dir=str(run_dir),
+        enable_progress_bar=show_progress(),
+        enable_checkpointing=checkpoints,
+        _convert_="all",
+    )
+
+
+def inference_device(cfg: DictConfig) -> torch.device:
+    """Where a run that skips training scores: the configured accelerator when it is there."""
+    wants_gpu = str(cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda", "auto")
+    return torch.device("cuda") if wants_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        pass
+    return Path(cfg.run_dir)

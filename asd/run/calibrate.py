@@ -1,0 +1,226 @@
+"""The work of the backends and calibrate stages: reference state fitted on normal training clips.
+
+- `fit_backends`: the members' kNN/Mahalanobis banks on the fit split's normals, and the raw
+  scores of the reference normals (held-out training clips) that calibration is fitted on.
+- `calibrate`: z-score statistics from those scores, the learned fusions on the normals against
+  pseudo-anomalies made from them, and per-section thresholds from left-out final scores.
+
+Test clips never reach either. Under DDP every rank computes the same state from gathered
+inputs; the stages write it from rank 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from asd.anomalies import KINDS, AnomalyConfig, PseudoAnomalies, PseudoAnomalyDataset, anomaly_config
+from asd.calibration import Calibration, fit_normalizers, fit_thresholds, left_out_z
+from asd.data.datamodule import AsdDataModule, ClipDataset, WaveStore
+from asd.data.table import ClipTable
+from asd.ensemble import REFERENCE, Ensemble
+from asd.errors import AsdError
+from asd.fusion.stage import apply_fusion, fit_fusion, held_out_meta_scores, summarise_kinds
+from asd.run.build import fused_members, plain
+from asd.run.predict import context_of, infer, member_scores
+from asd.scoring import FUSIONS, fuse
+
+log = logging.getLogger(__name__)
+
+
+def section_names(dm: AsdDataModule) -> list[str]:
+    return [f"{m}/section_{s}" for m, s in dm.section_keys]
+
+
+class _Rows:
+    """Some rows of a wave store, read lazily (a part of a WaveStore; picklable for workers)."""
+
+    def __init__(self, store: Any, rows: list[int]):
+        self.store, self.rows = store, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.store[self.rows[i]]
+
+
+def reference_normals(dm: AsdDataModule, warn: bool = True) -> tuple[ClipDataset, str]:
+    """The normals that normalisation, fusion and thresholds are fitted on, and how to name them.
+
+    The held-out training normals; a section too small to hold any clip out (a single training
+    clip) adds its training clips, and with nothing held out at all every training clip is used.
+    Training clips stand in for held-out ones only with a warning: members have fitted them, so
+    their statistics are optimistic and thresholds will flag too many clips.
+    """
+    val, fit = dm.datasets["val"], dm.datasets["fit"]
+    say = log.warning if warn else log.debug
+    if not len(val):
+        say(
+            "no held-out training normals (data.val_fraction=%s, or one clip per group): score "
+            "normalisation, fusion and thresholds use the training clips themselves and are optimistic",
+            dm.val_fraction,
+        )
+        return fit, "training"
+    missing = sorted(set(fit.labels["section"].tolist()) - set(val.labels["section"].tolist()))
+    if not missing:
+        return val, "held-out"
+    names = section_names(dm)
+    say(
+        "%s hold out no training clip (too few of them): their training clips stand in for held-out "
+        "normals, so their normalisation and thresholds are optimistic",
+        ", ".join(names[s] for s in missing),
+    )
+    rows = [i for i, s in enumerate(fit.labels["section"].tolist()) if s in missing]
+    table = ClipTable([*val.table, *(fit.table[i] for i in rows)])
+    waves = WaveStore([_Rows(val.waves, list(range(len(val)))), _Rows(fit.waves, rows)])
+    labels = {k: torch.cat([val.labels[k], fit.labels[k][rows]]) for k in val.labels}
+    labels["index"] = torch.arange(len(table))
+    return ClipDataset(table, waves, labels), "held-out (and some training)"
+
+
+def run_infer(fn, dm: AsdDataModule, dataset: ClipDataset | PseudoAnomalyDataset, device, what: str):
+    return infer(fn, dataset, device, dm.eval_batch_size, dm.num_workers, what)
+
+
+# ---------------------------------------------------------------------- backends stage
+def fit_backends(ensemble: Ensemble, dm: AsdDataModule, device: torch.device) -> dict[str, Any]:
+    """Fit the members' scoring backends on the fit split; score the reference normals.
+
+    Returns the `backends.pt` content: each member's fitted backend state, and the raw scores of
+    the reference normals (every fused member's column) with how those normals were chosen.
+    """
+    needing = [n for n, m in ensemble.members.items() if m.needs_backend]
+    if needing:
+        fit = dm.datasets["fit"]
+        feats = run_infer(
+            lambda b: {n: ensemble.members[n].backend_features(b) for n in needing}, dm, fit, device, "fit"
+        )
+        context = context_of(fit)
+        for n in needing:
+            try:
+                ensemble.members[n].fit_backend(
+                    torch.as_tensor(feats[n]).to(device), {k: v.to(device) for k, v in context.items()}
+                )
+            except AsdError as e:
+                hint = "reference=false leaves the reference out" if n == REFERENCE else f"leave {n} out"
+                raise AsdError(f"member {n} cannot fit its scoring backend: {e} (or: {hint})") from None
+    normals, kind = reference_normals(dm)
+    raw = run_infer(lambda b: member_scores(ensemble, b), dm, normals, device, "held-out normals")
+    return {
+        "members": {n: ensemble.members[n].backend_state() for n in needing},
+        "reference_scores": {c: torch.as_tensor(raw[c]) for c in fused_members(ensemble)},
+        "normalised_on": kind,
+    }
+
+
+def load_backends(ensemble: Ensemble, backends: dict[str, Any]) -> None:
+    """Put the fitted backend states of `backends.pt` into the members."""
+    missing = [n for n, m in ensemble.members.items() if m.needs_backend and n not in backends["members"]]
+    if missing or set(backends["reference_scores"]) != set(fused_members(ensemble)):
+        raise AsdError(f"backends.pt does not belong to these members (lacks {missing}); delete it to refit")
+    for name, state in backends["members"].items():
+        ensemble.members[name].load_backend_state(state)
+
+
+# ---------------------------------------------------------------------- calibrate stage
+def anomaly_settings(cfg: DictConfig, sample_rate: int) -> tuple[AnomalyConfig, int]:
+    """The pseudo-anomaly generator's settings and the number of copies per clip, validated."""
+    values = dict(plain(cfg.fusion.anomalies))
+    copies = values.pop("copies", 8)
+    if not isinstance(copies, int) or copies < 1:
+        raise AsdError(f"fusion.anomalies.copies={copies}: expected a whole number of pseudo-anomalies >= 1")
+    return anomaly_config({**values, "sample_rate": sample_rate}), copies
+
+
+def calibrate(
+    ensemble: Ensemble, backends: dict[str, Any], cfg: DictConfig, dm: AsdDataModule, device: torch.device
+) -> tuple[Calibration, PseudoAnomalyDataset | None]:
+    """Normalisers, learned fusions and thresholds from the reference normals (and their fakes).
+
+    The thresholds come from the gamma fit on the normals' final scores, each computed as if the
+    clip had been held out of everything fitted here: z-statistics without it (`left_out_z`) and,
+    for `final=meta`, an adaptation without it and its pseudo-anomalies (`held_out_meta_scores`).
+    Returns the calibration and the pseudo-anomalies it was fitted on (for the plots).
+    """
+    normals, kind = reference_normals(dm, warn=False)  # the backends stage said it
+    members = fused_members(ensemble)
+    raw = {c: v.numpy() for c, v in backends["reference_scores"].items()}
+    context = context_of(normals)
+    calibration = Calibration(
+        members=members,
+        normalizers=fit_normalizers(raw, members, context),
+        reference_scores=dict(backends["reference_scores"]),
+        normalised_on=kind,
+        final=cfg.final,
+        threshold_percentile=float(cfg.threshold_percentile),
+    )
+    log.info("stage calibrate: score normalisation on %d %s normals", len(normals), kind)
+    normal_z = calibration.normalise(raw, context)
+    fake = None
+    if cfg.fusion.enabled:
+        fcfg = plain(cfg.fusion)
+        config, copies = anomaly_settings(cfg, dm.audio.sample_rate)
+        fake = PseudoAnomalyDataset(
+            normals, PseudoAnomalies(config), copies=copies, seed=int(fcfg["seed"]), pool=dm.datasets["fit"]
+        )
+        kinds = fake.kinds()
+        log.info(
+            "stage calibrate: scoring %d pseudo-anomalies of %d %s normals (%s)",
+            len(fake),
+            len(normal_z),
+            kind,
+            ", ".join(f"{k} {n}" for k, n in summarise_kinds(kinds, KINDS).items()),
+        )
+        fake_raw = run_infer(lambda b: member_scores(ensemble, b), dm, fake, device, "pseudo-anomalies")
+        source = torch.arange(len(fake)) // copies
+        fake_context = {k: v[source] for k, v in context.items()}
+        z = torch.cat([normal_z, calibration.normalise(fake_raw, fake_context)])
+        ctx = {k: torch.cat([context[k], fake_context[k]]) for k in ("machine", "section", "domain")}
+        y = torch.cat([torch.zeros(len(normal_z)), torch.as_tensor(kinds >= 0, dtype=torch.float32)])
+        rows_source = torch.cat([torch.arange(len(normal_z)), source])
+        calibration.fusion = fit_fusion(
+            z,
+            ctx["machine"],
+            ctx["section"],
+            ctx["domain"],
+            y,
+            members=members,
+            num_machines=dm.num_machines,
+            num_sections=dm.num_sections,
+            cfg=fcfg,
+        )
+        calibration.fusion.kinds = summarise_kinds(kinds, KINDS)
+    # Decision thresholds need scores of normals nothing was fitted on. The members never saw
+    # these clips, but their z-scores were normalised with statistics that include them (a z of a
+    # group of 5 can never exceed 1.8) and the meta-learner adapted on them: both are undone here.
+    loo = left_out_z(calibration, context)
+    if cfg.final == "meta":
+        final_t = held_out_meta_scores(
+            calibration.fusion, z, ctx["machine"], ctx["section"], ctx["domain"], y, rows_source, query_z=loo
+        )
+    elif cfg.final == "attention":
+        fused = apply_fusion(
+            calibration.fusion, loo, context["machine"], context["section"], context["domain"]
+        )
+        final_t = fused["attention"]
+    elif cfg.final in FUSIONS:
+        final_t = fuse(loo, cfg.final)
+    else:
+        final_t = torch.as_tensor(raw[cfg.final])
+    final = final_t.double().numpy()
+    calibration.thresholds = fit_thresholds(
+        final, context["section"], dm.num_sections, calibration.threshold_percentile
+    )
+    log.info(
+        "stage calibrate: thresholds from %d %s normals' left-out %s scores: %s",
+        len(final),
+        kind,
+        cfg.final,
+        np.round(calibration.thresholds.numpy(), 3).tolist(),
+    )
+    return calibration, fake

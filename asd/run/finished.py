@@ -1,0 +1,106 @@
+"""`FinishedRun`: a finished run folder, loaded to score new recordings (`tools/score.py`).
+
+It rebuilds the ensemble from the run's `.hydra/config.yaml` and the data facts stored with its
+weights, refuses a folder whose files disagree, and scores through `asd.run.predict.predict`,
+the same path the run's predict stage took.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from asd.calibration import Calibration
+from asd.config import validate
+from asd.data.audio import AudioConfig, audio_config, load_audio
+from asd.data.datamodule import ClipDataset, WaveStore, label_tensors
+from asd.data.table import Clip, ClipTable
+from asd.errors import AsdError
+from asd.run.build import build_ensemble, signature
+from asd.run.calibrate import load_backends
+from asd.run.predict import predict
+from asd.run.stages import FINAL_CKPT, StageLog, load_backends_file, load_weights
+
+
+class Decoded:
+    """Files decoded on access (one at a time, never all in memory), as a part of a WaveStore."""
+
+    def __init__(self, paths: list[str], audio: AudioConfig):
+        self.paths, self.audio = paths, audio
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return load_audio(self.paths[i], self.audio)
+
+
+class FinishedRun:
+    """The trained ensemble, its backends and calibration, and the class maps of one run folder."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir).expanduser().resolve()
+        cfg_path = self.dir / ".hydra" / "config.yaml"
+        for need in (cfg_path, self.dir / FINAL_CKPT, self.dir / "backends.pt", self.dir / "calibration.pt"):
+            if not need.exists():
+                raise AsdError(
+                    f"{self.dir} is not a finished asd run: {need.relative_to(self.dir)} is missing "
+                    "(give the folder train.py printed last, after it finished)"
+                )
+        if "calibrate" not in StageLog(self.dir).done:
+            raise AsdError(f"{self.dir}: training did not finish its calibrate stage; re-run train.py on it")
+        self.cfg = OmegaConf.load(cfg_path)
+        validate(self.cfg)
+        try:
+            stored = torch.load(self.dir / FINAL_CKPT, map_location="cpu", weights_only=True)["asd_signature"]
+            self.facts = stored["facts"]
+        except Exception as e:  # torch raises many types for foreign or damaged files
+            raise AsdError(f"{self.dir / FINAL_CKPT}: not a readable asd checkpoint ({e})") from e
+        sig = signature(self.cfg, self.facts)
+        if sig["hash"] != stored.get("hash"):
+            raise AsdError(
+                f"{self.dir}: its .hydra/config.yaml describes another configuration than its checkpoint "
+                "(members, sizes or audio settings differ); score with the run folder exactly as train.py "
+                "wrote it"
+            )
+        self.ensemble = build_ensemble(self.cfg, self.facts)
+        load_weights(self.ensemble, self.dir / FINAL_CKPT, sig)
+        load_backends(self.ensemble, load_backends_file(self.dir / "backends.pt", sig))
+        self.ensemble.eval()
+        self.calibration = Calibration.load(self.dir / "calibration.pt")
+        self.audio = audio_config(**self.facts["audio"])
+        self.sections = [tuple(k) for k in self.facts["sections"]]
+        #: the run's test batch size: the same clips in the same batches give the same numbers
+        self.batch_size = int(self.cfg.data.get("eval_batch_size") or self.cfg.data.batch_size)
+
+    def check_known(self, clips: Sequence[Clip]) -> None:
+        """Every clip's machine and section are ones this run has models of."""
+        for c in clips:
+            if (c.machine, c.section) not in self.sections:
+                known = ", ".join(f"{m}/section_{s}" for m, s in self.sections)
+                raise AsdError(
+                    f"{c.path}: this run has no model of {c.machine} section {c.section}; it knows {known}"
+                )
+
+    def dataset(self, clips: Sequence[Clip]) -> ClipDataset:
+        """The clips decoded with the run's audio settings, labelled with its class maps."""
+        self.check_known(clips)
+        table = ClipTable(clips)
+        labels = label_tensors(table, self.facts["machines"], self.sections, self.facts["attributes"])
+        return ClipDataset(table, WaveStore([Decoded([c.path for c in clips], self.audio)]), labels)
+
+    def score(self, clips: Sequence[Clip], batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """Every column (members, fusions, final, decision) of these clips, in their order."""
+        dataset = self.dataset(clips)
+        return predict(
+            self.ensemble,
+            self.calibration,
+            dataset,
+            torch.device("cpu"),
+            batch_size or self.batch_size,
+            what="inputs",
+        )

@@ -1,0 +1,86 @@
+"""One path from audio to scores and decisions, used by the run's stages and by `tools/score.py`.
+
+`infer` runs any function of a batch over a dataset of batch dicts, sharded across DDP ranks and
+gathered back in clip order. `member_scores` is every member's score columns for one batch, and
+`predict` puts them together with a `Calibration`: raw scores -> z-scores -> fusions -> final ->
+decision. The predict stage calls `predict` on the test split; `tools/score.py` calls it on a
+dataset of the files it is given, with the run's batch size, so the same clips in the same
+batches give the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from asd.calibration import CONTEXT, Calibration
+from asd.data.datamodule import ClipDataset
+from asd.ensemble import Ensemble
+from asd.run.distributed import distributed, gather_by_index, is_rank_zero
+from asd.run.progress import show_progress
+
+
+def infer(
+    fn: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+    dataset: Dataset,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int = 0,
+    what: str = "",
+) -> dict[str, np.ndarray]:
+    """`fn` over a whole dataset of batch dicts: arrays keyed like its output, one row per clip in order."""
+    from tqdm.auto import tqdm
+
+    what = what or type(dataset).__name__
+    sampler = DistributedSampler(dataset, shuffle=False) if distributed() else None
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
+    chunks: dict[str, list[np.ndarray]] = {}
+    bar = tqdm(loader, desc=f"scoring {what}", leave=False, disable=not (show_progress() and is_rank_zero()))
+    with torch.no_grad():
+        for batch in bar:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = fn(batch)
+            out["index"] = batch["index"]
+            for k, v in out.items():
+                chunks.setdefault(k, []).append(
+                    v.detach().float().cpu().numpy() if k != "index" else v.cpu().numpy()
+                )
+    local = {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in chunks.items()}
+    return gather_by_index(local, len(dataset), what)
+
+
+def member_scores(ensemble: Ensemble, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Every score column of every member for one batch: `bN`, or `bN_<kind>` for several."""
+    out: dict[str, Tensor] = {}
+    batch = ensemble.with_flow_input(batch)
+    for name, member in ensemble.members.items():
+        for kind, s in member.scores(batch).items():
+            out[f"{name}_{kind}" if kind else name] = s
+    return out
+
+
+def context_of(dataset: ClipDataset) -> dict[str, Tensor]:
+    """Each clip's context ids (never its label): what calibration and backends read."""
+    return {k: dataset.labels[k].clone() for k in (*CONTEXT, "attribute")}
+
+
+def predict(
+    ensemble: Ensemble,
+    calibration: Calibration,
+    dataset: ClipDataset,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int = 0,
+    what: str = "",
+) -> dict[str, np.ndarray]:
+    """Every column of every clip: raw member scores, fusions, `final` and `decision`."""
+    raw = infer(lambda b: member_scores(ensemble, b), dataset, device, batch_size, num_workers, what)
+    context = context_of(dataset)
+    columns = calibration.combine(raw, context)
+    columns["decision"] = calibration.decide(columns["final"], context["section"])
+    return columns

@@ -1,0 +1,353 @@
+"""The stages of a run: fit -> backends -> calibrate -> predict -> report.
+
+Each stage names the run-folder files it reads and writes, computes on every rank
+(`compute`: inference is sharded across DDP ranks and gathered), writes its files from rank 0
+only (`write`), and can restore its result from those files instead (`load`). A stage never
+rewrites another stage's files. `stages.json` records each finished stage with the settings it
+ran with; `asd.run.job.train` skips a finished stage whose settings and files are unchanged and
+redoes a stage whose settings changed, with every stage after it. docs/architecture.md draws
+the flow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as L
+import torch
+from omegaconf import DictConfig
+
+from asd.anomalies import PseudoAnomalyDataset
+from asd.calibration import Calibration
+from asd.data.datamodule import AsdDataModule
+from asd.ensemble import Ensemble
+from asd.errors import AsdError
+from asd.evaluation.export import write_submission
+from asd.fileio import torch_save_atomic, write_text_atomic
+from asd.run import calibrate as cal
+from asd.run import publish, report
+from asd.run.build import build_logger, build_trainer, inference_device, plain
+from asd.run.distributed import sync_from_rank_zero
+from asd.run.predict import predict
+
+log = logging.getLogger(__name__)
+
+FINAL_CKPT = "checkpoints/final.ckpt"
+
+
+@dataclass
+class RunState:
+    """What one `train(cfg)` call carries from stage to stage."""
+
+    cfg: DictConfig
+    run_dir: Path
+    dm: AsdDataModule
+    ensemble: Ensemble
+    signature: dict[str, Any]
+    device: torch.device = torch.device("cpu")
+    trainer: L.Trainer | None = None
+    calibration: Calibration | None = None
+    fake: PseudoAnomalyDataset | None = None
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def year(self) -> int:
+        """The official-score convention: the test clips' layout, else `year` of the config."""
+        layouts = {c.layout for c in self.dm.tables["test"]}
+        if layouts & {"dcase2020", "mimii"}:
+            return 2020
+        if "dcase2021" in layouts:
+            return 2021
+        return int(self.cfg.data.get("year") or self.cfg.get("year") or 2023)
+
+
+class Stage:
+    """One step of a run; subclasses name their files and settings and do the work."""
+
+    name = ""
+    #: run-folder files it reads (besides the data) and writes, relative to the run folder
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+
+    def settings(self, run: RunState) -> dict[str, Any]:
+        """What its result depends on beyond earlier stages' results: a change redoes it."""
+        return {}
+
+    def skip_reason(self, run: RunState) -> str:
+        """Why this stage cannot run on this data ("" when it can)."""
+        return ""
+
+    def compute(self, run: RunState) -> None:
+        """The work, on every rank."""
+
+    def write(self, run: RunState) -> None:
+        """Write `writes`; called on rank 0 only."""
+
+    def load(self, run: RunState) -> None:
+        """Restore the result from `writes` (a finished stage that is skipped)."""
+
+    def outputs(self, run: RunState) -> list[Path]:
+        return [run.run_dir / rel for rel in self.writes]
+
+
+class StageLog:
+    """`stages.json`: each finished stage and the settings it ran with."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "stages.json"
+        try:
+            self.done: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        except (OSError, ValueError) as e:
+            raise AsdError(f"{self.path}: unreadable ({e}); delete it to redo every stage") from e
+
+    def status(self, stage: Stage, settings: dict[str, Any], run: RunState) -> str:
+        """ "finished", "changed" (finished with other settings) or "todo"."""
+        if stage.name not in self.done or not all(p.exists() for p in stage.outputs(run)):
+            return "todo"
+        recorded = self.done[stage.name]
+        # `true`: a run folder of an asd that did not record settings; trust it as it is
+        if recorded is True or _jsonable(recorded) == _jsonable(settings):
+            return "finished"
+        return "changed"
+
+    def forget_from(self, stage: str, order: list[str]) -> None:
+        for later in order[order.index(stage) :]:
+            self.done.pop(later, None)
+
+    def mark(self, stage: str, settings: dict[str, Any]) -> None:
+        self.done[stage] = settings or True
+        write_text_atomic(self.path, json.dumps(self.done, indent=1, default=str))
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))
+
+
+# ---------------------------------------------------------------------- the stages
+class Fit(Stage):
+    """Train the members jointly; write the trained weights with the run's signature."""
+
+    name = "fit"
+    writes = (FINAL_CKPT,)
+
+    def compute(self, run: RunState) -> None:
+        cfg, run_dir = run.cfg, run.run_dir
+        run.trainer = build_trainer(cfg, run_dir, build_logger(cfg, run_dir))
+        last = run_dir / "checkpoints" / "last.ckpt"
+        resume_from = str(last) if cfg.resume and last.exists() else None
+        if cfg.resume and resume_from is None:
+            log.warning("resume=true but %s does not exist: training from the start", last)
+        if resume_from:
+            log.info("stage fit: resuming from %s", last)
+        if run.ensemble.trainable:
+            with warnings.catch_warnings():
+                # frozen members are in eval mode on purpose; Lightning warns about any such module
+                warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+                run.trainer.fit(run.ensemble, datamodule=run.dm, ckpt_path=resume_from)
+            if run.trainer.interrupted:
+                raise AsdError(f"training was interrupted; continue with resume=true run_dir={run_dir}")
+        else:
+            log.info("stage fit: every member is frozen, nothing to train")
+        run.device = run.trainer.strategy.root_device
+        sync_from_rank_zero(run.ensemble)
+
+    def write(self, run: RunState) -> None:
+        state = {"state_dict": run.ensemble.state_dict(), "asd_signature": run.signature}
+        torch_save_atomic(state, run.run_dir / FINAL_CKPT)
+
+    def load(self, run: RunState) -> None:
+        load_weights(run.ensemble, run.run_dir / FINAL_CKPT, run.signature)
+        run.device = inference_device(run.cfg)
+
+
+class Backends(Stage):
+    """Fit the members' kNN/Mahalanobis banks on the training normals; score the reference normals."""
+
+    name = "backends"
+    reads = (FINAL_CKPT,)
+    writes = ("backends.pt",)
+
+    def compute(self, run: RunState) -> None:
+        run.ensemble.to(run.device).eval()
+        self.state = {**cal.fit_backends(run.ensemble, run.dm, run.device), "signature": run.signature}
+
+    def write(self, run: RunState) -> None:
+        torch_save_atomic(self.state, run.run_dir / "backends.pt")
+
+    def load(self, run: RunState) -> None:
+        run.ensemble.to(run.device).eval()
+        self.state = load_backends_file(run.run_dir / "backends.pt", run.signature)
+        cal.load_backends(run.ensemble, self.state)
+
+
+class Calibrate(Stage):
+    """Normalisers, learned fusions and thresholds: `calibration.pt` (and the pseudo-anomaly plot)."""
+
+    name = "calibrate"
+    reads = (FINAL_CKPT, "backends.pt")
+    writes = ("calibration.pt",)
+
+    def __init__(self, backends: Backends):
+        self.backends = backends
+
+    def settings(self, run: RunState) -> dict[str, Any]:
+        cfg = run.cfg
+        return {
+            "fusion": plain(cfg.fusion),
+            "final": cfg.final,
+            "threshold_percentile": float(cfg.threshold_percentile),
+        }
+
+    def compute(self, run: RunState) -> None:
+        run.calibration, run.fake = cal.calibrate(
+            run.ensemble, self.backends.state, run.cfg, run.dm, run.device
+        )
+
+    def write(self, run: RunState) -> None:
+        run.calibration.save(run.run_dir / "calibration.pt")
+        if run.cfg.plots and run.fake is not None:
+            publish.plot_fusion_training(run.run_dir / "plots", run.dm, run.fake)
+
+    def load(self, run: RunState) -> None:
+        run.calibration = Calibration.load(run.run_dir / "calibration.pt")
+
+
+class Predict(Stage):
+    """Score every test clip: `scores.csv` and the DCASE submission files."""
+
+    name = "predict"
+    reads = (FINAL_CKPT, "backends.pt", "calibration.pt")
+    writes = ("scores.csv", "submission")
+
+    def skip_reason(self, run: RunState) -> str:
+        return "" if len(run.dm.tables["test"]) else "no test clips"
+
+    def compute(self, run: RunState) -> None:
+        dm = run.dm
+        run.columns = predict(
+            run.ensemble,
+            run.calibration,
+            dm.datasets["test"],
+            run.device,
+            dm.eval_batch_size,
+            dm.num_workers,
+            "test",
+        )
+
+    def write(self, run: RunState) -> None:
+        test = run.dm.tables["test"]
+        report.write_scores(run.run_dir / "scores.csv", test, run.columns)
+        write_submission(
+            list(test), run.columns["final"], run.columns["decision"], run.run_dir / "submission", run.year
+        )
+
+    def load(self, run: RunState) -> None:
+        run.columns = report.read_scores(run.run_dir / "scores.csv")
+
+
+class Report(Stage):
+    """Official metrics of every method, the summary, attention weights, plots, the wandb dashboard."""
+
+    name = "report"
+    reads = ("scores.csv", "calibration.pt")
+    writes = ("metrics.csv", "summary.md")
+
+    def settings(self, run: RunState) -> dict[str, Any]:
+        return {"plots": bool(run.cfg.plots), "num_heatmaps": int(run.cfg.num_heatmaps)}
+
+    def skip_reason(self, run: RunState) -> str:
+        test = run.dm.tables["test"]
+        return "no test clips" if not len(test) else report.why_not_evaluable(test)
+
+    def compute(self, run: RunState) -> None:
+        run.results = report.evaluate_methods(run.dm.tables["test"], run.columns, run.year)
+
+    def write(self, run: RunState) -> None:
+        cfg, run_dir, calibration = run.cfg, run.run_dir, run.calibration
+        weights_rows: list[dict] = []
+        if calibration.fusion is not None:
+            names = cal.section_names(run.dm)
+            rows, weights_rows, weights = publish.attention_rows(calibration, run.dm, run.columns, names)
+            report.write_attention_weights(
+                run_dir / "attention_weights.csv", calibration.fusion.members, rows
+            )
+            if cfg.plots:
+                publish.plot_attention(weights_rows, weights, calibration.fusion.members, run_dir / "plots")
+        report.write_metrics(run_dir, run.results, cfg, self.notes(run), weights_rows)
+        logger = run.trainer.logger if run.trainer is not None else None
+        if logger is not None:
+            logger.log_metrics(
+                {f"test/{m}/official": r.official for m, r in run.results.items()},
+                step=run.trainer.global_step,
+            )
+        if cfg.plots:
+            publish.write_plots(
+                run_dir / "plots", run.ensemble, run.dm, run.columns, cfg.num_heatmaps, run.device
+            )
+        if is_wandb(logger):
+            publish.publish_to_wandb(logger, run_dir, run.results, weights_rows)
+
+    @staticmethod
+    def notes(run: RunState) -> list[str]:
+        notes = [
+            f"{n} weights: {m.weights_source}"
+            + (" (random init, trained here)" * (m.weights_source == "scratch"))
+            for n, m in run.ensemble.members.items()
+            if m.weights_source
+        ]
+        fusion = run.calibration.fusion
+        if fusion is not None:
+            kinds = ", ".join(f"{k} {n}" for k, n in fusion.kinds.items())
+            on = run.calibration.normalised_on
+            notes.append(
+                f"learned fusions fitted on {fusion.counts['normal']} {on} normals and "
+                f"{fusion.counts['pseudo_anomaly']} pseudo-anomalies ({kinds}); meta-learner adapted "
+                f"{fusion.meta_args['test_steps']} inner steps per machine/section/domain"
+            )
+        return notes
+
+
+def is_wandb(logger: Any) -> bool:
+    from pytorch_lightning.loggers import WandbLogger
+
+    return isinstance(logger, WandbLogger)
+
+
+def make_stages() -> list[Stage]:
+    backends = Backends()
+    return [Fit(), backends, Calibrate(backends), Predict(), Report()]
+
+
+# ---------------------------------------------------------------------- the files, with their checks
+def load_weights(ensemble: Ensemble, path: Path, sig: dict[str, Any]) -> None:
+    """Restore the trained ensemble of this run; refuse another configuration's."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for foreign or damaged files
+        raise AsdError(f"{path}: not a readable asd checkpoint ({e}); delete it to retrain") from e
+    theirs = ckpt.get("asd_signature", {}).get("hash") if isinstance(ckpt, dict) else None
+    if theirs != sig["hash"]:
+        raise AsdError(
+            f"{path} was written by another configuration (members/sizes/audio/data differ): "
+            "use a new run_dir for this configuration, or the original overrides for this run folder"
+        )
+    ensemble.load_state_dict(ckpt["state_dict"])
+
+
+def load_backends_file(path: Path, sig: dict[str, Any]) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for foreign or damaged files
+        raise AsdError(f"{path}: not a readable asd backends file ({e}); delete it to refit") from e
+    if not isinstance(state, dict) or not {"members", "reference_scores", "signature"} <= set(state):
+        raise AsdError(f"{path} was written by an older asd; delete it to refit the backends")
+    if state["signature"].get("hash") != sig["hash"]:
+        raise AsdError(f"{path} belongs to another configuration than {FINAL_CKPT}; delete it to refit")
+    return state

@@ -1,0 +1,182 @@
+"""`Calibration` on synthetic score matrices: z-scores, fusions, decisions, state, left-out statistics."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from asd.calibration import Calibration, fit_normalizers, fit_thresholds, left_out_z
+from asd.errors import AsdError
+from asd.evaluation import fit_gamma_threshold
+from asd.fusion.stage import fit_fusion
+
+FUSION_CFG = {
+    "seed": 0,
+    "attention": {"hidden": 4, "context_dim": 2, "epochs": 5, "lr": 0.01, "weight_decay": 0.0},
+    "meta": {
+        "hidden": 4,
+        "inner_lr": 0.1,
+        "inner_steps": 1,
+        "test_steps": 1,
+        "first_order": True,
+        "vmap": True,
+        "meta_steps": 3,
+        "meta_lr": 3e-3,
+        "support_fraction": 0.5,
+    },
+}
+
+
+def normals(n: int = 6, seed: int = 0):
+    """Raw scores of two members on n normals in each of 2 sections x 2 domains, and their context."""
+    rng = np.random.default_rng(seed)
+    section = torch.arange(2).repeat_interleave(2 * n)
+    domain = torch.tensor([0, 1]).repeat_interleave(n).repeat(2)
+    context = {"machine": torch.zeros_like(section), "section": section, "domain": domain}
+    raw = {
+        "a": rng.normal(10.0, 2.0, len(section)) + 5.0 * section.numpy(),
+        "b": rng.gamma(2.0, 1.0, len(section)),
+    }
+    return raw, context
+
+
+def calibrated(final: str = "zmean", fusion: bool = False) -> tuple[Calibration, dict, dict]:
+    raw, context = normals()
+    cal = Calibration(
+        members=["a", "b"],
+        normalizers=fit_normalizers(raw, ["a", "b"], context),
+        reference_scores={k: torch.as_tensor(v) for k, v in raw.items()},
+        normalised_on="held-out",
+        final=final,
+    )
+    if fusion:
+        z = cal.normalise(raw, context)
+        fakes = z + 3.0
+        y = torch.cat([torch.zeros(len(z)), torch.ones(len(z))])
+        ctx = {k: torch.cat([v, v]) for k, v in context.items()}
+        cal.fusion = fit_fusion(
+            torch.cat([z, fakes]),
+            ctx["machine"],
+            ctx["section"],
+            ctx["domain"],
+            y,
+            members=["a", "b"],
+            num_machines=1,
+            num_sections=2,
+            cfg=FUSION_CFG,
+        )
+    cal.thresholds = torch.tensor([0.5, -0.25], dtype=torch.float64)
+    return cal, raw, context
+
+
+def test_z_scores_are_the_groups_mean_and_sample_std():
+    cal, raw, context = calibrated()
+    z = cal.normalise(raw, context).numpy()
+    for s in (0, 1):
+        for d in (0, 1):
+            rows = ((context["section"] == s) & (context["domain"] == d)).numpy()
+            for j, m in enumerate(("a", "b")):
+                x = raw[m][rows]
+                np.testing.assert_allclose(z[rows, j], (x - x.mean()) / x.std(ddof=1), rtol=1e-12)
+
+
+def test_combine_gives_every_fusion_and_passes_other_columns_on():
+    cal, raw, context = calibrated(final="zmax")
+    extra = np.arange(len(raw["a"]), dtype=np.float64)  # e.g. the reference's column: reported, not fused
+    cols = cal.combine({**raw, "ref_mse": extra}, context)
+    z = cal.normalise(raw, context).numpy()
+    np.testing.assert_allclose(cols["zmean"], z.mean(axis=1), rtol=1e-12)
+    np.testing.assert_array_equal(cols["zmin"], z.min(axis=1))
+    np.testing.assert_array_equal(cols["zmax"], z.max(axis=1))
+    np.testing.assert_array_equal(cols["final"], cols["zmax"])
+    np.testing.assert_array_equal(cols["ref_mse"], extra)
+    assert "meta" not in cols and "attention" not in cols
+
+
+def test_a_member_can_be_final():
+    cal, raw, context = calibrated(final="b")
+    np.testing.assert_array_equal(cal.combine(raw, context)["final"], raw["b"])
+
+
+def test_decide_uses_each_clips_section_threshold_strictly():
+    cal, _, _ = calibrated()
+    final = np.array([0.5, 0.51, -0.25, -0.2, 0.0])
+    section = torch.tensor([0, 0, 1, 1, 0])
+    np.testing.assert_array_equal(cal.decide(final, section), [0, 1, 0, 1, 0])
+    assert cal.decide(final, section).dtype == np.int64
+    cal.thresholds = torch.tensor([float("nan"), 0.0], dtype=torch.float64)
+    with pytest.raises(AsdError, match="not finite"):
+        cal.decide(final, section)
+    cal.thresholds = None
+    with pytest.raises(AsdError, match="no thresholds"):
+        cal.decide(final, section)
+
+
+def test_state_survives_a_weights_only_round_trip_with_its_fusion():
+    cal, raw, context = calibrated(final="meta", fusion=True)
+    buf = io.BytesIO()
+    torch.save(cal.state_dict(), buf)
+    buf.seek(0)
+    again = Calibration(members=[], normalizers={}, reference_scores={}, normalised_on="")
+    again.load_state_dict(torch.load(buf, weights_only=True))
+    a, b = cal.combine(raw, context), again.combine(raw, context)
+    assert a.keys() == b.keys() >= {"meta", "attention", "final"}
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    np.testing.assert_array_equal(
+        cal.decide(a["final"], context["section"]), again.decide(b["final"], context["section"])
+    )
+
+
+def test_a_foreign_or_damaged_file_is_one_clear_error(tmp_path):
+    with pytest.raises(AsdError, match="not a calibration state"):
+        Calibration.from_state_dict({"members": ["a"]})
+    bad = tmp_path / "calibration.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(AsdError, match="calibration.pt: not a readable asd calibration"):
+        Calibration.load(bad)
+    cal, _, _ = calibrated()
+    cal.save(bad)
+    torch.save({"something": 1}, bad)
+    with pytest.raises(AsdError, match="delete it to recalibrate"):
+        Calibration.load(bad)
+
+
+def test_left_out_z_never_uses_the_clips_own_score():
+    cal, raw, context = calibrated()
+    loo = left_out_z(cal, context).numpy()
+    for i in (0, 7, 13):
+        s, d = int(context["section"][i]), int(context["domain"][i])
+        same = ((context["section"] == s) & (context["domain"] == d)).numpy()
+        same[i] = False
+        for j, m in enumerate(("a", "b")):
+            others = raw[m][same]
+            assert loo[i, j] == pytest.approx((raw[m][i] - others.mean()) / others.std(ddof=1), rel=1e-12)
+    # moving one clip's score far away changes its own left-out z only through its own value
+    moved = {k: v.copy() for k, v in raw.items()}
+    moved["a"][0] += 100.0
+    cal2 = Calibration(
+        ["a", "b"],
+        fit_normalizers(moved, ["a", "b"], context),
+        {k: torch.as_tensor(v) for k, v in moved.items()},
+        "held-out",
+    )
+    same = ((context["section"] == 0) & (context["domain"] == 0)).numpy()
+    same[0] = False
+    others = raw["a"][same]
+    assert left_out_z(cal2, context)[0, 0] == pytest.approx(
+        (moved["a"][0] - others.mean()) / others.std(ddof=1)
+    )
+
+
+def test_thresholds_are_per_section_gamma_quantiles_with_a_pooled_one_for_empty_sections():
+    rng = np.random.default_rng(1)
+    final = rng.gamma(3.0, 1.0, 40)
+    section = torch.tensor([0] * 20 + [2] * 20)
+    t = fit_thresholds(final, section, num_sections=3, percentile=0.9).numpy()
+    assert t[0] == fit_gamma_threshold(final[:20], 0.9)
+    assert t[2] == fit_gamma_threshold(final[20:], 0.9)
+    assert t[1] == fit_gamma_threshold(final, 0.9)
