@@ -16,7 +16,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from asd.diagnostics import debug_freeze
-from asd.ensemble import BRANCHES, REFERENCE
+from asd.ensemble import BRANCHES, REFERENCES
 from asd.errors import AsdError
 
 CONF = Path(__file__).resolve().parent / "conf"
@@ -26,16 +26,18 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--freeze", required=True, help=f"member to freeze: one of {[*BRANCHES, REFERENCE]}")
+    parser.add_argument(
+        "--freeze", required=True, help=f"member to freeze: one of {[*BRANCHES, *REFERENCES]}"
+    )
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("logs"), help="folder for the CSV and the plot")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. branch=all data.batch_size=8")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.freeze not in (*BRANCHES, REFERENCE):
+        if args.freeze not in (*BRANCHES, *REFERENCES):
             raise AsdError(
-                f"--freeze {args.freeze!r}: unknown member; expected one of {[*BRANCHES, REFERENCE]}"
+                f"--freeze {args.freeze!r}: unknown member; expected one of {[*BRANCHES, *REFERENCES]}"
             )
         if args.epochs < 1:
             raise AsdError(f"--epochs {args.epochs}: give at least 1")

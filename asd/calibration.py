@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,12 @@ class Calibration:
     #: (num_sections,) float64 decision threshold of each section on the final score
     thresholds: Tensor | None = None
     fusion: FusionState | None = None
+    #: `final=auto`: each candidate's criterion on cross-fitted normals vs pseudo-anomalies
+    #: (`asd.fusion.select`), and why `final` was chosen
+    selection: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
+    #: the variance shrinkage the normalisers were fitted with (`GroupNormalizer`), for refits
+    shrinkage: float = 0.0
 
     # ------------------------------------------------------------------ scoring
     def normalise(self, raw: Scores, context: Context) -> Tensor:
@@ -135,11 +141,13 @@ class Calibration:
 
 
 # ---------------------------------------------------------------------- fitting, on score matrices
-def fit_normalizers(raw: Scores, members: list[str], context: Context) -> dict[str, dict[str, Any]]:
+def fit_normalizers(
+    raw: Scores, members: list[str], context: Context, shrinkage: float = 0.0
+) -> dict[str, dict[str, Any]]:
     """Per-member z-score statistics per (machine, section, domain); one warning for all fallbacks."""
     states, fell_back = {}, {}
     for member in members:
-        norm = GroupNormalizer().fit(
+        norm = GroupNormalizer(shrinkage).fit(
             torch.as_tensor(raw[member]), context["section"], context["domain"], warn=False
         )
         states[member] = norm.state_dict()
@@ -175,7 +183,9 @@ def left_out_z(calibration: Calibration, context: Context) -> Tensor:
             for j, member in enumerate(calibration.members):
                 x = torch.as_tensor(raw[member])
                 try:
-                    norm = GroupNormalizer().fit(x[keep], context["section"][keep], context["domain"][keep])
+                    norm = GroupNormalizer(calibration.shrinkage).fit(
+                        x[keep], context["section"][keep], context["domain"][keep]
+                    )
                 except AsdError:  # the others' scores are constant: keep the ordinary z-score
                     continue
                 out[i, j] = norm.transform(x[i : i + 1], here["section"], here["domain"])[0]

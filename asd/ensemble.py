@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 
 #: every member the design names, in order
 BRANCHES = ("b1", "b2", "b3", "b4", "b5")
-#: the reference detector trained beside the ensemble (reported, never fused)
-REFERENCE = "dcase_ae"
+#: the reference detectors run beside the ensemble (reported, never fused): the DCASE baseline
+#: autoencoder, and training-free log-mel statistics
+REFERENCES = ("dcase_ae", "stats")
 #: the flow member and the members whose embeddings it models (docs/architecture.md, "Members")
 FLOW = "b5"
 FLOW_SOURCES = ("b1", "b2", "b3")
@@ -61,6 +62,22 @@ def select_branches(branch: str | Sequence[str]) -> list[str]:
     if not names:
         raise AsdError("branch=[] selects no member; use branch=all or e.g. branch=b2")
     return list(dict.fromkeys(names))
+
+
+def select_references(reference: bool | str | Sequence[str]) -> list[str]:
+    """Resolve `reference=true|false|name|[..]`: true is every reference, false none."""
+    if isinstance(reference, bool):
+        return list(REFERENCES) if reference else []
+    names = [reference] if isinstance(reference, str) else list(reference)
+    unknown = sorted(set(names) - set(REFERENCES))
+    if unknown:
+        raise AsdError(f"reference={unknown}: unknown; expected true, false or some of {list(REFERENCES)}")
+    return list(dict.fromkeys(names))
+
+
+def is_reference(column: str) -> bool:
+    """Whether a score column (`dcase_ae_mse`, `stats_knn`, ...) is a reference's."""
+    return any(column == r or column.startswith(f"{r}_") for r in REFERENCES)
 
 
 def select_frozen(freeze: str | Sequence[str] | None, members: Sequence[str]) -> list[str]:

@@ -16,6 +16,7 @@ cache, id checks) described here.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -185,11 +186,15 @@ class KnnBackend(nn.Module):
     logs which banks that applies to. With `normalize`, features are L2-normalised and the distance
     is the cosine distance 1 - cos; otherwise it is the euclidean distance.
 
-    With `density`, each bank clip's distance is divided by its local scale rho: the mean distance
-    of that clip to its `k` nearest other training normals of its section (both domains), as in
-    LOF-like normalisation, and the score is the mean rescaled distance of the `k` bank clips nearest
-    in rescaled distance. A clip in a sparse region (a target clip among few) then does not make every
-    query near it look anomalous. A section with one clip has rho = 1. Off by default.
+    With `density`, each bank clip's distance is divided by its local scale rho, as in LOF-like
+    normalisation, and the score is the mean rescaled distance of the `k` bank clips nearest in
+    rescaled distance. rho is the mean distance of the clip to its `k` nearest other *source* clips
+    of its section: the source bank is dense, so a source clip's rho is the spacing of normal
+    variation around it, and a target clip's rho is how far the target condition lies from the
+    source one. A query near one of the few target clips is then not scored as far as the sparse
+    target bank makes it look, which balances the two domains' scores. A section with fewer than 2
+    source clips measures rho against all of its clips; one with a single clip has rho = 1. Off by
+    default.
     """
 
     _KEYS = ("normalize", "bank", "section", "domain", "size")
@@ -238,24 +243,35 @@ class KnnBackend(nn.Module):
             "size": counts.cpu(),
         }
         if self.density:
-            state["rho"] = self._local_scale(x, section)[order].float()
+            state["rho"] = self._local_scale(x, section, bank_domain == 0)[order].float()
         self._fitted.set(state)
         return self
 
-    def _local_scale(self, x: Tensor, section: Tensor) -> Tensor:
-        """rho per clip, (N,): mean distance to its k nearest other clips of the same section."""
+    def _local_scale(self, x: Tensor, section: Tensor, source: Tensor) -> Tensor:
+        """rho per clip, (N,): mean distance to its k nearest other source clips of its section.
+
+        A section with fewer than 2 source clips measures against all of its clips; one with a
+        single clip keeps rho = 1.
+        """
         rho = torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
         lone = []
         for s in torch.unique(section).tolist():
-            rows = torch.nonzero(section == s).flatten()
-            m = min(self.k + 1, rows.numel())  # the clip itself is among its m nearest, at distance 0
-            if m < 2:
+            mine = section == s
+            reference = mine & source if int((mine & source).sum()) >= 2 else mine
+            ref = torch.nonzero(reference).flatten()
+            if ref.numel() < 2:
                 lone.append(s)
                 continue
-            mean_with_self = _knn_mean_distance(x[rows], x[rows], m, self.normalize, self.chunk)  # (n,)
-            rho[rows] = (mean_with_self * m / (m - 1)).to(x.dtype)
+            m = min(self.k + 1, ref.numel())  # a reference clip is among its m nearest, at distance 0
+            mean_with_self = _knn_mean_distance(x[ref], x[ref], m, self.normalize, self.chunk)  # (n,)
+            rho[ref] = (mean_with_self * m / (m - 1)).to(x.dtype)
+            others = torch.nonzero(mine & ~reference).flatten()
+            if others.numel():
+                rho[others] = _knn_mean_distance(x[others], x[ref], self.k, self.normalize, self.chunk).to(
+                    x.dtype
+                )
         if lone:
-            log.info("kNN density: sections %s have one training clip; their clips keep rho = 1", lone)
+            log.info("kNN density: sections %s have one training clip; it keeps rho = 1", lone)
         return rho.clamp_min(self._MIN_RHO)
 
     def score(self, feats: Tensor, section: Tensor) -> Tensor:
@@ -316,16 +332,16 @@ class KnnBackend(nn.Module):
         return dict(self._fitted.state)
 
     def set_extra_state(self, state: Any) -> None:
+        if isinstance(state, dict) and state and ("rho" in state) != self.density:
+            raise AsdError(
+                f"KnnBackend: the checkpoint's banks were built with density={'rho' in state} but this "
+                f"backend has density={self.density}; set the same `density` (b3: knn_density)"
+            )
         state = _plain_state(state, "KnnBackend", self._DENSITY_KEYS if self.density else self._KEYS)
         if state and bool(state["normalize"]) != self.normalize:
             raise AsdError(
                 f"KnnBackend: the checkpoint's banks were built with normalize={bool(state['normalize'])}"
                 f" but this backend has normalize={self.normalize}; set the same `normalize`"
-            )
-        if state and ("rho" in state) != self.density:
-            raise AsdError(
-                f"KnnBackend: the checkpoint's banks were built with density={'rho' in state} but this "
-                f"backend has density={self.density}; set the same `density` (b3: knn_density)"
             )
         self._fitted.set(state)
 
@@ -501,16 +517,24 @@ class MahalanobisBackend(nn.Module):
 class GroupNormalizer(nn.Module):
     """z-scores per (section, domain) from a member's scores on held-out normal clips.
 
-    Statistics are float64 mean and sample std (divided by N - 1). A (section, source|target)
-    group with fewer than 2 clips or a std of ~0 (at most 1e-6 |mean|) uses its section's pooled
-    statistics, a degenerate section the global ones; `fit` logs a warning naming every such group.
-    Clips of unknown domain (2) always use their section's pooled statistics.
+    Statistics are float64 mean and sample std (divided by N - 1). Clips of unknown domain (2)
+    always use their section's pooled statistics.
+
+    With `shrinkage` = 0, a (section, source|target) group with fewer than 2 clips or a std of ~0
+    (at most 1e-6 |mean|) uses its section's pooled statistics, a degenerate section the global
+    ones; `fit` logs a warning naming every such group. With `shrinkage` = k > 0, a group's
+    variance is shrunk towards its section's within-domain variance (the variance around each
+    domain's own mean, pooled over the section's domains) as if k more clips had shown it:
+    var = (sum of squared deviations + k * prior) / (n - 1 + k). A group of one clip then keeps
+    its own mean (the domain shift it shows) with the section's spread, instead of falling back
+    whole; only an empty group falls back.
     """
 
     _KEYS = ("section", "domain", "mean", "std")
 
-    def __init__(self) -> None:
+    def __init__(self, shrinkage: float = 0.0) -> None:
         super().__init__()
+        self.shrinkage = float(shrinkage)
         self._fitted = _DeviceCache()
         self.fallbacks: list[str] = []
 
@@ -553,9 +577,11 @@ class GroupNormalizer(nn.Module):
                 fallbacks.append(f"section {s} (all domains, {int(in_section.sum())} clips) -> global")
                 pooled = overall
             rows.append((s, 2, *pooled))
+            prior = self._within_domain_variance(x, in_section, domain, pooled[1])
             for d in (0, 1):
                 n = int((in_section & (domain == d)).sum())
-                own = stats(in_section & (domain == d))
+                own = self._shrunk(x[in_section & (domain == d)], prior) if self.shrinkage else None
+                own = own or stats(in_section & (domain == d))
                 if own is None:
                     fallbacks.append(f"section {s} {DOMAIN_NAMES[d]} ({n} clips) -> section")
                 rows.append((s, d, *(own or pooled)))
@@ -574,6 +600,25 @@ class GroupNormalizer(nn.Module):
             }
         )
         return self
+
+    @staticmethod
+    def _within_domain_variance(x: Tensor, in_section: Tensor, domain: Tensor, pooled_std: float) -> float:
+        """The section's variance around each domain's own mean, pooled; its total one without any."""
+        ss, dof = 0.0, 0
+        for d in (0, 1, 2):
+            v = x[in_section & (domain == d)]
+            if v.numel() >= 2:
+                ss, dof = ss + float(((v - v.mean()) ** 2).sum()), dof + v.numel() - 1
+        return ss / dof if dof and ss > 0 else pooled_std**2
+
+    def _shrunk(self, v: Tensor, prior: float) -> tuple[float, float] | None:
+        """(mean, std) of a group's scores `v` with its variance shrunk towards `prior`; None if empty."""
+        if v.numel() == 0:
+            return None
+        mean = float(v.mean())
+        ss = float(((v - mean) ** 2).sum())
+        std = math.sqrt((ss + self.shrinkage * prior) / (v.numel() - 1 + self.shrinkage))
+        return None if std <= 1e-6 * abs(mean) else (mean, std)
 
     def transform(self, scores: Tensor, section: Tensor, domain: Tensor) -> Tensor:
         """z-scores (B,) -> (B,): (score - mean) / std of the clip's (section, domain) group."""

@@ -7,27 +7,14 @@ import io
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_FUSION_CFG
 
 from asd.calibration import Calibration, fit_normalizers, fit_thresholds, left_out_z
 from asd.errors import AsdError
 from asd.evaluation import fit_gamma_threshold
 from asd.fusion.stage import fit_fusion
 
-FUSION_CFG = {
-    "seed": 0,
-    "attention": {"hidden": 4, "context_dim": 2, "epochs": 5, "lr": 0.01, "weight_decay": 0.0},
-    "meta": {
-        "hidden": 4,
-        "inner_lr": 0.1,
-        "inner_steps": 1,
-        "test_steps": 1,
-        "first_order": True,
-        "vmap": True,
-        "meta_steps": 3,
-        "meta_lr": 3e-3,
-        "support_fraction": 0.5,
-    },
-}
+FUSION_CFG = TINY_FUSION_CFG
 
 
 def normals(n: int = 6, seed: int = 0):

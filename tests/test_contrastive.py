@@ -1,4 +1,4 @@
-"""b3, the contrastive CNN: loss by hand, positives, target balancing, kNN and centre scores, checkpoints."""
+"""b3: both objectives by hand, balancing, mixup, one-class views, both inputs, kNN scores, checkpoints."""
 
 from __future__ import annotations
 
@@ -11,15 +11,26 @@ import torch.nn.functional as F
 from helpers import quick_trainer
 from torch.utils.data import DataLoader
 
+from asd.branches.auxiliary import (
+    SPEED,
+    VIEWS,
+    SubclusterAdaCos,
+    change_speed,
+    mixup,
+    one_hot,
+    self_supervised_views,
+)
 from asd.branches.contrastive import (
     ContrastiveBranch,
     ResNetEncoder,
+    SpectrumEncoder,
     balance_weights,
     positive_pairs,
     supcon_loss,
 )
 from asd.errors import AsdError
-from asd.features import LogMel
+from asd.features import LogMel, LogSpectrum
+from asd.scoring import KnnBackend
 
 SR, T = 16000, 4000  # 0.25 s clips -> 1 + 4000 // 128 = 32 frames of 16 mel bins
 N_SECTIONS, N_ATTRIBUTES = 3, 6
@@ -370,3 +381,302 @@ def test_cuda_fp16_autocast(score_mode):
     loss.backward()
     assert torch.isfinite(loss) and score.device.type == "cuda" and torch.isfinite(score).all()
     assert torch.allclose(score, m.score(b), atol=0.02)
+
+
+# -- the sub-cluster AdaCos recipe: two input branches, mixup, one-class views, density kNN --------------
+
+
+def recipe(**kw) -> ContrastiveBranch:
+    """A tiny b3 of the from-scratch recipe: sub-cluster AdaCos, mixup, log-mel + full spectrum."""
+    sizes = dict(
+        objective="subcluster_adacos",
+        spectrum="multires",
+        num_samples=T,
+        subclusters=3,
+        mixup=0.5,
+        spectrum_channels=(4, 8),
+        classify="section",
+        knn_density=True,
+    )
+    sizes.update(kw)
+    return tiny(**sizes)
+
+
+def test_full_spectrum_front_end_and_encoder_shapes():
+    spec = LogSpectrum(num_samples=100)
+    assert spec.n_bins == 51 and spec(torch.randn(3, 100)).shape == (3, 51)
+    assert spec(torch.randn(2, 60)).shape == spec(torch.randn(2, 140)).shape == (2, 51)  # padded, cut
+    # the power is divided by num_samples: a unit sine of bin 5 puts N/4 * 4 / N = 1 (0 dB) in bin 5
+    wave = torch.cos(2 * math.pi * 5 * torch.arange(100) / 100)
+    assert spec(wave)[0, 5].item() == pytest.approx(10 * math.log10(100 / 4), abs=1e-3)
+    enc = SpectrumEncoder(channels=(4, 8, 12), emb_dim=5, positions=6)
+    for n_bins in (51, 2001, 16001):
+        assert enc(torch.randn(2, n_bins)).shape == (2, 5)
+    assert enc.proj.in_features == 12 * 6
+
+
+def test_recipe_shapes_concatenate_both_branches():
+    torch.manual_seed(0)
+    m = recipe().eval()
+    b = clips([0, 1, 2])
+    assert m.embed_dim == 16 and m.num_classes == N_SECTIONS and m.adacos.centres.shape == (3, 3, 16)
+    assert m.head is None and m.spectrum_stats.mean.shape == (T // 2 + 1,)
+    z = m.embed(b)
+    assert z.shape == m.backend_features(b).shape == (3, 16) and z.dtype == torch.float32
+    mel_half = F.normalize(m.encoder(m.stats.normalise(m.spectrogram(b))), dim=1)
+    assert torch.allclose(z[:, :8], mel_half) and torch.allclose(z[:, 8:].norm(dim=1), torch.ones(3))
+    assert m.loss(b).shape == ()
+    m.fit_backend(m.backend_features(b), {"section": b["section"], "domain": b["domain"]})
+    assert m.score(b).shape == (3,)
+    assert tiny().embed_dim == 8 and tiny().spectrum_encoder is None and tiny().adacos is None
+
+
+def test_subcluster_logits_pick_the_nearest_centre():
+    head = SubclusterAdaCos(num_classes=2, dim=2, subclusters=2)
+    head.centres.copy_(torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[-1.0, 0.0], [0.0, -1.0]]]))
+    z = torch.tensor([[0.0, 3.0], [-0.6, -0.8]])  # sub-cluster 1 of class 0; between class 1's two
+    cos = head.cosines(z)
+    assert torch.allclose(cos, torch.tensor([[[0.0, 1.0], [0.0, -1.0]], [[-0.6, -0.8], [0.6, 0.8]]]))
+    s = 2.0
+    want = torch.tensor(
+        [
+            [math.log(math.exp(0) + math.exp(s)), math.log(math.exp(0) + math.exp(-s))],
+            [math.log(math.exp(-1.2) + math.exp(-1.6)), math.log(math.exp(1.2) + math.exp(1.6))],
+        ]
+    )
+    assert torch.allclose(head.class_logits(cos, s), want)
+    # at a large scale the log-sum-exp is the max: the nearest centre of each class decides
+    assert torch.allclose(head.class_logits(cos, 200.0) / 200.0, cos.max(dim=2).values, atol=0.01)
+    # loss: weighted cross-entropy against the targets, at the fixed scale in eval mode
+    head.eval()
+    head.scale.fill_(s)
+    target, weight = torch.tensor([[1.0, 0.0], [0.25, 0.75]]), torch.tensor([1.0, 3.0])
+    log_p = torch.log_softmax(want, dim=1)
+    ce = -(target * log_p).sum(dim=1)
+    assert head(z, target, weight).item() == pytest.approx(((weight * ce).sum() / 4).item(), rel=1e-6)
+    assert float(head.scale) == s  # eval mode never moves the scale
+
+
+def test_adaptive_scale_formula_by_hand():
+    assert SubclusterAdaCos.initial_scale(64) == pytest.approx(math.sqrt(2) * math.log(63))
+    head = SubclusterAdaCos(num_classes=4, dim=8, subclusters=16)
+    assert float(head.scale) == pytest.approx(math.sqrt(2) * math.log(63))
+    cos = torch.tensor(
+        [
+            [[0.9, 0.1], [0.2, -0.3], [0.0, 0.4]],
+            [[0.5, 0.6], [0.3, 0.95], [-0.2, 0.1]],
+            [[0.1, 0.2], [0.3, 0.4], [0.7, 0.2]],
+        ]
+    )  # (B=3, C=3, K=2)
+    target = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.0, 0.0, 1.0]])
+    s = 3.0
+    e = math.exp
+    b_avg = (
+        (e(s * 0.2) + e(-s * 0.3) + e(0) + e(s * 0.4))
+        + (e(s * 0.5) + e(s * 0.6) + 0.5 * (e(s * 0.3) + e(s * 0.95)) + 0.5 * (e(-s * 0.2) + e(s * 0.1)))
+        + (e(s * 0.1) + e(s * 0.2) + e(s * 0.3) + e(s * 0.4))
+    ) / 3
+    own = [0.9, 0.5 * 0.95 + 0.5 * 0.1, 0.7]  # target-weighted cosine to each class's nearest centre
+    theta_med = sorted(math.acos(c) for c in own)[1]
+    want = math.log(b_avg) / math.cos(min(math.pi / 4, theta_med))
+    assert SubclusterAdaCos.adaptive_scale(cos, target, s).item() == pytest.approx(want, rel=1e-5)
+    # a batch where the other classes are far (B_avg <= 1) keeps the scale
+    far = torch.tensor([[[1.0, 1.0], [-1.0, -1.0]]])
+    assert SubclusterAdaCos.adaptive_scale(far, torch.tensor([[1.0, 0.0]]), s).item() == s
+
+
+def test_train_mode_updates_the_scale_from_the_batch():
+    torch.manual_seed(0)
+    head = SubclusterAdaCos(num_classes=3, dim=4, subclusters=2).train()
+    z, target = torch.randn(5, 4), one_hot(torch.tensor([0, 1, 2, 1, 0]), 3)
+    want = SubclusterAdaCos.adaptive_scale(head.cosines(z), target, head.scale.clone())
+    head(z, target)
+    assert float(head.scale) == pytest.approx(float(want))
+
+
+def test_one_hot_leaves_unknown_classes_out():
+    assert torch.equal(
+        one_hot(torch.tensor([2, -1, 0]), 3), torch.tensor([[0, 0, 1.0], [0, 0, 0], [1.0, 0, 0]])
+    )
+
+
+def test_mixup_targets_sum_to_one_and_match_the_waves():
+    torch.manual_seed(0)
+    wave = torch.randn(6, 10)
+    labels = torch.arange(6)
+    target, weight = one_hot(labels, 6), torch.arange(1.0, 7.0)
+    mixed, mixed_target, mixed_weight = mixup(wave, target, weight, prob=1.0, alpha=0.4)
+    assert torch.allclose(mixed_target.sum(dim=1), torch.ones(6))
+    for i in range(6):  # the target says which two clips were mixed and with which lam
+        own = mixed_target[i, i].item()
+        rest = [(j, mixed_target[i, j].item()) for j in range(6) if j != i and mixed_target[i, j] > 0]
+        partner, other = rest[0] if rest else (i, 0.0)
+        assert own + other == pytest.approx(1.0)
+        assert torch.allclose(mixed[i], own * wave[i] + other * wave[partner], atol=1e-6)
+        assert mixed_weight[i].item() == pytest.approx(
+            own * weight[i].item() + other * weight[partner].item()
+        )
+    same, same_target, same_weight = mixup(wave, target, weight, prob=0.0, alpha=0.4)
+    assert torch.equal(same, wave) and torch.equal(same_target, target) and torch.equal(same_weight, weight)
+
+
+def test_self_supervised_views_by_hand():
+    wave = torch.arange(8.0)[None].repeat(2, 1)
+    wave[1] *= -1
+    views, ids = self_supervised_views(wave)
+    assert views.shape == (len(VIEWS) * 2, 8) and ids.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert torch.equal(views[:2], wave) and torch.equal(views[2:4], wave.flip(-1))
+    assert torch.allclose(views[4:6], change_speed(wave, SPEED))
+    assert torch.allclose(views[6:], change_speed(wave, 1 / SPEED))
+    # twice as fast: every other sample, wrapping around; half as fast: midpoints
+    assert change_speed(wave[:1], 2.0).tolist() == [[0.0, 2.0, 4.0, 6.0, 0.0, 2.0, 4.0, 6.0]]
+    assert change_speed(wave[:1], 0.5).tolist() == [[0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5]]
+
+
+def test_one_class_builds_self_supervised_classes_and_learns(caplog):
+    torch.manual_seed(0)
+    with caplog.at_level("INFO", logger="asd.branches.contrastive"):
+        m = recipe(num_sections=1, num_attributes=1, mixup=0.0)
+    assert m.views == VIEWS and m.num_classes == len(VIEWS) and m.adacos.centres.shape[0] == len(VIEWS)
+    assert "classify=section gives 1 class, so the classes are self-supervised" in caplog.text
+    assert "original, reversed, faster, slower (4 in all)" in caplog.text
+    assert "sub-cluster AdaCos" in caplog.text
+    train = clips([0] * 6, [0, 0, 0, 0, 1, 1])
+    m.eval()
+    before = m.loss(train).item()
+    train_steps(m, train, 12)
+    m.eval()
+    assert m.loss(train).item() < 0.5 * before
+    # scoring embeds the untransformed clip: a batch's embedding does not depend on the views
+    assert torch.equal(m.embed(train)[:2], m.embed({"wave": train["wave"][:2]}))
+
+
+def test_self_supervised_always_and_never():
+    assert recipe(self_supervised="always").num_classes == N_SECTIONS * len(VIEWS)
+    assert recipe(self_supervised="auto").views == ()
+    assert recipe(num_sections=1, self_supervised="never", mixup=0.0, objective="supcon").views == ()
+    with pytest.raises(AsdError, match="at least 2"):  # AdaCos on one class and no views
+        recipe(num_sections=1, self_supervised="never")
+    # supcon also gets views on one class: positives share the view
+    m = tiny(num_sections=1, num_attributes=1, positives="section", classify="section")
+    assert m.views == VIEWS and m.num_classes == len(VIEWS) and m.head.shape == (len(VIEWS), 8)
+
+
+def test_recipe_loss_reaches_every_parameter():
+    torch.manual_seed(0)
+    m = recipe().train()
+    loss = m.loss(clips(SECTIONS, DOMAINS))
+    assert torch.isfinite(loss)
+    loss.backward()
+    missing = [n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert missing == []
+    assert not any(n.startswith("adacos") for n, _ in m.named_parameters())  # fixed centres
+
+
+def test_recipe_cross_field_errors():
+    with pytest.raises(AsdError, match="mixup"):
+        tiny(mixup=0.5)  # supcon has no targets to mix
+    with pytest.raises(AsdError, match="num_samples"):
+        recipe(num_samples=None)
+    with pytest.raises(AsdError, match="score_mode=knn"):
+        recipe(score_mode="centre")
+    with pytest.raises(AsdError, match="num_attributes"):
+        recipe(classify="attribute", num_attributes=None)
+
+
+def test_recipe_eval_is_deterministic_and_frozen():
+    torch.manual_seed(0)
+    m = recipe()
+    train = clips(SECTIONS, DOMAINS)
+    train_steps(m, train, 3)
+    m.eval()
+    with torch.no_grad():
+        m.fit_backend(m.backend_features(train), {k: train[k] for k in ("section", "domain")})
+    b = clips([0, 1, 2, 1], [0, 0, 0, 1], seed=3)
+    before = {k: v.clone() for k, v in m.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert torch.equal(m.score(b), m.score(b))
+    assert torch.equal(m.embed(b), m.embed(b))
+    assert torch.equal(m.loss(b), m.loss(b))  # no mixup and no scale update in eval mode
+    after = {k: v for k, v in m.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert before.keys() == after.keys() and all(torch.equal(v, before[k]) for k, v in after.items())
+    fresh = recipe().eval()
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(fresh.score(b), m.score(b))
+
+
+def _cos_dist(a: torch.Tensor, b: torch.Tensor) -> float:
+    return 1 - (a @ b / (a.norm() * b.norm())).item()
+
+
+@pytest.mark.parametrize("chunk", [4096, 2])
+def test_density_rescaled_knn_by_hand(chunk):
+    s0, s1, s2, tg = [1.0, 0.0], [0.8, 0.6], [0.28, 0.96], [0.0, 1.0]
+    # section 0: three source clips and one target clip; section 1: one of each; section 2: one clip
+    bank = torch.tensor([s0, s1, s2, tg, [-1.0, 0.0], [-0.6, -0.8], [0.0, -1.0]], dtype=torch.float64)
+    section = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    domain = torch.tensor([0, 0, 0, 1, 0, 1, 0])
+    query = torch.tensor([[0.6, 0.8], [0.96, 0.28], [-0.8, -0.6], [0.6, -0.8]], dtype=torch.float64)
+    qsec = torch.tensor([0, 0, 1, 2])
+    knn = KnnBackend(k=1, density=True, chunk=chunk).fit(bank.float(), section, domain)
+
+    d = [[_cos_dist(bank[i], bank[j]) for j in range(7)] for i in range(7)]
+    # rho: distance to the nearest other *source* clip of the section; s2's nearest clip is the
+    # target clip (0.04 away) but its rho is its distance to s1 (0.2)
+    rho = [min(d[i][j] for j in range(3) if j != i) for i in range(4)]
+    assert rho[2] == pytest.approx(d[2][1]) and d[2][3] < d[2][1]
+    assert rho[3] == pytest.approx(d[3][2])  # the target clip's scale: how far the source lies
+    rho += [d[4][5], d[5][4], 1.0]  # section 1 has one source clip: all its clips; section 2: rho = 1
+
+    def want(q: torch.Tensor, rows: list[int], target: list[int]) -> float:
+        return min(
+            min(_cos_dist(q, bank[j]) / rho[j] for j in rows),
+            min(_cos_dist(q, bank[j]) / rho[j] for j in target),
+        )
+
+    got = knn.score(query.float(), qsec).double()
+    assert got[0].item() == pytest.approx(want(query[0], [0, 1, 2], [3]), rel=1e-4)
+    assert got[1].item() == pytest.approx(want(query[1], [0, 1, 2], [3]), rel=1e-4)
+    assert got[2].item() == pytest.approx(want(query[2], [4], [5]), rel=1e-4)
+    assert got[3].item() == pytest.approx(_cos_dist(query[3], bank[6]), rel=1e-4)
+
+    # k = 2: the mean of the two smallest rescaled distances per bank, rho from 2 source neighbours
+    knn2 = KnnBackend(k=2, density=True, chunk=chunk).fit(bank[:4].float(), section[:4], domain[:4])
+    rho2 = [sum(sorted(d[i][j] for j in range(3) if j != i)[:2]) / 2 for i in range(4)]
+    q = query[0]
+    src = sorted(_cos_dist(q, bank[j]) / rho2[j] for j in range(3))[:2]
+    tgt = _cos_dist(q, bank[3]) / rho2[3]  # a 1-clip bank: its only clip
+    assert knn2.score(query[:1].float(), qsec[:1]).item() == pytest.approx(min(sum(src) / 2, tgt), rel=1e-4)
+
+
+def test_density_state_round_trip_and_mismatch():
+    bank = torch.randn(10, 3)
+    section, domain = torch.zeros(10, dtype=torch.long), torch.tensor([0] * 8 + [1] * 2)
+    fitted = KnnBackend(k=2, density=True).fit(bank, section, domain)
+    fresh = KnnBackend(k=2, density=True)
+    fresh.load_state_dict(fitted.state_dict())
+    query = torch.randn(4, 3)
+    assert torch.equal(fresh.score(query, section[:4]), fitted.score(query, section[:4]))
+    with pytest.raises(AsdError, match="density"):
+        KnnBackend(k=2).load_state_dict(fitted.state_dict())
+    with pytest.raises(AsdError, match="density"):
+        KnnBackend(k=2, density=True).load_state_dict(KnnBackend(k=2).fit(bank, section, domain).state_dict())
+    # density off scores exactly as before: the plain mean distance
+    plain = KnnBackend(k=1).fit(bank, section, domain).score(bank[:3], section[:3])
+    assert torch.allclose(plain, torch.zeros(3), atol=1e-6)
+
+
+def test_recipe_bf16_autocast_forward():
+    torch.manual_seed(0)
+    m = recipe()
+    train = clips(SECTIONS, DOMAINS)
+    m.eval()
+    with torch.no_grad():
+        m.fit_backend(m.backend_features(train), {k: train[k] for k in ("section", "domain")})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m.train()
+        loss = m.loss(train)
+        m.eval()
+        score = m.score(clips(SECTIONS, DOMAINS, seed=8))
+    loss.backward()
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    assert torch.isfinite(score).all() and score.dtype == torch.float32

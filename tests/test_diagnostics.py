@@ -32,6 +32,8 @@ def test_debug_freeze_records_every_step_and_proves_the_member_fixed(tmp_path):
         "b2/grad_norm",
         "dcase_ae/loss",
         "dcase_ae/grad_norm",
+        "stats/loss",  # the training-free reference: recorded like every member, always 0
+        "stats/grad_norm",
     ]
     assert len(rows) == 4  # 2 epochs x 2 batches of the debug data
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]

@@ -78,6 +78,8 @@ def test_scores_have_one_row_per_test_clip_and_every_column(run):
         "b2",
         "dcase_ae_mse",
         "dcase_ae_mahalanobis",
+        "stats_mahalanobis",
+        "stats_knn",
         "zmean",
         "zmin",
         "attention",
@@ -88,7 +90,28 @@ def test_scores_have_one_row_per_test_clip_and_every_column(run):
         assert col in rows[0]
         assert all(np.isfinite(float(r[col])) for r in rows)
     assert {r["decision"] for r in rows} <= {"0", "1"}
-    assert all(r["final"] == r["meta"] for r in rows)
+    # final=auto (the default) chose one of the fusions, and the summary says which and why
+    summary = (run / "summary.md").read_text()
+    chosen = summary.split("- final score: `")[1].split("`")[0]
+    assert chosen in ("meta", "attention", "zmean", "zmax", "zmin")
+    assert all(r["final"] == r[chosen] for r in rows)
+    assert f"final=auto chose {chosen}: " in summary
+    # one held-out normal per group here: too thin for the learned fusions, the label-free one decides
+    assert chosen == "zmean" and "fewer than fusion.select.min_normals=5" in summary
+
+
+def test_with_enough_normals_the_learned_fusions_are_judged_out_of_fold(run, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    cfg = compose_from(other)
+    cfg.run_dir = str(other)
+    cfg.fusion.select.min_normals = 1
+    train(cfg)
+    summary = (other / "summary.md").read_text()
+    reason = summary.split("final=auto chose ")[1].splitlines()[0]
+    assert "learned fusions fitted out of fold" in reason
+    for name in ("meta", "attention", "zmean"):
+        assert f"{name} 0." in reason or f"{name} 1." in reason
 
 
 def test_metrics_equal_a_recomputation_from_scores(run):
@@ -300,8 +323,8 @@ def test_resume_continues_an_interrupted_fit(tmp_path):
     [
         ("branch=b9", r"unknown branch \['b9'\]"),
         ("freeze=b6", r"freeze=\['b6'\] names members that are not selected"),
-        ("final=best", "final='best': expected one of"),
-        ("fusion.enabled=false", "final=meta needs the learned fusions"),
+        ("final=best", "final='best': expected auto or one of"),
+        ("final=meta fusion.enabled=false", "final=meta needs the learned fusions"),
         ("fusion.anomalies.kinds=[tone,hum]", "fusion.anomalies.kinds"),
         ("fusion.anomalies.copies=0", "fusion.anomalies.copies=0"),
         ("+ckpt.b2=/nonexistent.ckpt", "no such file"),
@@ -311,7 +334,7 @@ def test_resume_continues_an_interrupted_fit(tmp_path):
 )
 def test_config_errors_are_one_clear_message(tmp_path, override, message):
     with pytest.raises(AsdError, match=message):
-        train(config(tmp_path / "r", override))
+        train(config(tmp_path / "r", *override.split()))
 
 
 def test_train_py_prints_the_run_folder_last_and_errors_cleanly(tmp_path):
@@ -487,7 +510,9 @@ def test_every_member_trains_and_scores_alone(tmp_path, member):
     assert all(np.isfinite(float(r[member])) for r in rows)
     # one fused member: every label-free fusion is that member's z-score
     assert all(r["zmean"] == r["zmin"] == r["zmax"] for r in rows)
-    assert all(r["final"] == r["meta"] for r in rows)
+    summary = (run / "summary.md").read_text()
+    chosen = summary.split("- final score: `")[1].split("`")[0]
+    assert all(r["final"] == r[chosen] for r in rows)
 
 
 def test_a_section_too_small_to_hold_out_a_clip_lends_its_training_clips(tiny_root, tmp_path, caplog):
@@ -503,7 +528,7 @@ def test_a_section_too_small_to_hold_out_a_clip_lends_its_training_clips(tiny_ro
     dm.setup()
     with caplog.at_level("WARNING", logger="asd.run"):
         normals, kind = reference_normals(dm)
-    assert "rotor/section_00 hold out no training clip" in caplog.text
+    assert "rotor/section_00 hold out fewer than 2 training clips" in caplog.text
     assert kind == "held-out (and some training)"
     names = [c.name for c in normals.table]
     assert rotor[0].name in names and len(names) == len(dm.tables["val"]) + 1
@@ -511,3 +536,40 @@ def test_a_section_too_small_to_hold_out_a_clip_lends_its_training_clips(tiny_ro
     item = normals[len(names) - 1]
     assert item["section"] == dm.section_keys.index(("rotor", "00"))
     assert torch.equal(item["wave"], torch.from_numpy(dm.datasets["fit"].waves[0]))
+
+
+def test_a_changed_hold_out_retrains_instead_of_scoring_clips_the_members_saw(tmp_path, caplog):
+    run_dir = tmp_path / "r"
+    overrides = ("branch=b2", "reference=false", "plots=false", "fusion.enabled=false")
+    train(config(run_dir, *overrides))
+    with caplog.at_level("INFO", logger="asd.run"):
+        train(config(run_dir, *overrides, "data.val_fraction=0.3"))
+    assert "stage fit: its settings changed since the last run" in caplog.text
+    assert json.loads((run_dir / "stages.json").read_text())["fit"]["split"]["val_fraction"] == 0.3
+
+
+def test_test_clips_of_a_section_without_training_clips_fail_before_training(tiny_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    for f in (root / "rotor" / "train").glob("*.wav"):
+        f.unlink()
+    with pytest.raises(AsdError, match="rotor/section_00: test clips but no training clips"):
+        train(config(tmp_path / "r", f"data.root='{root}'", "data.name=tiny"))
+
+
+def test_first_shot_one_machine_one_id_ten_clips_runs_with_the_default_config(tiny_root, tmp_path, caplog):
+    """The most common real start: one machine, one ID, no attributes or domains, 10 normal clips."""
+    root = tmp_path / "first-shot"
+    for split in ("train", "test"):
+        for i, f in enumerate(sorted((tiny_root / "rotor" / split).glob("*.wav"))):
+            label = "anomaly" if "_anomaly_" in f.name else "normal"
+            (root / "fan" / split).mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, root / "fan" / split / f"{label}_id_00_{i:08d}.wav")
+    assert len(list((root / "fan" / "train").iterdir())) == 10
+    with caplog.at_level("INFO"):
+        run = train(config(tmp_path / "r", "experiment=dcase2020", f"data.root='{root}'", "plots=false"))
+    assert "self-supervised" in caplog.text  # the classifying members say which objective they use
+    rows = read_csv(run / "scores.csv")
+    assert all(np.isfinite(float(r["final"])) for r in rows)
+    metrics = read_csv(run / "metrics.csv")
+    assert {m["method"] for m in metrics} >= {"b1", "b2", "b3", "b4", "b5", "stats_mahalanobis", "zmean"}

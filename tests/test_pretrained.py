@@ -16,6 +16,7 @@ from helpers import quick_trainer
 from torch.utils.data import DataLoader
 from transformers import ASTConfig, ASTModel
 
+from asd.branches.auxiliary import VIEWS
 from asd.branches.pretrained import AngularHead, PretrainedASTBranch, window_starts
 from asd.ensemble import Ensemble
 from asd.errors import AsdError
@@ -420,7 +421,6 @@ def test_wrong_clip_length_is_a_clear_error():
         ({"patch_size": 48}, "larger than num_mel_bins=32"),
         ({"num_samples": None}, "data.audio.duration"),
         ({"num_samples": 2000}, "fewer than patch_size"),
-        ({"num_sections": 1, "num_attributes": 1}, "mode=frozen"),
         ({"num_sections": 2, "num_attributes": 2, "head": "adacos"}, "head=arcface"),
         ({"num_sections": None}, "num_sections"),
         ({"sample_rate": 22050}, "data.audio.sample_rate=16000"),
@@ -429,6 +429,23 @@ def test_wrong_clip_length_is_a_clear_error():
 def test_bad_arguments_are_clear_errors(kw, match):
     with pytest.raises(AsdError, match=match):
         tiny(**kw)
+
+
+def test_one_class_fine_tunes_on_self_supervised_views(caplog):
+    with caplog.at_level("INFO", logger="asd.branches.pretrained"):
+        m = tiny(num_sections=1, num_attributes=1)
+    assert m.self_supervised and m.head.num_classes == len(VIEWS)
+    assert "one section class: fine-tuning on self-supervised classes" in caplog.text
+    torch.manual_seed(0)
+    b = clips(6)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    first = float(m.loss(b))
+    for _ in range(15):
+        opt.zero_grad()
+        m.loss(b).backward()
+        opt.step()
+    assert float(m.loss(b)) < first  # the views are learnable classes
+    assert m.embed(b).shape == (6, m.embed_dim)  # test clips are embedded untransformed
 
 
 def test_scratch_sizes_are_checked_for_typos_even_with_pretrained_weights(tmp_path):

@@ -463,3 +463,26 @@ def test_normaliser_fallbacks_are_kept_and_warned_only_when_asked(caplog):
     with caplog.at_level(logging.WARNING, logger="asd.scoring"):
         GroupNormalizer().fit(scores, section, domain)
     assert "section 0 target (1 clips) -> section" in caplog.text
+
+
+def test_shrinkage_keeps_a_one_clip_groups_mean_and_borrows_its_sections_spread():
+    from asd.scoring import GroupNormalizer
+
+    source = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    target = torch.tensor([10.0])
+    scores = torch.cat([source, target]).double()
+    section = torch.zeros(5, dtype=torch.long)
+    domain = torch.tensor([0, 0, 0, 0, 1])
+    plain = GroupNormalizer().fit(scores, section, domain, warn=False)
+    assert plain.fallbacks == ["section 0 target (1 clips) -> section"]
+    k = 3.0
+    shrunk = GroupNormalizer(shrinkage=k).fit(scores, section, domain, warn=False)
+    assert shrunk.fallbacks == []
+    prior = float(((source - source.mean()) ** 2).sum() / 3)  # the only within-domain variance
+    # target: its own mean, the prior's spread (no deviations of its own)
+    z = shrunk.transform(torch.tensor([12.0]).double(), torch.tensor([0]), torch.tensor([1]))
+    assert float(z[0]) == pytest.approx((12.0 - 10.0) / (prior**0.5))
+    # source: its own squared deviations plus k clips' worth of the prior
+    ss = float(((source - source.mean()) ** 2).sum())
+    z = shrunk.transform(torch.tensor([5.0]).double(), torch.tensor([0]), torch.tensor([0]))
+    assert float(z[0]) == pytest.approx((5.0 - 2.5) / ((ss + k * prior) / (3 + k)) ** 0.5)

@@ -6,8 +6,9 @@ halving both axes) into an embedding (B, emb_dim): the last stage's map is avera
 time and its channels x remaining mel bins are projected linearly, so the embedding keeps
 where in frequency a pattern sits. With `spectrum="multires"` a second branch encodes the
 log power of the FFT of the whole clip (`asd.features.LogSpectrum`, standardised per bin) with
-a 1-D CNN over frequency (`SpectrumEncoder`), and the two embeddings are concatenated (embed_dim
-= 2 emb_dim): the full spectrum resolves 1/duration Hz, where the log-mel sees ~100 Hz bands.
+a 1-D CNN over frequency (`SpectrumEncoder`), and the two embeddings, each L2-normalised so both
+weigh the same in a cosine, are concatenated (embed_dim = 2 emb_dim): the full spectrum resolves
+1/duration Hz, where the log-mel sees ~100 Hz bands.
 Training pulls clips of one class together and apart from the other classes, so at test time a
 clip unlike every training normal of its section lands far from them.
 
@@ -39,8 +40,8 @@ Choices:
   `balance=1` each (section, domain) group present in a batch weighs the same in total, so the
   one or two target clips in a batch count as much as the dozen source clips of their section;
   0 switches the weighting off.
-- The embedding is the encoders' output before L2 normalisation (the losses and both scores use its
-  direction only; b5 standardises it itself).
+- The embedding is the log-mel encoder's output before L2 normalisation (with "multires", the two
+  unit halves); the losses and both scores use its direction only, b5 standardises it itself.
 - Score: `score_mode="knn"` is the mean cosine distance to the `k` nearest training normals
   of the clip's section, min over the source and target banks (`asd.scoring.KnnBackend`), with
   `knn_density` each bank clip's distance divided by its local scale (its mean distance to its k
@@ -49,6 +50,12 @@ Choices:
   normals, source and target centres apart, the smaller of the two. Domain-unknown training
   clips join the source bank or centre. The fitted state is a `KnnBackend` (for "centre" one
   whose banks hold the centres), so it rides in `state_dict`.
+
+Measured options and defaults: docs/b3.md (`benchmarks/bench_b3.py`).
+
+One file: one member per file (STYLE.md); its two encoders and two objectives share the inputs,
+the statistics and the label handling; the pieces of the classification recipe that need no
+member (sub-cluster AdaCos, mixup, self-supervised views) live in `asd/branches/auxiliary.py`.
 """
 
 from __future__ import annotations
@@ -339,20 +346,21 @@ class ContrastiveBranch(Branch):
     def describe(self, num_sections: int, num_attributes: int | None) -> str:
         """The objective, its classes and inputs, in words (logged when the member is built)."""
         data = f"{num_sections} section(s), {num_attributes} attribute class(es)"
-        kind = f"{self.classify} class(es)"
-        if self.views:
-            why = "1 class" if self.num_classes == len(self.views) else "self_supervised=always"
-            classes = f"{self.num_classes} self-supervised classes ({why}): {kind} x {', '.join(self.views)}"
+        views = ", ".join(self.views)
+        num_real = self.num_classes // max(len(self.views), 1)
+        if self.views and num_real == 1:
+            classes = f"classify={self.classify} gives 1 class, so the classes are self-supervised: {views}"
+        elif self.views:
+            classes = f"{num_real} {self.classify} classes x self-supervised views {views}"
         else:
-            classes = f"{self.num_classes} {kind}"
+            classes = f"{self.classify} classes"
         if self.adacos is not None:
-            objective = (
-                f"sub-cluster AdaCos ({self.adacos.subclusters} sub-clusters per class, mixup p={self.mixup})"
-            )
+            subclusters = self.adacos.subclusters
+            objective = f"sub-cluster AdaCos ({subclusters} sub-clusters per class, mixup p={self.mixup})"
         else:
             objective = f"supervised contrastive (positives: {self.positives}) + cosine classifier"
         inputs = "log-mel + full spectrum" if self.spectrum_encoder is not None else "log-mel"
-        return f"{data}: {objective} over {classes}; inputs {inputs}"
+        return f"{data}; {classes} ({self.num_classes} in all); objective {objective}; inputs {inputs}"
 
     # -- pieces -----------------------------------------------------------------------------------
 
@@ -382,7 +390,9 @@ class ContrastiveBranch(Branch):
         if spec is None:
             return z
         zs = self.spectrum_encoder(self.spectrum_stats.normalise(spec)[:, :, 0]).float()  # (B, emb_dim)
-        return torch.cat([z, zs], dim=1)  # (B, 2 emb_dim)
+        # unit halves: both branches weigh the same in every cosine (the raw concatenation let the
+        # full-spectrum half dominate and scored worse on held-out synthetic data)
+        return torch.cat([F.normalize(z, dim=1), F.normalize(zs, dim=1)], dim=1)  # (B, 2 emb_dim)
 
     @staticmethod
     def _labels(batch: dict[str, Tensor], kind: str) -> Tensor:

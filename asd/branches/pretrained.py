@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from transformers import ASTConfig, ASTModel
 
+from asd.branches.auxiliary import VIEWS, self_supervised_views
 from asd.branches.base import Branch, OptimizerFactory
 from asd.errors import AsdError
 from asd.features import AstFbank
@@ -343,6 +344,8 @@ class PretrainedASTBranch(Branch):
 
         self.head: AngularHead | None = None
         self.use_attributes = False
+        #: one class in the data (first-shot: one section, no attributes): classify transformed views
+        self.self_supervised = False
         if mode == "finetune":
             if num_sections is None:
                 raise AsdError(
@@ -359,9 +362,13 @@ class PretrainedASTBranch(Branch):
             classes = num_attributes if self.use_attributes else num_sections
             label = "attribute" if self.use_attributes else "section"
             if classes < 2:
-                raise AsdError(
-                    f"b1: mode=finetune classifies {label}s, but the training data has only {classes}; "
-                    "add training clips of another section or use branches.b1.mode=frozen"
+                # nothing to separate: the clip and its transformed copies become the classes
+                self.self_supervised, classes, label = True, len(VIEWS), "self-supervised view"
+                log.info(
+                    "b1: the training data has one %s class: fine-tuning on self-supervised classes "
+                    "instead (%s of each clip)",
+                    "attribute" if self.use_attributes else "section",
+                    ", ".join(VIEWS),
                 )
             if head == "adacos" and classes < 3:
                 raise AsdError(
@@ -455,6 +462,9 @@ class PretrainedASTBranch(Branch):
         wave = self._wave(batch)
         if self.head is None:
             return torch.zeros((), device=wave.device)
+        if self.self_supervised:
+            views, ids = self_supervised_views(wave)  # (V * B, T), (V * B,)
+            return self.head(self.encode(views), ids)
         return self.head(self.encode(wave), self._labels(batch))
 
     def embed(self, batch: dict[str, Tensor]) -> Tensor:

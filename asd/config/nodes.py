@@ -4,6 +4,9 @@ Known key sets forbid other keys, so a typo fails naming the key. Keys the shipp
 show (b3's `head_scale`) are optional with the constructor's default; `trainer` and `logger` pass any
 further key on to Lightning. Runtime facts (`num_samples`, `num_sections`, b5's `input_dim`, ...)
 are not keys: the builder passes them from the data, which a config value would override.
+
+One file: the nodes read top to bottom like `conf/` itself (members, data, fusion, trainer,
+logger, the top level), so a key is found where its YAML file puts it.
 """
 
 import math
@@ -39,6 +42,7 @@ from asd.data.audio import CROPS, PADS
 from asd.data.cache import ON_BAD_FILE
 from asd.data.index import YEARS
 from asd.data.synthetic import MODELS
+from asd.scoring import FUSIONS
 
 
 def _distinct(v: Any, options: tuple[str, ...]) -> bool:
@@ -52,6 +56,9 @@ def _names(v: Any) -> bool:
 # values of one key (or a few), named so the nodes read as a list of keys
 Selection = value("'all', a member name or a list of them", _names)
 Frozen = value("a member name or a list of them", _names, null=True)
+References = value(
+    "true, false, a reference's name or a list of them", lambda v: isinstance(v, bool) or _names(v)
+)
 Models = value(
     f"a non-empty list of distinct sound models from {list(MODELS)}", lambda v: _distinct(v, MODELS)
 )
@@ -212,7 +219,25 @@ class DcaseAE(Member):
     shrinkage: Shrinkage = "auto"
 
 
-SCHEMAS: dict[str, type[Member]] = {"b1": B1, "b2": B2, "b3": B3, "b4": B4, "b5": B5, "dcase_ae": DcaseAE}
+class Stats(Node):
+    """`asd.branches.logmel_stats.LogMelStatsReference`, the training-free reference (nothing to optimise)."""
+
+    target: Text = Field(alias="_target_")
+    frontend: Target
+    stats: choice("mean", "mean_std") = "mean"
+    k: PosInt = 1
+    shrinkage: Shrinkage = "auto"
+
+
+SCHEMAS: dict[str, type[Node]] = {
+    "b1": B1,
+    "b2": B2,
+    "b3": B3,
+    "b4": B4,
+    "b5": B5,
+    "dcase_ae": DcaseAE,
+    "stats": Stats,
+}
 
 
 class Branches(Node):
@@ -222,6 +247,7 @@ class Branches(Node):
     b4: B4 | None = None
     b5: B5 | None = None
     dcase_ae: DcaseAE | None = None
+    stats: Stats | None = None
 
 
 class Audio(Node):
@@ -310,12 +336,31 @@ class Meta(Node):
     support_fraction: number(gt=0, lt=1) = 0.5
 
 
+#: what `final=auto` may choose among (asd.fusion.select)
+FUSION_CANDIDATES = ("meta", "attention", *FUSIONS)
+
+
+class Select(Node):
+    candidates: value(
+        f"a non-empty list of distinct fusions from {list(FUSION_CANDIDATES)}",
+        lambda v: _distinct(v, FUSION_CANDIDATES),
+    ) = ["meta", "attention", "zmean"]
+    folds: integer(ge=2) = 4
+    min_normals: integer(ge=1) = 5
+
+
+class Normalisation(Node):
+    shrinkage: number(ge=0) = 0.0
+
+
 class Fusion(Node):
     enabled: Flag = True
     seed: Seed = 0
     anomalies: Anomalies = Anomalies()
     attention: Attention = Attention()
     meta: Meta = Meta()
+    select: Select = Select()
+    normalisation: Normalisation = Normalisation()
 
 
 class Trainer(BaseModel):
@@ -354,8 +399,8 @@ class TrainConfig(Node):
     branch: Selection = "all"
     freeze: Frozen = []
     ckpt: Checkpoints = {}
-    reference: Flag = True
-    final: Text = "meta"
+    reference: References = True
+    final: Text = "auto"
     threshold_percentile: number(gt=0, lt=1) = 0.9
     year: choice(*YEARS, null=True) = None  # null: the data's layout, data.year, else 2023
     seed: Seed = 0

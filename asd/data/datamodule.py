@@ -177,6 +177,13 @@ class AsdDataModule(L.LightningDataModule):
             )
         if not len(test):
             log.warning("no test clips under %s: only training will run", self.dataset_root())
+        untrained = sorted({(c.machine, c.section) for c in test} - {(c.machine, c.section) for c in train})
+        if untrained:
+            names = ", ".join(f"{m}/section_{s}" for m, s in untrained)
+            raise AsdError(
+                f"{names}: test clips but no training clips under {self.dataset_root()}; every machine "
+                "and section needs normal training recordings (add them, or remove those test clips)"
+            )
 
         self.machine_names = table.machines()
         self.section_keys = sorted({(c.machine, c.section) for c in table})

@@ -22,7 +22,15 @@ from omegaconf import DictConfig, OmegaConf
 from asd.branches.base import Branch
 from asd.calibration import LEARNED
 from asd.data.datamodule import AsdDataModule
-from asd.ensemble import FLOW, FLOW_SOURCES, REFERENCE, Ensemble, select_branches, select_frozen
+from asd.ensemble import (
+    FLOW,
+    FLOW_SOURCES,
+    REFERENCES,
+    Ensemble,
+    select_branches,
+    select_frozen,
+    select_references,
+)
 from asd.errors import AsdError
 from asd.run.progress import show_progress
 from asd.scoring import FUSIONS
@@ -89,10 +97,7 @@ def data_facts(dm: AsdDataModule) -> dict[str, Any]:
 
 
 def member_names(cfg: DictConfig) -> list[str]:
-    names = select_branches(plain(cfg.branch))
-    if cfg.reference:
-        names.append(REFERENCE)
-    return names
+    return select_branches(plain(cfg.branch)) + select_references(plain(cfg.reference))
 
 
 def build_member(name: str, cfg: DictConfig, runtime: dict[str, Any]) -> Branch:
@@ -154,7 +159,7 @@ def signature(cfg: DictConfig, facts: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------- cross-field checks
 def fused_members(ensemble: Ensemble) -> list[str]:
     """The members whose scores feed the fusions (the reference is reported, never fused)."""
-    return [n for n in ensemble.members if n != REFERENCE]
+    return [n for n in ensemble.members if n not in REFERENCES]
 
 
 def final_choices(ensemble: Ensemble, cfg: DictConfig) -> list[str]:
@@ -163,10 +168,12 @@ def final_choices(ensemble: Ensemble, cfg: DictConfig) -> list[str]:
 
 
 def check_final(ensemble: Ensemble, cfg: DictConfig) -> None:
+    if cfg.final == "auto":
+        return  # the calibrate stage chooses among fusion.select.candidates
     if cfg.final in LEARNED and not cfg.fusion.enabled:
         raise AsdError(f"final={cfg.final} needs the learned fusions: fusion.enabled=true, or final=zmean")
     if cfg.final not in final_choices(ensemble, cfg):
-        raise AsdError(f"final={cfg.final!r}: expected one of {final_choices(ensemble, cfg)}")
+        raise AsdError(f"final={cfg.final!r}: expected auto or one of {final_choices(ensemble, cfg)}")
 
 
 # ---------------------------------------------------------------------- training machinery

@@ -17,13 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch import Tensor
 
 from asd.anomalies import KINDS, AnomalyConfig, PseudoAnomalies, PseudoAnomalyDataset, anomaly_config
 from asd.calibration import Calibration, fit_normalizers, fit_thresholds, left_out_z
 from asd.data.datamodule import AsdDataModule, ClipDataset, WaveStore
 from asd.data.table import ClipTable
-from asd.ensemble import REFERENCE, Ensemble
+from asd.ensemble import REFERENCES, Ensemble
 from asd.errors import AsdError
+from asd.fusion import select
 from asd.fusion.stage import apply_fusion, fit_fusion, held_out_meta_scores, summarise_kinds
 from asd.run.build import fused_members, plain
 from asd.run.predict import context_of, infer, member_scores
@@ -52,8 +54,9 @@ class _Rows:
 def reference_normals(dm: AsdDataModule, warn: bool = True) -> tuple[ClipDataset, str]:
     """The normals that normalisation, fusion and thresholds are fitted on, and how to name them.
 
-    The held-out training normals; a section too small to hold any clip out (a single training
-    clip) adds its training clips, and with nothing held out at all every training clip is used.
+    The held-out training normals; a section that holds out fewer than 2 clips (a first-shot
+    machine of 10 clips holds out 1) adds its training clips, and with nothing held out at all
+    every training clip is used.
     Training clips stand in for held-out ones only with a warning: members have fitted them, so
     their statistics are optimistic and thresholds will flag too many clips.
     """
@@ -66,13 +69,15 @@ def reference_normals(dm: AsdDataModule, warn: bool = True) -> tuple[ClipDataset
             dm.val_fraction,
         )
         return fit, "training"
-    missing = sorted(set(fit.labels["section"].tolist()) - set(val.labels["section"].tolist()))
+    held = val.labels["section"].tolist()
+    # a section needs 2 held-out clips for a spread of its own scores
+    missing = sorted(s for s in set(fit.labels["section"].tolist()) if held.count(s) < 2)
     if not missing:
         return val, "held-out"
     names = section_names(dm)
     say(
-        "%s hold out no training clip (too few of them): their training clips stand in for held-out "
-        "normals, so their normalisation and thresholds are optimistic",
+        "%s hold out fewer than 2 training clips (too few of them): their training clips stand in "
+        "beside the held-out ones, so their normalisation and thresholds are optimistic",
         ", ".join(names[s] for s in missing),
     )
     rows = [i for i, s in enumerate(fit.labels["section"].tolist()) if s in missing]
@@ -107,7 +112,7 @@ def fit_backends(ensemble: Ensemble, dm: AsdDataModule, device: torch.device) ->
                     torch.as_tensor(feats[n]).to(device), {k: v.to(device) for k, v in context.items()}
                 )
             except AsdError as e:
-                hint = "reference=false leaves the reference out" if n == REFERENCE else f"leave {n} out"
+                hint = "reference=false leaves the references out" if n in REFERENCES else f"leave {n} out"
                 raise AsdError(f"member {n} cannot fit its scoring backend: {e} (or: {hint})") from None
     normals, kind = reference_normals(dm)
     raw = run_infer(lambda b: member_scores(ensemble, b), dm, normals, device, "held-out normals")
@@ -128,6 +133,75 @@ def load_backends(ensemble: Ensemble, backends: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- calibrate stage
+def choose_final(
+    calibration: Calibration,
+    cfg: DictConfig,
+    z: Tensor | None,
+    loo: Tensor,
+    ctx: dict[str, Tensor] | None,
+    y: Tensor | None,
+    source: Tensor | None,
+    dm: AsdDataModule,
+) -> None:
+    """`final=auto`: the fusion that best separates cross-fitted normals from pseudo-anomalies.
+
+    Sets `calibration.final`, `.selection` (every candidate's criterion) and `.reason`.
+    Without pseudo-anomalies (`fusion.enabled=false`) there is nothing to judge on: zmean decides.
+    When a (machine, section, domain) group holds fewer than `fusion.select.min_normals` reference
+    normals, the learned fusions are left out of the candidates: fitted and judged on so few clips
+    they lost to the label-free fusions on every small configuration of
+    `benchmarks/bench_quality.py` (docs/results.md).
+    """
+    if z is None:
+        calibration.final = "zmean"
+        calibration.reason = "final=auto without pseudo-anomalies (fusion.enabled=false): zmean"
+        log.info("stage calibrate: %s", calibration.reason)
+        return
+    fcfg = plain(cfg.fusion)
+    names = list(fcfg["select"]["candidates"])
+    thin = ""
+    n_normal = len(loo)
+    groups = ctx["section"][:n_normal] * 3 + ctx["domain"][:n_normal]  # (machine, section, domain) ids
+    fewest = int(torch.bincount(groups)[torch.unique(groups)].min())
+    need = int(fcfg["select"]["min_normals"])
+    if fewest < need and any(n in select.LEARNED for n in names):
+        # too few clips to fit a learned fusion on, or to judge one: the label-free fallback decides
+        names = [n for n in names if n not in select.LEARNED] or ["zmean"]
+        thin = (
+            f"the learned fusions were not candidates: a machine/section/domain group holds {fewest} "
+            f"reference normal(s), fewer than fusion.select.min_normals={need}; "
+        )
+    learned = {}
+    if any(n in select.LEARNED for n in names):
+        learned = select.cross_fitted_learned(
+            z,
+            loo,
+            ctx,
+            y,
+            source,
+            members=calibration.members,
+            num_machines=dm.num_machines,
+            num_sections=dm.num_sections,
+            cfg=fcfg,
+            folds=int(fcfg["select"]["folds"]),
+        )
+    scores = select.candidate_scores(names, z, loo, learned)
+    best, table = select.select(scores, y.numpy().astype(np.int64), ctx["section"].numpy())
+    calibration.final, calibration.selection = best, table
+    listed = ", ".join(f"{n} {v:.4f}" for n, v in table.items())
+    calibration.reason = (
+        f"final=auto chose {best}: {thin}the highest hmean of per-section AUC and pAUC of "
+        f"{n_normal} {calibration.normalised_on} normals (left-out) against "
+        f"{len(y) - n_normal} pseudo-anomalies"
+        + (
+            f", learned fusions fitted out of fold ({min(int(fcfg['select']['folds']), n_normal)} folds)"
+            * bool(learned)
+        )
+        + f": {listed}"
+    )
+    log.info("stage calibrate: %s", calibration.reason)
+
+
 def anomaly_settings(cfg: DictConfig, sample_rate: int) -> tuple[AnomalyConfig, int]:
     """The pseudo-anomaly generator's settings and the number of copies per clip, validated."""
     values = dict(plain(cfg.fusion.anomalies))
@@ -151,9 +225,11 @@ def calibrate(
     members = fused_members(ensemble)
     raw = {c: v.numpy() for c, v in backends["reference_scores"].items()}
     context = context_of(normals)
+    shrinkage = float(cfg.fusion.normalisation.shrinkage)
     calibration = Calibration(
         members=members,
-        normalizers=fit_normalizers(raw, members, context),
+        normalizers=fit_normalizers(raw, members, context, shrinkage),
+        shrinkage=shrinkage,
         reference_scores=dict(backends["reference_scores"]),
         normalised_on=kind,
         final=cfg.final,
@@ -161,7 +237,7 @@ def calibrate(
     )
     log.info("stage calibrate: score normalisation on %d %s normals", len(normals), kind)
     normal_z = calibration.normalise(raw, context)
-    fake = None
+    fake = z = ctx = y = rows_source = None  # the fusions' training rows: normals, then pseudo-anomalies
     if cfg.fusion.enabled:
         fcfg = plain(cfg.fusion)
         config, copies = anomaly_settings(cfg, dm.audio.sample_rate)
@@ -199,19 +275,22 @@ def calibrate(
     # these clips, but their z-scores were normalised with statistics that include them (a z of a
     # group of 5 can never exceed 1.8) and the meta-learner adapted on them: both are undone here.
     loo = left_out_z(calibration, context)
-    if cfg.final == "meta":
+    if cfg.final == "auto":
+        choose_final(calibration, cfg, z, loo, ctx, y, rows_source, dm)
+    final_name = calibration.final
+    if final_name == "meta":
         final_t = held_out_meta_scores(
             calibration.fusion, z, ctx["machine"], ctx["section"], ctx["domain"], y, rows_source, query_z=loo
         )
-    elif cfg.final == "attention":
+    elif final_name == "attention":
         fused = apply_fusion(
             calibration.fusion, loo, context["machine"], context["section"], context["domain"]
         )
         final_t = fused["attention"]
-    elif cfg.final in FUSIONS:
-        final_t = fuse(loo, cfg.final)
+    elif final_name in FUSIONS:
+        final_t = fuse(loo, final_name)
     else:
-        final_t = torch.as_tensor(raw[cfg.final])
+        final_t = torch.as_tensor(raw[final_name])
     final = final_t.double().numpy()
     calibration.thresholds = fit_thresholds(
         final, context["section"], dm.num_sections, calibration.threshold_percentile
@@ -220,7 +299,7 @@ def calibrate(
         "stage calibrate: thresholds from %d %s normals' left-out %s scores: %s",
         len(final),
         kind,
-        cfg.final,
+        final_name,
         np.round(calibration.thresholds.numpy(), 3).tolist(),
     )
     return calibration, fake

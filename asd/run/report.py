@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from asd.calibration import LEARNED
 from asd.data.table import ClipTable
-from asd.ensemble import REFERENCE
+from asd.ensemble import is_reference
 from asd.errors import AsdError
 from asd.evaluation import evaluate
 from asd.evaluation.metrics import TABLE_KEYS
@@ -111,6 +111,7 @@ def write_metrics(
     cfg: DictConfig,
     notes: Sequence[str] = (),
     weights_rows: Sequence[dict] = (),
+    final: str = "",
 ) -> None:
     """Write `metrics.csv` (per method and machine/section, plus official scores) and `summary.md`."""
     rows: list[dict[str, Any]] = []
@@ -119,7 +120,7 @@ def write_metrics(
         rows.append({"method": method, "machine": "all", "section": "all", "official": ev.official})
     fields = list(dict.fromkeys(k for r in rows for k in r))
     write_csv(run_dir / "metrics.csv", fields, ([fmt(r.get(k, "")) for k in fields] for r in rows))
-    write_text_atomic(run_dir / "summary.md", summary_markdown(results, cfg, notes, weights_rows))
+    write_text_atomic(run_dir / "summary.md", summary_markdown(results, cfg, notes, weights_rows, final))
 
 
 def write_attention_weights(path: Path, members: list[str], rows: list[dict]) -> None:
@@ -129,12 +130,18 @@ def write_attention_weights(path: Path, members: list[str], rows: list[dict]) ->
 
 
 def summary_markdown(
-    results: dict[str, Any], cfg: DictConfig, notes: Sequence[str] = (), weights_rows: Sequence[dict] = ()
+    results: dict[str, Any],
+    cfg: DictConfig,
+    notes: Sequence[str] = (),
+    weights_rows: Sequence[dict] = (),
+    final: str = "",
 ) -> str:
+    """The run's summary; `final` is the method that decided (`cfg.final` unless final=auto chose)."""
+    final = final or cfg.final
     year = next(iter(results.values())).year
     fusions = [m for m in results if m in FUSIONS or m in LEARNED]
-    fused = [m for m in results if m not in fusions and not m.startswith(f"{REFERENCE}_")]
-    reference = [m for m in results if m.startswith(f"{REFERENCE}_")]
+    fused = [m for m in results if m not in fusions and not is_reference(m)]
+    reference = [m for m in results if is_reference(m)]
     learned = [m for m in LEARNED if m in results]
     lines = [
         f"# asd run summary ({cfg.data.name}, official score convention: DCASE {year})",
@@ -144,7 +151,9 @@ def summary_markdown(
         f"- label-free fusions of the members' z-scores: {', '.join(FUSIONS)}",
         f"- learned fusions (held-out normals vs pseudo-anomalies, never test labels): "
         f"{', '.join(learned) or 'none (fusion.enabled=false)'}",
-        f"- final score: `{cfg.final}`; decisions: gamma threshold at the {cfg.threshold_percentile:g} "
+        f"- final score: `{final}`"
+        + (" (chosen by final=auto)" if cfg.final == "auto" else "")
+        + f"; decisions: gamma threshold at the {cfg.threshold_percentile:g} "
         "percentile of held-out normals' left-out final scores per machine/section",
         *(f"- {note}" for note in notes),
         "",

@@ -137,6 +137,20 @@ class Fit(Stage):
     name = "fit"
     writes = (FINAL_CKPT,)
 
+    def settings(self, run: RunState) -> dict[str, Any]:
+        """Which clips train (the hold-out), how long, from which seed: a change retrains.
+
+        The members' own configuration is the run's signature, checked against `final.ckpt`.
+        """
+        data, trainer = run.cfg.data, run.cfg.trainer
+        return {
+            "split": {
+                k: plain(data.get(k)) for k in ("val_fraction", "seed", "mimii_train_normals", "machines")
+            },
+            "budget": {k: plain(trainer.get(k)) for k in ("max_epochs", "max_steps")},
+            "seed": int(run.cfg.seed),
+        }
+
     def compute(self, run: RunState) -> None:
         cfg, run_dir = run.cfg, run.run_dir
         run.trainer = build_trainer(cfg, run_dir, build_logger(cfg, run_dir))
@@ -280,7 +294,7 @@ class Report(Stage):
             )
             if cfg.plots:
                 publish.plot_attention(weights_rows, weights, calibration.fusion.members, run_dir / "plots")
-        report.write_metrics(run_dir, run.results, cfg, self.notes(run), weights_rows)
+        report.write_metrics(run_dir, run.results, cfg, self.notes(run), weights_rows, calibration.final)
         logger = run.trainer.logger if run.trainer is not None else None
         if logger is not None:
             logger.log_metrics(
@@ -302,6 +316,8 @@ class Report(Stage):
             for n, m in run.ensemble.members.items()
             if m.weights_source
         ]
+        if run.calibration.reason:
+            notes.append(run.calibration.reason)
         fusion = run.calibration.fusion
         if fusion is not None:
             kinds = ", ".join(f"{k} {n}" for k, n in fusion.kinds.items())

@@ -1,0 +1,133 @@
+"""Choosing the final score without test labels (`final=auto`): cross-fitted normals vs pseudo-anomalies.
+
+A learned fusion is judged on clips it was not fitted on. The reference normals (and the
+pseudo-anomalies made from each) are split into `folds` by source clip; for each fold the
+attention head and the meta-learner are fitted on the other folds and score this one. The
+normals are scored with left-out z-scores (statistics without the clip itself), the
+pseudo-anomalies with the z-scores the fusion sees. Label-free fusions and single members need no
+fitting on these clips, so their scores are used as they are.
+
+Each candidate's criterion is the official-score rule applied to this labelled set: per section,
+the AUC and the pAUC (FPR <= 0.1) of its normals against its pseudo-anomalies, then the harmonic
+mean of all of them. The candidate with the highest criterion decides; a tie goes to the one
+listed first in `fusion.select.candidates` (the learned fusions first by default). Candidates are
+fusions only: the final score is always an ensemble's. It is a proxy: pseudo-anomalies are not
+the machine's real faults, so the run's summary prints the whole table beside the choice.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from asd.errors import AsdError
+from asd.evaluation.metrics import auc_pauc, hmean
+from asd.fusion.stage import apply_fusion, fit_fusion
+from asd.scoring import FUSIONS, fuse
+
+log = logging.getLogger(__name__)
+
+LEARNED = ("meta", "attention")
+
+
+def fold_of(n: int, folds: int, seed: int) -> np.ndarray:
+    """A fold id (0..folds-1) for each of n source clips, balanced, in a seeded random order."""
+    order = np.random.default_rng(seed).permutation(n)
+    out = np.empty(n, dtype=np.int64)
+    out[order] = np.arange(n) % folds
+    return out
+
+
+def cross_fitted_learned(
+    z: Tensor,
+    normal_loo: Tensor,
+    context: dict[str, Tensor],
+    y: Tensor,
+    source: Tensor,
+    *,
+    members: list[str],
+    num_machines: int,
+    num_sections: int,
+    cfg: dict[str, Any],
+    folds: int,
+) -> dict[str, np.ndarray]:
+    """Out-of-fold `attention` and `meta` scores of every row (normals first, then pseudo-anomalies).
+
+    Args:
+        z: (N, M) z-scores the fusions train on: the normals' rows first, then their pseudo-anomalies.
+        normal_loo: (n_normal, M) the normals' left-out z-scores, what a normal is scored with.
+        context: `machine`, `section`, `domain` (N,) of every row.
+        y: (N,) 0 normal, 1 pseudo-anomaly; source: (N,) the normal row each row was made from.
+    """
+    n_normal = len(normal_loo)
+    folds = min(folds, n_normal)
+    if folds < 2:
+        raise AsdError(f"cross-fitting the learned fusions needs 2 or more normals, found {n_normal}")
+    fold = torch.as_tensor(fold_of(n_normal, folds, int(cfg.get("seed", 0))))[source]  # (N,)
+    query = z.clone()
+    query[:n_normal] = normal_loo
+    out = {m: np.zeros(len(z)) for m in LEARNED}
+    quiet = logging.getLogger("asd.fusion")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # k fits would repeat the full fit's progress lines
+    try:
+        for f in range(folds):
+            train, held = fold != f, fold == f
+            state = fit_fusion(
+                z[train],
+                *(context[k][train] for k in ("machine", "section", "domain")),
+                y[train],
+                members=members,
+                num_machines=num_machines,
+                num_sections=num_sections,
+                cfg=cfg,
+            )
+            scored = apply_fusion(
+                state, query[held], *(context[k][held] for k in ("machine", "section", "domain"))
+            )
+            for m in LEARNED:
+                out[m][held.numpy()] = scored[m].double().numpy()
+    finally:
+        quiet.setLevel(level)
+    return out
+
+
+def criterion(scores: np.ndarray, y: np.ndarray, section: np.ndarray) -> float:
+    """Harmonic mean of every section's AUC and pAUC (max FPR 0.1), normals vs pseudo-anomalies."""
+    values = []
+    for s in np.unique(section):
+        rows = section == s
+        if len(np.unique(y[rows])) == 2:
+            values.extend(auc_pauc(y[rows], scores[rows]))
+    if not values:
+        raise AsdError("no section has both normals and pseudo-anomalies to judge the final score on")
+    return hmean(values)
+
+
+def select(
+    candidates: dict[str, np.ndarray], y: np.ndarray, section: np.ndarray
+) -> tuple[str, dict[str, float]]:
+    """The best candidate by `criterion` (ties: the first listed) and every candidate's criterion."""
+    table = {name: criterion(s, y, section) for name, s in candidates.items()}
+    best = max(table, key=lambda name: (table[name], -list(table).index(name)))
+    return best, table
+
+
+def candidate_scores(
+    names: list[str], z: Tensor, normal_loo: Tensor, learned: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Every candidate fusion's scores of all rows (normals: left-out; pseudo-anomalies: as fused)."""
+    rows = torch.cat([normal_loo, z[len(normal_loo) :]])  # (N, M)
+    out = {}
+    for name in names:
+        if name in LEARNED:
+            out[name] = learned[name]
+        elif name in FUSIONS:
+            out[name] = fuse(rows, name).double().numpy()
+        else:
+            raise AsdError(f"fusion.select.candidates: {name!r} is not one of {[*LEARNED, *FUSIONS]}")
+    return out
