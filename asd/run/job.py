@@ -8,6 +8,7 @@ from pathlib import Path
 import pytorch_lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from asd.config import validate
 from asd.fileio import write_text_atomic
 from asd.run.build import (
     build_datamodule,
@@ -18,7 +19,7 @@ from asd.run.build import (
     signature,
 )
 from asd.run.calibrate import anomaly_settings
-from asd.run.distributed import barrier, is_rank_zero, quiet_other_ranks
+from asd.run.distributed import barrier, is_rank_zero
 from asd.run.stages import RunState, StageLog, is_wandb, make_stages
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,6 @@ log = logging.getLogger(__name__)
 
 def prepare(cfg: DictConfig) -> RunState:
     """Check the config, seed, make the run folder, index the data, build the ensemble."""
-    from asd.config import validate
-
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = resolve_run_dir(cfg).resolve()
@@ -71,8 +70,6 @@ def train(cfg: DictConfig) -> Path:
         redo = True
         record.forget_from(stage.name, order)
         stage.compute(run)
-        if stage.name == "fit":
-            quiet_other_ranks()
         if is_rank_zero():
             stage.write(run)
             record.mark(stage.name, settings)

@@ -33,7 +33,7 @@ from asd.fileio import torch_save_atomic, write_text_atomic
 from asd.run import calibrate as cal
 from asd.run import publish, report
 from asd.run.build import build_logger, build_trainer, inference_device, plain
-from asd.run.distributed import sync_from_rank_zero
+from asd.run.distributed import quiet_other_ranks, sync_from_rank_zero
 from asd.run.predict import predict
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,7 @@ class Fit(Stage):
             log.info("stage fit: every member is frozen, nothing to train")
         run.device = run.trainer.strategy.root_device
         sync_from_rank_zero(run.ensemble)
+        quiet_other_ranks()  # from here on every rank holds the same model: rank 0 speaks for all
 
     def write(self, run: RunState) -> None:
         state = {"state_dict": run.ensemble.state_dict(), "asd_signature": run.signature}
