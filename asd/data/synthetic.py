@@ -13,7 +13,9 @@ per-clip generator; the dataset's bit-identity depends on keeping them together.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import logging
 import math
@@ -609,6 +611,12 @@ def _check_writable(root: Path) -> None:
         )
 
 
+def _csv(rows: list[list[str]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
 def generate(out_dir: str | Path, cfg: SyntheticConfig = SyntheticConfig()) -> Path:
     """Write the dataset into `out_dir` (missing or empty); the manifest goes last. Returns the root."""
     root = Path(out_dir)
@@ -618,7 +626,7 @@ def generate(out_dir: str | Path, cfg: SyntheticConfig = SyntheticConfig()) -> P
             "choose another one, or call ensure_synthetic() to replace an outdated synthetic dataset"
         )
     start = time.perf_counter()
-    kinds_rows = ["file_name,label,kind"]
+    kinds_rows = [["file_name", "label", "kind"]]
     for machine in cfg.machines:
         for split in _SPLITS:
             (root / machine / split).mkdir(parents=True, exist_ok=True)
@@ -637,16 +645,14 @@ def generate(out_dir: str | Path, cfg: SyntheticConfig = SyntheticConfig()) -> P
                     sf.write(root / machine / split / name, clip.wave, cfg.sample_rate, subtype="PCM_16")
                     cells = [f"{machine}/{split}/{name}"]
                     for k, v in clip.attributes.items():
-                        cells += [k, v]
-                    rows.append(",".join(cells))
+                        cells += [k, str(v)]
+                    rows.append(cells)
                     if split == "test":
-                        kinds_rows.append(f"{machine}/{split}/{name},{label},{kind or 'none'}")
-            n_attr = max(len(r.split(",")) for r in rows) // 2
-            header = ",".join(["file_name"] + [f"d{i}{k}" for i in range(1, n_attr + 1) for k in "pv"])
-            (root / machine / f"attributes_{section:02d}.csv").write_text(
-                "\n".join([header, *sorted(rows)]) + "\n"
-            )
-    (root / KINDS_FILE).write_text("\n".join(kinds_rows) + "\n")
+                        kinds_rows.append([f"{machine}/{split}/{name}", label, kind or "none"])
+            n_attr = max(len(r) for r in rows) // 2
+            header = ["file_name"] + [f"d{i}{k}" for i in range(1, n_attr + 1) for k in "pv"]
+            (root / machine / f"attributes_{section:02d}.csv").write_text(_csv([header, *sorted(rows)]))
+    (root / KINDS_FILE).write_text(_csv(kinds_rows))
     manifest = _manifest(cfg)
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     log.info("wrote %d synthetic clips to %s in %.1f s", manifest["files"], root, time.perf_counter() - start)
