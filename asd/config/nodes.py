@@ -386,6 +386,13 @@ class Logger(BaseModel):
     target: Text = Field(alias="_target_")
 
 
+class Checkpoint(Node):
+    """`checkpoint`: when the fit writes `checkpoints/last.ckpt` (asd.run.checkpointing)."""
+
+    every_n_epochs: Count = 1
+    every_minutes: number(gt=0, null=True) = None
+
+
 class TrainConfig(Node):
     """`conf/train.yaml` with its groups."""
 
@@ -405,6 +412,7 @@ class TrainConfig(Node):
     year: choice(*YEARS, null=True) = None  # null: the data's layout, data.year, else 2023
     seed: Seed = 0
     resume: Flag = False
+    checkpoint: Checkpoint = Checkpoint()
     grad_norm_every: Count = 50
     plots: Flag = True
     num_heatmaps: Count = 4

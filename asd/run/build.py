@@ -32,6 +32,7 @@ from asd.ensemble import (
     select_references,
 )
 from asd.errors import AsdError
+from asd.run.checkpointing import LAST_CKPT, AtomicCheckpointIO, ResumeCheckpoint
 from asd.run.progress import show_progress
 from asd.scoring import FUSIONS
 
@@ -183,21 +184,34 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
 
 
 def build_trainer(
-    cfg: DictConfig, run_dir: Path, logger: Any, extra_callbacks: list | None = None, checkpoints: bool = True
+    cfg: DictConfig,
+    run_dir: Path,
+    logger: Any,
+    extra_callbacks: list | None = None,
+    checkpoints: bool = True,
+    identity: dict[str, Any] | None = None,
 ) -> L.Trainer:
-    from pytorch_lightning.callbacks import ModelCheckpoint
+    """The `trainer` node's Trainer, writing under the run folder.
 
+    With `checkpoints`, `checkpoints/last.ckpt` is written atomically at epoch ends on the cadence of
+    the `checkpoint` node and carries `identity` (asd.run.checkpointing); Lightning's own
+    `ModelCheckpoint` is off (`enable_checkpointing` adds only that).
+    """
     callbacks = list(extra_callbacks or [])
+    plugins = []
     if checkpoints:
-        callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0))
+        cadence = plain(cfg.get("checkpoint")) or {}
+        callbacks.append(ResumeCheckpoint(run_dir / LAST_CKPT, identity, **cadence))
+        plugins.append(AtomicCheckpointIO())
     return build(
         plain(cfg.trainer),
         "trainer",
         logger=logger,
         callbacks=callbacks,
+        plugins=plugins,
         default_root_dir=str(run_dir),
         enable_progress_bar=show_progress(),
-        enable_checkpointing=checkpoints,
+        enable_checkpointing=False,
         _convert_="all",
     )
 

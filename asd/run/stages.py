@@ -22,6 +22,7 @@ import numpy as np
 import pytorch_lightning as L
 import torch
 from omegaconf import DictConfig
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from asd.anomalies import PseudoAnomalyDataset
 from asd.calibration import Calibration
@@ -33,6 +34,13 @@ from asd.fileio import torch_save_atomic, write_text_atomic
 from asd.run import calibrate as cal
 from asd.run import publish, report
 from asd.run.build import build_logger, build_trainer, inference_device, plain
+from asd.run.checkpointing import (
+    LAST_CKPT,
+    Interrupted,
+    interrupted_message,
+    own_interrupt_message,
+    resumable,
+)
 from asd.run.distributed import quiet_other_ranks, sync_from_rank_zero
 from asd.run.predict import predict
 
@@ -151,22 +159,31 @@ class Fit(Stage):
             "seed": int(run.cfg.seed),
         }
 
+    def identity(self, run: RunState) -> dict[str, Any]:
+        """What a fit resumed from `last.ckpt` must share with the one that wrote it (not the budget)."""
+        settings = self.settings(run)
+        return {"signature": run.signature["hash"], "split": settings["split"], "seed": settings["seed"]}
+
     def compute(self, run: RunState) -> None:
         cfg, run_dir = run.cfg, run.run_dir
-        run.trainer = build_trainer(cfg, run_dir, build_logger(cfg, run_dir))
-        last = run_dir / "checkpoints" / "last.ckpt"
-        resume_from = str(last) if cfg.resume and last.exists() else None
-        if cfg.resume and resume_from is None:
-            log.warning("resume=true but %s does not exist: training from the start", last)
-        if resume_from:
-            log.info("stage fit: resuming from %s", last)
+        identity = self.identity(run)
+        run.trainer = build_trainer(cfg, run_dir, build_logger(cfg, run_dir), identity=identity)
+        last = run_dir / LAST_CKPT
+        resume_from = resumable(last, identity) if cfg.resume else None
+        if not cfg.resume and last.exists():
+            log.warning("stage fit: training from the start replaces %s (resume=true continues it)", last)
         if run.ensemble.trainable:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), own_interrupt_message():
                 # frozen members are in eval mode on purpose; Lightning warns about any such module
                 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
-                run.trainer.fit(run.ensemble, datamodule=run.dm, ckpt_path=resume_from)
-            if run.trainer.interrupted:
-                raise AsdError(f"training was interrupted; continue with resume=true run_dir={run_dir}")
+                try:
+                    run.trainer.fit(run.ensemble, datamodule=run.dm, ckpt_path=resume_from)
+                except SIGTERMException:  # raised after the batch that SIGTERM interrupted
+                    raise Interrupted(interrupted_message(last, run_dir, "SIGTERM")) from None
+                except SystemExit:  # Lightning's answer to Ctrl-C: teardown, then exit(1)
+                    if run.trainer.interrupted:
+                        raise Interrupted(interrupted_message(last, run_dir, "Ctrl-C")) from None
+                    raise
         else:
             log.info("stage fit: every member is frozen, nothing to train")
         run.device = run.trainer.strategy.root_device
