@@ -35,7 +35,15 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 
 def torch_save_atomic(obj: Any, path: str | Path) -> Path:
-    """`torch.save` to `path` atomically."""
+    """`torch.save` to `path` atomically.
+
+    Through an open file: torch's own zip writer reports a full disk as a RuntimeError without
+    the errno, a Python file object raises `OSError(ENOSPC)`, which the run turns into one error.
+    """
     import torch
 
-    return write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    return write_atomic(path, write)

@@ -53,7 +53,7 @@ def test_miss_then_hit_gives_identical_read_only_memmaps(tmp_path, clips, monkey
     def no_decoding(path, cfg):
         raise AssertionError(f"decoded {path} on a cache hit")
 
-    monkeypatch.setattr(cache_module, "load_audio", no_decoding)
+    monkeypatch.setattr(cache_module, "decode", no_decoding)
     warm = AudioCache(tmp_path / "cache", CFG).load(clips, "fan-train")
     assert warm.hit and isinstance(warm.waves, np.memmap) and not warm.waves.flags.writeable
     np.testing.assert_array_equal(warm.waves, cold.waves)
@@ -158,6 +158,7 @@ def test_sidecar_records_paths_config_and_bad_files(tmp_path, clips):
     info = json.loads(meta.read_text())
     assert info["paths"] == clips and info["shape"] == [4, 80] and info["bad"] == []
     assert info["config"]["sample_rate"] == SR and info["config"]["duration"] == 0.01
+    assert info["lengths"] == [100] * 4  # each clip's own length, before it was cut to 80 samples
 
 
 def add_bad_files(folder: Path, clips: list[str]) -> list[str]:

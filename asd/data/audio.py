@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +24,9 @@ CROPS = ("start", "center")
 PADS = ("wrap", "zero")
 # Bump when decoding changes what a given file and config produce, so old caches are not reused.
 DECODE_VERSION = 1
+#: ends the message of a bad file that a training run may leave out; test clips never are, and their
+#: message drops it (`asd.data.datamodule`)
+SKIP_HINT = " (data.on_bad_file=skip leaves it out)"
 
 
 class AudioError(AsdError):
@@ -101,6 +105,11 @@ def _validate(cfg: AudioConfig) -> None:
 
 def load_audio(path: str | Path, cfg: AudioConfig) -> np.ndarray:
     """Decode `path` into a float32 (T,) waveform at `cfg.sample_rate`; T == cfg.num_samples if set."""
+    return decode(path, cfg)[0]
+
+
+def decode(path: str | Path, cfg: AudioConfig) -> tuple[np.ndarray, int]:
+    """`load_audio`, and the recording's own length in samples at `cfg.sample_rate`, before crop/pad."""
     path = str(path)
     wave, sr = _read(path)  # (frames, channels)
     x = _pick_channel(path, wave, cfg.channel)  # (frames,)
@@ -109,7 +118,7 @@ def load_audio(path: str | Path, cfg: AudioConfig) -> np.ndarray:
         first = int(np.argmax(bad))
         raise AudioError(
             f"{path}: {int(bad.sum())} NaN/inf sample(s), the first at {first / sr:.3f} s; "
-            "the recording is corrupt - re-export it or remove it (data.on_bad_file=skip skips it)"
+            "the recording is corrupt - re-export it or remove it" + SKIP_HINT
         )
     if not x.any():
         log.warning("%s: every sample is zero (a silent recording); it is used as is", path)
@@ -121,10 +130,20 @@ def load_audio(path: str | Path, cfg: AudioConfig) -> np.ndarray:
             )
         g = math.gcd(sr, cfg.sample_rate)
         x = resample_poly(x, cfg.sample_rate // g, sr // g).astype(np.float32)  # (ceil(frames * up / down),)
-    n = cfg.num_samples
-    if n is not None:
-        x = _fit_length(x, n, cfg.crop, cfg.pad)
-    return np.ascontiguousarray(x, dtype=np.float32)
+    length = x.shape[0]
+    return np.ascontiguousarray(fit_length(x, cfg), dtype=np.float32), length
+
+
+def own_length(path: str | Path, cfg: AudioConfig) -> int:
+    """The length `decode` gives as the recording's own, from the file's header (nothing decoded)."""
+    try:
+        info = sf.info(str(path))
+    except (sf.SoundFileError, RuntimeError):
+        return decode(path, cfg)[1]  # raises the AudioError that says what is wrong with the file
+    if info.samplerate == cfg.sample_rate:
+        return info.frames
+    g = math.gcd(info.samplerate, cfg.sample_rate)
+    return -(-info.frames * (cfg.sample_rate // g) // (info.samplerate // g))  # resample_poly's ceil
 
 
 def _read(path: str) -> tuple[np.ndarray, int]:
@@ -135,7 +154,7 @@ def _read(path: str) -> tuple[np.ndarray, int]:
         raise AudioError(f"{path}: not a regular file; point the data index at audio files only")
     size = os.path.getsize(path)
     if size == 0:
-        raise AudioError(f"{path}: empty file (0 bytes); re-copy it or remove it (data.on_bad_file=skip)")
+        raise AudioError(f"{path}: empty file (0 bytes); re-copy it or remove it" + SKIP_HINT)
     try:
         short = _wav_data_shortfall(path, size)
     except OSError as e:
@@ -144,7 +163,7 @@ def _read(path: str) -> tuple[np.ndarray, int]:
         declared, present = short
         raise AudioError(
             f"{path}: truncated WAV, the header declares {declared} data bytes but only {present} follow "
-            "(an interrupted copy or recording); re-copy it or remove it (data.on_bad_file=skip)"
+            "(an interrupted copy or recording); re-copy it or remove it" + SKIP_HINT
         )
     try:
         with sf.SoundFile(path) as f:
@@ -153,17 +172,17 @@ def _read(path: str) -> tuple[np.ndarray, int]:
     except (sf.SoundFileError, RuntimeError) as e:
         raise AudioError(
             f"{path}: not a readable audio file ({e}); replace it with a valid WAV/FLAC "
-            "or remove it (data.on_bad_file=skip)"
+            "or remove it" + SKIP_HINT
         ) from e
     if expected == 0 or wave.shape[0] == 0:
         raise AudioError(
             f"{path}: the audio file holds zero frames ({channels} channel(s), {sr} Hz); "
-            "re-record it or remove it (data.on_bad_file=skip)"
+            "re-record it or remove it" + SKIP_HINT
         )
     if wave.shape[0] < expected:
         raise AudioError(
             f"{path}: truncated audio, only {wave.shape[0]} of {expected} frames could be read; "
-            "re-copy it or remove it (data.on_bad_file=skip)"
+            "re-copy it or remove it" + SKIP_HINT
         )
     return wave, sr
 
@@ -208,14 +227,37 @@ def _pick_channel(path: str, wave: np.ndarray, channel: int | str) -> np.ndarray
     return wave[:, channel]
 
 
-def _fit_length(x: np.ndarray, n: int, crop: str, pad: str) -> np.ndarray:
-    """Cut (T,) to n samples at the start or centre, or extend its end by repetition or zeros."""
-    t = x.shape[0]
+def fit_length(x: np.ndarray, cfg: AudioConfig) -> np.ndarray:
+    """Cut (T,) to `cfg.num_samples` at the start or centre, or extend its end by repetition or zeros."""
+    t, n = x.shape[0], cfg.num_samples
+    if n is None or t == n:
+        return x
     if t > n:
-        start = 0 if crop == "start" else (t - n) // 2
+        start = 0 if cfg.crop == "start" else (t - n) // 2
         return x[start : start + n]
-    if t < n:
-        if pad == "wrap":
-            return np.tile(x, -(-n // t))[:n]  # (ceil(n / t) * t,) -> (n,)
-        return np.concatenate([x, np.zeros(n - t, dtype=x.dtype)])
-    return x
+    if cfg.pad == "wrap":
+        return np.tile(x, -(-n // t))[:n]  # (ceil(n / t) * t,) -> (n,)
+    return np.concatenate([x, np.zeros(n - t, dtype=x.dtype)])
+
+
+def length_changes(lengths: Sequence[int] | np.ndarray, cfg: AudioConfig) -> str:
+    """What `fit_length` did to recordings of these lengths (samples), in words; "" when nothing."""
+    n, sr = cfg.num_samples, cfg.sample_rate
+    if n is None or not len(lengths):
+        return ""
+    lengths = np.asarray(lengths)
+    short, long = lengths[lengths < n], lengths[lengths > n]
+    parts = []
+    if len(short):
+        how = "by repeating them" if cfg.pad == "wrap" else "with zeros"
+        parts.append(
+            f"{len(short)} clip(s) shorter than {cfg.duration:g} s (the shortest {short.min() / sr:.2f} s) "
+            f"were padded {how}"
+        )
+    if len(long):
+        part = "first" if cfg.crop == "start" else "middle"
+        parts.append(
+            f"{len(long)} longer clip(s) (the longest {long.max() / sr:.2f} s) were cut to their {part} "
+            f"{cfg.duration:g} s"
+        )
+    return ", ".join(parts)

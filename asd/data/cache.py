@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -12,20 +13,20 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from asd.data.audio import AudioConfig, AudioError, load_audio
+from asd.data.audio import AudioConfig, AudioError, decode
 from asd.errors import AsdError
 
 log = logging.getLogger(__name__)
 
 ON_BAD_FILE = ("error", "skip")
 # Bump when the cache files' layout or meaning changes, so old files are rebuilt instead of misread.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*")
 
 
@@ -37,6 +38,7 @@ class CachedAudio:
     paths: list[str]  # the N_good paths, as given, minus the bad ones
     bad: list[tuple[str, str]]  # (path, reason) of skipped files; only with on_bad_file="skip"
     hit: bool  # served from the cache without decoding
+    lengths: np.ndarray  # (N_good,) each recording's own length in samples, before crop/pad to T
 
 
 class AudioCache:
@@ -45,6 +47,10 @@ class AudioCache:
     The key hashes the audio settings and every file's absolute path, size and mtime, so
     any change of files or settings builds a new cache file (older ones of that name are
     deleted). Cold loads decode with `workers` threads.
+
+    Files are written under hidden temporary names and renamed into place. A writer holds an
+    `flock` on each of its temporaries, which the kernel releases when the writer dies, so every
+    load deletes the temporaries whose lock it can take: those of a decode that was killed.
     """
 
     def __init__(self, cache_dir: str | Path, cfg: AudioConfig, workers: int = 2):
@@ -74,7 +80,8 @@ class AudioCache:
             )
         paths = [str(p) for p in paths]
         if not paths:
-            return CachedAudio(np.zeros((0, self.cfg.num_samples or 0), np.float32), [], [], hit=False)
+            empty = np.zeros((0, self.cfg.num_samples or 0), np.float32)
+            return CachedAudio(empty, [], [], hit=False, lengths=np.zeros(0, np.int64))
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -82,19 +89,20 @@ class AudioCache:
                 f"cache folder {self.cache_dir} cannot be created ({e.strerror}); "
                 "point it (or the ASD_CACHE environment variable) at a writable folder"
             ) from e
+        self._remove_dead_temps()
         key = self._key(paths)
         npy, meta = self.cache_dir / f"{name}-{key}.npy", self.cache_dir / f"{name}-{key}.json"
         cached = self._open(npy, meta, key, len(paths))
         if cached is None:
             t0 = time.perf_counter()
             log.info("%s: decoding %d files with %d thread(s) into %s", name, len(paths), self.workers, npy)
-            bad_rows = self._build(paths, name, key, npy, meta, on_bad_file)
+            bad_rows, lengths = self._build(paths, name, key, npy, meta, on_bad_file)
             self._remove_stale(name, key)
             waves = np.load(npy, mmap_mode="r")  # (N_good, T)
             log.info("%s: cached %s in %.1f s", name, waves.shape, time.perf_counter() - t0)
             hit = False
         else:
-            waves, bad_rows = cached
+            waves, bad_rows, lengths = cached
             log.info("%s: %d clips of %d samples from %s", name, waves.shape[0], waves.shape[1], npy)
             hit = True
         bad = [(paths[i], reason) for i, reason in bad_rows]
@@ -105,7 +113,7 @@ class AudioCache:
             log.warning("%s: skipped %d bad file(s) (data.on_bad_file=skip):\n%s", name, len(bad), listing)
         skipped = {i for i, _ in bad_rows}
         good = [p for i, p in enumerate(paths) if i not in skipped]
-        return CachedAudio(waves=waves, paths=good, bad=bad, hit=hit)
+        return CachedAudio(waves=waves, paths=good, bad=bad, hit=hit, lengths=np.asarray(lengths, np.int64))
 
     def _key(self, paths: list[str]) -> str:
         """Hash of the settings and each file's absolute path, size and mtime (None when missing)."""
@@ -122,8 +130,8 @@ class AudioCache:
 
     def _open(
         self, npy: Path, meta: Path, key: str, count: int
-    ) -> tuple[np.ndarray, list[tuple[int, str]]] | None:
-        """The cached (waves, bad rows) when both files exist and agree, else None (rebuild)."""
+    ) -> tuple[np.ndarray, list[tuple[int, str]], list[int]] | None:
+        """The cached (waves, bad rows, lengths) when both files exist and agree, else None (rebuild)."""
         if not (npy.exists() and meta.exists()):
             return None
         try:
@@ -133,6 +141,9 @@ class AudioCache:
             bad_rows = [(int(i), str(reason)) for i, reason in info["bad"]]
             if any(not 0 <= i < count for i, _ in bad_rows):
                 raise ValueError("its sidecar lists bad rows out of range")
+            lengths = [int(t) for t in info["lengths"]]
+            if len(lengths) != count - len(bad_rows):
+                raise ValueError("its sidecar lists another number of lengths than of clips")
             waves = np.load(npy, mmap_mode="r")
             want = (count - len(bad_rows), self.cfg.num_samples or info["shape"][1])
             if waves.dtype != np.float32 or waves.shape != want or list(waves.shape) != info["shape"]:
@@ -142,25 +153,28 @@ class AudioCache:
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
             log.warning("cache %s is damaged or incomplete (%s); rebuilding it", npy, e)
             return None
-        return waves, bad_rows
+        return waves, bad_rows, lengths
 
     def _build(
         self, paths: list[str], name: str, key: str, npy: Path, meta: Path, on_bad_file: str
-    ) -> list[tuple[int, str]]:
-        """Decode all paths into `npy` (atomically) and write its sidecar; returns the bad rows."""
+    ) -> tuple[list[tuple[int, str]], list[int]]:
+        """Decode all paths into `npy` (atomically) and write its sidecar; returns the bad rows and
+        the good clips' own lengths."""
         n, t = len(paths), self.cfg.num_samples
         bad_rows: list[tuple[int, str]] = []
+        lengths: list[int] = []
         first_good = -1
         out = None
-        tmp = self._temp(name, key, ".npy")
-        try:
+        with self._temp(name, key, ".npy") as tmp:
             with closing(self._decode_all(paths)) as results:
-                for i, result in enumerate(results):
-                    if isinstance(result, AudioError):
+                for i, decoded in enumerate(results):
+                    if isinstance(decoded, AudioError):
                         if on_bad_file == "error":
-                            raise result
-                        bad_rows.append((i, str(result)))
+                            raise decoded
+                        bad_rows.append((i, str(decoded)))
                         continue
+                    result, length = decoded
+                    lengths.append(length)
                     if out is None:
                         # duration=None: the first good clip sets T; rows of skipped files stay unused
                         first_good, t = i, t or result.shape[0]
@@ -181,9 +195,6 @@ class AudioCache:
                 self._shrink(out, n - len(bad_rows), tmp, name, key)
             del out
             os.replace(tmp, npy)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         sidecar = {
             "format": CACHE_FORMAT,
             "key": key,
@@ -192,45 +203,38 @@ class AudioCache:
             "config": asdict(self.cfg),
             "paths": paths,
             "bad": [[i, reason] for i, reason in bad_rows],
+            "lengths": lengths,
         }
-        tmp = self._temp(name, key, ".json")
-        try:
+        with self._temp(name, key, ".json") as tmp:
             Path(tmp).write_text(json.dumps(sidecar, indent=1))
             os.replace(tmp, meta)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return bad_rows
+        return bad_rows, lengths
 
     def _shrink(self, out: np.memmap, good: int, tmp: str, name: str, key: str) -> None:
         """Replace the file `tmp` (N, T) by one holding only its first `good` rows (good, T)."""
-        tmp2 = self._temp(name, key, ".npy")
-        try:
+        with self._temp(name, key, ".npy") as tmp2:
             small = self._create(tmp2, (good, out.shape[1]))
             for s in range(0, good, 256):  # chunks keep memory flat for large caches
                 small[s : s + 256] = out[s : min(s + 256, good)]
             small.flush()
             del small
             os.replace(tmp2, tmp)
-        finally:
-            if os.path.exists(tmp2):
-                os.unlink(tmp2)
 
-    def _decode_all(self, paths: list[str]) -> Iterator[np.ndarray | AudioError]:
-        """Decoded waves or AudioErrors, in order; threads decode ahead while the caller writes."""
-        decode: Callable[[str], np.ndarray | AudioError] = self._decode_one
+    def _decode_all(self, paths: list[str]) -> Iterator[tuple[np.ndarray, int] | AudioError]:
+        """(wave, own length) or AudioError per path, in order; threads decode ahead of the writer."""
+        one: Callable[[str], tuple[np.ndarray, int] | AudioError] = self._decode_one
         if self.workers == 1:
-            yield from map(decode, paths)
+            yield from map(one, paths)
             return
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="asd-decode")
         try:
-            yield from pool.map(decode, paths)
+            yield from pool.map(one, paths)
         finally:  # on an error, drop the files not started yet instead of decoding them all first
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _decode_one(self, path: str) -> np.ndarray | AudioError:
+    def _decode_one(self, path: str) -> tuple[np.ndarray, int] | AudioError:
         try:
-            return load_audio(path, self.cfg)
+            return decode(path, self.cfg)
         except AudioError as e:
             return e
 
@@ -245,11 +249,40 @@ class AudioCache:
             )
         return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
 
-    def _temp(self, name: str, key: str, suffix: str) -> str:
-        """A fresh hidden file name in the cache folder, so os.replace stays on one file system."""
+    @contextmanager
+    def _temp(self, name: str, key: str, suffix: str) -> Iterator[str]:
+        """A fresh hidden file in the cache folder (so os.replace stays on one file system), locked
+        while in use and removed afterwards unless it was renamed into place."""
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{name}-{key}.", suffix=suffix + ".tmp")
-        os.close(fd)
-        return tmp
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # ours while we live: see _remove_dead_temps
+            yield tmp
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            os.close(fd)
+
+    def _remove_dead_temps(self) -> None:
+        """Delete the temporaries of writers that died (a killed decode): those whose lock is free."""
+        with os.scandir(self.cache_dir) as it:
+            temps = [e.path for e in it if e.name.startswith(".") and e.name.endswith(".tmp")]
+        for path in temps:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # renamed into place or removed meanwhile
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a living process is writing it
+            else:
+                try:
+                    os.unlink(path)
+                    log.warning("removed %s, left by a decode that was interrupted", path)
+                except FileNotFoundError:
+                    pass  # its writer renamed it into place just before our lock
+            finally:
+                os.close(fd)
 
     def _remove_stale(self, name: str, key: str) -> None:
         """Delete this name's cache files of other keys (older files or settings)."""

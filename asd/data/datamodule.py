@@ -9,6 +9,7 @@ Splits:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ import pytorch_lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from asd.data.audio import AudioConfig, audio_config
+from asd.data.audio import SKIP_HINT, AudioConfig, AudioError, audio_config, length_changes
 from asd.data.cache import AudioCache
 from asd.data.index import index_dataset
 from asd.data.synthetic import SyntheticConfig, ensure_synthetic
@@ -82,6 +83,10 @@ class ClipDataset(Dataset):
 
 class AsdDataModule(L.LightningDataModule):
     """Index, decode (through the cache), split and batch a dataset.
+
+    Clips are cut or padded to `audio.duration`; each split of each machine where that changed
+    a clip says so once, with counts. The cache names hold the dataset folder's hash, so two
+    datasets with machines of one name keep a cache each.
 
     Args:
         root: dataset folder; None uses the built-in synthetic dataset (generated once).
@@ -189,9 +194,11 @@ class AsdDataModule(L.LightningDataModule):
         self.section_keys = sorted({(c.machine, c.section) for c in table})
         self.attribute_keys = sorted({(c.machine, c.section, c.attribute_string) for c in train})
 
+        root = str(self.dataset_root().resolve())
+        tag = hashlib.sha1(root.encode()).hexdigest()[:8]
         for split, part in (("fit", fit), ("val", val), ("test", test)):
             on_bad = self.on_bad_file if split != "test" else "error"
-            kept, waves = self._load(split, part, on_bad)
+            kept, waves = self._load(split, part, on_bad, tag)
             self.tables[split] = kept
             self.datasets[split] = ClipDataset(kept, waves, self.label_tensors(kept))
         log.info(
@@ -203,14 +210,31 @@ class AsdDataModule(L.LightningDataModule):
             len(self.section_keys),
         )
 
-    def _load(self, split: str, table: ClipTable, on_bad: str) -> tuple[ClipTable, WaveStore]:
-        """Decode (or read from the cache) each machine's clips of this split."""
+    def _load(self, split: str, table: ClipTable, on_bad: str, tag: str) -> tuple[ClipTable, WaveStore]:
+        """Decode (or read from the cache `<machine>-<split>-<tag>`) each machine's clips of this split."""
         cache = AudioCache(self.cache_dir, self.audio)
         clips: list[Clip] = []
         parts: list[np.ndarray] = []
         for machine in table.machines():
             group = table.select(machine=machine)
-            loaded = cache.load([c.path for c in group], name=f"{machine}-{split}", on_bad_file=on_bad)
+            try:
+                loaded = cache.load([c.path for c in group], f"{machine}-{split}-{tag}", on_bad)
+            except AudioError as e:
+                if split != "test":
+                    raise
+                raise AudioError(
+                    f"{str(e).replace(SKIP_HINT, '')}. It is a test clip: data.on_bad_file=skip never "
+                    "leaves one out, so that every test clip is scored"
+                ) from e
+            changes = length_changes(loaded.lengths, self.audio)
+            if changes:
+                log.warning(
+                    "%s %s: %s; data.audio.duration sets the length in seconds, data.audio.pad and "
+                    "data.audio.crop how",
+                    machine,
+                    split,
+                    changes,
+                )
             if loaded.bad:
                 self.skipped.extend(loaded.bad)
                 bad = {p for p, _ in loaded.bad}

@@ -1,20 +1,36 @@
-"""`train(cfg)`: set the run up, then run its stages in order (see `asd.run.stages`)."""
+"""`train(cfg)`: set the run up, then run its stages in order (see `asd.run.stages`).
+
+One process at a time runs in a run folder: `run_lock` holds `run.lock` there for the whole run
+(train.py takes it before Hydra writes into the folder) and refuses a second process, naming the
+one that holds it. A write that fails on a full, read-only or forbidden disk ends in one AsdError
+that names the file (`asd.errors.disk_fault`).
+"""
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from asd.config import validate
+from asd.ensemble import select_frozen
+from asd.errors import AsdError, disk_fault
 from asd.fileio import write_text_atomic
 from asd.run.build import (
     build_datamodule,
     build_ensemble,
     check_final,
     data_facts,
+    member_names,
+    plain,
     resolve_run_dir,
     signature,
 )
@@ -24,10 +40,71 @@ from asd.run.stages import RunState, StageLog, is_wandb, make_stages
 
 log = logging.getLogger(__name__)
 
+LOCK = "run.lock"
+#: run folders whose lock this process holds, and the lock file's descriptor
+_held: dict[Path, int] = {}
+
+
+def launches_the_run() -> bool:
+    """Whether this process is the run's rank 0, not a DDP rank that Lightning or torchrun started."""
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+@contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold `<run_dir>/run.lock` for the block; an AsdError naming the holder when another process has it.
+
+    `fcntl.flock` on an open descriptor: the kernel releases it when the process ends, however it
+    ends, so a killed run leaves no stale lock. Re-entrant within a process; the other DDP ranks
+    work in their launcher's folder under its lock.
+    """
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _held or not launches_the_run():
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "its pid not written yet"
+        os.close(fd)
+        raise AsdError(
+            f"run folder {run_dir} is in use by another train.py ({holder}); wait until it ends, or pass "
+            "another run_dir="
+        ) from None
+    me = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{me}\n".encode(), 0)
+    _held[run_dir] = fd
+    try:
+        yield
+    finally:
+        del _held[run_dir]
+        os.close(fd)
+
+
+@contextmanager
+def disk_faults(run_dir: Path) -> Iterator[None]:
+    """A write failing on a full, read-only or forbidden disk ends in one AsdError naming the file."""
+    try:
+        yield
+    except AsdError:
+        raise
+    except Exception as e:
+        fault = disk_fault(e, run_dir, "pass another run_dir=")
+        if fault is None:
+            raise
+        raise fault from e
+
+
+def check_members(cfg: DictConfig) -> None:
+    """`branch`, `reference` and `freeze` name members that exist: checked before any data is read."""
+    select_frozen(plain(cfg.freeze), member_names(cfg))
+
 
 def prepare(cfg: DictConfig) -> RunState:
-    """Check the config, seed, make the run folder, index the data, build the ensemble."""
-    validate(cfg)
+    """Seed, make the run folder, index the data, build the ensemble."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = resolve_run_dir(cfg).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -47,7 +124,15 @@ def prepare(cfg: DictConfig) -> RunState:
 
 def train(cfg: DictConfig) -> Path:
     """Run (or finish) the whole job described by `cfg`; return the run folder."""
-    run = prepare(cfg)
+    validate(cfg)
+    check_members(cfg)
+    run_dir = resolve_run_dir(cfg).resolve()
+    with disk_faults(run_dir), run_lock(run_dir):
+        return run_stages(prepare(cfg))
+
+
+def run_stages(run: RunState) -> Path:
+    """Each stage in order: skipped when finished with the same settings, else computed and written."""
     stages = make_stages()
     order = [s.name for s in stages]
     record = StageLog(run.run_dir)
