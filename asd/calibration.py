@@ -4,7 +4,10 @@ A run's calibrate stage fits it once on normal training clips (never test clips)
 to `calibration.pt`; the predict stage and `tools/score.py` load it and call `combine` and
 `decide`, the one place where a decision is made. It holds:
 
-- per member, z-score statistics per (machine, section, domain) (`asd.scoring.GroupNormalizer`);
+- per member, z-score statistics per (machine, section, domain) (`asd.scoring.GroupNormalizer`),
+  or none for a member whose scoring backend is calibrated: its scores already are z-scores of
+  left-out training normals per source/target model, fitted on every training clip of the fit
+  split instead of the few held-out ones;
 - the raw scores of the normals those statistics came from, so a refit of the fusions needs no
   member to score them again;
 - the learned fusions (`asd.fusion.stage.FusionState`), when they are enabled;
@@ -18,7 +21,7 @@ synthetic numbers; docs/architecture.md shows where the calibrate stage calls th
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -50,7 +53,7 @@ class Calibration:
 
     #: the fused members, in the column order of the z-scores
     members: list[str]
-    #: member -> `GroupNormalizer.state_dict()`
+    #: member -> `GroupNormalizer.state_dict()`; an empty dict: the raw score is the z-score
     normalizers: dict[str, dict[str, Any]]
     #: member -> raw scores (N,) of the normals the statistics were fitted on
     reference_scores: dict[str, Tensor]
@@ -74,6 +77,10 @@ class Calibration:
         """Raw member scores -> z-scores (N, members), in `members` order."""
         z = []
         for member in self.members:
+            if not self.normalizers[member]:  # a calibrated backend's scores are z-scores already
+                x = torch.as_tensor(raw[member])
+                z.append(x.to(torch.promote_types(x.dtype, torch.float32)))  # as GroupNormalizer returns
+                continue
             norm = GroupNormalizer()
             norm.load_state_dict(self.normalizers[member])
             z.append(norm.transform(torch.as_tensor(raw[member]), context["section"], context["domain"]))
@@ -142,14 +149,36 @@ class Calibration:
 
 # ---------------------------------------------------------------------- fitting, on score matrices
 def fit_normalizers(
-    raw: Scores, members: list[str], context: Context, shrinkage: float = 0.0
+    raw: Scores, members: list[str], context: Context, shrinkage: float = 0.0, keep: Collection[str] = ()
 ) -> dict[str, dict[str, Any]]:
-    """Per-member z-score statistics per (machine, section, domain); one warning for all fallbacks."""
+    """Per-member z-score statistics per (machine, section, domain); one warning for all fallbacks.
+
+    Members in `keep` get no statistics (an empty state): their raw scores are used as z-scores.
+    So does a member whose reference scores are all equal, with a warning: with one training clip
+    per section and nothing held out, a bank scores its own clips 0, and there is no spread to
+    normalise by.
+    """
     states, fell_back = {}, {}
     for member in members:
-        norm = GroupNormalizer(shrinkage).fit(
-            torch.as_tensor(raw[member]), context["section"], context["domain"], warn=False
-        )
+        if member in keep:
+            states[member] = {}
+            continue
+        try:
+            norm = GroupNormalizer(shrinkage).fit(
+                torch.as_tensor(raw[member]), context["section"], context["domain"], warn=False
+            )
+        except AsdError as e:
+            if "constant or fewer than 2" not in str(e):
+                raise
+            log.warning(
+                "score normalisation of %s: its %d reference normals' scores are all equal (training "
+                "clips scored against banks that hold them?), so its raw scores enter the fusions "
+                "unnormalised; hold out more normals (data.val_fraction) for a real normalisation",
+                member,
+                len(raw[member]),
+            )
+            states[member] = {}
+            continue
         states[member] = norm.state_dict()
         if norm.fallbacks:
             fell_back.setdefault("; ".join(norm.fallbacks), []).append(member)
@@ -181,6 +210,8 @@ def left_out_z(calibration: Calibration, context: Context) -> Tensor:
             if not (context["section"][keep] == here["section"]).any():
                 continue
             for j, member in enumerate(calibration.members):
+                if not calibration.normalizers[member]:  # nothing here was fitted on the clip
+                    continue
                 x = torch.as_tensor(raw[member])
                 try:
                     norm = GroupNormalizer(calibration.shrinkage).fit(

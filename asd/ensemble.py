@@ -170,12 +170,24 @@ class Ensemble(L.LightningModule):
         return [n for n in FLOW_SOURCES if n in self.members]
 
     def with_flow_input(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The batch plus `z`: the detached, concatenated embeddings of the flow's source members."""
+        """The batch plus `z`: the detached, concatenated embeddings of the flow's source members.
+
+        The sources embed in eval mode, also during training: the flow learns the embeddings it
+        will score (no dropout, BatchNorm's running statistics), and this extra forward pass
+        must not move a source's running statistics, which its own training step keeps.
+        """
         sources = self.flow_sources
         if not sources or "z" in batch:
             return batch
-        with torch.no_grad():
-            z = torch.cat([self.members[n].embed(batch).float() for n in sources], dim=1)  # (B, sum D)
+        modes = {n: self.members[n].training for n in sources}
+        try:
+            with torch.no_grad():
+                for n in sources:
+                    self.members[n].eval()
+                z = torch.cat([self.members[n].embed(batch).float() for n in sources], dim=1)  # (B, sum D)
+        finally:
+            for n, mode in modes.items():
+                self.members[n].train(mode)
         return {**batch, "z": z}
 
     def train(self, mode: bool = True) -> Ensemble:

@@ -195,20 +195,36 @@ class KnnBackend(nn.Module):
     target bank makes it look, which balances the two domains' scores. A section with fewer than 2
     source clips measures rho against all of its clips; one with a single clip has rho = 1. Off by
     default.
+
+    With `calibrate`, each bank's distances are standardised before the min over banks, with the
+    mean and std of its own clips' leave-one-out distances (`bank_calibration`): a sparse target
+    bank of 5 clips and a dense source bank of 1,000 then speak the same scale, without knowing a
+    test clip's domain. Off by default.
     """
 
     _KEYS = ("normalize", "bank", "section", "domain", "size")
-    _DENSITY_KEYS = (*_KEYS, "rho")
     _MIN_RHO = 1e-6  # duplicate clips have rho 0; a floor keeps their rescaled distances finite
 
-    def __init__(self, k: int = 1, normalize: bool = True, chunk: int = 4096, density: bool = False):
+    def __init__(
+        self,
+        k: int = 1,
+        normalize: bool = True,
+        chunk: int = 4096,
+        density: bool = False,
+        calibrate: bool = False,
+    ):
         super().__init__()
         if not isinstance(k, int) or k < 1:
             raise AsdError(f"KnnBackend: k={k!r}; set `k` to a positive integer")
         if not isinstance(chunk, int) or chunk < 1:
             raise AsdError(f"KnnBackend: chunk={chunk!r}; set `chunk` to a positive integer")
         self.k, self.normalize, self.chunk, self.density = k, bool(normalize), chunk, bool(density)
+        self.calibrate = bool(calibrate)
         self._fitted = _DeviceCache()
+
+    @property
+    def _state_keys(self) -> tuple[str, ...]:
+        return self._KEYS + ("rho",) * self.density + ("loc", "scale") * self.calibrate
 
     @property
     def fitted(self) -> bool:
@@ -244,8 +260,32 @@ class KnnBackend(nn.Module):
         }
         if self.density:
             state["rho"] = self._local_scale(x, section, bank_domain == 0)[order].float()
+        if self.calibrate:
+            left_out = self._left_out(state)
+            state["loc"], state["scale"] = bank_calibration(
+                left_out, state["section"], state["domain"], state["size"], "kNN"
+            )
         self._fitted.set(state)
         return self
+
+    def _left_out(self, state: dict[str, Tensor]) -> list[Tensor]:
+        """Each bank clip's k-NN mean distance to the other clips of its bank, one (n,) per bank.
+
+        A clip is its own nearest neighbour at distance 0 (also rescaled), so the mean over its
+        m = min(k + 1, n) nearest with itself, times m / (m - 1), is the mean over its m - 1 others.
+        """
+        out, start = [], 0
+        for n in state["size"].tolist():
+            bank = state["bank"][start : start + n]
+            scale = 1.0 / state["rho"][start : start + n] if self.density else None
+            if n < 2:
+                out.append(bank.new_zeros(0, dtype=torch.float64))
+            else:
+                m = min(self.k + 1, n)
+                with_self = _knn_mean_distance(bank, bank, m, self.normalize, self.chunk, scale)
+                out.append(with_self.double().cpu() * m / (m - 1))
+            start += n
+        return out
 
     def _local_scale(self, x: Tensor, section: Tensor, source: Tensor) -> Tensor:
         """rho per clip, (N,): mean distance to its k nearest other source clips of its section.
@@ -302,11 +342,13 @@ class KnnBackend(nn.Module):
         with torch.autocast(feats.device.type, enabled=False):  # ranking in float16 would be wrong
             for s in wanted:
                 rows = torch.nonzero(section == s).flatten()
-                for start, size in banks[s]:
+                for g, start, size in banks[s]:
                     scale = None if inv_rho is None else inv_rho[start : start + size]
                     d = _knn_mean_distance(
                         feats[rows], bank[start : start + size], self.k, self.normalize, self.chunk, scale
                     )  # (b,)
+                    if self.calibrate:
+                        d = (d - fitted["loc"][g].to(acc)) / fitted["scale"][g].to(acc)
                     out[rows] = torch.minimum(out[rows], d)
         return out.to(_out_dtype(feats))
 
@@ -319,12 +361,12 @@ class KnnBackend(nn.Module):
         return self._fitted.state
 
     @staticmethod
-    def _bank_slices(state: dict[str, Tensor]) -> dict[int, list[tuple[int, int]]]:
-        """section id -> [(first row, rows)] of its source and/or target bank."""
-        slices: dict[int, list[tuple[int, int]]] = {}
+    def _bank_slices(state: dict[str, Tensor]) -> dict[int, list[tuple[int, int, int]]]:
+        """section id -> [(bank index, first row, rows)] of its source and/or target bank."""
+        slices: dict[int, list[tuple[int, int, int]]] = {}
         start = 0
-        for s, n in zip(state["section"].tolist(), state["size"].tolist(), strict=True):
-            slices.setdefault(s, []).append((start, n))
+        for g, (s, n) in enumerate(zip(state["section"].tolist(), state["size"].tolist(), strict=True)):
+            slices.setdefault(s, []).append((g, start, n))
             start += n
         return slices
 
@@ -337,7 +379,12 @@ class KnnBackend(nn.Module):
                 f"KnnBackend: the checkpoint's banks were built with density={'rho' in state} but this "
                 f"backend has density={self.density}; set the same `density` (b3: knn_density)"
             )
-        state = _plain_state(state, "KnnBackend", self._DENSITY_KEYS if self.density else self._KEYS)
+        if isinstance(state, dict) and state and ("loc" in state) != self.calibrate:
+            raise AsdError(
+                f"KnnBackend: the checkpoint's banks were built with calibrate={'loc' in state} but this "
+                f"backend has calibrate={self.calibrate}; set the same `calibrate` or refit the banks"
+            )
+        state = _plain_state(state, "KnnBackend", self._state_keys)
         if state and bool(state["normalize"]) != self.normalize:
             raise AsdError(
                 f"KnnBackend: the checkpoint's banks were built with normalize={bool(state['normalize'])}"
@@ -347,7 +394,54 @@ class KnnBackend(nn.Module):
 
     def extra_repr(self) -> str:
         density = ", density=True" if self.density else ""
-        return f"k={self.k}, normalize={self.normalize}, chunk={self.chunk}{density}"
+        calibrate = ", calibrate=True" if self.calibrate else ""
+        return f"k={self.k}, normalize={self.normalize}, chunk={self.chunk}{density}{calibrate}"
+
+
+def bank_calibration(
+    left_out: list[Tensor], bank_section: Tensor, bank_domain: Tensor, bank_size: Tensor, what: str
+) -> tuple[Tensor, Tensor]:
+    """Location and scale (G,) of each bank's scores from its clips' left-out scores (one (n,) per bank).
+
+    A bank's own mean, and its own sample std when it has 3 or more clips; else the std pooled
+    over its section's banks (the within-bank spread, each around its own mean). A bank of one clip
+    has no left-out score: it takes its section's other banks' values, and a section where no
+    bank has 2 clips keeps the raw scores (location 0, scale 1). One info line names the banks that
+    borrowed.
+    """
+    loc = torch.zeros(len(left_out), dtype=torch.float64)
+    scale = torch.ones(len(left_out), dtype=torch.float64)
+    borrowed = []
+    sections = bank_section.tolist()
+    for s in sorted(set(sections)):
+        mine = [g for g, t in enumerate(sections) if t == s]
+        ss = sum(
+            float(((left_out[g] - left_out[g].mean()) ** 2).sum()) for g in mine if left_out[g].numel() >= 2
+        )
+        dof = sum(left_out[g].numel() - 1 for g in mine if left_out[g].numel() >= 2)
+        pooled_std = math.sqrt(ss / dof) if dof and ss > 0 else None
+        pooled_loc = torch.cat([left_out[g] for g in mine]).mean() if dof else None
+        for g in mine:
+            v = left_out[g]
+            own_std = float(v.std()) if v.numel() >= 3 else 0.0
+            if v.numel() >= 2:
+                loc[g] = v.mean()
+            elif pooled_loc is not None:
+                loc[g] = pooled_loc
+            if own_std > 1e-12 * max(1.0, abs(float(loc[g]))):
+                scale[g] = own_std
+            elif pooled_std is not None:
+                scale[g] = pooled_std
+            if v.numel() < 3:
+                domain = DOMAIN_NAMES.get(int(bank_domain[g]), "all domains")
+                borrowed.append(f"section {s} {domain} ({int(bank_size[g])} clips)")
+    if borrowed:
+        log.info(
+            "%s bank calibration: banks of < 3 clips borrow their section's spread: %s",
+            what,
+            ", ".join(borrowed),
+        )
+    return loc.float(), scale.float()
 
 
 def ledoit_wolf(x: Tensor) -> tuple[Tensor, float]:
@@ -384,18 +478,38 @@ class MahalanobisBackend(nn.Module):
     shrinkage, 1 = scaled identity). With `per_domain`, source (plus unknown) and target clips get
     separate models and the score is the min over them - the "selective Mahalanobis" of the DCASE
     baseline; a domain whose own covariance is singular (one clip, or two with Ledoit-Wolf) keeps its
-    own mean but borrows its section's pooled covariance.
+    own mean but borrows its section's pooled covariance. With `covariance="pooled"`, every domain
+    keeps its own mean and shares one covariance: the section's within-domain one (each clip's
+    deviation from its own domain's mean), so 5 target clips are not asked for a 128-dim covariance.
     The score is the distance itself, sqrt((x - m)^T C^-1 (x - m)), not its square.
+
+    With `calibrate`, each model's distances are standardised before the min over models, with
+    the mean and std of its own clips' left-out distances (`bank_calibration`): each clip measured
+    against a model refitted without it (`folds` refits per section, dealt so that a domain of up
+    to `folds` clips is left out one clip at a time). Off by default.
     """
 
     _KEYS = ("mean", "whiten", "section", "domain")
+    COVARIANCES = ("domain", "pooled")
 
-    def __init__(self, shrinkage: float | str = "auto", per_domain: bool = True):
+    def __init__(
+        self,
+        shrinkage: float | str = "auto",
+        per_domain: bool = True,
+        covariance: str = "domain",
+        calibrate: bool = False,
+        folds: int = 10,
+    ):
         super().__init__()
         ok = isinstance(shrinkage, int | float) and not isinstance(shrinkage, bool) and 0 <= shrinkage <= 1
         if shrinkage != "auto" and not ok:
             raise AsdError(f"MahalanobisBackend: shrinkage={shrinkage!r}; use 'auto' or a number in [0, 1]")
-        self.shrinkage, self.per_domain = shrinkage, bool(per_domain)
+        if covariance not in self.COVARIANCES:
+            raise AsdError(f"MahalanobisBackend: covariance={covariance!r}; use one of {self.COVARIANCES}")
+        if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
+            raise AsdError(f"MahalanobisBackend: folds={folds!r}; use a whole number >= 2")
+        self.shrinkage, self.per_domain, self.covariance = shrinkage, bool(per_domain), covariance
+        self.calibrate, self.folds = bool(calibrate), folds
         self._fitted = _DeviceCache()
 
     @property
@@ -414,51 +528,148 @@ class MahalanobisBackend(nn.Module):
         x = feats.detach().to(device=device, dtype=torch.float64)
         # -1 = all domains pooled; else unknown clips join the source model
         group_domain = (domain == 1).long() if self.per_domain else torch.full_like(domain, -1)
-        means, whitens, sections, domains, borrowed = [], [], [], [], []
+        means, whitens, sections, domains, borrowed, left_out, sizes = [], [], [], [], [], [], []
+        lone = [s for s in torch.unique(section).tolist() if int((section == s).sum()) < 2]
+        shared = self._shared_covariance(x, section, group_domain, lone, where) if lone else None
         for s in torch.unique(section).tolist():
             in_section = section == s
-            if int(in_section.sum()) < 2:
-                raise AsdError(
-                    f"{where}: section id {s} has 1 training clip; a covariance needs at least 2 "
-                    "clips per section - add training normals of it or use KnnBackend"
-                )
-            pooled = None
-            for d in torch.unique(group_domain[in_section]).tolist():
-                xs = x[in_section & (group_domain == d)]  # (n, D)
-                info = torch.ones((), dtype=torch.int32)
-                if xs.shape[0] >= 2:
-                    chol, info = torch.linalg.cholesky_ex(self._covariance(xs))
-                if int(info) != 0 and xs.shape[0] < int(in_section.sum()):
-                    # Too few clips of this domain for a covariance of its own (a single clip, or
-                    # two, where Ledoit-Wolf shrinks nothing): borrow the section's pooled one.
-                    pooled = self._covariance(x[in_section]) if pooled is None else pooled
-                    chol, info = torch.linalg.cholesky_ex(pooled)
-                    borrowed.append(f"section {s} {DOMAIN_NAMES[d]} ({xs.shape[0]} clips)")
-                if int(info) != 0:
-                    raise AsdError(
-                        f"{where}: the covariance of section {s} {DOMAIN_NAMES.get(d, 'all domains')} is "
-                        f"singular ({xs.shape[0]} clips, {x.shape[1]} dims, shrinkage={self.shrinkage!r}); "
-                        "use shrinkage='auto' or a value > 0, or more clips than dimensions"
-                    )
-                eye = torch.eye(x.shape[1], dtype=x.dtype, device=device)
-                whitens.append(torch.linalg.solve_triangular(chol, eye, upper=False))  # L^-1, C = L L^T
-                means.append(xs.mean(dim=0))
+            xs, gs = x[in_section], group_domain[in_section]
+            if s in lone:
+                chol = torch.linalg.cholesky(shared)
+                eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+                models = {int(gs[0]): (xs[0], torch.linalg.solve_triangular(chol, eye, upper=False))}
+            else:
+                models = self._fit_section(xs, gs, f"section {s}", borrowed)
+            if self.calibrate:
+                left_out += self._left_out(xs, gs, models)
+            for d, (mean, whiten) in models.items():
+                means.append(mean)
+                whitens.append(whiten)
                 sections.append(s)
                 domains.append(d)
+                sizes.append(int((gs == d).sum()))
         if borrowed:
             log.warning(
                 "Mahalanobis groups too small for a covariance of their own use their section's: %s",
                 ", ".join(borrowed),
             )
-        self._fitted.set(
-            {
-                "mean": torch.stack(means).float(),  # (G, D)
-                "whiten": torch.stack(whitens).float(),  # (G, D, D)
-                "section": torch.tensor(sections),
-                "domain": torch.tensor(domains),
-            }
-        )
+        state = {
+            "mean": torch.stack(means).float(),  # (G, D)
+            "whiten": torch.stack(whitens).float(),  # (G, D, D)
+            "section": torch.tensor(sections),
+            "domain": torch.tensor(domains),
+        }
+        if self.calibrate:
+            state["loc"], state["scale"] = bank_calibration(
+                left_out, state["section"], state["domain"], torch.tensor(sizes), "Mahalanobis"
+            )
+        self._fitted.set(state)
         return self
+
+    def _shared_covariance(
+        self, x: Tensor, section: Tensor, group: Tensor, lone: list[int], where: str
+    ) -> Tensor:
+        """The covariance that sections of a single clip borrow: every other section's within-group spread.
+
+        A section of one training clip (a MIMII unit with one normal left for fitting) keeps that
+        clip as its mean; its spread can only come from the machine's other sections. When every
+        section has one clip there is no spread to learn anywhere: the identity, so the score is
+        the euclidean distance to the section's clip. Warns once either way.
+        """
+        rest = ~torch.isin(section, torch.tensor(lone, dtype=section.dtype, device=section.device))
+        if int(rest.sum()) < 2:
+            log.warning(
+                "Mahalanobis: every section has a single training clip, so no covariance can be "
+                "estimated; the score is the euclidean distance to the section's clip (add training "
+                "normals for a Mahalanobis distance)"
+            )
+            return torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        pairs = torch.stack([section[rest], group[rest]], dim=1)
+        xr = x[rest]
+        keys, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+        centred = torch.cat([xr[inverse == g] - xr[inverse == g].mean(dim=0) for g in range(len(keys))])
+        log.warning(
+            "Mahalanobis sections %s have 1 training clip: each is its own mean, with the covariance "
+            "of the other sections' spread",
+            lone,
+        )
+        cov = self._covariance(centred)
+        if int(torch.linalg.cholesky_ex(cov)[1]) != 0:
+            raise AsdError(
+                f"{where}: sections {lone} have 1 training clip and the other sections' covariance is "
+                f"singular (shrinkage={self.shrinkage!r}); use shrinkage='auto' or add training normals"
+            )
+        return cov
+
+    def _fit_section(
+        self, x: Tensor, group: Tensor, what: str, borrowed: list[str] | None = None
+    ) -> dict[int, tuple[Tensor, Tensor]]:
+        """group id -> (mean (D,), whitening L^-1 (D, D)) of one section's clips x (n, D)."""
+        groups = torch.unique(group).tolist()
+        means = {d: x[group == d].mean(dim=0) for d in groups}
+        pooled = None
+        if self.covariance == "pooled" and len(groups) > 1:
+            deviations = torch.cat([x[group == d] - means[d] for d in groups])  # within-domain spread
+            pooled = self._covariance(deviations)
+        eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        models = {}
+        for d in groups:
+            xs = x[group == d]  # (n, D)
+            info = torch.ones((), dtype=torch.int32)
+            if pooled is not None:
+                chol, info = torch.linalg.cholesky_ex(pooled)
+            elif xs.shape[0] >= 2:
+                chol, info = torch.linalg.cholesky_ex(self._covariance(xs))
+            if int(info) != 0 and xs.shape[0] < x.shape[0]:
+                # Too few clips of this domain for a covariance of its own (a single clip, or
+                # two, where Ledoit-Wolf shrinks nothing): borrow the section's pooled one.
+                pooled = self._covariance(x) if pooled is None else pooled
+                chol, info = torch.linalg.cholesky_ex(pooled)
+                if borrowed is not None:
+                    borrowed.append(f"{what} {DOMAIN_NAMES[d]} ({xs.shape[0]} clips)")
+            if int(info) != 0:
+                raise AsdError(
+                    f"MahalanobisBackend.fit: the covariance of {what} {DOMAIN_NAMES.get(d, 'all domains')} "
+                    f"is singular ({xs.shape[0]} clips, {x.shape[1]} dims, shrinkage={self.shrinkage!r}); "
+                    "use shrinkage='auto' or a value > 0, or more clips than dimensions"
+                )
+            models[d] = (means[d], torch.linalg.solve_triangular(chol, eye, upper=False))  # C = L L^T
+        return models
+
+    def _left_out(self, x: Tensor, group: Tensor, models: dict[int, tuple[Tensor, Tensor]]) -> list[Tensor]:
+        """Each clip's distance to its own group's model refitted without it, one (n,) per group.
+
+        Folds are dealt round-robin over the section's clips, group after group, so a fold holds
+        at most one clip of a group of up to `folds` clips, and a section of up to `folds` clips is
+        left out one clip at a time. A group of one clip has no left-out distance, nor has a clip
+        whose refit is singular (too few clips remain); they are not in the returned tensors.
+        """
+        fold = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        dealt = 0
+        for d in models:
+            rows = torch.nonzero(group == d).flatten()
+            fold[rows] = (dealt + torch.arange(rows.numel(), device=x.device)) % self.folds
+            dealt += rows.numel()
+        out = {d: torch.full((int((group == d).sum()),), math.nan, dtype=torch.float64) for d in models}
+        position = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        for d in models:
+            rows = torch.nonzero(group == d).flatten()
+            position[rows] = torch.arange(rows.numel(), device=x.device)
+        for f in torch.unique(fold).tolist():
+            held = fold == f
+            keep = ~held
+            if int(keep.sum()) < 2:  # nothing to fit a covariance on: these clips stay unmeasured
+                continue
+            try:
+                refit = self._fit_section(x[keep], group[keep], "left-out refit")
+            except AsdError:  # singular without these clips: they stay unmeasured, like a lone clip
+                continue
+            for d, (mean, whiten) in refit.items():
+                rows = torch.nonzero(held & (group == d)).flatten()
+                if rows.numel():
+                    z = (x[rows] - mean) @ whiten.T
+                    out[d][position[rows].cpu()] = z.norm(dim=1).cpu()
+        return [out[d][out[d].isfinite()] for d in models]  # unmeasured clips (NaN) left out
 
     def _covariance(self, x: Tensor) -> Tensor:
         if self.shrinkage == "auto":
@@ -501,17 +712,28 @@ class MahalanobisBackend(nn.Module):
                 for start in range(0, rows.shape[0], _BLOCK):
                     r = rows[start : start + _BLOCK]
                     z = (feats[r].to(acc) - mean) @ whiten.T  # (b, D) whitened residuals
-                    out[r] = torch.minimum(out[r], z.norm(dim=1))
+                    d = z.norm(dim=1)
+                    if self.calibrate:
+                        d = (d - state["loc"][g].to(acc)) / state["scale"][g].to(acc)
+                    out[r] = torch.minimum(out[r], d)
         return out.to(_out_dtype(feats))
 
     def get_extra_state(self) -> dict[str, Tensor]:
         return dict(self._fitted.state)
 
     def set_extra_state(self, state: Any) -> None:
-        self._fitted.set(_plain_state(state, "MahalanobisBackend", self._KEYS))
+        if isinstance(state, dict) and state and ("loc" in state) != self.calibrate:
+            raise AsdError(
+                f"MahalanobisBackend: the checkpoint's models were built with calibrate={'loc' in state} "
+                f"but this backend has calibrate={self.calibrate}; set the same `calibrate` or refit"
+            )
+        keys = self._KEYS + ("loc", "scale") * self.calibrate
+        self._fitted.set(_plain_state(state, "MahalanobisBackend", keys))
 
     def extra_repr(self) -> str:
-        return f"shrinkage={self.shrinkage!r}, per_domain={self.per_domain}"
+        extra = f", covariance={self.covariance!r}" if self.covariance != "domain" else ""
+        extra += f", calibrate=True, folds={self.folds}" if self.calibrate else ""
+        return f"shrinkage={self.shrinkage!r}, per_domain={self.per_domain}{extra}"
 
 
 class GroupNormalizer(nn.Module):

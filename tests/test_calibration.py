@@ -167,3 +167,34 @@ def test_thresholds_are_per_section_gamma_quantiles_with_a_pooled_one_for_empty_
     assert t[0] == fit_gamma_threshold(final[:20], 0.9)
     assert t[2] == fit_gamma_threshold(final[20:], 0.9)
     assert t[1] == fit_gamma_threshold(final, 0.9)
+
+
+def test_a_kept_member_uses_its_raw_scores_as_z_scores_everywhere(tmp_path):
+    """`keep`: a calibrated backend's scores go into the fusions unchanged, also left out, also reloaded."""
+    raw, context = normals()
+    cal = Calibration(
+        members=["a", "b"],
+        normalizers=fit_normalizers(raw, ["a", "b"], context, keep=["a"]),
+        reference_scores={k: torch.as_tensor(v) for k, v in raw.items()},
+        normalised_on="held-out",
+    )
+    assert cal.normalizers["a"] == {} and cal.normalizers["b"]
+    z = cal.normalise(raw, context)
+    assert torch.equal(z[:, 0], torch.as_tensor(raw["a"]))
+    assert abs(float(z[:, 1].mean())) < 1e-9  # b is z-scored as before
+    loo = left_out_z(cal, context)
+    assert torch.equal(loo[:, 0], torch.as_tensor(raw["a"]))  # nothing was fitted on a clip's own score
+    assert not torch.allclose(loo[:, 1], z[:, 1])
+    cal.thresholds = torch.zeros(2, dtype=torch.float64)
+    cal.save(tmp_path / "calibration.pt")
+    again = Calibration.load(tmp_path / "calibration.pt")
+    assert torch.equal(again.normalise(raw, context), z)
+
+
+def test_a_member_with_constant_reference_scores_is_left_unnormalised_with_a_warning(caplog):
+    raw, context = normals()
+    raw = {**raw, "b": np.zeros_like(raw["b"])}  # in-sample distances of one-clip banks
+    with caplog.at_level("WARNING", logger="asd.calibration"):
+        states = fit_normalizers(raw, ["a", "b"], context)
+    assert states["b"] == {} and states["a"]
+    assert "score normalisation of b" in caplog.text and "all equal" in caplog.text

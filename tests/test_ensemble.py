@@ -298,3 +298,27 @@ def test_resume_from_a_checkpoint_continues_the_lr_sequence(tmp_path):
     quick_trainer(8, callbacks=[rest]).fit(resumed, loader(), ckpt_path=tmp_path / "half.ckpt")
     assert rest.lrs["b2"] == pytest.approx(expected[2:])
     assert resumed.member_schedulers()["b2"].last_epoch == 4
+
+
+def test_flow_input_is_embedded_in_eval_mode_and_moves_no_running_statistics():
+    """b5's input comes from b3 as scored (eval mode); computing it leaves b3's BatchNorm buffers alone."""
+    from asd.branches.contrastive import ContrastiveBranch
+    from asd.branches.flow import FlowBranch
+
+    torch.manual_seed(0)
+    b3 = ContrastiveBranch(
+        LogMel(n_fft=256, hop_length=128, n_mels=16),
+        num_sections=1,
+        classify="section",
+        channels=(4, 8),
+        emb_dim=8,
+    )
+    ensemble = Ensemble({"b3": b3, "b5": FlowBranch(None, input_dim=8, hidden=16, layers=2, blocks=1)})
+    ensemble.train()
+    batch = batches(1)[0]
+    before = snapshot(b3)
+    z = ensemble.with_flow_input(batch)["z"]
+    assert same(snapshot(b3), before)  # no running mean/var/count moved
+    assert b3.training  # its mode is restored
+    b3.eval()
+    assert torch.equal(z, b3.embed(batch).float())

@@ -290,6 +290,27 @@ def test_conditional_score_depends_on_the_section():
         m.score(probe)
 
 
+def test_selective_score_is_the_min_over_domain_densities_without_the_clips_domain():
+    """Source near 0, a few target clips at +3 on the first axis: a target normal scores as normal."""
+    torch.manual_seed(0)
+    m = tiny_z(4, selective=True)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(128, 4, generator=g)
+    domain = torch.zeros(128, dtype=torch.long)
+    z[:16, 0] += 3.0
+    domain[:16] = 1
+    train(m, [{"z": z, "domain": domain}], steps=200, lr=1e-2)
+    m.eval()
+    probe = {"z": torch.tensor([[3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 6.0, 0.0]])}
+    source, target = -m.log_prob(probe, domain=0), -m.log_prob(probe, domain=1)
+    assert torch.equal(m.score(probe), torch.minimum(source, target))  # no domain needed to score
+    assert target[0] + 1.0 < source[0]  # the target clip is likely under the target density
+    assert m.score(probe)[2] > m.score(probe)[0] + 1.0  # an outlier of both stays anomalous
+    with pytest.raises(AsdError, match="domain"):
+        m.train()
+        m.loss(probe)
+
+
 def test_constant_features_are_floored_and_all_constant_is_an_error():
     torch.manual_seed(0)
     m = tiny_z(4)

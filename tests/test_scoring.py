@@ -231,10 +231,25 @@ def test_mahalanobis_singular_covariance_without_shrinkage_is_a_clear_error():
     assert MahalanobisBackend("auto").fit(feats, zeros, zeros).score(feats, zeros).isfinite().all()
 
 
-def test_mahalanobis_section_with_one_clip_is_an_error():
-    feats = gaussian(4, 2, seed=14)
-    with pytest.raises(AsdError, match="section id 9 has 1 training clip"):
-        MahalanobisBackend().fit(feats, ids(0, 0, 0, 9), ids(0, 0, 0, 0))
+def test_mahalanobis_section_with_one_clip_borrows_the_other_sections_spread(caplog):
+    feats = gaussian(7, 2, seed=14).double()
+    section, domain = ids(0, 0, 0, 1, 1, 1, 9), ids(0, 0, 0, 0, 0, 1, 0)
+    with caplog.at_level(logging.WARNING, logger="asd.scoring"):
+        maha = MahalanobisBackend(shrinkage=0.0, calibrate=True).fit(feats, section, domain)
+    assert "sections [9] have 1 training clip" in caplog.text
+    x = feats.numpy()
+    centred = np.concatenate([x[0:3] - x[0:3].mean(0), x[3:5] - x[3:5].mean(0), x[5:6] - x[5:6]])
+    inv = np.linalg.inv(centred.T @ centred / len(centred))
+    query = x[6:7] + 0.3
+    got = maha.score(torch.from_numpy(query), ids(9))
+    # the lone section keeps raw distances (no left-out scores to calibrate on)
+    assert float(got[0]) == pytest.approx(mahalanobis(query[0], x[6], inv), rel=1e-5)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="asd.scoring"):
+        alone = MahalanobisBackend().fit(feats[:2], ids(0, 1), ids(0, 0))
+    assert "every section has a single training clip" in caplog.text
+    euclidean = math.sqrt(2.0)  # the clip moved by 1 in each of 2 dims
+    assert float(alone.score(feats[:1] + 1.0, ids(0))[0]) == pytest.approx(euclidean, rel=1e-5)
 
 
 # ---------------------------------------------------------------- normaliser

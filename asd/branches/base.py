@@ -76,6 +76,11 @@ class Branch(L.LightningModule):
         """Input, reconstruction and squared error per bin, each (B, n_mels, frames); see `has_error_map`."""
         raise AsdError(f"{type(self).__name__} draws no error maps (has_error_map is False)")
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether `score` is already a z-score: a backend calibrated on its banks' left-out scores."""
+        return bool(self.needs_backend and getattr(getattr(self, "backend", None), "calibrate", False))
+
     def backend_state(self) -> dict[str, Tensor]:
         """The fitted reference state (`fit_backend`'s result), for the run's `backends.pt`.
 

@@ -254,6 +254,7 @@ class ContrastiveBranch(Branch):
         score_mode: str = "knn",
         k: int = 1,
         knn_density: bool = False,
+        knn_calibrate: bool = False,
         optimizer: OptimizerFactory | None = None,
     ):
         """Build the encoders for the front end's `n_mels` bins (and the clip's `num_samples`).
@@ -278,6 +279,8 @@ class ContrastiveBranch(Branch):
             score_mode: "knn" or "centre".
             k: neighbours averaged by the kNN score.
             knn_density: divide kNN distances by each bank clip's local scale (`KnnBackend(density=)`).
+            knn_calibrate: standardise each bank's distances by its clips' left-out ones
+                (`KnnBackend(calibrate=)`).
         """
         super().__init__(optimizer)
         self.save_hyperparameters(ignore=["frontend", "optimizer"])
@@ -289,6 +292,8 @@ class ContrastiveBranch(Branch):
             )
         if knn_density and score_mode != "knn":
             raise AsdError("b3: knn_density rescales kNN distances; it needs score_mode=knn")
+        if knn_calibrate and score_mode != "knn":
+            raise AsdError("b3: knn_calibrate standardises kNN distances; it needs score_mode=knn")
         by_attribute = classify == "attribute" and (adacos or head_weight > 0)
         if by_attribute and num_attributes is None:
             raise AsdError(
@@ -340,7 +345,9 @@ class ContrastiveBranch(Branch):
         self.adacos = SubclusterAdaCos(self.num_classes, self.embed_dim, subclusters) if adacos else None
         if not adacos and head_weight > 0:
             self.head = nn.Parameter(torch.randn(self.num_classes, self.embed_dim) * self.embed_dim**-0.5)
-        self.backend = KnnBackend(k=k if score_mode == "knn" else 1, normalize=True, density=knn_density)
+        self.backend = KnnBackend(
+            k=k if score_mode == "knn" else 1, normalize=True, density=knn_density, calibrate=knn_calibrate
+        )
         log.info("b3: %s", self.describe(num_sections, num_attributes))
 
     def describe(self, num_sections: int, num_attributes: int | None) -> str:

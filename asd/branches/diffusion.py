@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from asd.branches.base import Branch, OptimizerFactory
+from asd.branches.error_profile import ErrorProfileScoring
 from asd.errors import AsdError
 from asd.features import BinStats
 
@@ -197,7 +198,7 @@ class UNet1d(nn.Module):
 # -- the member -----------------------------------------------------------------------------------
 
 
-class DiffusionBranch(Branch):
+class DiffusionBranch(ErrorProfileScoring, Branch):
     """b4: DDPM denoiser on log-mel; partial noising + DDIM denoising error as the score, no z."""
 
     name = "b4"
@@ -218,6 +219,7 @@ class DiffusionBranch(Branch):
         ddim_steps: int = 4,
         noise_draws: int = 2,
         seed: int = 0,
+        score_mode: str = "mse",
         optimizer: OptimizerFactory | None = None,
     ):
         """Build the denoiser for clips of exactly `num_samples` samples.
@@ -236,9 +238,12 @@ class DiffusionBranch(Branch):
             ddim_steps: denoiser calls per draw when scoring, at most the t_star step.
             noise_draws: noise tensors each clip is scored with; the errors are averaged.
             seed: seed of the scoring noise and of the eval-mode loss draws.
+            score_mode: "mse" (the mean squared denoising error) or "mahalanobis" of the error
+                profile (`asd.branches.error_profile`).
         """
         super().__init__(optimizer)
         self.save_hyperparameters(ignore=["frontend", "optimizer"])
+        self._init_scoring(score_mode)
         if num_samples is None:
             raise AsdError("b4 needs clips of one fixed length (num_samples): set data.audio.duration")
         if any(c % norm_groups for c in channels):
@@ -335,11 +340,6 @@ class DiffusionBranch(Branch):
     def embed(self, batch: dict[str, Tensor]) -> Tensor:
         """No embedding: (B, 0)."""
         return batch["wave"].new_zeros(batch["wave"].shape[0], 0)
-
-    def score(self, batch: dict[str, Tensor]) -> Tensor:
-        """Mean squared denoising error per clip in normalised units, averaged over draws, (B,)."""
-        _, x0, recon = self._denoise(batch)
-        return (recon - x0[None]).pow(2).mean(dim=(0, 2, 3))  # (D, B, M, F) -> (B,)
 
     def error_map(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(input log-mel, reconstruction, squared error), each (B, n_mels, frames).

@@ -36,6 +36,11 @@ Choices:
 - Conditioning (`conditional`): the conditioners also see the one-hot (machine, section)
   class, so the score is -log p(x | section): a clip that looks normal for another section
   is still unlikely for its own.
+- Domains (`selective`): the conditioners also see the one-hot domain (source, or unknown, vs
+  target), and the score is the smaller of -log p(x | source) and -log p(x | target): the flow
+  version of the DCASE baselines' selective Mahalanobis. A clip's domain is not needed to score
+  it, and a target normal is measured against the target density instead of being an outlier
+  of the source one.
 - Units: `loss` is the flow's negative log-likelihood of its input (the standardised x, or
   its whitened principal coordinates) in nats per modelled dimension, the training signal;
   `score` and `log_prob` are in nats in the input's own units, i.e. they include the
@@ -191,6 +196,7 @@ class FlowBranch(Branch):
         min_std: float = 1e-3,
         conditional: bool = False,
         num_sections: int | None = None,
+        selective: bool = False,
         optimizer: OptimizerFactory | None = None,
     ):
         """Build the flow for `input_dim`-wide `batch["z"]`, or for the front end's log-mel statistics.
@@ -210,6 +216,7 @@ class FlowBranch(Branch):
             min_std: floor of each feature's standard deviation, relative to their RMS.
             conditional: condition the flow on the (machine, section) class (needs `num_sections`).
             num_sections: class count of (machine, section) pairs (given by the pipeline).
+            selective: condition on the domain too; the score is the min over the two domains.
         """
         super().__init__(optimizer)
         self.save_hyperparameters(ignore=["frontend", "optimizer"])
@@ -253,7 +260,8 @@ class FlowBranch(Branch):
             self.register_buffer("pc_std", torch.ones(pca_dim, dtype=torch.float64))  # (k,)
             self.register_buffer("residual_var", torch.ones((), dtype=torch.float64))
 
-        context = num_sections if self.conditional else None
+        self.selective = bool(selective)
+        context = (num_sections if self.conditional else 0) + (2 if self.selective else 0) or None
 
         def conditioner(n_in: int, n_out: int) -> nn.Module:
             net = ResidualNet(
@@ -270,12 +278,13 @@ class FlowBranch(Branch):
         ]
         self.flow = Flow(CompositeTransform(couplings), StandardNormal([self.flow_dim]))
         log.info(
-            "b5: RealNVP (%d couplings) on %s, %d features%s%s",
+            "b5: RealNVP (%d couplings) on %s, %d features%s%s%s",
             layers,
             "the other members' embeddings z" if input_dim is not None else "log-mel statistics",
             dim,
             f", top {pca_dim} principal coordinates" if pca_dim is not None else "",
             f", conditioned on {num_sections} sections" if self.conditional else "",
+            ", selective over source/target" if self.selective else "",
         )
 
     @staticmethod
@@ -324,10 +333,27 @@ class FlowBranch(Branch):
             raise AsdError(f"b5: non-finite values (NaN/inf) in its input, {source}")
         return x
 
-    def _context(self, batch: dict[str, Tensor]) -> Tensor | None:
-        """One-hot (machine, section) class, (B, num_sections), or None when unconditional."""
-        if not self.conditional:
-            return None
+    def _context(self, batch: dict[str, Tensor], domain: int | None = None) -> Tensor | None:
+        """The conditioners' context, (B, C), or None when unconditional.
+
+        One-hot (machine, section) class when `conditional`, then with `selective` the one-hot
+        domain: the clip's own (unknown counts as source), or `domain` (0 source, 1 target) for all.
+        """
+        parts = []
+        if self.conditional:
+            parts.append(self._section_one_hot(batch))
+        if self.selective:
+            if domain is None:
+                if "domain" not in batch:
+                    raise AsdError("b5: selective=true trains on batch['domain']")
+                target = batch["domain"].long() == 1
+            else:
+                ref = batch["z"] if self.input_dim is not None and "z" in batch else batch["wave"]
+                target = torch.full((ref.shape[0],), domain == 1, dtype=torch.bool, device=ref.device)
+            parts.append(F.one_hot(target.long(), 2).float())
+        return torch.cat(parts, dim=1) if parts else None
+
+    def _section_one_hot(self, batch: dict[str, Tensor]) -> Tensor:
         section = batch.get("section")
         if section is None:
             raise AsdError("b5: conditional=true needs batch['section']")
@@ -376,10 +402,10 @@ class FlowBranch(Branch):
         log_res = -0.5 * r.pow(2).sum(dim=1) / var - 0.5 * n_res * torch.log(2 * math.pi * var)
         return c / pc_std, log_res - torch.log(pc_std).sum()
 
-    def log_prob(self, batch: dict[str, Tensor]) -> Tensor:
-        """log p(x) (or log p(x | section)) in nats, in the input's own units, (B,) float32."""
+    def log_prob(self, batch: dict[str, Tensor], domain: int | None = None) -> Tensor:
+        """log p(x) (or log p(x | section[, domain])) in nats, in the input's own units, (B,) float32."""
         x = self.features(batch)  # (B, D)
-        context = self._context(batch)
+        context = self._context(batch, domain)
         with torch.autocast(x.device.type, enabled=False):
             y, log_rest = self._flow_input(self.standardise(x))  # (B, k), (B,)
             log_det = -torch.log(self.moments.std(self.min_std)).sum().float()  # of x -> standardised
@@ -412,5 +438,7 @@ class FlowBranch(Branch):
         return ref.new_zeros(ref.shape[0], 0, dtype=torch.float32)
 
     def score(self, batch: dict[str, Tensor]) -> Tensor:
-        """-log p(x) in nats (input units), (B,); higher = more anomalous."""
+        """-log p(x) in nats (input units), (B,), higher = more anomalous; `selective`: min over domains."""
+        if self.selective:
+            return -torch.maximum(self.log_prob(batch, domain=0), self.log_prob(batch, domain=1))
         return -self.log_prob(batch)

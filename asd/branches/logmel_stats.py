@@ -32,19 +32,33 @@ class LogMelStatsReference(Branch):
     name = "stats"
     needs_backend = True
 
-    def __init__(self, frontend: nn.Module, stats: str = "mean", k: int = 1, shrinkage: float | str = "auto"):
+    def __init__(
+        self,
+        frontend: nn.Module,
+        stats: str = "mean",
+        k: int = 1,
+        shrinkage: float | str = "auto",
+        covariance: str = "domain",
+        calibrate: bool = False,
+    ):
         """Args:
         frontend: wave (B, T) -> log-mel (B, n_mels, frames) (`asd.features.LogMel`).
         stats: "mean" (n_mels values per clip) or "mean_std" (2 * n_mels).
         k: neighbours of the kNN score.
         shrinkage: covariance shrinkage of the Mahalanobis score, "auto" (Ledoit-Wolf) or in [0, 1].
+        covariance: "domain" (a covariance per source/target model) or "pooled" (each domain's own
+            mean, one within-domain covariance per section; `MahalanobisBackend(covariance=)`).
+        calibrate: standardise each model's and bank's distances by its clips' left-out ones, so
+            source and target speak one scale before the min (`calibrate=` of both backends).
         """
         super().__init__()
         self.frontend, self.stats = frontend, stats
         self.backend = nn.ModuleDict(
             {
-                "mahalanobis": MahalanobisBackend(shrinkage=shrinkage, per_domain=True),
-                "knn": KnnBackend(k=k, normalize=False),
+                "mahalanobis": MahalanobisBackend(
+                    shrinkage=shrinkage, per_domain=True, covariance=covariance, calibrate=calibrate
+                ),
+                "knn": KnnBackend(k=k, normalize=False, calibrate=calibrate),
             }
         )
 

@@ -300,6 +300,7 @@ class PretrainedASTBranch(Branch):
         scale: float = 30.0,
         margin: float = 0.5,
         k: int = 1,
+        knn_calibrate: bool = False,
         head_lr: float | None = None,
         optimizer: OptimizerFactory | None = None,
         **scratch: Any,
@@ -318,6 +319,8 @@ class PretrainedASTBranch(Branch):
                 attributes when there are more of them than sections, else sections.
             head: "arcface" (fixed `scale`, additive angular `margin`) or "adacos" (adaptive scale).
             k: neighbours of the kNN score.
+            knn_calibrate: standardise each kNN bank's distances by its clips' left-out ones
+                (`KnnBackend(calibrate=)`), so source and target banks share one scale.
             head_lr: learning rate of the head when it should differ from the AST's (a pre-trained AST
                 is fine-tuned slowly, a fresh head learns fast); None uses the optimizer's.
             scratch: `ScratchAST` sizes (hidden_size, num_layers, ...; the config's flat keys) of a
@@ -380,7 +383,7 @@ class PretrainedASTBranch(Branch):
         else:
             self.encoder.requires_grad_(False)
             self.encoder.eval()
-        self.backend = KnnBackend(k=k, normalize=True)
+        self.backend = KnnBackend(k=k, normalize=True, calibrate=knn_calibrate)
 
     def _log_source(self, weights: str, mode: str) -> None:
         if weights == "scratch":

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from asd.branches.base import Branch, OptimizerFactory
+from asd.branches.error_profile import ErrorProfileScoring
 from asd.errors import AsdError
 from asd.features import BinStats
 
@@ -67,7 +68,7 @@ def _transformer(dim: int, depth: int, heads: int, mlp_ratio: float, dropout: fl
     return nn.TransformerEncoder(layer, depth, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
 
 
-class TransformerAEBranch(Branch):
+class TransformerAEBranch(ErrorProfileScoring, Branch):
     """b2: patch Transformer autoencoder on log-mel; reconstruction-error score, latent-mean z."""
 
     name = "b2"
@@ -87,6 +88,7 @@ class TransformerAEBranch(Branch):
         mlp_ratio: float = 4.0,
         dropout: float = 0.1,
         mask_ratio: float = 0.0,
+        score_mode: str = "mse",
         optimizer: OptimizerFactory | None = None,
     ):
         """Build the model for clips of exactly `num_samples` samples.
@@ -100,10 +102,12 @@ class TransformerAEBranch(Branch):
                 4 and of `heads`).
             mask_ratio: fraction of patches hidden from the encoder while training, in [0, 1); 0 is a
                 plain autoencoder.
+            score_mode: "mse" or "mahalanobis" of the error profile (`asd.branches.error_profile`).
         """
         super().__init__(optimizer)
         self.embed_dim = dim  # width of embed()
         self.save_hyperparameters(ignore=["frontend", "optimizer"])
+        self._init_scoring(score_mode)
         if num_samples is None:
             raise AsdError("b2 needs clips of one fixed length (num_samples): set data.audio.duration")
         if dim % 4 or dim % heads:
@@ -223,10 +227,6 @@ class TransformerAEBranch(Branch):
         """Encoder latent averaged over patches, (B, dim)."""
         patches = self._patchify(self.stats.normalise(self.spectrogram(batch)))  # (B, N, P)
         return self._encode(patches).float().mean(dim=1)  # (B, N, dim) -> (B, dim)
-
-    def score(self, batch: dict[str, Tensor]) -> Tensor:
-        """Mean squared reconstruction error per clip, (B,)."""
-        return self.error_map(batch)[2].mean(dim=(1, 2))
 
     def error_map(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(input log-mel, reconstruction, squared error), each (B, n_mels, frames).

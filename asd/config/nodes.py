@@ -134,6 +134,7 @@ class B1(Member):
     scale: Positive = 30.0
     margin: Margin = 0.5
     k: PosInt = 1
+    knn_calibrate: Flag = False
     head_lr: number(gt=0, null=True) = None
 
 
@@ -150,6 +151,7 @@ class B2(Member):
     mlp_ratio: Positive = 4.0
     dropout: Dropout = 0.1
     mask_ratio: number(ge=0, lt=1) = 0.0
+    score_mode: choice("mse", "mahalanobis") = "mse"
 
 
 class B3(Member):
@@ -175,6 +177,7 @@ class B3(Member):
     score_mode: choice("knn", "centre") = "knn"
     k: PosInt = 1
     knn_density: Flag = False
+    knn_calibrate: Flag = False
 
 
 class B4(Member):
@@ -191,6 +194,7 @@ class B4(Member):
     ddim_steps: PosInt = 4
     noise_draws: PosInt = 2
     seed: Seed = 0
+    score_mode: choice("mse", "mahalanobis") = "mse"
 
 
 class B5(Member):
@@ -206,6 +210,7 @@ class B5(Member):
     momentum: number(gt=0, lt=1, null=True) = None
     min_std: number(gt=0, lt=1) = 1e-3
     conditional: Flag = False
+    selective: Flag = False
 
 
 class DcaseAE(Member):
@@ -227,6 +232,8 @@ class Stats(Node):
     stats: choice("mean", "mean_std") = "mean"
     k: PosInt = 1
     shrinkage: Shrinkage = "auto"
+    covariance: choice("domain", "pooled") = "domain"
+    calibrate: Flag = False
 
 
 SCHEMAS: dict[str, type[Node]] = {
@@ -351,6 +358,7 @@ class Select(Node):
 
 class Normalisation(Node):
     shrinkage: number(ge=0) = 0.0
+    calibrated: choice("backend", "held_out") = "held_out"
 
 
 class Fusion(Node):

@@ -202,6 +202,21 @@ def choose_final(
     log.info("stage calibrate: %s", calibration.reason)
 
 
+def calibrated_members(ensemble: Ensemble, cfg: DictConfig) -> list[str]:
+    """Fused members that keep their calibrated backend's scores as z-scores (none by default).
+
+    `fusion.normalisation.calibrated=backend` keeps them: their statistics then come from left-out
+    scores of every fit-split normal, per source/target model, without a test clip's domain. The
+    default `held_out` normalises them like the others, on normals the members never trained on:
+    a backend's left-out scores are of clips the member itself fitted, and how optimistic that
+    makes them differs from member to member (docs/results.md: `held_out` scored higher in every
+    paired seed).
+    """
+    if cfg.fusion.normalisation.get("calibrated", "held_out") != "backend":
+        return []
+    return [n for n in fused_members(ensemble) if ensemble.members[n].calibrated]
+
+
 def anomaly_settings(cfg: DictConfig, sample_rate: int) -> tuple[AnomalyConfig, int]:
     """The pseudo-anomaly generator's settings and the number of copies per clip, validated."""
     values = dict(plain(cfg.fusion.anomalies))
@@ -226,16 +241,22 @@ def calibrate(
     raw = {c: v.numpy() for c, v in backends["reference_scores"].items()}
     context = context_of(normals)
     shrinkage = float(cfg.fusion.normalisation.shrinkage)
+    keep = calibrated_members(ensemble, cfg)
     calibration = Calibration(
         members=members,
-        normalizers=fit_normalizers(raw, members, context, shrinkage),
+        normalizers=fit_normalizers(raw, members, context, shrinkage, keep=keep),
         shrinkage=shrinkage,
         reference_scores=dict(backends["reference_scores"]),
         normalised_on=kind,
         final=cfg.final,
         threshold_percentile=float(cfg.threshold_percentile),
     )
-    log.info("stage calibrate: score normalisation on %d %s normals", len(normals), kind)
+    log.info(
+        "stage calibrate: score normalisation on %d %s normals%s",
+        len(normals),
+        kind,
+        f"; {', '.join(keep)} keep their calibrated backend scores as z-scores" if keep else "",
+    )
     normal_z = calibration.normalise(raw, context)
     fake = z = ctx = y = rows_source = None  # the fusions' training rows: normals, then pseudo-anomalies
     if cfg.fusion.enabled:

@@ -1,0 +1,191 @@
+"""Backend calibration (left-out standardisation of each source/target model) and error-profile scores."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import cdist
+
+from asd.branches.transformer_ae import TransformerAEBranch
+from asd.errors import AsdError
+from asd.features import LogMel
+from asd.scoring import KnnBackend, MahalanobisBackend, bank_calibration
+
+
+def two_domain_data(seed: int = 0, n_source: int = 12, n_target: int = 4, dim: int = 5):
+    """One section: a tight source cloud and a sparse target cloud shifted by 3."""
+    g = torch.Generator().manual_seed(seed)
+    source = torch.randn(n_source, dim, generator=g, dtype=torch.float64)
+    target = 3.0 + 2.0 * torch.randn(n_target, dim, generator=g, dtype=torch.float64)
+    feats = torch.cat([source, target])
+    section = torch.zeros(len(feats), dtype=torch.long)
+    domain = torch.tensor([0] * n_source + [1] * n_target)
+    return feats, section, domain
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_knn_calibration_is_the_banks_left_out_distances(k):
+    feats, section, domain = two_domain_data()
+    knn = KnnBackend(k=k, normalize=False, calibrate=True).fit(feats, section, domain)
+    state = knn._fitted.state
+    x = feats.numpy()
+    for g, rows in enumerate([range(12), range(12, 16)]):
+        bank = x[list(rows)]
+        d = cdist(bank, bank)
+        np.fill_diagonal(d, np.inf)
+        left_out = np.sort(d, axis=1)[:, :k].mean(axis=1)  # each clip against the others of its bank
+        assert float(state["loc"][g]) == pytest.approx(left_out.mean(), rel=1e-5)
+        assert float(state["scale"][g]) == pytest.approx(left_out.std(ddof=1), rel=1e-5)
+    query = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2
+    raw = [
+        np.sort(cdist(query.numpy(), x[list(r)]), axis=1)[:, :k].mean(axis=1)
+        for r in (range(12), range(12, 16))
+    ]
+    want = np.minimum(*[(r - float(state["loc"][g])) / float(state["scale"][g]) for g, r in enumerate(raw)])
+    got = knn.score(query, torch.zeros(6, dtype=torch.long)).numpy()
+    assert np.allclose(got, want, rtol=1e-5)
+
+
+def test_calibration_puts_a_sparse_target_bank_on_the_source_scale():
+    """Uncalibrated, target normals score far above source normals; calibrated, both sit near 0."""
+    feats, section, domain = two_domain_data(n_source=60, n_target=6, dim=4)
+    test_feats, test_section, test_domain = two_domain_data(seed=7, n_source=30, n_target=30, dim=4)
+    for backend, calibrated in (
+        (KnnBackend(k=1, normalize=False), False),
+        (KnnBackend(k=1, normalize=False, calibrate=True), True),
+        (MahalanobisBackend(covariance="pooled"), False),
+        (MahalanobisBackend(covariance="pooled", calibrate=True), True),
+    ):
+        s = backend.fit(feats, section, domain).score(test_feats, test_section)
+        gap = float(s[test_domain == 1].median() - s[test_domain == 0].median())
+        spread = float(s[test_domain == 0].std())
+        assert (abs(gap) < 2 * spread) == calibrated, (backend, gap, spread)
+
+
+def test_mahalanobis_calibration_refits_without_each_clip():
+    feats, section, domain = two_domain_data(n_source=8, n_target=3)
+    maha = MahalanobisBackend(calibrate=True, covariance="pooled", folds=20).fit(feats, section, domain)
+    left_out = {0: [], 1: []}
+    for i in range(len(feats)):
+        keep = torch.arange(len(feats)) != i
+        refit = MahalanobisBackend(covariance="pooled").fit(feats[keep], section[keep], domain[keep])
+        g = int(domain[i])
+        st = refit._fitted.state
+        z = (feats[i].float() - st["mean"][g]) @ st["whiten"][g].T
+        left_out[g].append(float(z.norm()))
+    state = maha._fitted.state
+    for g in (0, 1):
+        assert float(state["loc"][g]) == pytest.approx(np.mean(left_out[g]), rel=1e-4)
+        assert float(state["scale"][g]) == pytest.approx(np.std(left_out[g], ddof=1), rel=1e-4)
+
+
+def test_pooled_covariance_shares_the_within_domain_spread():
+    feats, section, domain = two_domain_data(n_source=30, n_target=5, dim=3)
+    maha = MahalanobisBackend(shrinkage=0.0, covariance="pooled").fit(feats, section, domain)
+    x = feats.numpy()
+    dev = np.concatenate([x[:30] - x[:30].mean(0), x[30:] - x[30:].mean(0)])
+    cov = dev.T @ dev / len(dev)
+    query = x[:2] + 0.5
+    inv = np.linalg.inv(cov)
+    want = [min(math.sqrt((q - m) @ inv @ (q - m)) for m in (x[:30].mean(0), x[30:].mean(0))) for q in query]
+    got = maha.score(torch.from_numpy(query), torch.zeros(2, dtype=torch.long)).numpy()
+    assert np.allclose(got, want, rtol=1e-4)
+
+
+def test_small_banks_borrow_their_sections_spread(caplog):
+    left_out = [
+        torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64),
+        torch.tensor([5.0, 7.0], dtype=torch.float64),
+    ]
+    with caplog.at_level(logging.INFO, logger="asd.scoring"):
+        loc, scale = bank_calibration(
+            left_out, torch.tensor([0, 0]), torch.tensor([0, 1]), torch.tensor([4, 2]), "kNN"
+        )
+    pooled = math.sqrt((5.0 + 2.0) / (3 + 1))  # squared deviations of each bank around its own mean
+    assert loc.tolist() == pytest.approx([2.5, 6.0])
+    assert scale.tolist() == pytest.approx([float(left_out[0].std()), pooled], rel=1e-6)
+    assert "section 0 target (2 clips)" in caplog.text
+    # a one-clip bank has no left-out score: its section's values
+    loc, scale = bank_calibration(
+        [left_out[0], torch.zeros(0, dtype=torch.float64)],
+        torch.tensor([0, 0]),
+        torch.tensor([0, 1]),
+        torch.tensor([4, 1]),
+        "kNN",
+    )
+    assert loc.tolist() == pytest.approx([2.5, 2.5])
+    # a section with no bank of 2 clips keeps raw distances
+    loc, scale = bank_calibration(
+        [torch.zeros(0, dtype=torch.float64)], torch.tensor([3]), torch.tensor([0]), torch.tensor([1]), "kNN"
+    )
+    assert loc.tolist() == [0.0] and scale.tolist() == [1.0]
+
+
+def test_calibrated_state_round_trips_and_a_mismatch_is_refused():
+    feats, section, domain = two_domain_data()
+    for make in (lambda c: KnnBackend(k=1, calibrate=c), lambda c: MahalanobisBackend(calibrate=c)):
+        fitted = make(True).fit(feats, section, domain)
+        fresh = make(True)
+        fresh.load_state_dict(fitted.state_dict())
+        q = feats[:3] + 0.1
+        assert torch.equal(fresh.score(q, section[:3]), fitted.score(q, section[:3]))
+        with pytest.raises(AsdError, match="calibrate"):
+            make(False).load_state_dict(fitted.state_dict())
+
+
+def test_mahalanobis_bad_settings_are_clear_errors():
+    with pytest.raises(AsdError, match="covariance"):
+        MahalanobisBackend(covariance="full")
+    with pytest.raises(AsdError, match="folds"):
+        MahalanobisBackend(folds=1)
+
+
+# ---------------------------------------------------------------- error-profile scores of b2/b4
+
+SR, T = 16000, 8000
+
+
+def sines(n: int, seed: int = 0, shift: float = 0.0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(T) / SR
+    freq = 300 + shift + 700 * torch.rand(n, 1, generator=g)
+    wave = 0.5 * torch.sin(2 * math.pi * freq * t) + 0.01 * torch.randn(n, T, generator=g)
+    return {"wave": wave.float(), "section": torch.zeros(n, dtype=torch.long)}
+
+
+def tiny_b2(**kw) -> TransformerAEBranch:
+    sizes = dict(patch_freq=8, patch_time=3, dim=16, depth=1, decoder_depth=1, heads=2, dropout=0.0)
+    return TransformerAEBranch(LogMel(n_mels=20), T, **sizes, **kw).eval()
+
+
+def test_error_profile_mahalanobis_scores_the_profile_against_the_fitted_models():
+    torch.manual_seed(0)
+    m = tiny_b2(score_mode="mahalanobis")
+    assert m.needs_backend and not tiny_b2().needs_backend
+    train = sines(12)
+    with pytest.raises(AsdError, match="fit_backend"):
+        m.score(train)
+    spec, recon, _ = m.error_map(train)
+    profile = m.backend_features(train)
+    assert torch.allclose(profile, (spec - recon).mean(dim=2))
+    meta = {"section": train["section"], "domain": torch.tensor([0] * 9 + [1] * 3)}
+    m.fit_backend(profile, meta)
+    query = sines(3, seed=5)
+    assert torch.allclose(m.score(query), m.backend.score(m.error_profile(query), query["section"]))
+    fresh = tiny_b2(score_mode="mahalanobis")
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(fresh.score(query), m.score(query))
+
+
+def test_error_profile_bad_mode_is_a_clear_error():
+    with pytest.raises(AsdError, match="score_mode"):
+        tiny_b2(score_mode="l1")
+
+
+def test_members_say_whether_their_scores_are_calibrated():
+    assert tiny_b2(score_mode="mahalanobis").calibrated
+    assert not tiny_b2().calibrated  # mse: no backend at all
