@@ -37,6 +37,15 @@ def main(cfg: DictConfig) -> None:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # after the fit (the fit stage answers Ctrl-C itself, with its checkpoint)
+        stages = Path(cfg.run_dir) / "stages.json"
+        message = (
+            f"interrupted (Ctrl-C); the stages finished before it are kept in {stages}: run the same "
+            "command again to continue with the first unfinished one"
+        )
+        log.error("%s", message)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
     if is_rank_zero():
         print(run_dir, flush=True)  # the last line: the run folder
 

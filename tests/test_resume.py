@@ -161,3 +161,30 @@ def test_the_cadence_keys_are_checked(tmp_path):
         validate(config(tmp_path, "checkpoint.every_n_epochs=-1", "checkpoint.every_minutes=0"))
     assert "checkpoint.every_n_epochs=-1: expected an integer >= 0" in str(e.value)
     assert "checkpoint.every_minutes=0: expected a number > 0 or null" in str(e.value)
+
+
+def test_ctrl_c_after_the_fit_keeps_the_finished_stages_and_says_how_to_continue(tmp_path):
+    run_dir = tmp_path / "r"
+    # an attention head trained for very long: the calibrate stage is still running when the signal comes
+    cmd = [*train_py(run_dir, "trainer.max_epochs=1", "fusion.attention.epochs=10000000")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "stage calibrate: scoring" in line:
+            break
+    else:
+        pytest.fail("the run ended before its calibrate stage:\n" + "".join(seen[-40:]))
+    time.sleep(1.0)  # into the attention head's training
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    output = "".join(seen) + rest
+    assert proc.returncode == 2, output[-3000:]
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: interrupted (Ctrl-C); the stages finished before it are kept in {run_dir / 'stages.json'}: "
+        "run the same command again to continue with the first unfinished one"
+    ]
+    done = json.loads((run_dir / "stages.json").read_text())
+    assert {"fit", "backends"} <= set(done) and "calibrate" not in done
