@@ -10,7 +10,8 @@ reads it, and `.half()`/`.to(dtype)` on a surrounding model can never degrade it
 state to the query's device (one cached copy) and returns a tensor on that device.
 
 One file: the backends and the normaliser share the fitted-state contract (extra state, device
-cache, id checks) described here.
+cache, id checks) described here, and both backends share the source/target calibration
+(`bank_calibration`); split apart they would import each other's private helpers.
 """
 
 from __future__ import annotations
@@ -534,12 +535,7 @@ class MahalanobisBackend(nn.Module):
         for s in torch.unique(section).tolist():
             in_section = section == s
             xs, gs = x[in_section], group_domain[in_section]
-            if s in lone:
-                chol = torch.linalg.cholesky(shared)
-                eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-                models = {int(gs[0]): (xs[0], torch.linalg.solve_triangular(chol, eye, upper=False))}
-            else:
-                models = self._fit_section(xs, gs, f"section {s}", borrowed)
+            models = self._fit_section(xs, gs, f"section {s}", borrowed, shared if s in lone else None)
             if self.calibrate:
                 left_out += self._left_out(xs, gs, models)
             for d, (mean, whiten) in models.items():
@@ -602,13 +598,21 @@ class MahalanobisBackend(nn.Module):
         return cov
 
     def _fit_section(
-        self, x: Tensor, group: Tensor, what: str, borrowed: list[str] | None = None
+        self,
+        x: Tensor,
+        group: Tensor,
+        what: str,
+        borrowed: list[str] | None = None,
+        shared: Tensor | None = None,
     ) -> dict[int, tuple[Tensor, Tensor]]:
-        """group id -> (mean (D,), whitening L^-1 (D, D)) of one section's clips x (n, D)."""
+        """group id -> (mean (D,), whitening L^-1 (D, D)) of one section's clips x (n, D).
+
+        `shared`: one covariance for every group (a section of one clip borrows it), fitting none.
+        """
         groups = torch.unique(group).tolist()
         means = {d: x[group == d].mean(dim=0) for d in groups}
-        pooled = None
-        if self.covariance == "pooled" and len(groups) > 1:
+        pooled = shared
+        if pooled is None and self.covariance == "pooled" and len(groups) > 1:
             deviations = torch.cat([x[group == d] - means[d] for d in groups])  # within-domain spread
             pooled = self._covariance(deviations)
         eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
@@ -650,11 +654,7 @@ class MahalanobisBackend(nn.Module):
             rows = torch.nonzero(group == d).flatten()
             fold[rows] = (dealt + torch.arange(rows.numel(), device=x.device)) % self.folds
             dealt += rows.numel()
-        out = {d: torch.full((int((group == d).sum()),), math.nan, dtype=torch.float64) for d in models}
-        position = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        for d in models:
-            rows = torch.nonzero(group == d).flatten()
-            position[rows] = torch.arange(rows.numel(), device=x.device)
+        dist = torch.full((x.shape[0],), math.nan, dtype=torch.float64)  # NaN: not measured
         for f in torch.unique(fold).tolist():
             held = fold == f
             keep = ~held
@@ -666,10 +666,9 @@ class MahalanobisBackend(nn.Module):
                 continue
             for d, (mean, whiten) in refit.items():
                 rows = torch.nonzero(held & (group == d)).flatten()
-                if rows.numel():
-                    z = (x[rows] - mean) @ whiten.T
-                    out[d][position[rows].cpu()] = z.norm(dim=1).cpu()
-        return [out[d][out[d].isfinite()] for d in models]  # unmeasured clips (NaN) left out
+                dist[rows.cpu()] = ((x[rows] - mean) @ whiten.T).norm(dim=1).cpu()
+        per_group = [dist[(group == d).cpu()] for d in models]
+        return [v[v.isfinite()] for v in per_group]
 
     def _covariance(self, x: Tensor) -> Tensor:
         if self.shrinkage == "auto":
