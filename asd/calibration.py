@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from asd.errors import AsdError
-from asd.evaluation import decide, fit_gamma_threshold
+from asd.evaluation import decide, fit_gamma_threshold, midpoint_threshold
 from asd.fileio import torch_save_atomic
 from asd.fusion.stage import FusionState, apply_fusion
 from asd.scoring import FUSIONS, GroupNormalizer, fuse
@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 LEARNED = ("meta", "attention")
 #: the context ids of a clip that calibration reads (never its label)
 CONTEXT = ("machine", "section", "domain")
+
+#: fields added after runs were written: a `calibration.pt` without them loads with their defaults
+ADDED = frozenset({"reference_final", "threshold_note"})
 
 Scores = Mapping[str, np.ndarray]
 Context = Mapping[str, Tensor]
@@ -71,6 +74,10 @@ class Calibration:
     reason: str = ""
     #: the variance shrinkage the normalisers were fitted with (`GroupNormalizer`), for refits
     shrinkage: float = 0.0
+    #: (N,) the reference normals' left-out final scores the thresholds are fitted on
+    reference_final: Tensor | None = None
+    #: how the thresholds were set when not by the gamma fit alone (`threshold=midpoint`), for the summary
+    threshold_note: str = ""
 
     # ------------------------------------------------------------------ scoring
     def normalise(self, raw: Scores, context: Context) -> Tensor:
@@ -119,6 +126,8 @@ class Calibration:
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> Calibration:
         names = {f.name for f in fields(cls)}
+        if isinstance(state, Mapping) and set(state) - names == set() and names - set(state) <= ADDED:
+            state = {**{f.name: f.default for f in fields(cls) if f.name in ADDED}, **state}
         if not isinstance(state, Mapping) or set(state) != names:
             got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
             raise AsdError(f"not a calibration state: keys {got}, expected {sorted(names)}")
@@ -234,3 +243,29 @@ def fit_thresholds(final: np.ndarray, section: Tensor, num_sections: int, percen
     for s in np.unique(section):
         thresholds[s] = fit_gamma_threshold(final[section == s], percentile)
     return torch.as_tensor(thresholds)
+
+
+def fit_midpoint_thresholds(
+    gamma: Tensor,
+    normal: np.ndarray,
+    normal_section: Tensor,
+    anomalous: np.ndarray,
+    anomalous_section: Tensor,
+) -> tuple[Tensor, list[int]]:
+    """Per section, the midpoint between its normals' and its labelled anomalies' mean final score.
+
+    A section without labelled anomalies (or without normals) keeps its `gamma` threshold; returns
+    the thresholds (num_sections,) and those sections.
+    """
+    thresholds = gamma.clone().double()
+    normal, anomalous = np.asarray(normal, dtype=np.float64), np.asarray(anomalous, dtype=np.float64)
+    normal_section = np.asarray(normal_section, dtype=np.int64)
+    anomalous_section = np.asarray(anomalous_section, dtype=np.int64)
+    kept = []
+    for s in range(len(thresholds)):
+        n, a = normal[normal_section == s], anomalous[anomalous_section == s]
+        if n.size and a.size:
+            thresholds[s] = midpoint_threshold(n, a)
+        else:
+            kept.append(s)
+    return thresholds, kept

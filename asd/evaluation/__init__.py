@@ -9,7 +9,7 @@ from asd.evaluation.export import (
 )
 from asd.evaluation.metrics import Evaluation, auc_pauc, evaluate, hmean, official_score
 from asd.evaluation.plots import plot_histograms, plot_roc
-from asd.evaluation.threshold import decide, fit_gamma_threshold
+from asd.evaluation.threshold import decide, fit_gamma_threshold, midpoint_threshold
 
 __all__ = [
     "Evaluation",
@@ -19,6 +19,7 @@ __all__ = [
     "evaluate_submission",
     "fit_gamma_threshold",
     "hmean",
+    "midpoint_threshold",
     "official_score",
     "plot_histograms",
     "plot_roc",

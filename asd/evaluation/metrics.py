@@ -27,7 +27,15 @@ and, with decisions, `precision`/`recall`/`f1` are reported for every year):
 
 Decisions (1 = anomaly) give `precision`, `recall` and `f1` per domain over that domain's clips
 (2021+, as the evaluators compute them) and over the whole section, with the evaluators'
-guards: `tp / max(tp + fp, eps)`, `tp / max(tp + fn, eps)`, `2pr / max(p + r, eps)`.
+guards: `tp / max(tp + fp, eps)`, `tp / max(tp + fn, eps)`, `2pr / max(p + r, eps)`. The same
+counts give `tpr` (= recall) and `tnr` per section and domain; `decision_rates` is the one
+formula for all four. A rate whose denominator is 0 is 0 (sklearn's `zero_division=0`; the
+evaluators' eps guards give exactly that, since the numerator is then 0 too), so the counts
+`tp`, `fp`, `tn`, `fn` go beside the rates: a 0 over no clips can be told from a real 0.
+`decision_table` gives the rates per machine/section/domain and over every test clip.
+
+One file: every official rule (per year) and the decision metrics at a threshold are computed
+here once, so every table, CSV and tool reports the same numbers.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import scipy.stats
 from numpy.typing import ArrayLike
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from asd.data.table import Clip, ClipTable
 from asd.errors import AsdError
@@ -163,14 +171,52 @@ def hmean(values: ArrayLike) -> float:
     return float(scipy.stats.hmean(np.maximum(v, EPS)))
 
 
+def decision_counts(y_true: ArrayLike, decisions: ArrayLike) -> dict[str, int]:
+    """`tp`, `fp`, `tn`, `fn` of 0/1 decisions against 0/1 labels (1 = anomaly, the positive class)."""
+    y, d = np.asarray(y_true, dtype=int), np.asarray(decisions, dtype=int)
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, d, labels=[0, 1]).ravel())
+    return {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
+
+
+def decision_rates(tp: int, fp: int, tn: int, fn: int) -> dict[str, float]:
+    """TPR (recall), TNR, precision and F1 from counts; a rate over no clips is 0 (zero_division=0)."""
+
+    def ratio(num: float, den: float) -> float:
+        return num / den if den > 0 else 0.0
+
+    precision, tpr = ratio(tp, tp + fp), ratio(tp, tp + fn)
+    return {
+        "tpr": tpr,
+        "tnr": ratio(tn, tn + fp),
+        "precision": precision,
+        "f1": ratio(2.0 * precision * tpr, precision + tpr),
+    }
+
+
 def _prf(y: np.ndarray, d: np.ndarray) -> tuple[float, float, float]:
-    """Precision, recall, F1 of decisions `d` against labels `y`, with the evaluators' guards."""
-    tp = float(np.sum((d == 1) & (y == 1)))
-    fp = float(np.sum((d == 1) & (y == 0)))
-    fn = float(np.sum((d == 0) & (y == 1)))
-    precision = tp / max(tp + fp, EPS)
-    recall = tp / max(tp + fn, EPS)
-    return precision, recall, 2.0 * precision * recall / max(precision + recall, EPS)
+    """Precision, recall, F1 of decisions `d` against labels `y` (the evaluators' values)."""
+    rates = decision_rates(**decision_counts(y, d))
+    return rates["precision"], rates["tpr"], rates["f1"]
+
+
+def decision_table(clips: Sequence[Clip] | ClipTable, decisions: ArrayLike) -> list[dict]:
+    """Counts and rates of the decisions per (machine, section, domain), per (machine, section) with
+    domain "all", and over every labelled test clip ("all", "all", "all"), in that order."""
+    clips = list(clips)
+    kept, _, d = labelled_test_clips(clips, np.zeros(len(clips)), decisions)
+    y = np.array([0 if c.is_normal else 1 for c in kept])
+    groups: dict[tuple[str, str, str], list[int]] = {}
+    for i, c in enumerate(kept):
+        groups.setdefault((c.machine, c.section, c.domain), []).append(i)
+        groups.setdefault((c.machine, c.section, "all"), []).append(i)
+    groups[("all", "all", "all")] = list(range(len(kept)))
+    rows = []
+    for (machine, section, domain), idx in sorted(groups.items(), key=lambda kv: (kv[0][0] == "all", kv[0])):
+        counts = decision_counts(y[idx], d[idx])
+        rows.append(
+            {"machine": machine, "section": section, "domain": domain, **counts, **decision_rates(**counts)}
+        )
+    return rows
 
 
 def labelled_test_clips(
@@ -272,7 +318,17 @@ def _section_row(
         for name, m in (("source", src), ("target", tgt)):
             p, r, f = _prf(y[m], d[m]) if year >= 2021 else (NAN, NAN, NAN)
             row[f"precision_{name}"], row[f"recall_{name}"], row[f"f1_{name}"] = p, r, f
+        # TPR/TNR beside them (recall is the TPR), per section and, where domains exist, per domain
+        row.update(_tpr_tnr(y, d, ""))
+        for name, m in (("source", src), ("target", tgt)):
+            none = {f"tpr_{name}": NAN, f"tnr_{name}": NAN}
+            row.update(_tpr_tnr(y[m], d[m], f"_{name}") if year >= 2021 else none)
     return row
+
+
+def _tpr_tnr(y: np.ndarray, d: np.ndarray, suffix: str) -> dict[str, float]:
+    rates = decision_rates(**decision_counts(y, d))
+    return {f"tpr{suffix}": rates["tpr"], f"tnr{suffix}": rates["tnr"]}
 
 
 def official_score(rows: Sequence[dict], year: int) -> float:

@@ -11,6 +11,10 @@ Where the fit cannot apply, the threshold falls back to the empirical quantile
 - the fit raises, returns non-finite parameters, or a quantile outside
   [min(scores), max(scores) + (max(scores) - min(scores))], i.e. a fit that does not describe
   the scores.
+
+`midpoint_threshold` is the alternative when the user has labelled anomalous validation clips
+(`threshold=midpoint`): halfway between the mean score of normal and of anomalous validation
+clips, `(mean(normal) + mean(anomalous)) / 2`.
 """
 
 from __future__ import annotations
@@ -67,6 +71,25 @@ def fit_gamma_threshold(scores: ArrayLike, percentile: float = 0.9) -> float:
         "gamma threshold: %s; using the empirical %g quantile %r instead", why, percentile, fallback
     )
     return fallback
+
+
+def midpoint_threshold(normal: ArrayLike, anomalous: ArrayLike) -> float:
+    """Halfway between the mean normal and the mean anomalous validation score."""
+    n = finite_scores(normal, "midpoint_threshold (normal scores)", flatten=True)
+    a = finite_scores(anomalous, "midpoint_threshold (anomalous scores)", flatten=True)
+    if not n.size or not a.size:
+        raise AsdError(
+            f"midpoint_threshold: {n.size} normal and {a.size} anomalous scores; "
+            "it needs at least one of each"
+        )
+    if a.mean() <= n.mean():
+        logger.warning(
+            "midpoint threshold: the anomalous validation clips score %.4g on average, not above the "
+            "normals' %.4g; the threshold between them flags mostly normal-looking clips",
+            a.mean(),
+            n.mean(),
+        )
+    return float((n.mean() + a.mean()) / 2.0)
 
 
 def decide(scores: ArrayLike, threshold: float | ArrayLike) -> np.ndarray:

@@ -1,14 +1,21 @@
-"""The run folder's tables: `scores.csv`, `metrics.csv`, `attention_weights.csv`, `summary.md`.
+"""The run folder's tables: `scores.csv`, `errors.csv`, `embeddings.npz`, `metrics.csv`,
+`attention_weights.csv`, `summary.md`.
 
 Every CSV goes through the `csv` module (a path or name with a comma or a quote stays one field)
 and is written atomically. Floats are written with `repr` (the shortest text that reads back as
 the same float), so `read_scores` returns exactly what was written.
+
+`scores.csv` is what the predict stage decides with (and `tools/score.py` reproduces): every
+score column, `final` and the 0/1 `decision`. `errors.csv` is the per-clip error file of the
+autoencoder studies: the raw, un-normalised scores only (members, references, label-free and
+learned fusions, final), with the clip's row `index` and a 0/1 `is_anomaly` column, no decision.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,11 +29,15 @@ from asd.ensemble import is_reference
 from asd.errors import AsdError
 from asd.evaluation import evaluate
 from asd.evaluation.metrics import TABLE_KEYS
-from asd.fileio import write_text_atomic
+from asd.fileio import write_atomic, write_text_atomic
 from asd.scoring import FUSIONS
+
+log = logging.getLogger(__name__)
 
 #: each clip's identity columns in `scores.csv`, before its scores
 SCORE_META = ("file", "machine", "section", "domain", "label", "path")
+#: `errors.csv`'s identity columns: the clip's row in the test table, then `scores.csv`'s, then 0/1
+ERROR_META = ("index", *SCORE_META, "is_anomaly")
 
 
 def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -67,6 +78,47 @@ def write_scores(path: Path, table: ClipTable, columns: dict[str, np.ndarray]) -
     write_csv(path, [*SCORE_META, *names], rows)
 
 
+def write_errors(path: Path, table: ClipTable, columns: dict[str, np.ndarray]) -> None:
+    """`errors.csv`: one row per test clip, its raw score per member and method (no decision)."""
+    names = [n for n in score_names(columns) if n != "decision"]
+    rows = (
+        [
+            i,
+            c.name,
+            c.machine,
+            c.section,
+            c.domain,
+            c.label,
+            c.path,
+            "" if c.label == "unknown" else int(c.label == "anomaly"),
+            *score_cells(columns, names, i),
+        ]
+        for i, c in enumerate(table)
+    )
+    write_csv(path, [*ERROR_META, *names], rows)
+
+
+def write_embeddings(path: Path, table: ClipTable, embeddings: dict[str, np.ndarray]) -> None:
+    """`embeddings.npz`: per member its test embeddings (N, D) float32, and per clip `index`,
+    `machine`, `section`, `domain`, `label`, `filename` (string arrays: it loads without pickle)."""
+    arrays = {name: np.asarray(z, dtype=np.float32) for name, z in embeddings.items() if name != "index"}
+    clips = list(table)
+    arrays.update(
+        index=np.arange(len(clips), dtype=np.int64),
+        machine=np.array([c.machine for c in clips], dtype=str),
+        section=np.array([c.section for c in clips], dtype=str),
+        domain=np.array([c.domain for c in clips], dtype=str),
+        label=np.array([c.label for c in clips], dtype=str),
+        filename=np.array([c.name for c in clips], dtype=str),
+    )
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add `.npz` to a name
+            np.savez(f, **arrays)
+
+    write_atomic(path, write)
+
+
 def read_scores(path: Path) -> dict[str, np.ndarray]:
     """The score columns of a `scores.csv` (identity columns left out)."""
     try:
@@ -80,11 +132,13 @@ def read_scores(path: Path) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------- metrics and summary
-def evaluate_methods(test: ClipTable, columns: dict[str, np.ndarray], year: int) -> dict[str, Any]:
-    """The official evaluation of every score column; `final`'s decisions go with the final method."""
+def evaluate_methods(
+    test: ClipTable, columns: dict[str, np.ndarray], year: int, final: str = ""
+) -> dict[str, Any]:
+    """The official evaluation of every score column; the decisions go with the `final` method."""
     methods = [k for k in columns if k not in ("final", "decision")]
     return {
-        m: evaluate(test, columns[m], year=year, decisions=columns["decision"] if m == "final" else None)
+        m: evaluate(test, columns[m], year=year, decisions=columns["decision"] if m == final else None)
         for m in methods
     }
 
@@ -112,15 +166,28 @@ def write_metrics(
     notes: Sequence[str] = (),
     weights_rows: Sequence[dict] = (),
     final: str = "",
+    decisions: Sequence[dict] = (),
+    threshold_note: str = "",
 ) -> None:
-    """Write `metrics.csv` (per method and machine/section, plus official scores) and `summary.md`."""
+    """Write `metrics.csv` (per method and machine/section, plus official scores) and `summary.md`.
+
+    `decisions` (`decision_table` rows of the final method) add the counts `tp`, `fp`, `tn`,
+    `fn` to the final method's section rows, and its rates over every clip to its `all` row.
+    """
+    by_section = {(d["machine"], d["section"]): d for d in decisions if d["domain"] == "all"}
+    counts = ("tp", "fp", "tn", "fn")
     rows: list[dict[str, Any]] = []
     for method, ev in results.items():
-        rows.extend({"method": method, **r} for r in ev.rows)
-        rows.append({"method": method, "machine": "all", "section": "all", "official": ev.official})
+        for r in ev.rows:
+            d = by_section.get((r["machine"], r["section"])) if method == final else None
+            rows.append({"method": method, **r, **({k: d[k] for k in counts} if d else {})})
+        overall = by_section.get(("all", "all")) if method == final else None
+        extra = {k: overall[k] for k in (*counts, "tpr", "tnr", "precision", "f1")} if overall else {}
+        rows.append({"method": method, "machine": "all", "section": "all", "official": ev.official, **extra})
     fields = list(dict.fromkeys(k for r in rows for k in r))
     write_csv(run_dir / "metrics.csv", fields, ([fmt(r.get(k, "")) for k in fields] for r in rows))
-    write_text_atomic(run_dir / "summary.md", summary_markdown(results, cfg, notes, weights_rows, final))
+    text = summary_markdown(results, cfg, notes, weights_rows, final, decisions, threshold_note)
+    write_text_atomic(run_dir / "summary.md", text)
 
 
 def write_attention_weights(path: Path, members: list[str], rows: list[dict]) -> None:
@@ -135,8 +202,11 @@ def summary_markdown(
     notes: Sequence[str] = (),
     weights_rows: Sequence[dict] = (),
     final: str = "",
+    decisions: Sequence[dict] = (),
+    threshold_note: str = "",
 ) -> str:
-    """The run's summary; `final` is the method that decided (`cfg.final` unless final=auto chose)."""
+    """The run's summary; `final` is the method that decided (`cfg.final` unless final=auto chose),
+    `decisions` its `decision_table` rows, `threshold_note` how `threshold=midpoint` set them."""
     final = final or cfg.final
     year = next(iter(results.values())).year
     fusions = [m for m in results if m in FUSIONS or m in LEARNED]
@@ -153,8 +223,12 @@ def summary_markdown(
         f"{', '.join(learned) or 'none (fusion.enabled=false)'}",
         f"- final score: `{final}`"
         + (" (chosen by final=auto)" if cfg.final == "auto" else "")
-        + f"; decisions: gamma threshold at the {cfg.threshold_percentile:g} "
-        "percentile of held-out normals' left-out final scores per machine/section",
+        + "; decisions: "
+        + (
+            threshold_note
+            or f"gamma threshold at the {cfg.threshold_percentile:g} percentile of held-out "
+            "normals' left-out final scores per machine/section"
+        ),
         *(f"- {note}" for note in notes),
         "",
         "| method | official score |",
@@ -162,6 +236,8 @@ def summary_markdown(
     ]
     lines += [f"| {method} | {ev.official:.4f} |" for method, ev in results.items()]
     lines += ["", *comparison_table(results)]
+    if decisions:
+        lines += ["", *decision_lines(decisions, final)]
     if weights_rows:
         members = [k for k in weights_rows[0] if k != "group"]
         lines += [
@@ -194,6 +270,21 @@ def comparison_table(results: dict[str, Any]) -> list[str]:
     for method, ev in results.items():
         values = [_fmt4(r[k]) for r in ev.rows for k in keys]
         lines.append(f"| {method} | " + " | ".join(values) + f" | {ev.official:.4f} |")
+    return lines
+
+
+def decision_lines(decisions: Sequence[dict], final: str) -> list[str]:
+    """The final method's decisions per machine/section/domain and overall: counts and rates."""
+    lines = [
+        f"## decisions of `{final}` at its thresholds (rates over no clips are 0; see docs/evaluation.md)",
+        "",
+        "| machine | section | domain | TP | FP | TN | FN | TPR | TNR | precision | F1 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for d in decisions:
+        cells = [d["machine"], d["section"], d["domain"], *(str(d[k]) for k in ("tp", "fp", "tn", "fn"))]
+        cells += [f"{d[k]:.4f}" for k in ("tpr", "tnr", "precision", "f1")]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
