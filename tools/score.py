@@ -33,6 +33,7 @@ from asd.data.audio import AudioConfig, fit_length, length_changes, load_audio, 
 from asd.data.datamodule import ClipDataset, WaveStore
 from asd.data.index import parse_path
 from asd.data.table import DOMAIN_IDS, Clip
+from asd.data.windows import window_starts, windowing_of
 from asd.errors import AsdError, disk_fault
 from asd.fileio import write_text_atomic
 from asd.run import FinishedRun
@@ -140,14 +141,6 @@ def hop_of(args: dict[str, str], audio: AudioConfig) -> int | None:
     return max(1, round(hop * audio.sample_rate))
 
 
-def window_starts(length: int, n: int | None, hop: int | None) -> list[int]:
-    """Starts of the windows of `n` samples, every `hop`, that cover a recording; the last ends at its end."""
-    if n is None or hop is None or length <= n:
-        return [0]
-    starts = list(range(0, length - n + 1, hop))
-    return starts if starts[-1] == length - n else [*starts, length - n]
-
-
 class Windows:
     """The windows' waves, as a part of a WaveStore: each file decoded whole, once, when first asked for.
 
@@ -156,7 +149,7 @@ class Windows:
 
     def __init__(self, paths: list[str], items: list[tuple[int, int]], audio: AudioConfig):
         self.paths, self.items, self.audio = paths, items, audio  # items: (file index, start sample)
-        self.whole = dataclasses.replace(audio, duration=None)
+        self.whole = dataclasses.replace(audio, duration=None, window=None, window_hop=None)
         self.loaded, self.wave = -1, np.zeros(0, np.float32)
 
     def __len__(self) -> int:
@@ -183,7 +176,15 @@ def score_windows(
     waves = WaveStore([Windows([str(f) for f in files], items, run.audio)])
     dataset = ClipDataset(labelled.table, waves, labelled.labels)
     device, batch_size = torch.device("cpu"), batch_size or run.batch_size
-    columns = predict(run.ensemble, run.calibration, dataset, device, batch_size, what="inputs")
+    columns = predict(
+        run.ensemble,
+        run.calibration,
+        dataset,
+        device,
+        batch_size,
+        what="inputs",
+        windowing=windowing_of(run.audio),
+    )
     counts = [len(s) for s in starts]
     first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)  # each file's first window
     best = [int(o + np.argmax(columns["final"][o : o + k])) for o, k in zip(first, counts, strict=True)]

@@ -54,6 +54,7 @@ from transformers import ASTConfig, ASTModel
 
 from asd.branches.auxiliary import VIEWS, self_supervised_views
 from asd.branches.base import Branch, OptimizerFactory
+from asd.data.windows import window_starts as cover
 from asd.errors import AsdError
 from asd.features import AstFbank
 from asd.scoring import KnnBackend
@@ -156,9 +157,7 @@ def _check_complete(info: dict, weights: str) -> None:
 
 def window_starts(num_samples: int, window: int) -> list[int]:
     """First sample of each window: 0, W, 2W, ..., and a last one ending at the clip's end."""
-    if num_samples <= window:
-        return [0]
-    return list(range(0, num_samples - window, window)) + [num_samples - window]
+    return cover(num_samples, window, window)
 
 
 class AngularHead(nn.Module):
