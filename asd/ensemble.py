@@ -16,6 +16,11 @@ optimisation leaves both to us:
   counted in optimizer steps); Lightning checkpoints and restores its state like the optimizers'.
 Settings for a frozen member are ignored with a warning, so one member config serves both the
 run that trains a member and the run that freezes it.
+
+Under `precision=16-mixed` one loss scaler serves every member (`MemberMixedPrecision`): each
+member's optimizer is unscaled and stepped by it, and the scale is updated once per training step;
+`train/amp/scale` and `train/amp/skipped_steps` (steps whose gradients held inf/NaN, so the scaler
+skipped them) are logged.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from typing import Any, TypeVar
 
 import pytorch_lightning as L
 import torch
+from pytorch_lightning.plugins import MixedPrecision
 from torch import Tensor, nn
-from torch.optim import Optimizer
+from torch.optim import LBFGS, Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from asd.branches.base import Branch
@@ -37,7 +43,7 @@ from asd.errors import AsdError
 log = logging.getLogger(__name__)
 
 #: every member the design names, in order
-BRANCHES = ("b1", "b2", "b3", "b4", "b5")
+BRANCHES = ("b1", "b2", "b3", "b4", "b5", "b6", "b7")
 #: the reference detectors run beside the ensemble (reported, never fused): the DCASE baseline
 #: autoencoder, and training-free log-mel statistics
 REFERENCES = ("dcase_ae", "stats")
@@ -251,6 +257,11 @@ class Ensemble(L.LightningModule):
                 schedulers[name].step()
         self.log_grad_norms = False
         bs = len(batch["wave"])
+        precision = self.trainer.precision_plugin
+        if isinstance(precision, MemberMixedPrecision):
+            precision.update_scale()  # once per step, after every member's scaler.step
+            self.log("train/amp/scale", precision.scaler.get_scale(), batch_size=bs)
+            self.log("train/amp/skipped_steps", float(precision.skipped_steps), batch_size=bs)
         for name, loss in losses.items():
             self.log(f"train/{name}/loss", loss.detach(), prog_bar=len(losses) < 4, batch_size=bs)
         self.log("train/loss", total.detach(), batch_size=bs)
@@ -325,3 +336,47 @@ class Ensemble(L.LightningModule):
                 # "step" is for LearningRateMonitor; training_step does the stepping in manual optimisation
                 schedulers.append({"scheduler": sched, "interval": "step"})
         return (optimizers, schedulers) if schedulers else optimizers
+
+
+class MemberMixedPrecision(MixedPrecision):
+    """`16-mixed` for the ensemble's manual optimisation: `scaler.step` per member, one `update` per step.
+
+    Lightning's `MixedPrecision.optimizer_step` (2.6) unscales, runs `on_before_optimizer_step`,
+    steps, then calls `scaler.update()` — after *each* optimizer. With one optimizer per member the
+    scale then changes between members of one backward pass (a later member's gradients are
+    unscaled by a scale they were not scaled with) and the scaler's growth counter counts member
+    steps, not training steps. PyTorch's recipe for several optimizers is `unscale_`/`step` per
+    optimizer and one `update()` per iteration: `optimizer_step` does the former and
+    `Ensemble.training_step` calls `update_scale` once after its members' steps.
+    """
+
+    def __init__(self, device: str, scaler: torch.amp.GradScaler | None = None):
+        super().__init__("16-mixed", device, scaler)
+        #: training steps whose gradients held inf/NaN, so the scaler skipped them (cumulative)
+        self.skipped_steps = 0
+
+    def optimizer_step(
+        self, optimizer: Optimizer, model: Any, closure: Callable[[], Any], **kwargs: Any
+    ) -> Any:
+        if model.automatic_optimization:  # one optimizer per step: Lightning's own bookkeeping is right
+            return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
+        if isinstance(optimizer, LBFGS):
+            raise AsdError("precision=16-mixed cannot step LBFGS; use another optimizer or bf16-mixed")
+        closure()  # manual optimisation: backward already ran, the closure does nothing
+        if not getattr(optimizer, "_step_supports_amp_scaling", False):  # fused optimizers unscale themselves
+            self.scaler.unscale_(optimizer)
+        self._after_closure(model, optimizer)  # on_before_optimizer_step: norms, clipping on unscaled grads
+        return self.scaler.step(optimizer, **kwargs)  # skipped when this optimizer's grads hold inf/NaN
+
+    def update_scale(self) -> None:
+        """The step's one `scaler.update()`; a smaller scale after it means inf/NaN were found."""
+        before = self.scaler.get_scale()
+        self.scaler.update()
+        self.skipped_steps += self.scaler.get_scale() < before  # backoff only follows an inf/NaN step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict(), "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.scaler.load_state_dict(state_dict.get("scaler", state_dict))
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))

@@ -129,7 +129,7 @@ def test_logger_nodes_need_a_target():
         ("final=true", "final=True: expected a non-empty string"),
         ("year=2019", "year=2019: expected one of 2020"),
         ("grad_norm_every=-1", "grad_norm_every=-1: expected an integer >= 0"),
-        ("num_heatmaps=-1", "num_heatmaps=-1: expected an integer >= 0"),
+        ("heatmaps.count=-1", "heatmaps.count=-1: expected an integer >= 0"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override, message):

@@ -137,10 +137,10 @@ def test_member_restores_from_ensemble_and_member_checkpoints(tmp_path):
 
 
 def test_select_branches():
-    assert select_branches("all") == list(BRANCHES) == ["b1", "b2", "b3", "b4", "b5"]
+    assert select_branches("all") == list(BRANCHES) == ["b1", "b2", "b3", "b4", "b5", "b6", "b7"]
     assert select_branches("b2") == ["b2"]
     assert select_branches(["b3", "b2", "b3"]) == ["b3", "b2"]
-    with pytest.raises(AsdError, match=r"unknown branch \['b9'\].*'b1', 'b2', 'b3', 'b4', 'b5'"):
+    with pytest.raises(AsdError, match=r"unknown branch \['b9'\].*'b1', 'b2', 'b3', 'b4', 'b5', 'b6', 'b7'"):
         select_branches("b9")
     with pytest.raises(AsdError, match="selects no member"):
         select_branches([])

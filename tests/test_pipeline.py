@@ -53,6 +53,8 @@ def test_run_folder_is_complete(run):
         "scores.csv",
         "metrics.csv",
         "summary.md",
+        "errors.csv",
+        "embeddings.npz",
         "attention_weights.csv",
         "stages.json",
         "logs/version_0/metrics.csv",
@@ -65,7 +67,8 @@ def test_run_folder_is_complete(run):
         for m in ("rotor", "valve")
     ]
     plots = {p.name.split("_")[0] for p in (run / "plots").iterdir()}
-    assert plots == {"roc", "hist", "heatmap", "attention", "pseudo"}
+    # b6's masks and b7's prior samples beside the shared kinds; loss curves and t-SNE of embeddings
+    assert plots == {"roc", "hist", "heatmap", "attention", "pseudo", "b6", "b7", "loss", "tsne"}
     assert list(json.loads((run / "stages.json").read_text())) == STAGES
 
 
@@ -279,7 +282,9 @@ def test_permuting_the_test_labels_leaves_every_score_unchanged(run, tiny_root, 
                 if col in ("machine", "section", "domain", "decision"):
                     assert r[col] == before[col], col
                 elif col not in ("file", "path", "label"):
-                    assert float(r[col]) == pytest.approx(float(before[col]), rel=1e-6, abs=1e-9), col
+                    # the relabelled files sort into other batches, so sums run in another order:
+                    # agreement to float32 rounding (a leaked label would move scores by far more)
+                    assert float(r[col]) == pytest.approx(float(before[col]), rel=1e-6, abs=1e-7), col
         assert changed > 0
 
 
@@ -310,7 +315,7 @@ def test_frozen_member_restored_from_a_checkpoint_does_not_move(run, tmp_path):
     ("override", "message"),
     [
         ("branch=b9", r"unknown branch \['b9'\]"),
-        ("freeze=b6", r"freeze=\['b6'\] names members that are not selected"),
+        ("branch=b2 freeze=b3", r"freeze=\['b3'\] names members that are not selected"),
         ("final=best", "final='best': expected auto or one of"),
         ("final=meta fusion.enabled=false", "final=meta needs the learned fusions"),
         ("fusion.anomalies.kinds=[tone,hum]", "fusion.anomalies.kinds"),
@@ -337,9 +342,9 @@ def test_train_py_prints_the_run_folder_last_and_errors_cleanly(tmp_path):
     res = subprocess.run([*cmd, f"run_dir={tmp_path / 'r'}"], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().splitlines()[-1] == str((tmp_path / "r").resolve())
-    res = subprocess.run([*cmd, "branch=b7"], capture_output=True, text=True, cwd=tmp_path)
+    res = subprocess.run([*cmd, "branch=b9"], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 2
-    assert "error: unknown branch ['b7']" in res.stderr and "Traceback" not in res.stderr
+    assert "error: unknown branch ['b9']" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_bf16_mixed_precision_on_cpu(tmp_path):

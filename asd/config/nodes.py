@@ -10,13 +10,17 @@ logger, the top level), so a key is found where its YAML file puts it.
 """
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo
+from pydantic.functional_validators import PlainValidator
+from pydantic_core import PydanticCustomError
 
 from asd.anomalies import KINDS
 from asd.branches.contrastive import OBJECTIVES, SELF_SUPERVISED, SPECTRA
 from asd.branches.diffusion import SCHEDULES
+from asd.branches.reprojection import POOLS, STRATEGIES
+from asd.branches.vae import FFT_NORMS, RECON_TERMS, RECONS, SKIPS
 from asd.config.values import (
     Count,
     Dropout,
@@ -79,6 +83,14 @@ Devices = value(
 )
 Precision = value("a Lightning precision such as '32-true'", lambda v: isinstance(v, str) or is_int(v))
 Deterministic = value("true, false or 'warn'", lambda v: isinstance(v, bool) or v == "warn", null=True)
+ReconWeights = value(
+    f"a mapping of some of {list(RECON_TERMS)} to weights >= 0",
+    lambda v: (
+        isinstance(v, dict)
+        and set(v) <= set(RECON_TERMS)
+        and all(is_number(w) and w >= 0 for w in v.values())
+    ),
+)
 Checkpoints = value(
     "a mapping of member names to checkpoint paths",
     lambda v: isinstance(v, dict) and all(isinstance(p, str) for p in v.values()),
@@ -213,6 +225,43 @@ class B5(Member):
     selective: Flag = False
 
 
+class B6(Member):
+    """`asd.branches.reprojection.ReprojectionBranch`."""
+
+    frontend: Target
+    channels: integers(max_len=5) = [16, 32]
+    code_dim: PosInt = 32
+    codebook_size: integer(ge=2) = 64
+    ema: Flag = True
+    ema_decay: number(gt=0, lt=1) = 0.99
+    commitment: Weight = 0.25
+    stage1_steps: Count = 50
+    strategy: choice(*STRATEGIES) = "both"
+    empty_mask_prob: Fraction = 0.2
+    blob_fraction: interval(gt=0, lt=1) = [0.03, 0.15]
+    band: interval(gt=0, le=0.5) = [0.03, 0.2]
+    predictor_channels: PosInt = 16
+    focal_gamma: Weight = 2.0
+    score_pool: choice(*POOLS) = "topk"
+    topk: number(gt=0, le=1) = 0.05
+    seed: Seed = 0
+
+
+class B7(Member):
+    """`asd.branches.vae.VAEBranch`."""
+
+    frontend: Target
+    channels: integers(max_len=6) = [16, 32, 64]
+    latent_channels: PosInt = 16
+    skip: choice(*SKIPS) = "none"
+    kl_weight: Weight = 0.01
+    recon: choice(*RECONS) = "mse"
+    recon_weights: ReconWeights = {"mse": 1.0}
+    fft_norm: choice(*FFT_NORMS) = "l1"
+    score_kl: Weight = 0.0
+    score_mode: choice("mse", "mahalanobis") = "mse"
+
+
 class DcaseAE(Member):
     """`asd.branches.dcase_ae.DcaseAEBranch`, the reference detector."""
 
@@ -242,6 +291,8 @@ SCHEMAS: dict[str, type[Node]] = {
     "b3": B3,
     "b4": B4,
     "b5": B5,
+    "b6": B6,
+    "b7": B7,
     "dcase_ae": DcaseAE,
     "stats": Stats,
 }
@@ -253,6 +304,8 @@ class Branches(Node):
     b3: B3 | None = None
     b4: B4 | None = None
     b5: B5 | None = None
+    b6: B6 | None = None
+    b7: B7 | None = None
     dcase_ae: DcaseAE | None = None
     stats: Stats | None = None
 
@@ -266,6 +319,8 @@ class Audio(Node):
     crop: choice(*CROPS) = "start"
     pad: choice(*PADS) = "wrap"
     resample: Flag = True
+    window: number(gt=0, null=True) = None
+    window_hop: number(gt=0, null=True) = None
 
 
 class Synthetic(Node):
@@ -298,6 +353,7 @@ class Data(Node):
     val_fraction: number(ge=0, lt=1) = 0.1
     mimii_train_normals: integer(ge=1, null=True) = None
     on_bad_file: choice(*ON_BAD_FILE) = "error"
+    batches_per_epoch: integer(ge=1, null=True) = None
     cache_dir: Folder = None
     seed: Seed = 0
 
@@ -394,6 +450,45 @@ class Logger(BaseModel):
     target: Text = Field(alias="_target_")
 
 
+def _colormaps() -> list[str]:
+    from matplotlib import colormaps  # imported when a cmap is checked, not with the schema
+
+    return list(colormaps)
+
+
+Colormap = value(
+    "a matplotlib colormap name such as 'magma', 'viridis', 'inferno', 'gray' or 'coolwarm'",
+    lambda v: isinstance(v, str) and v in _colormaps(),
+)
+Indices = value(
+    "a non-empty list of clip indices >= 0",
+    lambda v: isinstance(v, list) and bool(v) and all(is_int(i) and i >= 0 for i in v),
+    null=True,
+)
+
+
+def _validation_anomalies(v: Any, info: ValidationInfo) -> Any:
+    """A folder or a non-empty list of WAV files, or null; `threshold=midpoint` needs one."""
+    if not (v is None or (isinstance(v, str) and v) or (is_texts(v) and v)):
+        raise PydanticCustomError("asd", "expected a folder, a non-empty list of WAV files, or null")
+    if v is None and info.data.get("threshold") == "midpoint":
+        raise PydanticCustomError(
+            "asd",
+            "threshold=midpoint needs labelled anomalous validation clips (never test clips): set "
+            "validation_anomalies=FOLDER or validation_anomalies=[a.wav,b.wav], or use threshold=gamma",
+        )
+    return v
+
+
+class Heatmaps(Node):
+    """`heatmaps`: spectrogram heatmaps of the members that draw error maps (asd.evaluation.heatmaps)."""
+
+    count: Count = 4
+    indices: Indices = None  # clip indices of the split; null: `count` clips, half of them anomalous
+    split: choice("test", "train") = "test"
+    cmap: Colormap = "magma"
+
+
 class Checkpoint(Node):
     """`checkpoint`: when the fit writes `checkpoints/last.ckpt` (asd.run.checkpointing)."""
 
@@ -417,13 +512,19 @@ class TrainConfig(Node):
     reference: References = True
     final: Text = "auto"
     threshold_percentile: number(gt=0, lt=1) = 0.9
+    threshold: choice("gamma", "midpoint") = "gamma"
+    validation_anomalies: Annotated[Any, PlainValidator(_validation_anomalies)] = None
     year: choice(*YEARS, null=True) = None  # null: the data's layout, data.year, else 2023
     seed: Seed = 0
+    steps: integer(ge=1, null=True) = (
+        None  # the training budget in optimizer steps (null: trainer.max_epochs)
+    )
     resume: Flag = False
     checkpoint: Checkpoint = Checkpoint()
     grad_norm_every: Count = 50
     plots: Flag = True
-    num_heatmaps: Count = 4
+    heatmaps: Heatmaps = Heatmaps()
+    num_heatmaps: integer(ge=0, null=True) = None  # deprecated alias of heatmaps.count (older run folders)
     name: Text = "run"
     experiment_name: Text = "default"
     run_dir: Text = "runs"

@@ -27,6 +27,8 @@ DECODE_VERSION = 1
 #: ends the message of a bad file that a training run may leave out; test clips never are, and their
 #: message drops it (`asd.data.datamodule`)
 SKIP_HINT = " (data.on_bad_file=skip leaves it out)"
+#: AudioConfig fields that say what members see of a clip, not how it is decoded
+WINDOW_KEYS = ("window", "window_hop")
 
 
 class AudioError(AsdError):
@@ -40,7 +42,10 @@ class AudioConfig:
     `channel` is a channel index or `"mean"` (down-mix all channels). With `duration` set,
     longer clips are cut (`crop`: keep the start or the centre) and shorter ones are
     extended at their end (`pad`: repeat the clip, or zeros). `resample=False` makes a
-    file at another sample rate an error instead of converting it.
+    file at another sample rate an error instead of converting it. `window` (seconds) is what
+    the members see of a clip: random crops in training, windows every `window_hop` seconds
+    (null: the window's length) in scoring (`asd.data.windows`); it does not change decoding,
+    so it is not part of the cache key.
     """
 
     sample_rate: int = 16000
@@ -49,6 +54,8 @@ class AudioConfig:
     crop: str = "start"
     pad: str = "wrap"
     resample: bool = True
+    window: float | None = None
+    window_hop: float | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -60,7 +67,8 @@ class AudioConfig:
 
     def key(self) -> str:
         """A short hash of the settings (and the decoder version), stable across runs."""
-        text = json.dumps({"version": DECODE_VERSION, **asdict(self)}, sort_keys=True)
+        decoding = {k: v for k, v in asdict(self).items() if k not in WINDOW_KEYS}
+        text = json.dumps({"version": DECODE_VERSION, **decoding}, sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -101,6 +109,36 @@ def _validate(cfg: AudioConfig) -> None:
         raise AsdError(f"data.audio.pad={cfg.pad!r}: expected one of {PADS}")
     if not isinstance(cfg.resample, bool):
         raise AsdError(f"data.audio.resample={cfg.resample!r}: expected true or false")
+    for key in WINDOW_KEYS:
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise AsdError(f"data.audio.{key}={value!r}: expected seconds > 0, or null")
+        if round(value * sr) < 1:
+            raise AsdError(f"data.audio.{key}={value!r} is shorter than one sample at {sr} Hz")
+    if cfg.window is not None and cfg.duration is None:
+        raise AsdError(
+            f"data.audio.window={cfg.window!r} needs data.audio.duration: windows are cut from clips of one "
+            "length (set data.audio.duration=SECONDS, or data.audio.window=null to use whole clips)"
+        )
+    if cfg.window is not None and cfg.duration is not None and cfg.window > cfg.duration:
+        raise AsdError(
+            f"data.audio.window={cfg.window!r} is longer than the clips "
+            f"(data.audio.duration={cfg.duration!r}); "
+            "use a window no longer than the clip, or data.audio.window=null"
+        )
+    if cfg.window_hop is not None and (cfg.window is None or cfg.window_hop > cfg.window):
+        raise AsdError(
+            f"data.audio.window_hop={cfg.window_hop!r}: a step between scoring windows needs "
+            "data.audio.window "
+            "and must be no longer than it (null steps by the whole window)"
+        )
 
 
 def load_audio(path: str | Path, cfg: AudioConfig) -> np.ndarray:
@@ -261,3 +299,16 @@ def length_changes(lengths: Sequence[int] | np.ndarray, cfg: AudioConfig) -> str
             f"{cfg.duration:g} s"
         )
     return ", ".join(parts)
+
+
+class Decoded:
+    """Files decoded on access (one at a time, never all in memory), as a part of a WaveStore."""
+
+    def __init__(self, paths: list[str], audio: AudioConfig):
+        self.paths, self.audio = paths, audio
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return load_audio(self.paths[i], self.audio)

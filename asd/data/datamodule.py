@@ -5,12 +5,17 @@ Splits:
     val   held-out training normals, per (machine, section, domain), for score normalisation
           and decision thresholds; never trained on
     test  every test clip, none dropped
+
+With `data.audio.window` set, the training loader yields random crops of that length
+(`batches_per_epoch` batches an epoch, drawn with replacement) and the validation loader every
+window of each held-out clip (`asd.data.windows`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -27,6 +32,7 @@ from asd.data.cache import AudioCache
 from asd.data.index import index_dataset
 from asd.data.synthetic import SyntheticConfig, ensure_synthetic
 from asd.data.table import DOMAIN_IDS, Clip, ClipTable
+from asd.data.windows import ClipWindows, RandomCrops, RandomCropSampler, Windowing, windowing_of
 from asd.errors import AsdError
 from asd.paths import cache_root
 
@@ -98,7 +104,10 @@ class AsdDataModule(L.LightningDataModule):
         mimii_train_normals: MIMII only: normals per (machine, id) used for training.
         on_bad_file: "error" stops at the first unreadable training file; "skip" leaves
             it out and lists it in `skipped`. Test clips are never skipped.
+        batches_per_epoch: with `audio.window`, the training batches of random crops one epoch
+            draws; None draws one crop per training clip.
         name: what the dataset is called in run folders and summaries.
+        pin_memory: loaders return page-locked batches (the build sets it when training on a GPU).
     """
 
     def __init__(
@@ -114,11 +123,14 @@ class AsdDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         mimii_train_normals: int | None = None,
         on_bad_file: str = "error",
+        batches_per_epoch: int | None = None,
         cache_dir: str | Path | None = None,
         seed: int = 0,
         name: str = "data",
+        pin_memory: bool = False,
     ):
         super().__init__()
+        self.pin_memory = pin_memory  # page-locked batches: faster host-to-GPU copies (set by the build)
         self.name = name
         self.root = Path(root).expanduser() if root else None
         self.year = year
@@ -137,6 +149,8 @@ class AsdDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.mimii_train_normals = mimii_train_normals
         self.on_bad_file = on_bad_file
+        self.batches_per_epoch = batches_per_epoch
+        self.windowing: Windowing | None = windowing_of(self.audio)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else cache_root() / "audio"
         self.seed = seed
 
@@ -271,15 +285,46 @@ class AsdDataModule(L.LightningDataModule):
             shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
             generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
         )
 
+    @property
+    def train_batches(self) -> int:
+        """Optimizer steps one training epoch takes."""
+        if self.windowing is not None and self.batches_per_epoch:
+            return self.batches_per_epoch
+        return math.ceil(len(self.datasets["fit"]) / self.batch_size)
+
     def train_dataloader(self) -> DataLoader:
-        return self.loader("fit", shuffle=True)
+        if self.windowing is None:
+            return self.loader("fit", shuffle=True)
+        # random crops: clip and start drawn from the loader's generator (restored on resume)
+        generator = torch.Generator().manual_seed(self.seed)
+        fit = self.datasets["fit"]
+        draws = self.train_batches * self.batch_size
+        sampler = RandomCropSampler(len(fit), self.windowing.clip, self.windowing.size, draws, generator)
+        return DataLoader(
+            RandomCrops(fit, self.windowing.size),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=generator,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         # no held-out clips (tiny datasets): no validation loop rather than an empty one
-        return self.loader("val") if len(self.datasets["val"]) else []
+        if not len(self.datasets["val"]):
+            return []
+        if self.windowing is None:
+            return self.loader("val")
+        return DataLoader(
+            ClipWindows(self.datasets["val"], self.windowing),
+            batch_size=self.eval_batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def test_dataloader(self) -> DataLoader:
         return self.loader("test")

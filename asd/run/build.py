@@ -11,6 +11,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from asd.ensemble import (
     FLOW_SOURCES,
     REFERENCES,
     Ensemble,
+    MemberMixedPrecision,
     select_branches,
     select_frozen,
     select_references,
@@ -35,6 +39,8 @@ from asd.errors import AsdError
 from asd.run.checkpointing import LAST_CKPT, AtomicCheckpointIO, ResumeCheckpoint
 from asd.run.progress import show_progress
 from asd.scoring import FUSIONS
+
+log = logging.getLogger(__name__)
 
 #: keys of a member's node that are the ensemble's business, not the member constructor's
 ENSEMBLE_KEYS = ("loss_weight", "gradient_clip", "scheduler")
@@ -86,7 +92,9 @@ def _parameters(obj: Any) -> set[str]:
 
 # ---------------------------------------------------------------------- data and members
 def build_datamodule(cfg: DictConfig) -> AsdDataModule:
-    dm = build(plain(cfg.data), "data", _convert_="all")
+    """The `data` node's datamodule; its loaders pin host memory when the run trains on a GPU."""
+    on_gpu = resolve_trainer(plain(cfg.trainer), *hardware()).on_gpu
+    dm = build(plain(cfg.data), "data", {"pin_memory": on_gpu}, _convert_="all")
     if not isinstance(dm, AsdDataModule):
         raise AsdError(f"data._target_ builds {type(dm).__name__}, not an asd AsdDataModule")
     return dm
@@ -112,12 +120,19 @@ def build_member(name: str, cfg: DictConfig, runtime: dict[str, Any]) -> Branch:
     return member
 
 
+def member_samples(audio: dict[str, Any]) -> int | None:
+    """Samples per member input: the window's with `data.audio.window`, else the clip's (None: any)."""
+    seconds = audio.get("window") or audio["duration"]
+    return round(seconds * audio["sample_rate"]) if seconds else None
+
+
 def build_ensemble(cfg: DictConfig, facts: dict[str, Any]) -> Ensemble:
     names = member_names(cfg)
     frozen = select_frozen(plain(cfg.freeze), names)
     audio = facts["audio"]
     runtime = {
-        "num_samples": round(audio["duration"] * audio["sample_rate"]) if audio["duration"] else None,
+        # members are built for what they see: the window when clips are windowed (asd.data.windows)
+        "num_samples": member_samples(audio),
         "sample_rate": audio["sample_rate"],
         "num_machines": len(facts["machines"]),
         "num_sections": len(facts["sections"]),
@@ -177,10 +192,87 @@ def check_final(ensemble: Ensemble, cfg: DictConfig) -> None:
         raise AsdError(f"final={cfg.final!r}: expected auto or one of {final_choices(ensemble, cfg)}")
 
 
+# ---------------------------------------------------------------------- the hardware
+#: Lightning's names of the CUDA accelerator
+GPU_ACCELERATORS = ("gpu", "cuda")
+#: Lightning's short precision names -> the names it reports
+PRECISION_NAMES = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true"}
+
+
+@dataclass(frozen=True)
+class TrainerChoice:
+    """What a run trains on: the trainer node's `auto` values made concrete (`resolve_trainer`)."""
+
+    accelerator: str
+    devices: int | str | list[int]
+    strategy: str
+    precision: str
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.accelerator in GPU_ACCELERATORS
+
+    def describe(self) -> str:
+        return (
+            f"accelerator={self.accelerator} devices={self.devices} "
+            f"strategy={self.strategy} precision={self.precision}"
+        )
+
+
+def hardware() -> tuple[int, bool]:
+    """This machine's CUDA device count and whether its GPU computes in bf16."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return count, bool(count) and torch.cuda.is_bf16_supported()
+
+
+def resolve_trainer(trainer: Mapping[str, Any], cuda_devices: int, bf16_supported: bool) -> TrainerChoice:
+    """The one decision of what a run trains on; a value the user gave always wins over `auto`.
+
+    - accelerator `auto`: `gpu` with CUDA, else `cpu`;
+    - strategy `auto`: `ddp` (one process per device) for more than one device, else one process;
+    - precision `auto`: on a GPU `bf16-mixed` where it computes in bf16, else `16-mixed` (loss
+      scaling: `MemberMixedPrecision`); `32-true` anywhere else.
+
+    Args:
+        trainer: the `trainer` node as a plain mapping.
+        cuda_devices: how many CUDA devices this machine has (`hardware()`; tests pass made-up facts).
+        bf16_supported: whether its GPU computes in bf16.
+    """
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator == "auto":
+        accelerator = "gpu" if cuda_devices else "cpu"
+    on_gpu = accelerator in GPU_ACCELERATORS
+    devices = trainer.get("devices", "auto")
+    if devices in ("auto", -1, "-1"):
+        count = cuda_devices if on_gpu else 1
+    else:
+        count = len(devices) if isinstance(devices, list) else int(devices)
+    strategy = str(trainer.get("strategy", "auto"))
+    if strategy == "auto":
+        strategy = "ddp" if count > 1 else "auto"
+    precision = str(trainer.get("precision", "32-true"))
+    if precision == "auto":
+        precision = ("bf16-mixed" if bf16_supported else "16-mixed") if on_gpu else "32-true"
+    return TrainerChoice(accelerator, devices, strategy, PRECISION_NAMES.get(precision, precision))
+
+
 # ---------------------------------------------------------------------- training machinery
-def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
-    """The `logger` node's logger, writing under the run folder (`name` the run's when it takes one)."""
-    return build(plain(cfg.logger), "logger", {"name": run_dir.name}, save_dir=str(run_dir), _convert_="all")
+def run_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config a logger records, so runs filter by branch, freeze, final, experiment."""
+    choice = resolve_trainer(plain(cfg.trainer), *hardware())
+    return {**plain(cfg), "experiment": cfg.get("experiment_name"), "hardware": asdict(choice)}
+
+
+def build_logger(cfg: DictConfig, run_dir: Path, resume: bool = False) -> Any:
+    """The `logger` node's logger, writing under the run folder.
+
+    A logger that takes them gets the run's `name`, its resolved `run_config`, and `resume`: whether to
+    continue the run folder's earlier logger run (a resumed fit; stages redone after a finished fit).
+    """
+    runtime = {"name": run_dir.name, "run_config": run_config(cfg), "resume": resume}
+    # not recursive: the recorded config's `_target_` nodes are text, not objects to build
+    node = plain(cfg.logger)
+    return build(node, "logger", runtime, save_dir=str(run_dir), _convert_="all", _recursive_=False)
 
 
 def build_trainer(
@@ -203,8 +295,16 @@ def build_trainer(
         cadence = plain(cfg.get("checkpoint")) or {}
         callbacks.append(ResumeCheckpoint(run_dir / LAST_CKPT, identity, **cadence))
         plugins.append(AtomicCheckpointIO())
+    choice = resolve_trainer(plain(cfg.trainer), *hardware())
+    log.info("trainer: %s", choice.describe())
+    node = {**plain(cfg.trainer), **asdict(choice)}
+    if choice.precision == "16-mixed" and (choice.strategy == "auto" or choice.strategy.startswith("ddp")):
+        # one loss scaler for all members: `scaler.step` per member, `update` once per training step
+        # (sharded strategies, e.g. fsdp, bring their own precision plugin)
+        del node["precision"]  # Lightning takes either the precision flag or a precision plugin
+        plugins.append(MemberMixedPrecision("cuda" if choice.on_gpu else "cpu"))
     return build(
-        plain(cfg.trainer),
+        node,
         "trainer",
         logger=logger,
         callbacks=callbacks,
@@ -218,7 +318,7 @@ def build_trainer(
 
 def inference_device(cfg: DictConfig) -> torch.device:
     """Where a run that skips training scores: the configured accelerator when it is there."""
-    wants_gpu = str(cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda", "auto")
+    wants_gpu = str(cfg.trainer.get("accelerator", "cpu")) in (*GPU_ACCELERATORS, "auto")
     return torch.device("cuda") if wants_gpu and torch.cuda.is_available() else torch.device("cpu")
 
 

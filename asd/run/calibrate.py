@@ -88,8 +88,11 @@ def reference_normals(dm: AsdDataModule, warn: bool = True) -> tuple[ClipDataset
     return ClipDataset(table, waves, labels), "held-out (and some training)"
 
 
-def run_infer(fn, dm: AsdDataModule, dataset: ClipDataset | PseudoAnomalyDataset, device, what: str):
-    return infer(fn, dataset, device, dm.eval_batch_size, dm.num_workers, what)
+def run_infer(
+    fn, dm: AsdDataModule, dataset: ClipDataset | PseudoAnomalyDataset, device, what: str, per_window=False
+):
+    """`infer` with the data module's loader settings and windowing (a row per clip unless `per_window`)."""
+    return infer(fn, dataset, device, dm.eval_batch_size, dm.num_workers, what, dm.windowing, per_window)
 
 
 # ---------------------------------------------------------------------- backends stage
@@ -102,10 +105,17 @@ def fit_backends(ensemble: Ensemble, dm: AsdDataModule, device: torch.device) ->
     needing = [n for n, m in ensemble.members.items() if m.needs_backend]
     if needing:
         fit = dm.datasets["fit"]
+        # members score windows, so their banks and models hold the training clips' windows
         feats = run_infer(
-            lambda b: {n: ensemble.members[n].backend_features(b) for n in needing}, dm, fit, device, "fit"
+            lambda b: {n: ensemble.members[n].backend_features(b) for n in needing},
+            dm,
+            fit,
+            device,
+            "fit",
+            per_window=True,
         )
-        context = context_of(fit)
+        per_clip = dm.windowing.per_clip if dm.windowing is not None else 1
+        context = {k: v.repeat_interleave(per_clip) for k, v in context_of(fit).items()}
         for n in needing:
             try:
                 ensemble.members[n].fit_backend(
@@ -313,6 +323,7 @@ def calibrate(
     else:
         final_t = torch.as_tensor(raw[final_name])
     final = final_t.double().numpy()
+    calibration.reference_final = torch.as_tensor(final)  # threshold=midpoint's normal side
     calibration.thresholds = fit_thresholds(
         final, context["section"], dm.num_sections, calibration.threshold_percentile
     )

@@ -16,27 +16,15 @@ from omegaconf import OmegaConf
 
 from asd.calibration import Calibration
 from asd.config import validate
-from asd.data.audio import AudioConfig, audio_config, load_audio
+from asd.data.audio import Decoded, audio_config
 from asd.data.datamodule import ClipDataset, WaveStore, label_tensors
 from asd.data.table import Clip, ClipTable
+from asd.data.windows import windowing_of
 from asd.errors import AsdError
 from asd.run.build import build_ensemble, signature
 from asd.run.calibrate import load_backends
 from asd.run.predict import predict
 from asd.run.stages import FINAL_CKPT, StageLog, load_backends_file, load_weights
-
-
-class Decoded:
-    """Files decoded on access (one at a time, never all in memory), as a part of a WaveStore."""
-
-    def __init__(self, paths: list[str], audio: AudioConfig):
-        self.paths, self.audio = paths, audio
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return load_audio(self.paths[i], self.audio)
 
 
 class FinishedRun:
@@ -103,4 +91,5 @@ class FinishedRun:
             torch.device("cpu"),
             batch_size or self.batch_size,
             what="inputs",
+            windowing=windowing_of(self.audio),
         )

@@ -5,12 +5,14 @@ gathered back in clip order. `member_scores` is every member's score columns for
 `predict` puts them together with a `Calibration`: raw scores -> z-scores -> fusions -> final ->
 decision. The predict stage calls `predict` on the test split; `tools/score.py` calls it on a
 dataset of the files it is given, with the run's batch size, so the same clips in the same
-batches give the same numbers.
+batches give the same numbers. On a GPU, inference runs under autocast (bf16 where the GPU has it,
+else fp16; `inference_autocast`), the members' outputs gathered as float32.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
@@ -20,9 +22,18 @@ from torch.utils.data.distributed import DistributedSampler
 
 from asd.calibration import CONTEXT, Calibration
 from asd.data.datamodule import ClipDataset
+from asd.data.windows import ClipWindows, Windowing, mean_over_windows
 from asd.ensemble import Ensemble
 from asd.run.distributed import distributed, gather_by_index, is_rank_zero
 from asd.run.progress import show_progress
+
+
+def inference_autocast(device: torch.device) -> AbstractContextManager:
+    """Mixed precision for inference on a GPU (bf16 where it computes in bf16, else fp16); none elsewhere."""
+    if device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
 
 
 def infer(
@@ -32,16 +43,31 @@ def infer(
     batch_size: int,
     num_workers: int = 0,
     what: str = "",
+    windowing: Windowing | None = None,
+    per_window: bool = False,
 ) -> dict[str, np.ndarray]:
-    """`fn` over a whole dataset of batch dicts: arrays keyed like its output, one row per clip in order."""
+    """`fn` over a whole dataset of batch dicts: arrays keyed like its output, one row per clip in order.
+
+    With `windowing`, `fn` sees every window of each clip (`asd.data.windows`) and a clip's row is
+    the mean of its windows' rows; `per_window` keeps one row per window instead (clip-major).
+    """
+    if windowing is not None:
+        rows = infer(fn, ClipWindows(dataset, windowing), device, batch_size, num_workers, what)
+        return rows if per_window else mean_over_windows(rows, windowing.per_clip)
     from tqdm.auto import tqdm
 
     what = what or type(dataset).__name__
     sampler = DistributedSampler(dataset, shuffle=False) if distributed() else None
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
     chunks: dict[str, list[np.ndarray]] = {}
     bar = tqdm(loader, desc=f"scoring {what}", leave=False, disable=not (show_progress() and is_rank_zero()))
-    with torch.no_grad():
+    with torch.no_grad(), inference_autocast(device):
         for batch in bar:
             batch = {k: v.to(device) for k, v in batch.items()}
             out = fn(batch)
@@ -64,6 +90,11 @@ def member_scores(ensemble: Ensemble, batch: dict[str, Tensor]) -> dict[str, Ten
     return out
 
 
+def member_embeddings(ensemble: Ensemble, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each member's embedding (B, D) for one batch; members without one (embed_dim 0) are left out."""
+    return {name: m.embed(batch) for name, m in ensemble.members.items() if m.embed_dim > 0}
+
+
 def context_of(dataset: ClipDataset) -> dict[str, Tensor]:
     """Each clip's context ids (never its label): what calibration and backends read."""
     return {k: dataset.labels[k].clone() for k in (*CONTEXT, "attribute")}
@@ -77,9 +108,12 @@ def predict(
     batch_size: int,
     num_workers: int = 0,
     what: str = "",
+    windowing: Windowing | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every column of every clip: raw member scores, fusions, `final` and `decision`."""
-    raw = infer(lambda b: member_scores(ensemble, b), dataset, device, batch_size, num_workers, what)
+    """Every column of every clip: raw member scores (over its windows), fusions, `final`, `decision`."""
+    raw = infer(
+        lambda b: member_scores(ensemble, b), dataset, device, batch_size, num_workers, what, windowing
+    )
     context = context_of(dataset)
     columns = calibration.combine(raw, context)
     columns["decision"] = calibration.decide(columns["final"], context["section"])

@@ -1,14 +1,18 @@
 """The run folder's pictures and the wandb dashboard.
 
-`plots/`: ROC curves and score histograms of the final score, heatmaps of the members that draw
-error maps, the attention weights per group, and one example of each pseudo-anomaly kind the
-fusions were trained on. `publish_to_wandb` sends the tables, official scores, pictures and
-`summary.md` to the run's wandb logger.
+`plots/`: ROC curves and score histograms of the final score, a histogram of every method's
+scores by label (`hist_<method>.png`, the decision threshold drawn for the final method),
+heatmaps of the members that draw error maps, the attention weights per group, one example of
+each pseudo-anomaly kind the fusions were trained on, every member's training and validation
+loss (`loss_curves.png`) and a t-SNE of each member's test embeddings (`tsne_<member>.png`).
+`publish_to_wandb` sends the tables, official scores, pictures and `summary.md` to the run's
+wandb logger.
 """
 
 from __future__ import annotations
 
 import html
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,8 @@ from asd.ensemble import Ensemble
 from asd.fusion.attention import group_weights, plot_attention_weights
 from asd.fusion.stage import attention_head, weights_table
 from asd.run.predict import context_of
+
+log = logging.getLogger(__name__)
 
 
 def attention_rows(
@@ -74,18 +80,69 @@ def write_plots(
     ensemble: Ensemble,
     dm: AsdDataModule,
     columns: dict[str, np.ndarray],
-    num_heatmaps: int,
+    heatmaps: dict[str, Any],
     device: torch.device,
+    thresholds: dict[str, dict[tuple[str, str], float]] | None = None,
 ) -> None:
-    from asd.evaluation.heatmaps import plot_error_maps
-    from asd.evaluation.plots import plot_histograms, plot_roc
+    """ROC curves and histograms of the final score, histograms of every method (`thresholds`: the
+    methods that have a decision threshold, per section), heatmaps as the `heatmaps` node says."""
+    from asd.branches.reprojection import ReprojectionBranch, plot_reprojections
+    from asd.branches.vae import VAEBranch
+    from asd.evaluation.heatmaps import plot_error_maps, plot_vae
+    from asd.evaluation.plots import plot_histograms, plot_method_histograms, plot_roc
 
     test = list(dm.tables["test"])
+    thresholds = thresholds or {}
+    final = next((m for m in thresholds if m in columns), None)
     plot_roc(test, columns["final"], plots)
-    plot_histograms(test, columns["final"], plots)
+    plot_histograms(test, columns["final"], plots, threshold=thresholds.get(final))
+    methods = {k: v for k, v in columns.items() if k not in ("final", "decision")}
+    plot_method_histograms(test, methods, plots, thresholds)
+    indices, split, cmap = (
+        heatmaps.get("indices"),
+        heatmaps.get("split", "test"),
+        heatmaps.get("cmap", "magma"),
+    )
+    num_heatmaps = len(indices) if indices else int(heatmaps.get("count", 4))
     for name, member in ensemble.members.items():
         if member.has_error_map and num_heatmaps > 0:
-            plot_error_maps(member, name, dm, plots, num_heatmaps, device)
+            plot_error_maps(member, name, dm, plots, num_heatmaps, device, indices, split, cmap)
+        if isinstance(member, VAEBranch) and num_heatmaps > 0:
+            plot_vae(member, name, dm, plots, num_heatmaps, device)  # plots/b7_vae_{samples,recon}.png
+        if isinstance(member, ReprojectionBranch) and num_heatmaps > 0:
+            plot_reprojections(member, name, dm, plots, num_heatmaps, device)  # plots/b6_reprojection_*.png
+
+
+def plot_training_curves(run_dir: Path, plots: Path) -> Path | None:
+    """`plots/loss_curves.png`: every member's training and validation loss, from the CSV log."""
+    from asd.evaluation.plots import plot_member_losses
+
+    logs = run_dir / "logs"
+    if not list(logs.glob("version_*/metrics.csv")):
+        log.info("no CSV training log under %s (logger=csv writes one): no loss curves drawn", logs)
+        return None
+    return plot_member_losses(logs, plots / "loss_curves.png")
+
+
+def plot_embeddings(path: Path, plots: Path, seed: int = 0) -> list[Path]:
+    """`plots/tsne_<member>.png` for every member in `embeddings.npz`, by section, domain and label."""
+    from asd.evaluation.plots import plot_tsne
+
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    meta = ("index", "machine", "section", "domain", "label", "filename")
+    groups = {
+        "section": [f"{m}/{s}" for m, s in zip(arrays["machine"], arrays["section"], strict=True)],
+        "domain": arrays["domain"],
+        "label": arrays["label"],
+    }
+    written = []
+    for member in (k for k in arrays if k not in meta):
+        if len(arrays[member]) < 3:
+            log.info("t-SNE of %s: only %d test clips, none drawn", member, len(arrays[member]))
+            continue
+        written.append(plot_tsne(arrays[member], groups, plots / f"tsne_{member}.png", member, seed=seed))
+    return written
 
 
 def publish_to_wandb(
@@ -108,9 +165,13 @@ def publish_to_wandb(
     for png in [run_dir / "plots" / "attention_weights.png", run_dir / "plots" / "pseudo_anomalies.png"]:
         if png.exists():
             payload[f"plots/{png.stem}"] = wandb.Image(str(png))
-    for kind in ("roc", "hist", "heatmap"):
+    for kind in ("roc", "hist", "heatmap", "tsne", "loss"):
         for png in sorted((run_dir / "plots").glob(f"{kind}_*.png")):
             payload[f"plots/{kind}/{png.stem}"] = wandb.Image(str(png))
+    for kind in ("roc", "hist", "heatmap"):  # each kind also under one key: a media panel of the saved
+        pngs = sorted((run_dir / "plots").glob(f"{kind}_*.png"))  # dashboard (asd.run.dashboard) shows all
+        if pngs:
+            payload[f"plots/{kind}"] = [wandb.Image(str(png), caption=png.stem) for png in pngs]
     summary = (run_dir / "summary.md").read_text()
     payload["summary"] = wandb.Html(f"<pre>{html.escape(summary)}</pre>")
     logger.experiment.log(payload)

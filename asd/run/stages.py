@@ -7,12 +7,17 @@ rewrites another stage's files. `stages.json` records each finished stage with t
 ran with; `asd.run.job.train` skips a finished stage whose settings and files are unchanged and
 redoes a stage whose settings changed, with every stage after it. docs/architecture.md draws
 the flow.
+
+One file: the five stages share `RunState`, `Stage` and `StageLog`, and each stage's settings
+say what a change must redo; together they are the one flow `asd.run.job` runs. The
+labelled-anomaly threshold lives in `asd.run.validation`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +26,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as L
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from asd.anomalies import PseudoAnomalyDataset
@@ -30,10 +35,11 @@ from asd.data.datamodule import AsdDataModule
 from asd.ensemble import Ensemble
 from asd.errors import AsdError
 from asd.evaluation.export import write_submission
+from asd.evaluation.metrics import decision_table
 from asd.fileio import torch_save_atomic, write_text_atomic
 from asd.run import calibrate as cal
 from asd.run import publish, report
-from asd.run.build import build_logger, build_trainer, inference_device, plain
+from asd.run.build import build_logger, build_trainer, hardware, inference_device, plain, resolve_trainer
 from asd.run.checkpointing import (
     LAST_CKPT,
     Interrupted,
@@ -42,7 +48,9 @@ from asd.run.checkpointing import (
     resumable,
 )
 from asd.run.distributed import quiet_other_ranks, sync_from_rank_zero
-from asd.run.predict import predict
+from asd.run.loggers import wandb_run_id
+from asd.run.predict import infer, member_embeddings, predict
+from asd.run.validation import midpoint_thresholds, validation_anomaly_clips
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +72,8 @@ class RunState:
     fake: PseudoAnomalyDataset | None = None
     columns: dict[str, np.ndarray] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
+    #: the final method's `decision_table` rows (report stage)
+    decisions: list[dict] = field(default_factory=list)
 
     @property
     def year(self) -> int:
@@ -138,6 +148,39 @@ def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x, default=str))
 
 
+def with_budget(cfg: DictConfig, dm: AsdDataModule) -> DictConfig:
+    """`cfg` with `trainer.max_epochs` from the step budget `steps`, when it is set; said in the log.
+
+    An epoch is `dm.train_batches` optimizer steps (random crops with `data.audio.window`, else one
+    pass over the training clips), so the budget is met to within one epoch, rounded up.
+    """
+    steps = cfg.get("steps")
+    unit = (
+        f"random {dm.windowing.size / dm.audio.sample_rate:g} s crops"
+        if dm.windowing is not None
+        else "whole training clips"
+    )
+    if steps is None:
+        log.info(
+            "budget: trainer.max_epochs=%s epochs of %d batches of %s (steps=null)",
+            cfg.trainer.get("max_epochs"),
+            dm.train_batches,
+            unit,
+        )
+        return cfg
+    epochs = max(1, math.ceil(int(steps) / dm.train_batches))
+    log.info(
+        "budget: steps=%d optimizer steps per member = %d epochs of %d batches of %d %s "
+        "(trainer.max_epochs is not used while steps is set)",
+        int(steps),
+        epochs,
+        dm.train_batches,
+        dm.batch_size,
+        unit,
+    )
+    return OmegaConf.merge(cfg, {"trainer": {"max_epochs": epochs}})
+
+
 # ---------------------------------------------------------------------- the stages
 class Fit(Stage):
     """Train the members jointly; write the trained weights with the run's signature."""
@@ -155,7 +198,11 @@ class Fit(Stage):
             "split": {
                 k: plain(data.get(k)) for k in ("val_fraction", "seed", "mimii_train_normals", "machines")
             },
-            "budget": {k: plain(trainer.get(k)) for k in ("max_epochs", "max_steps")},
+            "budget": {
+                **{k: plain(trainer.get(k)) for k in ("max_epochs", "max_steps")},
+                "steps": plain(run.cfg.get("steps")),
+                "batches_per_epoch": plain(data.get("batches_per_epoch")),
+            },
             "seed": int(run.cfg.seed),
         }
 
@@ -166,10 +213,15 @@ class Fit(Stage):
 
     def compute(self, run: RunState) -> None:
         cfg, run_dir = run.cfg, run.run_dir
+        if cfg.get("threshold", "gamma") == "midpoint":  # a bad list fails now, not after training
+            validation_anomaly_clips(plain(cfg.validation_anomalies), run.dm)
         identity = self.identity(run)
-        run.trainer = build_trainer(cfg, run_dir, build_logger(cfg, run_dir), identity=identity)
+        cfg = with_budget(cfg, run.dm)
         last = run_dir / LAST_CKPT
         resume_from = resumable(last, identity) if cfg.resume else None
+        # a resumed fit logs on in the folder's wandb run; a fit from the start begins a new one
+        logger = build_logger(cfg, run_dir, resume=resume_from is not None)
+        run.trainer = build_trainer(cfg, run_dir, logger, identity=identity)
         if not cfg.resume and last.exists():
             log.warning("stage fit: training from the start replaces %s (resume=true continues it)", last)
         if run.ensemble.trainable:
@@ -235,12 +287,16 @@ class Calibrate(Stage):
             "fusion": plain(cfg.fusion),
             "final": cfg.final,
             "threshold_percentile": float(cfg.threshold_percentile),
+            "threshold": cfg.get("threshold", "gamma"),
+            "validation_anomalies": plain(cfg.get("validation_anomalies")),
         }
 
     def compute(self, run: RunState) -> None:
         run.calibration, run.fake = cal.calibrate(
             run.ensemble, self.backends.state, run.cfg, run.dm, run.device
         )
+        if run.cfg.get("threshold", "gamma") == "midpoint":
+            midpoint_thresholds(run)
 
     def write(self, run: RunState) -> None:
         run.calibration.save(run.run_dir / "calibration.pt")
@@ -252,11 +308,12 @@ class Calibrate(Stage):
 
 
 class Predict(Stage):
-    """Score every test clip: `scores.csv` and the DCASE submission files."""
+    """Score every test clip: `scores.csv`, `errors.csv`, the DCASE submission files, and the
+    members' test embeddings `embeddings.npz`."""
 
     name = "predict"
     reads = (FINAL_CKPT, "backends.pt", "calibration.pt")
-    writes = ("scores.csv", "submission")
+    writes = ("scores.csv", "errors.csv", "embeddings.npz", "submission")
 
     def skip_reason(self, run: RunState) -> str:
         return "" if len(run.dm.tables["test"]) else "no test clips"
@@ -271,11 +328,28 @@ class Predict(Stage):
             dm.eval_batch_size,
             dm.num_workers,
             "test",
+            dm.windowing,
+        )
+        none = [n for n, m in run.ensemble.members.items() if m.embed_dim == 0]
+        if none:
+            log.info(
+                "stage predict: %s have no embedding (embed_dim 0): not in embeddings.npz", ", ".join(none)
+            )
+        self.embeddings = infer(
+            lambda b: member_embeddings(run.ensemble, b),
+            dm.datasets["test"],
+            run.device,
+            dm.eval_batch_size,
+            dm.num_workers,
+            "test embeddings",
+            dm.windowing,
         )
 
     def write(self, run: RunState) -> None:
         test = run.dm.tables["test"]
         report.write_scores(run.run_dir / "scores.csv", test, run.columns)
+        report.write_errors(run.run_dir / "errors.csv", test, run.columns)
+        report.write_embeddings(run.run_dir / "embeddings.npz", test, self.embeddings)
         write_submission(
             list(test), run.columns["final"], run.columns["decision"], run.run_dir / "submission", run.year
         )
@@ -288,18 +362,20 @@ class Report(Stage):
     """Official metrics of every method, the summary, attention weights, plots, the wandb dashboard."""
 
     name = "report"
-    reads = ("scores.csv", "calibration.pt")
+    reads = ("scores.csv", "calibration.pt", "embeddings.npz")
     writes = ("metrics.csv", "summary.md")
 
     def settings(self, run: RunState) -> dict[str, Any]:
-        return {"plots": bool(run.cfg.plots), "num_heatmaps": int(run.cfg.num_heatmaps)}
+        return {"plots": bool(run.cfg.plots), "heatmaps": heatmap_settings(run.cfg)}
 
     def skip_reason(self, run: RunState) -> str:
         test = run.dm.tables["test"]
         return "no test clips" if not len(test) else report.why_not_evaluable(test)
 
     def compute(self, run: RunState) -> None:
-        run.results = report.evaluate_methods(run.dm.tables["test"], run.columns, run.year)
+        test, final = run.dm.tables["test"], run.calibration.final
+        run.results = report.evaluate_methods(test, run.columns, run.year, final)
+        run.decisions = decision_table(test, run.columns["decision"])
 
     def write(self, run: RunState) -> None:
         cfg, run_dir, calibration = run.cfg, run.run_dir, run.calibration
@@ -312,19 +388,52 @@ class Report(Stage):
             )
             if cfg.plots:
                 publish.plot_attention(weights_rows, weights, calibration.fusion.members, run_dir / "plots")
-        report.write_metrics(run_dir, run.results, cfg, self.notes(run), weights_rows, calibration.final)
-        logger = run.trainer.logger if run.trainer is not None else None
+        report.write_metrics(
+            run_dir,
+            run.results,
+            cfg,
+            self.notes(run),
+            weights_rows,
+            calibration.final,
+            run.decisions,
+            calibration.threshold_note,
+        )
+        logger = run.trainer.logger if run.trainer is not None else self.earlier_wandb_run(run)
         if logger is not None:
             logger.log_metrics(
                 {f"test/{m}/official": r.official for m, r in run.results.items()},
-                step=run.trainer.global_step,
+                step=run.trainer.global_step if run.trainer is not None else None,
             )
         if cfg.plots:
+            plots = run_dir / "plots"
+            thresholds = calibration.thresholds.tolist()
+            by_section = {key: thresholds[i] for i, key in enumerate(run.dm.section_keys)}
+            heatmaps = heatmap_settings(cfg)
             publish.write_plots(
-                run_dir / "plots", run.ensemble, run.dm, run.columns, cfg.num_heatmaps, run.device
+                plots,
+                run.ensemble,
+                run.dm,
+                run.columns,
+                heatmaps,
+                run.device,
+                {calibration.final: by_section},
             )
+            publish.plot_training_curves(run_dir, plots)
+            publish.plot_embeddings(run_dir / "embeddings.npz", plots, int(cfg.seed))
         if is_wandb(logger):
             publish.publish_to_wandb(logger, run_dir, run.results, weights_rows)
+            if run.trainer is None:  # the logger is this stage's own: flush it now
+                import wandb
+
+                wandb.finish()
+
+    @staticmethod
+    def earlier_wandb_run(run: RunState) -> Any:
+        """When an earlier call did the fit: the folder's wandb run, resumed by id (None without one)."""
+        if wandb_run_id(run.run_dir) is None:
+            return None
+        logger = build_logger(run.cfg, run.run_dir, resume=True)
+        return logger if is_wandb(logger) else None
 
     @staticmethod
     def notes(run: RunState) -> list[str]:
@@ -336,6 +445,8 @@ class Report(Stage):
         ]
         if run.calibration.reason:
             notes.append(run.calibration.reason)
+        if run.trainer is not None:
+            notes.append(f"trained with {resolve_trainer(plain(run.cfg.trainer), *hardware()).describe()}")
         fusion = run.calibration.fusion
         if fusion is not None:
             kinds = ", ".join(f"{k} {n}" for k, n in fusion.kinds.items())
@@ -346,6 +457,23 @@ class Report(Stage):
                 f"{fusion.meta_args['test_steps']} inner steps per machine/section/domain"
             )
         return notes
+
+
+def heatmap_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The `heatmaps` node; the deprecated `num_heatmaps` (an older run folder's) sets its `count`."""
+    heatmaps = {
+        "count": 4,
+        "indices": None,
+        "split": "test",
+        "cmap": "magma",
+        **(plain(cfg.get("heatmaps")) or {}),
+    }
+    if cfg.get("num_heatmaps") is not None:
+        log.warning(
+            "num_heatmaps is deprecated: it sets heatmaps.count=%d; write heatmaps.count", cfg.num_heatmaps
+        )
+        heatmaps["count"] = int(cfg.num_heatmaps)
+    return heatmaps
 
 
 def is_wandb(logger: Any) -> bool:
