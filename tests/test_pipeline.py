@@ -352,10 +352,12 @@ def test_bf16_mixed_precision_on_cpu(tmp_path):
     assert all(np.isfinite(float(r["final"])) for r in read_csv(run / "scores.csv"))
 
 
-def test_two_process_ddp_matches_a_single_process_run_of_the_same_checkpoint(tmp_path):
+@pytest.mark.parametrize("windows", [[], ["data.audio.window=0.4", "steps=6", "data.batches_per_epoch=2"]])
+def test_two_process_ddp_matches_a_single_process_run_of_the_same_checkpoint(tmp_path, windows):
     # 9 source + 2 target training clips of one machine: the fit split is odd, so the distributed
-    # sampler pads a duplicate that the gathering must remove.
-    data = ["data.synthetic.machines=[rotor]", "data.synthetic.source_train=9", "plots=false"]
+    # sampler pads a duplicate that the gathering must remove. With windows, the random crops are
+    # sharded by Lightning's sampler wrapper and every clip's windows gathered back to one row.
+    data = ["data.synthetic.machines=[rotor]", "data.synthetic.source_train=9", "plots=false", *windows]
     ddp = tmp_path / "ddp"
     cmd = [
         sys.executable,
