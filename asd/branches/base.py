@@ -18,6 +18,7 @@ nested members and does the logging, because a nested module's `self.log` does n
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import pytorch_lightning as L
 import torch
@@ -75,6 +76,11 @@ class Branch(L.LightningModule):
     def error_map(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Input, reconstruction and squared error per bin, each (B, n_mels, frames); see `has_error_map`."""
         raise AsdError(f"{type(self).__name__} draws no error maps (has_error_map is False)")
+
+    def draw(self, name: str, dm, out_dir: Path, n: int, device: torch.device) -> list[Path]:
+        """The member's own pictures of up to `n` test clips (beside heatmaps), written to `out_dir`;
+        none by default. `dm` is the run's data module; returns the files written."""
+        return []
 
     @property
     def calibrated(self) -> bool:

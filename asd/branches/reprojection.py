@@ -73,7 +73,6 @@ from torch.optim import Optimizer
 
 from asd.anomalies import AnomalyConfig, _band_mask, _blob_mask
 from asd.branches.base import Branch, OptimizerFactory
-from asd.data.windows import member_view
 from asd.errors import AsdError
 from asd.features import BinStats
 from asd.fileio import write_atomic
@@ -454,6 +453,10 @@ class ReprojectionBranch(Branch):
         """Pooled predicted mask, (B,)."""
         return pool_scores(self.mask_probabilities(batch), self.score_pool, self.topk)
 
+    def draw(self, name: str, dm, out_dir: Path, n: int, device: torch.device) -> list[Path]:
+        """`<name>_reprojection_<clip>.png`: input, x_g, x_s and the predicted mask per test clip."""
+        return plot_reprojections(self, name, dm, out_dir, n, device)
+
     def maps(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(input, x_g, x_s, mask probability), each (B, n_mels, frames); the first three in input units."""
         spec = self.spectrogram(batch)
@@ -487,14 +490,14 @@ def plot_reprojections(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from asd.evaluation.heatmaps import pick_clips
+    from asd.evaluation.heatmaps import member_batch, pick_clips
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    table, dataset = dm.tables["test"], member_view(dm.datasets["test"], dm.windowing)
+    table = dm.tables["test"]
     rows = pick_clips([c.label for c in table], n)
     if not rows:
         return []
-    batch = {k: torch.stack([dataset[i][k] for i in rows]).to(device) for k in dataset[0]}
+    batch = member_batch(dm, "test", rows, device)
     with torch.no_grad():
         maps = [t.float().cpu().numpy() for t in member.maps(batch)]  # 4 x (B, n_mels, frames)
     paths = []

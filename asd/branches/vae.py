@@ -51,6 +51,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -346,6 +347,12 @@ class VAEBranch(ErrorProfileScoring, Branch):
             mu, logvar, _ = self.net.encode(self._pad(x))
             s = s + self.score_kl * self.kl_per_clip(mu, logvar, x.shape[1] * x.shape[2])
         return s
+
+    def draw(self, name: str, dm, out_dir: Path, n: int, device: torch.device) -> list[Path]:
+        """`<name>_vae_samples.png` (prior draws decoded) and `<name>_vae_recon.png` (reconstructions)."""
+        from asd.evaluation.heatmaps import plot_vae
+
+        return plot_vae(self, name, dm, out_dir, n, device)
 
     @torch.no_grad()
     def sample(self, n: int, frames: int, generator: torch.Generator | None = None) -> Tensor:

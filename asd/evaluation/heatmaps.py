@@ -22,6 +22,13 @@ from asd.errors import AsdError  # noqa: E402
 log = logging.getLogger(__name__)
 
 
+def member_batch(dm, part: str, rows: list[int], device: torch.device) -> dict[str, torch.Tensor]:
+    """Clips `rows` of split `part` as one batch, as the members see them: each clip's first window
+    when the run has windows (`asd.data.windows.member_view`)."""
+    dataset = member_view(dm.datasets[part], dm.windowing)
+    return {k: torch.stack([dataset[i][k] for i in rows]).to(device) for k in dataset[0]}
+
+
 def pick_clips(labels: list[str], n: int) -> list[int]:
     """Up to n clip rows, half normal and half anomalous (first ones in table order)."""
     normal = [i for i, lab in enumerate(labels) if lab != "anomaly"]
@@ -68,13 +75,12 @@ def plot_error_maps(
     """One figure per chosen clip of `split` (test or train); returns the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     part = "test" if split == "test" else "fit"  # `train`: the clips the members trained on
-    # members see windows when the run has them: draw each clip's first window
-    table, dataset = dm.tables[part], member_view(dm.datasets[part], dm.windowing)
+    table = dm.tables[part]
     rows = heatmap_rows([c.label for c in table], n, indices, split)
     check_cmap(cmap)
     if not rows:
         return []
-    batch = {k: torch.stack([dataset[i][k] for i in rows]).to(device) for k in dataset[0]}
+    batch = member_batch(dm, part, rows, device)
     with torch.no_grad():
         spec, recon, err = (
             t.float().cpu().numpy() for t in member.error_map(batch)
@@ -107,9 +113,9 @@ def plot_vae(member, name: str, dm, out_dir: Path, n: int, device: torch.device)
     """A VAE member's pictures: `<name>_vae_samples.png` (prior draws decoded) and `<name>_vae_recon.png`
     (input over reconstruction for up to n test clips), in the front end's units."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    table, dataset = dm.tables["test"], member_view(dm.datasets["test"], dm.windowing)
+    table = dm.tables["test"]
     rows = pick_clips([c.label for c in table], max(1, n))
-    batch = {k: torch.stack([dataset[i][k] for i in rows]).to(device) for k in dataset[0]}
+    batch = member_batch(dm, "test", rows, device)
     with torch.no_grad():
         spec, recon, _ = (t.float().cpu().numpy() for t in member.error_map(batch))  # each (B, mels, frames)
         g = torch.Generator().manual_seed(0)

@@ -86,9 +86,7 @@ def write_plots(
 ) -> None:
     """ROC curves and histograms of the final score, histograms of every method (`thresholds`: the
     methods that have a decision threshold, per section), heatmaps as the `heatmaps` node says."""
-    from asd.branches.reprojection import ReprojectionBranch, plot_reprojections
-    from asd.branches.vae import VAEBranch
-    from asd.evaluation.heatmaps import plot_error_maps, plot_vae
+    from asd.evaluation.heatmaps import plot_error_maps
     from asd.evaluation.plots import plot_histograms, plot_method_histograms, plot_roc
 
     test = list(dm.tables["test"])
@@ -107,10 +105,8 @@ def write_plots(
     for name, member in ensemble.members.items():
         if member.has_error_map and num_heatmaps > 0:
             plot_error_maps(member, name, dm, plots, num_heatmaps, device, indices, split, cmap)
-        if isinstance(member, VAEBranch) and num_heatmaps > 0:
-            plot_vae(member, name, dm, plots, num_heatmaps, device)  # plots/b7_vae_{samples,recon}.png
-        if isinstance(member, ReprojectionBranch) and num_heatmaps > 0:
-            plot_reprojections(member, name, dm, plots, num_heatmaps, device)  # plots/b6_reprojection_*.png
+        if num_heatmaps > 0:  # a member's own pictures: plots/b6_reprojection_*.png, plots/b7_vae_*.png
+            member.draw(name, dm, plots, num_heatmaps, device)
 
 
 def plot_training_curves(run_dir: Path, plots: Path) -> Path | None:
