@@ -172,6 +172,22 @@ def _span_mask(shape: tuple[int, int], rng: np.random.Generator, cfg: AnomalyCon
 _TF_MASKS = {"tf_blobs": _blob_mask, "tf_band": _band_mask, "tf_span": _span_mask}
 
 
+def draw_kind(
+    kinds: Sequence[str], p_none: float, rng: np.random.Generator, with_outlier: bool, key: str, item: str
+) -> str:
+    """One kind from `kinds` ("outlier" only `with_outlier`), or "none" with probability `p_none`;
+    the first draws of `rng`. `key` and `item` name the config node and what is edited, for the error."""
+    allowed = [k for k in kinds if with_outlier or k != "outlier"]
+    if not allowed:
+        raise AsdError(
+            f"{key}.kinds=['outlier'] needs an outlier {item} (another section's); "
+            "pass `outlier=` or enable more kinds"
+        )
+    if rng.random() < p_none:
+        return "none"
+    return allowed[int(rng.integers(len(allowed)))]
+
+
 @dataclass
 class Injection:
     """One generated clip: the edited wave, its kind and where the edit may have touched it."""
@@ -184,6 +200,9 @@ class Injection:
 class PseudoAnomalies:
     """Seeded generator of pseudo-anomalies; each call draws (or is told) one kind and edits one clip."""
 
+    #: every kind it knows, in the order kind ids count (`PseudoAnomalyDataset.kinds`)
+    all_kinds = KINDS
+
     def __init__(self, config: AnomalyConfig):
         _check_overlap(config, "fusion.anomalies")
         self.config = config
@@ -194,15 +213,7 @@ class PseudoAnomalies:
 
     def draw_kind(self, rng: np.random.Generator, with_outlier: bool) -> str:
         """The kind a call with `kind=None` uses: the first draws it makes from `rng`."""
-        allowed = [k for k in self.config.kinds if with_outlier or k != "outlier"]
-        if not allowed:
-            raise AsdError(
-                "fusion.anomalies.kinds=['outlier'] needs an outlier clip (another section's); "
-                "pass `outlier=` or enable more kinds"
-            )
-        if rng.random() < self.config.p_none:
-            return "none"
-        return allowed[int(rng.integers(len(allowed)))]
+        return draw_kind(self.config.kinds, self.config.p_none, rng, with_outlier, "fusion.anomalies", "clip")
 
     def __call__(
         self,
@@ -340,12 +351,12 @@ class PseudoAnomalies:
         return Injection((x + change).astype(np.float32), kind, mask)
 
 
-def _kind_id(kind: str) -> int:
-    return KINDS.index(kind) if kind in KINDS else -1
-
-
 class PseudoAnomalyDataset(Dataset):
-    """`copies` pseudo-anomalous versions of every clip of a base ClipDataset, deterministic per index."""
+    """`copies` pseudo-anomalous versions of every clip of a base ClipDataset, deterministic per index.
+
+    `generator` is a `PseudoAnomalies` or anything with its contract (`all_kinds`, `config.kinds`,
+    `draw_kind`, a call returning an `Injection`), such as `asd.image_anomalies.ImagePseudoAnomalies`.
+    """
 
     def __init__(self, base, generator: PseudoAnomalies, copies: int, seed: int, pool=None):
         self.base, self.generator, self.copies, self.seed = base, generator, int(copies), int(seed)
@@ -385,12 +396,17 @@ class PseudoAnomalyDataset(Dataset):
         item["is_normal"] = torch.tensor(kind == "none")
         item["index"] = torch.tensor(i, dtype=torch.long)
         item["source"] = torch.tensor(source, dtype=torch.long)
-        item["kind"] = torch.tensor(_kind_id(kind), dtype=torch.long)
+        item["kind"] = torch.tensor(self._kind_id(kind), dtype=torch.long)
         return item
 
     def kinds(self) -> np.ndarray:
-        """(len,) int64 kind id of every item (index into KINDS, -1 for "none"), without rendering waves."""
-        return np.array([_kind_id(self._draw(i)[2]) for i in range(len(self))], dtype=np.int64)
+        """(len,) int64 kind id of every item (index into the generator's `all_kinds`, -1 for "none"),
+        without rendering waves."""
+        return np.array([self._kind_id(self._draw(i)[2]) for i in range(len(self))], dtype=np.int64)
+
+    def _kind_id(self, kind: str) -> int:
+        names = self.generator.all_kinds
+        return names.index(kind) if kind in names else -1
 
 
 def plot_injections(

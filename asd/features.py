@@ -1,4 +1,4 @@
-"""Spectrogram front ends as `nn.Module`s: the DCASE baseline log-mel and AST's Kaldi fbank."""
+"""Front ends as `nn.Module`s: the DCASE baseline log-mel, AST's Kaldi fbank, pictures (`ImageFrontend`)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,11 @@ def _as_batch(wave: Tensor, owner: str) -> Tensor:
     if wave.shape[-1] == 0:
         raise AsdError(f"{owner}: got an empty wave (0 samples); check the clip's decoding and cropping")
     return wave
+
+
+def probe_length(frontend: nn.Module, default: int) -> int:
+    """The input length to probe a front end with: its own (`ImageFrontend`) or any (`default`) for audio."""
+    return int(getattr(frontend, "num_samples", default))
 
 
 def _positive(owner: str, key: str, value: float, example: str, integer: bool = False) -> None:
@@ -152,6 +157,45 @@ class LogMel(nn.Module):
             f"sample_rate={self.sample_rate}, n_fft={self.n_fft}, hop_length={self.hop_length}, "
             f"n_mels={self.n_mels}, f_min={self.f_min}, f_max={self.f_max}, power={self.power}"
         )
+
+
+class ImageFrontend(nn.Module):
+    """Pictures in the place of a log-mel: a batch's (B, C*h*w) vectors -> (B, C*h, w).
+
+    `asd.data.images.ImageLayout` lays a picture (or one patch of it) out channel-major, so a member
+    built for (B, n_mels, frames) sees the picture's rows as "bins" (`n_mels = C*h`, the channels
+    stacked vertically) and its columns as "frames". Pixel values are passed as they are ([0, 1]);
+    members normalise them like log-mel (per bin) where they normalise log-mel.
+    """
+
+    def __init__(self, channels: int, height: int, width: int):
+        super().__init__()
+        for key, value in (("channels", channels), ("height", height), ("width", width)):
+            _positive("ImageFrontend", key, value, "1", integer=True)
+        self.channels, self.height, self.width = int(channels), int(height), int(width)
+        self.n_mels = self.channels * self.height
+
+    @property
+    def num_samples(self) -> int:
+        """The one input length it takes (members probe front ends with a zero input of this length)."""
+        return self.channels * self.height * self.width
+
+    def num_frames(self, num_samples: int) -> int:
+        return self.width
+
+    def forward(self, wave: Tensor) -> Tensor:
+        """(B, C*h*w) -> (B, C*h, w) float32."""
+        wave = _as_batch(wave, "ImageFrontend")
+        numel = self.channels * self.height * self.width
+        if wave.shape[-1] != numel:
+            raise AsdError(
+                f"ImageFrontend: an item has {wave.shape[-1]} values, expected {self.channels}x{self.height}x"
+                f"{self.width} = {numel}; the run was built for another data.image size, mode or patch"
+            )
+        return wave.float().reshape(wave.shape[0], self.n_mels, self.width)  # (B, C, h, w) rows stacked
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, height={self.height}, width={self.width}"
 
 
 class AstFbank(nn.Module):

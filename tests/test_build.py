@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as L
 import torch
@@ -64,6 +65,20 @@ def dcase2020_root(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return root
 
 
+@pytest.fixture(scope="module")
+def images_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny pictures in the industrial-inspection layout (train/good, test/good, test/dent)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images") / "parts"
+    rng = np.random.default_rng(0)
+    for folder, n in (("train/good", 6), ("test/good", 2), ("test/dent", 2)):
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(root / folder / f"{i}.png")
+    return root
+
+
 def cases() -> list[tuple[str, list[str]]]:
     out = [(f"experiment={e}", [f"experiment={e}"]) for e in options("experiment")]
     out += [(f"trainer={t}", [f"trainer={t}"]) for t in options("trainer")]
@@ -81,6 +96,8 @@ def data_overrides(overrides: list[str], roots: dict[str, Path]) -> list[str]:
         return [f"data.root={roots['mimii']}", "data.mimii_train_normals=6", "data.audio.duration=1.0"]
     if "experiment=dcase2020" in chosen:
         return [f"data.root={roots['dcase2020']}", "data.audio.duration=1.0"]
+    if "data=images" in chosen:
+        return [f"data.root={roots['images']}", "data.image.size=[16,16]"]
     if any(k in chosen for k in ("data=dcase", "experiment=dcase")):
         return [f"data.root={roots['dcase2023']}", "data.audio.duration=1.0"]
     return [] if "debug=default" in chosen else TINY_SYNTHETIC
@@ -88,9 +105,9 @@ def data_overrides(overrides: list[str], roots: dict[str, Path]) -> list[str]:
 
 @pytest.mark.parametrize(("case", "overrides"), cases(), ids=[c for c, _ in cases()])
 def test_every_option_composes_validates_and_builds(
-    case, overrides, tiny_root, mimii_root, dcase2020_root, tmp_path, monkeypatch
+    case, overrides, tiny_root, mimii_root, dcase2020_root, images_root, tmp_path, monkeypatch
 ):
-    roots = {"dcase2023": tiny_root, "dcase2020": dcase2020_root, "mimii": mimii_root}
+    roots = {"dcase2023": tiny_root, "dcase2020": dcase2020_root, "mimii": mimii_root, "images": images_root}
     extra = data_overrides(overrides, roots)
     if "experiment=full" in overrides:
         extra.append("branches.b1.weights=scratch")  # tests never download; the hub id is the user's

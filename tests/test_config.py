@@ -20,6 +20,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 #: what an option needs besides itself: a data folder (never read here) and MIMII's split size
 NEEDS = {
     "data=dcase": ["data.root=/tmp/x"],
+    "data=images": ["data.root=/tmp/x"],
     "data=mimii": ["data.root=/tmp/x", "data.mimii_train_normals=10"],
     "experiment=dcase2020": ["data.root=/tmp/x"],
     "experiment=dcase2023": ["data.root=/tmp/x"],

@@ -156,12 +156,12 @@ def test_datamodule_trains_on_crops_and_validates_on_windows(tiny_root, tmp_path
 
 def test_the_step_budget_sets_the_epochs_and_says_so(caplog):
     dm = SimpleNamespace(
-        train_batches=7, batch_size=4, windowing=Windowing(4, 4, 8), audio=SimpleNamespace(sample_rate=4)
+        train_batches=7, batch_size=4, windowing=Windowing(4, 4, 8), training_unit="random 1 s crops"
     )
     cfg = OmegaConf.create({"steps": 50, "trainer": {"max_epochs": 10}})
     with caplog.at_level("INFO"):
         out = with_budget(cfg, dm)
     assert out.trainer.max_epochs == 8  # ceil(50 / 7)
-    assert "steps=50" in caplog.text and "8 epochs of 7 batches" in caplog.text
+    assert "steps=50" in caplog.text and "8 epochs of 7 batches of 4 random 1 s crops" in caplog.text
     cfg = OmegaConf.create({"steps": None, "trainer": {"max_epochs": 10}})
     assert with_budget(cfg, dm).trainer.max_epochs == 10

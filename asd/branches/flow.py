@@ -72,6 +72,7 @@ from torch import Tensor, nn
 
 from asd.branches.base import Branch, OptimizerFactory
 from asd.errors import AsdError
+from asd.features import probe_length
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +294,9 @@ class FlowBranch(Branch):
         ref = next(itertools.chain(frontend.parameters(), frontend.buffers()), None)
         device = ref.device if ref is not None else None
         with torch.no_grad():
-            probe = frontend(torch.zeros(1, 16000, device=device))  # (1, n_mels, frames)
+            probe = frontend(
+                torch.zeros(1, probe_length(frontend, 16000), device=device)
+            )  # (1, n_mels, frames)
         if probe.ndim != 3:
             raise AsdError(f"b5: the frontend must return (B, n_mels, frames), got {tuple(probe.shape)}")
         return int(probe.shape[1])

@@ -74,7 +74,7 @@ from torch.optim import Optimizer
 from asd.anomalies import AnomalyConfig, _band_mask, _blob_mask
 from asd.branches.base import Branch, OptimizerFactory
 from asd.errors import AsdError
-from asd.features import BinStats
+from asd.features import BinStats, probe_length
 from asd.fileio import write_atomic
 
 log = logging.getLogger(__name__)
@@ -278,7 +278,9 @@ class ReprojectionBranch(Branch):
 
         ref = next(itertools.chain(frontend.parameters(), frontend.buffers()), None)
         with torch.no_grad():  # probe the front end where it lives; any clip length gives the mel bins
-            probe = frontend(torch.zeros(1, 8192, device=ref.device if ref is not None else None))
+            probe = frontend(
+                torch.zeros(1, probe_length(frontend, 8192), device=ref.device if ref is not None else None)
+            )
         if probe.ndim != 3:
             raise AsdError(f"b6: the frontend must return (B, n_mels, frames), got {tuple(probe.shape)}")
         self.stats = BinStats(int(probe.shape[1]))
@@ -490,7 +492,7 @@ def plot_reprojections(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from asd.evaluation.heatmaps import member_batch, pick_clips
+    from asd.evaluation.heatmaps import axes_of, member_batch, pick_clips
 
     out_dir.mkdir(parents=True, exist_ok=True)
     table = dm.tables["test"]
@@ -498,6 +500,7 @@ def plot_reprojections(
     if not rows:
         return []
     batch = member_batch(dm, "test", rows, device)
+    origin, xlabel, ylabel = axes_of(dm)
     with torch.no_grad():
         maps = [t.float().cpu().numpy() for t in member.maps(batch)]  # 4 x (B, n_mels, frames)
     paths = []
@@ -513,10 +516,10 @@ def plot_reprojections(
             [{"vmin": lo, "vmax": hi}] * 3 + [{"vmin": 0.0, "vmax": 1.0, "cmap": "magma"}],
             strict=True,
         ):
-            im = ax.imshow(img, origin="lower", aspect="auto", **kw)
-            ax.set(title=title, xlabel="frame")
+            im = ax.imshow(img, origin=origin, aspect="auto", **kw)
+            ax.set(title=title, xlabel=xlabel)
             fig.colorbar(im, ax=ax, fraction=0.046)
-        axes[0].set_ylabel("mel bin")
+        axes[0].set_ylabel(ylabel)
         fig.suptitle(f"{name}: {clip.name} ({clip.label}, {clip.domain})")
         FigureCanvasAgg(fig)  # attaches the Agg canvas: PNG output, no display
         path = out_dir / f"{name}_reprojection_{Path(clip.name).stem}.png"

@@ -61,7 +61,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from asd.branches.base import Branch, OptimizerFactory
 from asd.branches.error_profile import ErrorProfileScoring
 from asd.errors import AsdError
-from asd.features import BinStats
+from asd.features import BinStats, probe_length
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,9 @@ class VAEBranch(ErrorProfileScoring, Branch):
         ref = next(itertools.chain(frontend.parameters(), frontend.buffers()), None)
         device = ref.device if ref is not None else None  # probe where the front end lives
         with torch.no_grad():
-            probe = frontend(torch.zeros(1, 4096, device=device))  # (1, n_mels, frames)
+            probe = frontend(
+                torch.zeros(1, probe_length(frontend, 4096), device=device)
+            )  # (1, n_mels, frames)
         if probe.ndim != 3:
             raise AsdError(f"b7: the frontend must return (B, n_mels, frames), got {tuple(probe.shape)}")
         self.n_mels = int(probe.shape[1])

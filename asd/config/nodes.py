@@ -46,6 +46,7 @@ from asd.data.audio import CROPS, PADS
 from asd.data.cache import ON_BAD_FILE
 from asd.data.index import YEARS
 from asd.data.synthetic import MODELS
+from asd.image_anomalies import IMAGE_KINDS
 from asd.scoring import FUSIONS
 
 
@@ -337,8 +338,27 @@ class Synthetic(Node):
     seed: integer(ge=0, le=2**63 - 1) = 0
 
 
+ImageSize = value(
+    "a side in pixels (an integer >= 4) or [height, width]",
+    lambda v: (
+        (is_int(v) and v >= 4)
+        or (isinstance(v, list) and len(v) == 2 and all(is_int(x) and x >= 4 for x in v))
+    ),
+)
+
+
+class Image(Node):
+    """`asd.data.images.ImageConfig` (`data=images`)."""
+
+    size: ImageSize = [64, 64]
+    mode: choice("gray", "rgb") = "gray"
+    resize: Flag = True
+    patch: integer(ge=4, null=True) = None
+
+
 class Data(Node):
-    """`asd.data.datamodule.AsdDataModule`'s arguments under its `_target_`."""
+    """`asd.data.datamodule.AsdDataModule`'s arguments under its `_target_` (`data=images`:
+    `asd.data.images.ImageDataModule`'s, the keys `image`, `categories` and `test_normals`)."""
 
     target: Text = Field(alias="_target_")
     name: Text = "synthetic"
@@ -356,6 +376,9 @@ class Data(Node):
     batches_per_epoch: integer(ge=1, null=True) = None
     cache_dir: Folder = None
     seed: Seed = 0
+    image: Image | None = None
+    categories: Machines = None
+    test_normals: number(ge=0, lt=1) = 0.2
 
 
 class Anomalies(Node):
@@ -377,6 +400,23 @@ class Anomalies(Node):
     p_substitute: Fraction = 0.5
     fade_ms: Weight = 10.0
     min_rms: Positive = 1e-3
+
+
+ImageKinds = value(  # `kinds: blobs` is one kind (asd.image_anomalies.image_anomaly_config)
+    f"a kind or a non-empty list of distinct kinds from {list(IMAGE_KINDS)}",
+    lambda v: v in IMAGE_KINDS or _distinct(v, IMAGE_KINDS),
+)
+
+
+class ImageAnomalies(Node):
+    """`asd.image_anomalies.ImageAnomalyConfig` (`data=images`; the copies are `fusion.anomalies.copies`)."""
+
+    kinds: ImageKinds = list(IMAGE_KINDS)
+    p_none: number(ge=0, lt=1) = 0.0
+    blob_fraction: interval(gt=0, lt=1) = [0.02, 0.1]
+    strength: interval(gt=0, le=1) = [0.2, 0.6]
+    patch: interval(gt=0, le=1) = [0.1, 0.3]
+    width: integers(ge=1, max_len=2) = [1, 3]
 
 
 class Attention(Node):
@@ -421,6 +461,7 @@ class Fusion(Node):
     enabled: Flag = True
     seed: Seed = 0
     anomalies: Anomalies = Anomalies()
+    image_anomalies: ImageAnomalies = ImageAnomalies()
     attention: Attention = Attention()
     meta: Meta = Meta()
     select: Select = Select()

@@ -263,6 +263,17 @@ class AsdDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     @property
+    def modality(self) -> str:
+        """What the clips are: "audio" here, "image" for `asd.data.images.ImageDataModule`."""
+        return "audio"
+
+    @property
+    def training_unit(self) -> str:
+        """What one training item is, in words (the budget's log line)."""
+        w = self.windowing
+        return "whole training clips" if w is None else f"random {w.size / self.audio.sample_rate:g} s crops"
+
+    @property
     def num_machines(self) -> int:
         return len(self.machine_names)
 
@@ -303,7 +314,8 @@ class AsdDataModule(L.LightningDataModule):
         generator = torch.Generator().manual_seed(self.seed)
         fit = self.datasets["fit"]
         draws = self.train_batches * self.batch_size
-        sampler = RandomCropSampler(len(fit), self.windowing.clip, self.windowing.size, draws, generator)
+        w = self.windowing
+        sampler = RandomCropSampler(len(fit), w.clip, w.size, draws, generator, w.align)
         return DataLoader(
             RandomCrops(fit, self.windowing.size),
             batch_size=self.batch_size,

@@ -14,7 +14,7 @@ DOMAINS = ("source", "target", "none")
 DOMAIN_IDS = {"source": 0, "target": 1, "none": 2}
 SPLITS = ("train", "test")
 LABELS = ("normal", "anomaly", "unknown")
-LAYOUTS = ("dcase2020", "dcase2021", "dcase2022", "mimii")
+LAYOUTS = ("dcase2020", "dcase2021", "dcase2022", "mimii", "images")
 
 
 @dataclass
@@ -47,8 +47,10 @@ class Clip:
 
     @property
     def name(self) -> str:
-        """The file name, as the DCASE submission CSVs list it."""
-        return Path(self.path).name
+        """The file name, as the DCASE submission CSVs list it. Pictures repeat names across defect
+        folders (`test/good/000.png`, `test/crack/000.png`), so theirs is `<folder>_<file>`."""
+        path = Path(self.path)
+        return f"{path.parent.name}_{path.name}" if self.layout == "images" else path.name
 
     @property
     def attribute_string(self) -> str:

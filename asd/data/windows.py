@@ -39,11 +39,15 @@ def window_starts(length: int, size: int | None, hop: int | None) -> list[int]:
 
 @dataclass(frozen=True)
 class Windowing:
-    """Windows of `size` samples every `hop` samples, over clips of `clip` samples."""
+    """Windows of `size` samples every `hop` samples, over clips of `clip` samples.
+
+    `align`: random training crops start at multiples of it (image patches: the patch's length).
+    """
 
     size: int
     hop: int
     clip: int
+    align: int = 1
 
     def __post_init__(self) -> None:
         if not 0 < self.size <= self.clip:
@@ -142,22 +146,20 @@ class RandomCrops(Dataset):
 class RandomCropSampler(Sampler[tuple[int, int]]):
     """`draws` (clip, start) pairs per epoch, clip and start uniform, from the loader's generator."""
 
-    def __init__(self, clips: int, clip_samples: int, size: int, draws: int, generator: torch.Generator):
+    def __init__(
+        self, clips: int, clip_samples: int, size: int, draws: int, generator: torch.Generator, align: int = 1
+    ):
         if clips < 1:
             raise AsdError("no training clips to crop from")
-        self.clips, self.positions, self.draws, self.generator = (
-            clips,
-            clip_samples - size + 1,
-            draws,
-            generator,
-        )
+        self.clips, self.draws, self.generator, self.align = clips, draws, generator, align
+        self.positions = (clip_samples - size) // align + 1  # starts 0, align, 2 align, ...
 
     def __len__(self) -> int:
         return self.draws
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         clips = torch.randint(self.clips, (self.draws,), generator=self.generator)
-        starts = torch.randint(self.positions, (self.draws,), generator=self.generator)
+        starts = torch.randint(self.positions, (self.draws,), generator=self.generator) * self.align
         yield from zip(clips.tolist(), starts.tolist(), strict=True)
 
 

@@ -29,6 +29,14 @@ def member_batch(dm, part: str, rows: list[int], device: torch.device) -> dict[s
     return {k: torch.stack([dataset[i][k] for i in rows]).to(device) for k in dataset[0]}
 
 
+def axes_of(dm) -> tuple[str, str, str]:
+    """How a member's 2-D input is drawn: (imshow origin, x label, y label). Log-mel has low
+    frequencies at the bottom; a picture (`data=images`) is drawn as it is, top row first."""
+    if getattr(dm, "modality", "audio") == "image":
+        return "upper", "column", "row (channels stacked)" if dm.layout.channels > 1 else "row"
+    return "lower", "frame", "mel bin"
+
+
 def pick_clips(labels: list[str], n: int) -> list[int]:
     """Up to n clip rows, half normal and half anomalous (first ones in table order)."""
     normal = [i for i, lab in enumerate(labels) if lab != "anomaly"]
@@ -81,6 +89,7 @@ def plot_error_maps(
     if not rows:
         return []
     batch = member_batch(dm, part, rows, device)
+    origin, xlabel, ylabel = axes_of(dm)
     with torch.no_grad():
         spec, recon, err = (
             t.float().cpu().numpy() for t in member.error_map(batch)
@@ -95,11 +104,11 @@ def plot_error_maps(
             (axes[1], recon[j], "reconstruction", {"vmin": lo, "vmax": hi}),
             (axes[2], err[j], "squared error", {"cmap": cmap}),
         ):
-            im = ax.imshow(img, origin="lower", aspect="auto", **kw)
+            im = ax.imshow(img, origin=origin, aspect="auto", **kw)
             ax.set_title(title)
-            ax.set_xlabel("frame")
+            ax.set_xlabel(xlabel)
             fig.colorbar(im, ax=ax, fraction=0.046)
-        axes[0].set_ylabel("mel bin")
+        axes[0].set_ylabel(ylabel)
         fig.suptitle(f"{name}: {clip.name} ({clip.label}, {clip.domain})")
         fig.tight_layout()
         path = out_dir / f"heatmap_{name}_{Path(clip.name).stem}.png"
@@ -116,6 +125,7 @@ def plot_vae(member, name: str, dm, out_dir: Path, n: int, device: torch.device)
     table = dm.tables["test"]
     rows = pick_clips([c.label for c in table], max(1, n))
     batch = member_batch(dm, "test", rows, device)
+    origin, xlabel, ylabel = axes_of(dm)
     with torch.no_grad():
         spec, recon, _ = (t.float().cpu().numpy() for t in member.error_map(batch))  # each (B, mels, frames)
         g = torch.Generator().manual_seed(0)
@@ -126,10 +136,10 @@ def plot_vae(member, name: str, dm, out_dir: Path, n: int, device: torch.device)
     paths = [out_dir / f"{name}_vae_samples.png", out_dir / f"{name}_vae_recon.png"]
     fig, axes = plt.subplots(1, len(samples), figsize=(3.2 * len(samples), 3), squeeze=False)
     for j, ax in enumerate(axes[0]):
-        ax.imshow(samples[j], origin="lower", aspect="auto", vmin=lo, vmax=hi)
+        ax.imshow(samples[j], origin=origin, aspect="auto", vmin=lo, vmax=hi)
         ax.set_title(f"prior sample {j}")
-        ax.set_xlabel("frame")
-    axes[0, 0].set_ylabel("mel bin")
+        ax.set_xlabel(xlabel)
+    axes[0, 0].set_ylabel(ylabel)
     fig.suptitle(f"{name}: decoded from the prior (skips zero)")
     fig.tight_layout()
     fig.savefig(paths[0], dpi=80)
@@ -138,11 +148,11 @@ def plot_vae(member, name: str, dm, out_dir: Path, n: int, device: torch.device)
     for j, i in enumerate(rows):
         clip = table[i]
         for ax, img, what in ((axes[0, j], spec[j], "input"), (axes[1, j], recon[j], "reconstruction")):
-            ax.imshow(img, origin="lower", aspect="auto", vmin=lo, vmax=hi)
+            ax.imshow(img, origin=origin, aspect="auto", vmin=lo, vmax=hi)
             ax.set_title(f"{what}: {Path(clip.name).stem[:28]}\n({clip.label}, {clip.domain})", fontsize=8)
-        axes[1, j].set_xlabel("frame")
-    axes[0, 0].set_ylabel("mel bin")
-    axes[1, 0].set_ylabel("mel bin")
+        axes[1, j].set_xlabel(xlabel)
+    axes[0, 0].set_ylabel(ylabel)
+    axes[1, 0].set_ylabel(ylabel)
     fig.suptitle(f"{name}: test clips and their reconstructions")
     fig.tight_layout()
     fig.savefig(paths[1], dpi=80)

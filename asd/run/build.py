@@ -25,7 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from asd.branches.base import Branch
 from asd.calibration import LEARNED
 from asd.data.datamodule import AsdDataModule
+from asd.data.images import image_layout_of
 from asd.ensemble import (
+    BRANCHES,
     FLOW,
     FLOW_SOURCES,
     REFERENCES,
@@ -105,8 +107,43 @@ def data_facts(dm: AsdDataModule) -> dict[str, Any]:
     return dm.state_dict()
 
 
+#: members that take a 2-D input and run on pictures (`data=images`) through `asd.features.ImageFrontend`
+IMAGE_MEMBERS = ("b2", "b4", "b5", "b6", "b7", "dcase_ae", "stats")
+#: why the others do not
+AUDIO_ONLY = {
+    "b1": "the Audio Spectrogram Transformer reads Kaldi fbank features of a waveform",
+    "b3": "its self-supervised classes are audio transforms (time reversal, speed changes) and its "
+    "full-spectrum branch an FFT of the waveform",
+}
+
+
+def is_image_data(cfg: DictConfig) -> bool:
+    """Whether the run reads pictures (`data=images`: the data node has an `image` section)."""
+    return "image" in cfg.data
+
+
 def member_names(cfg: DictConfig) -> list[str]:
-    return select_branches(plain(cfg.branch)) + select_references(plain(cfg.reference))
+    """The members to build: `branch` and `reference`; on pictures, `branch=all` means the image members."""
+    names = select_branches(plain(cfg.branch)) + select_references(plain(cfg.reference))
+    if not is_image_data(cfg):
+        return names
+    audio = [n for n in names if n not in IMAGE_MEMBERS]
+    if audio and plain(cfg.branch) != "all":
+        why = "; ".join(f"{n}: {AUDIO_ONLY.get(n, 'an audio member')}" for n in audio)
+        raise AsdError(
+            f"branch: {audio} only make sense for audio ({why}); with data=images choose from "
+            f"{[n for n in IMAGE_MEMBERS if n in BRANCHES]}, or branch=all (which leaves them out)"
+        )
+    return [n for n in names if n in IMAGE_MEMBERS]
+
+
+def image_frontend(facts: dict[str, Any]) -> dict[str, Any] | None:
+    """The front-end node every image member gets in place of its log-mel (None for audio runs)."""
+    layout = image_layout_of(facts)
+    if layout is None:
+        return None
+    channels, height, width = layout.view
+    return {"_target_": "asd.features.ImageFrontend", "channels": channels, "height": height, "width": width}
 
 
 def build_member(name: str, cfg: DictConfig, runtime: dict[str, Any]) -> Branch:
@@ -114,6 +151,9 @@ def build_member(name: str, cfg: DictConfig, runtime: dict[str, Any]) -> Branch:
     if name not in cfg.branches:
         raise AsdError(f"no config for member {name}: add branches.{name} (see conf/branches/default.yaml)")
     node = {k: v for k, v in plain(cfg.branches[name]).items() if k not in ENSEMBLE_KEYS}
+    if runtime.get("frontend") is not None and "frontend" in node:
+        node["frontend"] = runtime["frontend"]  # pictures: the image front end replaces the log-mel
+    runtime = {k: v for k, v in runtime.items() if k != "frontend"}
     member = build(node, f"branches.{name}", runtime)
     if not isinstance(member, Branch):
         raise AsdError(f"branches.{name}._target_ builds {type(member).__name__}, not an asd Branch")
@@ -129,15 +169,22 @@ def member_samples(audio: dict[str, Any]) -> int | None:
 def build_ensemble(cfg: DictConfig, facts: dict[str, Any]) -> Ensemble:
     names = member_names(cfg)
     frozen = select_frozen(plain(cfg.freeze), names)
-    audio = facts["audio"]
+    layout = image_layout_of(facts)
     runtime = {
-        # members are built for what they see: the window when clips are windowed (asd.data.windows)
-        "num_samples": member_samples(audio),
-        "sample_rate": audio["sample_rate"],
         "num_machines": len(facts["machines"]),
         "num_sections": len(facts["sections"]),
         "num_attributes": len(facts["attributes"]),
     }
+    if layout is None:
+        audio = facts["audio"]
+        # members are built for what they see: the window when clips are windowed (asd.data.windows)
+        runtime.update(num_samples=member_samples(audio), sample_rate=audio["sample_rate"])
+    else:
+        channels, height, width = layout.view
+        runtime.update(num_samples=channels * height * width, frontend=image_frontend(facts))
+        left_out = [n for n in select_branches(plain(cfg.branch)) if n not in IMAGE_MEMBERS]
+        if left_out:
+            log.info("data=images: members %s (%s left out: audio only)", names, ", ".join(left_out))
     members = {n: build_member(n, cfg, runtime) for n in names if n != FLOW}
     if FLOW in names:
         # b5 models the embeddings of b1-b3 when any of them is selected, else log-mel statistics

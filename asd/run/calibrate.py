@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from asd.anomalies import KINDS, AnomalyConfig, PseudoAnomalies, PseudoAnomalyDataset, anomaly_config
+from asd.anomalies import AnomalyConfig, PseudoAnomalies, PseudoAnomalyDataset, anomaly_config
 from asd.calibration import Calibration, fit_normalizers, fit_thresholds, left_out_z
 from asd.data.datamodule import AsdDataModule, ClipDataset, WaveStore
 from asd.data.table import ClipTable
@@ -229,11 +229,29 @@ def calibrated_members(ensemble: Ensemble, cfg: DictConfig) -> list[str]:
 
 def anomaly_settings(cfg: DictConfig, sample_rate: int) -> tuple[AnomalyConfig, int]:
     """The pseudo-anomaly generator's settings and the number of copies per clip, validated."""
-    values = dict(plain(cfg.fusion.anomalies))
-    copies = values.pop("copies", 8)
+    values = {k: v for k, v in plain(cfg.fusion.anomalies).items() if k != "copies"}
+    return anomaly_config({**values, "sample_rate": sample_rate}), anomaly_copies(cfg)
+
+
+def anomaly_copies(cfg: DictConfig) -> int:
+    """`fusion.anomalies.copies`: pseudo-anomalies per reference normal (audio and pictures)."""
+    copies = cfg.fusion.anomalies.get("copies", 8)
     if not isinstance(copies, int) or copies < 1:
         raise AsdError(f"fusion.anomalies.copies={copies}: expected a whole number of pseudo-anomalies >= 1")
-    return anomaly_config({**values, "sample_rate": sample_rate}), copies
+    return copies
+
+
+def anomaly_generator(cfg: DictConfig, dm: AsdDataModule) -> tuple[Any, int]:
+    """The run's pseudo-anomaly generator and copies per clip: waveform edits for audio
+    (`fusion.anomalies`), picture edits for images (`fusion.image_anomalies`, the copies of
+    `fusion.anomalies.copies`)."""
+    if getattr(dm, "modality", "audio") == "image":
+        from asd.image_anomalies import ImagePseudoAnomalies, image_anomaly_config
+
+        config = image_anomaly_config(plain(cfg.fusion.get("image_anomalies")))
+        return ImagePseudoAnomalies(config, dm.layout), anomaly_copies(cfg)
+    config, copies = anomaly_settings(cfg, dm.audio.sample_rate)
+    return PseudoAnomalies(config), copies
 
 
 def calibrate(
@@ -271,9 +289,9 @@ def calibrate(
     fake = z = ctx = y = rows_source = None  # the fusions' training rows: normals, then pseudo-anomalies
     if cfg.fusion.enabled:
         fcfg = plain(cfg.fusion)
-        config, copies = anomaly_settings(cfg, dm.audio.sample_rate)
+        generator, copies = anomaly_generator(cfg, dm)
         fake = PseudoAnomalyDataset(
-            normals, PseudoAnomalies(config), copies=copies, seed=int(fcfg["seed"]), pool=dm.datasets["fit"]
+            normals, generator, copies=copies, seed=int(fcfg["seed"]), pool=dm.datasets["fit"]
         )
         kinds = fake.kinds()
         log.info(
@@ -281,7 +299,7 @@ def calibrate(
             len(fake),
             len(normal_z),
             kind,
-            ", ".join(f"{k} {n}" for k, n in summarise_kinds(kinds, KINDS).items()),
+            ", ".join(f"{k} {n}" for k, n in summarise_kinds(kinds, generator.all_kinds).items()),
         )
         fake_raw = run_infer(lambda b: member_scores(ensemble, b), dm, fake, device, "pseudo-anomalies")
         source = torch.arange(len(fake)) // copies
@@ -301,7 +319,7 @@ def calibrate(
             num_sections=dm.num_sections,
             cfg=fcfg,
         )
-        calibration.fusion.kinds = summarise_kinds(kinds, KINDS)
+        calibration.fusion.kinds = summarise_kinds(kinds, generator.all_kinds)
     # Decision thresholds need scores of normals nothing was fitted on. The members never saw
     # these clips, but their z-scores were normalised with statistics that include them (a z of a
     # group of 5 can never exceed 1.8) and the meta-learner adapted on them: both are undone here.

@@ -43,6 +43,12 @@ class FinishedRun:
             raise AsdError(f"{self.dir}: training did not finish its calibrate stage; re-run train.py on it")
         self.cfg = OmegaConf.load(cfg_path)
         validate(self.cfg)
+        if "image" in self.cfg.data:
+            raise AsdError(
+                f"{self.dir} is a run on pictures (data=images): scoring new pictures with a finished run "
+                "is not built yet; put them under the dataset's test/ folder and run train.py on it again "
+                "(its finished stages are reused)"
+            )
         try:
             stored = torch.load(self.dir / FINAL_CKPT, map_location="cpu", weights_only=True)["asd_signature"]
             self.facts = stored["facts"]

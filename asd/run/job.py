@@ -29,12 +29,13 @@ from asd.run.build import (
     build_ensemble,
     check_final,
     data_facts,
+    is_image_data,
     member_names,
     plain,
     resolve_run_dir,
     signature,
 )
-from asd.run.calibrate import anomaly_settings
+from asd.run.calibrate import anomaly_generator
 from asd.run.distributed import barrier, is_rank_zero
 from asd.run.stages import RunState, StageLog, is_wandb, make_stages
 
@@ -112,13 +113,18 @@ def prepare(cfg: DictConfig) -> RunState:
         # the settings this run now holds, resolved (the run folder's name and time included), so
         # `tools/score.py` reads exactly what ran; it replaces the unresolved copy Hydra writes
         write_text_atomic(run_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.get("threshold") == "midpoint" and is_image_data(cfg):
+        raise AsdError(
+            "threshold=midpoint with data=images: labelled anomalous validation pictures are not read yet "
+            "(validation_anomalies takes WAV files); use threshold=gamma"
+        )
     dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup()
     facts = data_facts(dm)
     ensemble = build_ensemble(cfg, facts)
     check_final(ensemble, cfg)
-    anomaly_settings(cfg, dm.audio.sample_rate)  # a typo fails now, not after training
+    anomaly_generator(cfg, dm)  # a typo fails now, not after training
     return RunState(cfg=cfg, run_dir=run_dir, dm=dm, ensemble=ensemble, signature=signature(cfg, facts))
 
 

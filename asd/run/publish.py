@@ -64,6 +64,11 @@ def plot_fusion_training(plots: Path, dm: AsdDataModule, fake: PseudoAnomalyData
     rng = np.random.default_rng(0)
     shown = [k for k in fake.generator.config.kinds if k != "outlier" or outlier is not None]
     injections = [fake.generator(wave, rng, outlier=outlier, kind=k) for k in shown]
+    if dm.modality == "image":
+        from asd.image_anomalies import plot_image_injections
+
+        plot_image_injections(wave, injections, fake.generator.layout, plots / "pseudo_anomalies.png")
+        return
     config = fake.generator.config
     plot_injections(
         wave,

@@ -77,9 +77,11 @@ class RunState:
 
     @property
     def year(self) -> int:
-        """The official-score convention: the test clips' layout, else `year` of the config."""
+        """The official-score convention: the test clips' layout, else `year` of the config.
+
+        Pictures have no domains: they are scored as DCASE 2020 (AUC and pAUC per section, averaged)."""
         layouts = {c.layout for c in self.dm.tables["test"]}
-        if layouts & {"dcase2020", "mimii"}:
+        if layouts & {"dcase2020", "mimii", "images"}:
             return 2020
         if "dcase2021" in layouts:
             return 2021
@@ -155,11 +157,7 @@ def with_budget(cfg: DictConfig, dm: AsdDataModule) -> DictConfig:
     pass over the training clips), so the budget is met to within one epoch, rounded up.
     """
     steps = cfg.get("steps")
-    unit = (
-        f"random {dm.windowing.size / dm.audio.sample_rate:g} s crops"
-        if dm.windowing is not None
-        else "whole training clips"
-    )
+    unit = dm.training_unit
     if steps is None:
         log.info(
             "budget: trainer.max_epochs=%s epochs of %d batches of %s (steps=null)",
@@ -376,6 +374,11 @@ class Report(Stage):
         test, final = run.dm.tables["test"], run.calibration.final
         run.results = report.evaluate_methods(test, run.columns, run.year, final)
         run.decisions = decision_table(test, run.columns["decision"])
+        self.pixels: list[dict] = []
+        if run.dm.modality == "image":
+            from asd.evaluation.pixels import pixel_rows
+
+            self.pixels = pixel_rows(run.ensemble, run.dm, run.device)
 
     def write(self, run: RunState) -> None:
         cfg, run_dir, calibration = run.cfg, run.run_dir, run.calibration
@@ -388,11 +391,25 @@ class Report(Stage):
             )
             if cfg.plots:
                 publish.plot_attention(weights_rows, weights, calibration.fusion.members, run_dir / "plots")
+        notes = self.notes(run)
+        pixels = getattr(self, "pixels", [])
+        if pixels:
+            report.write_csv(
+                run_dir / "pixel_metrics.csv",
+                list(pixels[0]),
+                ([r[k] for k in pixels[0]] for r in pixels),
+            )
+            overall = ", ".join(
+                f"{r['member']} {r['pixel_auroc']:.3f}" for r in pixels if r["section"] == "all"
+            )
+            notes.append(
+                f"pixel AUROC of the error maps against the defect masks (pixel_metrics.csv): {overall}"
+            )
         report.write_metrics(
             run_dir,
             run.results,
             cfg,
-            self.notes(run),
+            notes,
             weights_rows,
             calibration.final,
             run.decisions,
@@ -401,7 +418,12 @@ class Report(Stage):
         logger = run.trainer.logger if run.trainer is not None else self.earlier_wandb_run(run)
         if logger is not None:
             logger.log_metrics(
-                {f"test/{m}/official": r.official for m, r in run.results.items()},
+                {f"test/{m}/official": r.official for m, r in run.results.items()}
+                | {
+                    f"test/{r['member']}/pixel_auroc": r["pixel_auroc"]
+                    for r in pixels
+                    if r["section"] == "all"
+                },
                 step=run.trainer.global_step if run.trainer is not None else None,
             )
         if cfg.plots:
