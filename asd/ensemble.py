@@ -176,7 +176,8 @@ class Ensemble(L.LightningModule):
         return [n for n in FLOW_SOURCES if n in self.members]
 
     def with_flow_input(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The batch plus `z`: the detached, concatenated embeddings of the flow's source members.
+        """The batch plus `z`: the detached, concatenated embeddings of the flow's source members,
+        and each source's own as `z_<name>` (`Branch.embedding` reuses it instead of a second pass).
 
         The sources embed in eval mode, also during training: the flow learns the embeddings it
         will score (no dropout, BatchNorm's running statistics), and this extra forward pass
@@ -190,11 +191,12 @@ class Ensemble(L.LightningModule):
             with torch.no_grad():
                 for n in sources:
                     self.members[n].eval()
-                z = torch.cat([self.members[n].embed(batch).float() for n in sources], dim=1)  # (B, sum D)
+                each = {f"z_{n}": self.members[n].embed(batch) for n in sources}  # (B, D_n) each
         finally:
             for n, mode in modes.items():
                 self.members[n].train(mode)
-        return {**batch, "z": z}
+        z = torch.cat([e.float() for e in each.values()], dim=1)  # (B, sum D)
+        return {**batch, "z": z, **each}
 
     def train(self, mode: bool = True) -> Ensemble:
         # Lightning calls train() at every fit/validation switch: re-apply eval mode each time.

@@ -1,4 +1,8 @@
-"""Front ends as `nn.Module`s: the DCASE baseline log-mel, AST's Kaldi fbank, pictures (`ImageFrontend`)."""
+"""Front ends as `nn.Module`s: the DCASE baseline log-mel, AST's Kaldi fbank, pictures (`ImageFrontend`).
+
+One file: every front end shares the input checks and the output contract members rely on
+((B, bins, frames), float32, autocast off), and `share_frontends` decides which of them may be one.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,9 @@ import warnings
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from transformers import ASTFeatureExtractor
-from transformers.audio_utils import mel_filter_bank
+from transformers.audio_utils import mel_filter_bank, window_function
 
 from asd.errors import AsdError
 
@@ -133,8 +138,28 @@ class LogMel(nn.Module):
         return 1 + num_samples // self.hop_length
 
     def forward(self, wave: Tensor) -> Tensor:
-        """(B, T) or (T,) -> (B, n_mels, frames) float32 log-mel in dB-like units."""
+        """(B, T) or (T,) -> (B, n_mels, frames) float32 log-mel in dB-like units.
+
+        The last result is kept, and a copy of it returned again for the same wave tensor (the same
+        object, not changed in place since) under the same grad/inference mode: members that share
+        this module (`share_frontends`) compute a batch's log-mel once. Callers get copies, so one
+        that edits its result in place changes nobody else's. No memo for a wave that needs gradients
+        (its graph must not be shared) or an inference tensor (it has no version counter to tell
+        an in-place change).
+        """
         wave = _as_batch(wave, "LogMel")
+        key = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        memo = self.__dict__.get("_memo")
+        if wave.requires_grad or wave.is_inference():
+            self.__dict__["_memo"] = None
+            return self._compute(wave)
+        if memo is not None and memo[0] is wave and memo[1] == wave._version and memo[2] == key:
+            return memo[3].clone()
+        out = self._compute(wave)
+        self.__dict__["_memo"] = (wave, wave._version, key, out)
+        return out.clone()
+
+    def _compute(self, wave: Tensor) -> Tensor:
         # the STFT, power and log lose too much in half precision: compute in float32 under autocast too
         with torch.autocast(device_type=wave.device.type, enabled=False):
             spec = torch.stft(
@@ -157,6 +182,22 @@ class LogMel(nn.Module):
             f"sample_rate={self.sample_rate}, n_fft={self.n_fft}, hop_length={self.hop_length}, "
             f"n_mels={self.n_mels}, f_min={self.f_min}, f_max={self.f_max}, power={self.power}"
         )
+
+
+def share_frontends(members: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """Give members whose `frontend` is a `LogMel` of the same settings one instance of it, so a
+    batch's log-mel is computed once (its memo) however many members read it. LogMel holds no
+    parameters and no state (its buffers are fixed, non-persistent), so sharing changes no result and
+    no checkpoint. Returns the members that now share each setting (groups of two or more)."""
+    shared: dict[str, LogMel] = {}
+    groups: dict[str, list[str]] = {}
+    for name, member in members.items():
+        frontend = getattr(member, "frontend", None)
+        if type(frontend) is LogMel:
+            key = f"{frontend.extra_repr()}, eps={frontend.eps}"
+            member.frontend = shared.setdefault(key, frontend)
+            groups.setdefault(key, []).append(name)
+    return {k: v for k, v in groups.items() if len(v) > 1}
 
 
 class ImageFrontend(nn.Module):
@@ -207,11 +248,23 @@ class AstFbank(nn.Module):
     needs the whole clip splits the wave into windows of `samples_per_window()` samples. Truncation is
     logged once per module. `normalize` applies AST's `(fbank - mean) / (2 * std)` (AudioSet statistics).
 
-    Without torchaudio the extractor runs its numpy implementation on the CPU (20-35 ms per 10 s
-    clip on one core); the result is moved back to the wave's device. It is not differentiable. The
-    128-bin Kaldi bank at 16 kHz has one filter that covers no FFT bin (filter 3, a constant row);
-    that is the configuration AST was pre-trained with, so it is kept and logged at debug level only.
+    `backend="torch"` (the default) computes the extractor's numpy recipe batched with torch on the
+    wave's device: frames of 400 samples every 160, DC offset removed, pre-emphasis 0.97, a symmetric
+    Hann window, a 512-point FFT (float64, the spectrum rounded to complex64 as the extractor stores
+    it), power, the extractor's own Kaldi mel filters, floor 2**-23, natural log. It matches
+    `backend="extractor"` (the transformers numpy implementation, one Python loop over frames: 20-35
+    ms per 10 s clip on one core) to float32 rounding (tests/test_features.py) and is about 3x faster
+    on the CPU (benchmarks/bench_frontend.py); hand-written because the library's only batched path
+    is torchaudio's, which this project cannot install beside a CPU torch. Neither is
+    differentiable. The 128-bin Kaldi bank at 16 kHz has one filter that covers no FFT bin (filter 3,
+    a constant row); that is the configuration AST was pre-trained with, so it is kept and logged at
+    debug level only.
     """
+
+    #: the extractor's pre-emphasis and mel floor (transformers' `_extract_fbank_features`)
+    preemphasis = 0.97
+    mel_floor = 1.192092955078125e-07
+    fft_length = 512
 
     sample_rate = 16000
     frame_length = 400  # 25 ms at 16 kHz
@@ -225,9 +278,13 @@ class AstFbank(nn.Module):
         mean: float = -4.2677393,
         std: float = 4.5689974,
         normalize: bool = True,
+        backend: str = "torch",
     ):
         super().__init__()
         owner = "AstFbank"
+        if backend not in ("torch", "extractor"):
+            raise AsdError(f"{owner}: backend={backend!r}: expected 'torch' or 'extractor'")
+        self.backend = backend
         if sample_rate != self.sample_rate:
             raise AsdError(
                 f"{owner}: sample_rate={sample_rate}, but the Audio Spectrogram Transformer is trained "
@@ -249,9 +306,24 @@ class AstFbank(nn.Module):
                 std=self.std,
             )
         filters = getattr(self.extractor, "mel_filters", None)  # only on the numpy path
-        if filters is not None:
-            empty = np.flatnonzero(filters.max(axis=0) == 0).tolist()
-            log.debug("AstFbank: Kaldi mel filters %s cover no FFT bin (as in AST's pre-training)", empty)
+        if filters is None:  # torchaudio is installed: the extractor would not use the numpy recipe
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_EMPTY_FILTER_WARNING)
+                filters = mel_filter_bank(
+                    num_frequency_bins=self.fft_length // 2 + 1,
+                    num_mel_filters=num_mel_bins,
+                    min_frequency=20,
+                    max_frequency=self.sample_rate // 2,
+                    sampling_rate=self.sample_rate,
+                    norm=None,
+                    mel_scale="kaldi",
+                    triangularize_in_mel_space=True,
+                )
+        empty = np.flatnonzero(filters.max(axis=0) == 0).tolist()
+        log.debug("AstFbank: Kaldi mel filters %s cover no FFT bin (as in AST's pre-training)", empty)
+        self.register_buffer("kaldi_fb", torch.from_numpy(np.asarray(filters, np.float32)), persistent=False)
+        window = window_function(self.frame_length, "hann", periodic=False)  # (400,) float64
+        self.register_buffer("kaldi_window", torch.from_numpy(window), persistent=False)
         self._warned_truncation = False
 
     def num_frames(self, num_samples: int) -> int:
@@ -285,15 +357,37 @@ class AstFbank(nn.Module):
                 self.samples_per_window(),
             )
             self._warned_truncation = True
-        batch = wave.detach().to("cpu", torch.float32).numpy()  # (B, T)
-        out = self.extractor(list(batch), sampling_rate=self.sample_rate, return_tensors="np")
-        fbank = np.asarray(out["input_values"], dtype=np.float32)  # (B, max_length, num_mel_bins)
-        return torch.from_numpy(fbank).to(wave.device)
+        if self.backend == "extractor":
+            batch = wave.detach().to("cpu", torch.float32).numpy()  # (B, T)
+            out = self.extractor(list(batch), sampling_rate=self.sample_rate, return_tensors="np")
+            fbank = np.asarray(out["input_values"], dtype=np.float32)  # (B, max_length, num_mel_bins)
+            return torch.from_numpy(fbank).to(wave.device)
+        with torch.no_grad(), torch.autocast(device_type=wave.device.type, enabled=False):
+            fbank = self._kaldi(wave.detach())  # (B, frames, num_mel_bins)
+            fbank = fbank[:, : self.max_length]
+            if fbank.shape[1] < self.max_length:  # zero rows after the clip, as the extractor pads
+                fbank = F.pad(fbank, (0, 0, 0, self.max_length - fbank.shape[1]))
+            if self.normalize:
+                fbank = (fbank - self.mean) / (self.std * 2)
+        return fbank  # (B, max_length, num_mel_bins)
+
+    def _kaldi(self, wave: Tensor) -> Tensor:
+        """(B, T) -> (B, frames, num_mel_bins) log Kaldi fbank, the extractor's numpy recipe batched."""
+        x = wave.to(torch.float64)
+        frames = x.unfold(-1, self.frame_length, self.frame_shift)  # (B, frames, 400)
+        frames = frames - frames.mean(dim=-1, keepdim=True)  # remove the DC offset per frame
+        k = self.preemphasis
+        frames = torch.cat([frames[..., :1] * (1 - k), frames[..., 1:] - k * frames[..., :-1]], dim=-1)
+        spec = torch.fft.rfft(frames * self.kaldi_window, n=self.fft_length)  # (B, frames, 257) complex128
+        spec = spec.to(torch.complex64)  # the extractor stores the spectrum as complex64
+        power = spec.real.square() + spec.imag.square()  # (B, frames, 257) float32
+        mel = torch.clamp(power @ self.kaldi_fb, min=self.mel_floor)  # (B, frames, num_mel_bins)
+        return torch.log(mel)
 
     def extra_repr(self) -> str:
         return (
             f"num_mel_bins={self.num_mel_bins}, max_length={self.max_length}, "
-            f"normalize={self.normalize}, mean={self.mean}, std={self.std}"
+            f"normalize={self.normalize}, mean={self.mean}, std={self.std}, backend={self.backend}"
         )
 
 

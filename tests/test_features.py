@@ -233,11 +233,32 @@ def test_fbank_raw_equals_extractor_and_normalisation_is_ast():
         warnings.simplefilter("ignore")
         extractor = ASTFeatureExtractor(max_length=64, do_normalize=False)
     expected = extractor(list(wave.numpy()), sampling_rate=SR, return_tensors="np")["input_values"]
-    np.testing.assert_array_equal(raw.numpy(), expected)
+    np.testing.assert_array_equal(
+        AstFbank(max_length=64, normalize=False, backend="extractor")(wave), expected
+    )
+    # the batched torch recipe (the default) matches it to float32 rounding of log values
+    np.testing.assert_allclose(raw.numpy(), expected, rtol=0, atol=5e-6)
     normed = AstFbank(max_length=64)(wave)
     torch.testing.assert_close(normed, (raw - -4.2677393) / (2 * 4.5689974))
     custom = AstFbank(max_length=64, mean=1.0, std=0.5)(wave)
     torch.testing.assert_close(custom, raw - 1.0)
+
+
+@pytest.mark.parametrize("max_length", [1024, 300])
+def test_fbank_torch_recipe_matches_the_extractor_on_long_silent_and_tonal_clips(max_length):
+    wave = 0.05 * torch.randn(4, 10 * SR, generator=torch.Generator().manual_seed(0))
+    wave[1] = 0.5 * torch.sin(torch.arange(10 * SR) * 0.05)  # a tone
+    wave[2, : 4 * SR] = 0.0  # 4 s of digital silence: the mel floor
+    wave[3] = 0.0
+    ours = AstFbank(max_length=max_length)(wave)
+    theirs = AstFbank(max_length=max_length, backend="extractor")(wave)
+    assert ours.shape == theirs.shape == (4, max_length, 128)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-6)  # normalised units: / 9.14
+
+
+def test_fbank_backend_is_checked():
+    with pytest.raises(AsdError, match="backend='numpy'"):
+        AstFbank(backend="numpy")
 
 
 def test_fbank_accepts_a_single_wave():

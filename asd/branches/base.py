@@ -60,6 +60,15 @@ class Branch(L.LightningModule):
         """Clip embedding z, (B, D); (B, 0) when the member has none."""
         raise NotImplementedError(f"{type(self).__name__} must implement embed()")
 
+    def embedding(self, batch: dict[str, Tensor]) -> Tensor:
+        """`embed(batch)`, or the one the ensemble already computed for this batch in eval mode
+        (`z_<name>`, `Ensemble.with_flow_input`) when it would be the same: this member in eval mode
+        and no gradients wanted (scoring). Members that score their embedding call this."""
+        done = batch.get(f"z_{self.name}")
+        if done is not None and not self.training and not torch.is_grad_enabled():
+            return done
+        return self.embed(batch)
+
     def score(self, batch: dict[str, Tensor]) -> Tensor:
         """Clip anomaly score, (B,), higher = more anomalous."""
         raise NotImplementedError(f"{type(self).__name__} must implement score()")

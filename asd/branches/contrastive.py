@@ -503,4 +503,4 @@ class ContrastiveBranch(Branch):
                 "b3: score needs fit_backend to run first (on the training normals' backend_features), "
                 "or a checkpoint whose backend was fitted"
             )
-        return self.backend.score(self.embed(batch), self._labels(batch, "section"))
+        return self.backend.score(self.embedding(batch), self._labels(batch, "section"))

@@ -487,7 +487,7 @@ class PretrainedASTBranch(Branch):
                 "b1: score needs fit_backend to run first (on the training normals' embeddings), or a "
                 "checkpoint whose kNN banks were fitted"
             )
-        return self.backend.score(self.embed(batch), batch["section"])
+        return self.backend.score(self.embedding(batch), batch["section"])
 
     def configure_optimizers(self) -> Optimizer:
         if self.head is None:

@@ -38,6 +38,7 @@ from asd.ensemble import (
     select_references,
 )
 from asd.errors import AsdError
+from asd.features import share_frontends
 from asd.run.checkpointing import LAST_CKPT, AtomicCheckpointIO, ResumeCheckpoint
 from asd.run.progress import show_progress
 from asd.scoring import FUSIONS
@@ -191,6 +192,8 @@ def build_ensemble(cfg: DictConfig, facts: dict[str, Any]) -> Ensemble:
         dims = [members[n].embed_dim for n in FLOW_SOURCES if n in members]
         members[FLOW] = build_member(FLOW, cfg, {**runtime, "input_dim": sum(dims) if dims else None})
         members = {n: members[n] for n in names}  # keep the configured order
+    for names_sharing in share_frontends(members).values():
+        log.info("one log-mel per batch for %s (the same settings)", ", ".join(names_sharing))
     nodes = {n: plain(cfg.branches[n]) for n in names}
     schedulers = {
         n: build(node["scheduler"], f"branches.{n}.scheduler")

@@ -1,0 +1,151 @@
+"""Front ends and repeated passes: the batched Kaldi fbank, one shared log-mel per batch, and b1/b3
+scored from the embeddings the flow's input already holds; each against what it replaced, in one run.
+
+    python benchmarks/bench_frontend.py                 # CPU, ~2 min on 2 cores
+    python benchmarks/bench_frontend.py --clips 32 --repeats 5
+
+On `--clips` clips of 10 s (the first-shot synthetic valve, the default members and references):
+
+  fbank     `AstFbank` (b1's input) batched in torch against `transformers.ASTFeatureExtractor`'s
+            numpy loop (`backend="extractor"`): clips/s and the largest difference
+  scoring   `asd.run.predict.member_scores` of the whole default ensemble against the same with the
+            three replaced: b1 on the extractor, every member its own log-mel module, b1 and b3
+            embedding a second time: clips/s and the largest difference of every score column
+  training  one training forward + backward of every member (`Ensemble.losses`), the same two ways
+
+Best of `--repeats`, the two sides taking turns (`benchmarks/timing.py`), so load from other
+processes falls on both. Writes benchmarks/results/bench_frontend.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from timing import best_times, environment, write_result
+
+from asd.features import AstFbank, LogMel
+from asd.run.build import build_datamodule, build_ensemble, data_facts
+from asd.run.calibrate import fit_backends
+from asd.run.predict import member_scores
+
+REPO = Path(__file__).resolve().parents[1]
+FIRST_SHOT = [
+    "data.synthetic.machines=[valve]",
+    "data.synthetic.sections=1",
+    "data.synthetic.source_train=8",
+    "data.synthetic.target_train=2",
+    "data.synthetic.test_per_class=16",
+    "data.synthetic.duration=10.0",
+    "data.audio.duration=10.0",
+]
+
+
+def before(ensemble) -> None:
+    """Undo the three changes on a copy: b1 on the extractor, own log-mel modules, no reused embeddings."""
+    for member in ensemble.members.values():
+        frontend = getattr(member, "frontend", None)
+        if isinstance(frontend, AstFbank):
+            frontend.backend = "extractor"
+        elif type(frontend) is LogMel:
+            member.frontend = copy.deepcopy(frontend)  # its own module: no shared memo
+
+
+def scores_without_reuse(ensemble, batch: dict) -> dict:
+    """`member_scores` as it was: the flow's input without the per-member embeddings kept."""
+    batch = {k: v for k, v in ensemble.with_flow_input(batch).items() if not k.startswith("z_")}
+    out = {}
+    for name, member in ensemble.members.items():
+        for kind, s in member.scores(batch).items():
+            out[f"{name}_{kind}" if kind else name] = s
+    return out
+
+
+def training_pass(ensemble, batch: dict) -> float:
+    ensemble.zero_grad(set_to_none=True)
+    losses = ensemble.losses(batch)
+    total = sum(losses.values())
+    total.backward()
+    return float(total.detach())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clips", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_frontend.json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*FIRST_SHOT, "run_dir=/tmp/bench_frontend"])
+    dm = build_datamodule(cfg)
+    dm.setup()
+    ours = build_ensemble(cfg, data_facts(dm))
+    fit_backends(ours, dm, torch.device("cpu"))
+    theirs = copy.deepcopy(ours)
+    before(theirs)
+    test = dm.datasets["test"]
+    rows = range(min(args.clips, len(test)))
+    batch = {k: torch.stack([test[i][k] for i in rows]) for k in test[0]}
+    n = len(rows)
+    result = {
+        "what": __doc__.splitlines()[0],
+        "clips": n,
+        "seconds_per_clip": 10.0,
+        **environment(torch.device("cpu")),
+    }
+
+    fbank = AstFbank()
+    extractor = AstFbank(backend="extractor")
+    (t_ours, t_theirs), (a, b) = best_times(
+        [lambda: fbank(batch["wave"]), lambda: extractor(batch["wave"])], args.repeats
+    )
+    result["fbank"] = {
+        "torch_clips_per_s": n / t_ours,
+        "extractor_clips_per_s": n / t_theirs,
+        "speedup": t_theirs / t_ours,
+        "max_abs_diff": float((a - b).abs().max()),
+    }
+
+    ours.eval()
+    theirs.eval()
+    with torch.inference_mode():
+        (t_ours, t_theirs), (a, b) = best_times(
+            [lambda: member_scores(ours, batch), lambda: scores_without_reuse(theirs, batch)], args.repeats
+        )
+    result["scoring"] = {
+        "ours_clips_per_s": n / t_ours,
+        "before_clips_per_s": n / t_theirs,
+        "speedup": t_theirs / t_ours,
+        "max_abs_diff": {k: float((a[k] - b[k]).abs().max()) for k in a},
+    }
+
+    ours.train()
+    theirs.train()
+    (t_ours, t_theirs), _ = best_times(
+        [lambda: training_pass(ours, batch), lambda: training_pass(theirs, batch)], args.repeats
+    )
+    result["training"] = {
+        "ours_clips_per_s": n / t_ours,
+        "before_clips_per_s": n / t_theirs,
+        "speedup": t_theirs / t_ours,
+    }
+    for part in ("fbank", "scoring", "training"):
+        r = result[part]
+        rates = {k: v for k, v in r.items() if k.endswith("clips_per_s")}
+        print(
+            f"{part}: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
+            + f", speedup {r['speedup']:.2f}x"
+        )
+    print(f"fbank max |diff| {result['fbank']['max_abs_diff']:.2e}")
+    worst = max(result["scoring"]["max_abs_diff"].items(), key=lambda kv: kv[1])
+    print(f"scores: largest |diff| {worst[1]:.2e} ({worst[0]})")
+    write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
