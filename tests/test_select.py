@@ -53,8 +53,60 @@ def test_learned_fusions_never_score_a_row_they_were_fitted_on(monkeypatch):
     z = torch.cat([normal_z, normal_z[source[n:]] + 3.0])
     z[:, 0] = torch.arange(len(z), dtype=torch.float32)  # a row's identity in column 0
     y = torch.cat([torch.zeros(n), torch.ones(n * copies)])
-    section = torch.zeros(len(z), dtype=torch.long)
-    context = {"machine": section, "section": section, "domain": torch.zeros_like(section)}
+    fitted_on = record_fits(monkeypatch)
+    plan = select.source_plan(n, source, folds=4, seed=0)
+    scored = select.cross_fitted_learned(z, z[:n].clone(), context_of(len(z)), y, plan, **FIT)
+    assert len(fitted_on) == 4 and all(np.isfinite(v).all() and v.shape == (len(z),) for v in scored.values())
+    fold = select.fold_of(n, 4, seed=0)[source.numpy()]
+    for f, rows in enumerate(fitted_on):
+        held = set(np.flatnonzero(fold == f).tolist())
+        assert held and not (held & rows)  # a clip and its pseudo-anomalies are held out together
+        assert rows | held == set(range(len(z)))
+    with pytest.raises(AsdError, match="2 or more normals"):
+        select.source_plan(1, torch.zeros(3, dtype=torch.long), folds=4, seed=0)
+
+
+def test_the_kind_split_judges_each_pseudo_anomaly_by_a_fit_that_never_saw_its_kind_or_its_source(
+    monkeypatch,
+):
+    n, copies, m, kinds = 12, 4, 3, 4
+    gen = torch.Generator().manual_seed(1)
+    normal_z = torch.randn(n, m, generator=gen)
+    source = torch.cat([torch.arange(n), torch.arange(n).repeat_interleave(copies)])
+    kind = torch.cat([torch.full((n,), -1), torch.arange(n * copies) % kinds])
+    z = torch.cat([normal_z, normal_z[source[n:]] + 3.0])
+    z[:, 0] = torch.arange(len(z), dtype=torch.float32)  # a row's identity in column 0
+    y = torch.cat([torch.zeros(n), torch.ones(n * copies)])
+    fitted_on = record_fits(monkeypatch)
+    plan = select.kind_plan(n, source, kind, folds=4, seed=0)
+    assert len(plan) == 4
+    scored = select.cross_fitted_learned(z, z[:n].clone(), context_of(len(z)), y, plan, **FIT)
+    held = torch.stack([h for _, h in plan])
+    assert (held.sum(dim=0) <= 1).all() and held[:, :n].any(dim=0).all()  # each row once; every normal
+    judged = held.any(dim=0).numpy()
+    assert 0 < judged[n:].sum() < n * copies  # only the pseudo-anomalies of the kinds left out
+    assert all(np.isfinite(v[judged]).all() and np.isnan(v[~judged]).all() for v in scored.values())
+    for (_, scored_rows), rows in zip(plan, fitted_on, strict=True):
+        for r in np.flatnonzero(scored_rows.numpy()):
+            assert int(r) not in rows  # the judged row itself is out of the fit
+            same_source = set(np.flatnonzero(source.numpy() == int(source[r])).tolist())
+            assert not (same_source & rows)  # and so is everything made from its source clip
+            if r >= n:  # and every pseudo-anomaly of its kind
+                assert not (set(np.flatnonzero(kind.numpy() == int(kind[r])).tolist()) & rows)
+    one_kind = torch.cat([kind[:n], torch.zeros(n * copies, dtype=torch.long)])
+    assert select.kind_plan(n, source, one_kind, 4, 0) is None  # nothing to leave out
+
+
+FIT = {"members": ["a", "b", "c"], "num_machines": 1, "num_sections": 1, "cfg": CFG}
+
+
+def context_of(n: int) -> dict[str, torch.Tensor]:
+    zeros = torch.zeros(n, dtype=torch.long)
+    return {"machine": zeros, "section": zeros, "domain": zeros}
+
+
+def record_fits(monkeypatch) -> list[set[int]]:
+    """The rows (column 0 holds each row's id) of every fusion fit, in order."""
     fitted_on: list[set[int]] = []
     real_fit = fusion_stage.fit_fusion
 
@@ -63,21 +115,4 @@ def test_learned_fusions_never_score_a_row_they_were_fitted_on(monkeypatch):
         return real_fit(zz, *args, **kwargs)
 
     monkeypatch.setattr(select, "fit_fusion", recording_fit)
-    scored = select.cross_fitted_learned(
-        z,
-        z[:n].clone(),
-        context,
-        y,
-        source,
-        members=["a", "b", "c"],
-        num_machines=1,
-        num_sections=1,
-        cfg=CFG,
-        folds=4,
-    )
-    assert len(fitted_on) == 4 and all(v.shape == (len(z),) for v in scored.values())
-    fold = select.fold_of(n, 4, seed=0)[source.numpy()]
-    for f, rows in enumerate(fitted_on):
-        held = set(np.flatnonzero(fold == f).tolist())
-        assert held and not (held & rows)  # a clip and its pseudo-anomalies are held out together
-        assert rows | held == set(range(len(z)))
+    return fitted_on

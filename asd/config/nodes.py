@@ -450,6 +450,7 @@ class Select(Node):
     ) = ["meta", "attention", "zmean"]
     folds: integer(ge=2) = 4
     min_normals: integer(ge=1) = 5
+    split: choice("source", "kind") = "source"
 
 
 class Normalisation(Node):

@@ -5,7 +5,10 @@ pseudo-anomalies made from each) are split into `folds` by source clip; for each
 attention head and the meta-learner are fitted on the other folds and score this one. The
 normals are scored with left-out z-scores (statistics without the clip itself), the
 pseudo-anomalies with the z-scores the fusion sees. Label-free fusions and single members need no
-fitting on these clips, so their scores are used as they are.
+fitting on these clips, so their scores are used as they are. With `fusion.select.split=kind`
+each fit also leaves out a group of pseudo-anomaly kinds and is judged only on those (`kind_plan`),
+so no learned fusion is judged on a kind of anomaly it was fitted on; every candidate is judged on
+the same rows (docs/results.md: no measurable gain on the digits).
 
 Each candidate's criterion is the official-score rule applied to this labelled set: per section,
 the AUC and the pAUC (FPR <= 0.1) of its normals against its pseudo-anomalies, then the harmonic
@@ -42,41 +45,71 @@ def fold_of(n: int, folds: int, seed: int) -> np.ndarray:
     return out
 
 
+#: one fit of a cross-fitting plan: the rows it is fitted on and the rows it scores, (N,) bool each
+Fit = tuple[Tensor, Tensor]
+
+
+def source_plan(n_normal: int, source: Tensor, folds: int, seed: int) -> list[Fit]:
+    """`fusion.select.split=source`: `folds` fits, each leaving out one fold of the normals and every
+    row made from them, and scoring those rows (every row is scored once)."""
+    folds = min(folds, n_normal)
+    if folds < 2:
+        raise AsdError(f"cross-fitting the learned fusions needs 2 or more normals, found {n_normal}")
+    fold = torch.as_tensor(fold_of(n_normal, folds, seed))[source]  # (N,) the source clip's fold
+    return [(fold != f, fold == f) for f in range(folds)]
+
+
+def kind_plan(n_normal: int, source: Tensor, kind: Tensor, folds: int, seed: int) -> list[Fit] | None:
+    """`fusion.select.split=kind`: fit g also leaves out every pseudo-anomaly of kind group g, and
+    scores fold g's normals and only those of fold g's pseudo-anomalies whose kind is in group g. A
+    learned fusion is so judged only on anomaly kinds it never saw, as it will be on a machine's real
+    faults (the label-free fusions are judged on the same rows). `kind` (N,): each row's kind id, -1
+    for normals and unchanged copies. None with fewer than 2 kinds: nothing to leave out."""
+    present = sorted(int(k) for k in torch.unique(kind[n_normal:]) if int(k) >= 0)
+    fits = min(folds, len(present), n_normal)
+    if fits < 2:
+        return None
+    group = torch.full((int(kind.max()) + 2,), -1, dtype=torch.long)  # kind id + 1 -> its group
+    for i, k in enumerate(present):
+        group[k + 1] = i % fits
+    fold = torch.as_tensor(fold_of(n_normal, fits, seed))[source]  # (N,) the source clip's fold
+    kind_group = group[kind + 1]  # (N,) -1 for normals and unchanged copies
+    is_normal = torch.arange(len(kind)) < n_normal
+    return [
+        ((fold != g) & (kind_group != g), (fold == g) & (is_normal | (kind_group == g))) for g in range(fits)
+    ]
+
+
 def cross_fitted_learned(
     z: Tensor,
     normal_loo: Tensor,
     context: dict[str, Tensor],
     y: Tensor,
-    source: Tensor,
+    plan: list[Fit],
     *,
     members: list[str],
     num_machines: int,
     num_sections: int,
     cfg: dict[str, Any],
-    folds: int,
 ) -> dict[str, np.ndarray]:
-    """Out-of-fold `attention` and `meta` scores of every row (normals first, then pseudo-anomalies).
+    """`attention` and `meta` scores of the rows each fit of `plan` scores, from a fit on its other
+    rows (NaN for rows no fit scores).
 
     Args:
         z: (N, M) z-scores the fusions train on: the normals' rows first, then their pseudo-anomalies.
         normal_loo: (n_normal, M) the normals' left-out z-scores, what a normal is scored with.
         context: `machine`, `section`, `domain` (N,) of every row.
-        y: (N,) 0 normal, 1 pseudo-anomaly; source: (N,) the normal row each row was made from.
+        y: (N,) 0 normal, 1 pseudo-anomaly.
+        plan: `source_plan` or `kind_plan`.
     """
-    n_normal = len(normal_loo)
-    folds = min(folds, n_normal)
-    if folds < 2:
-        raise AsdError(f"cross-fitting the learned fusions needs 2 or more normals, found {n_normal}")
-    fold = torch.as_tensor(fold_of(n_normal, folds, int(cfg.get("seed", 0))))[source]  # (N,)
     query = z.clone()
-    query[:n_normal] = normal_loo
-    out = {m: np.zeros(len(z)) for m in LEARNED}
+    query[: len(normal_loo)] = normal_loo
+    out = {m: np.full(len(z), np.nan) for m in LEARNED}
     quiet = logging.getLogger("asd.fusion")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # k fits would repeat the full fit's progress lines
     try:
-        for f in range(folds):
-            train, held = fold != f, fold == f
+        for train, held in plan:
             state = fit_fusion(
                 z[train],
                 *(context[k][train] for k in ("machine", "section", "domain")),

@@ -152,6 +152,7 @@ def choose_final(
     y: Tensor | None,
     source: Tensor | None,
     dm: AsdDataModule,
+    kind: Tensor | None = None,
 ) -> None:
     """`final=auto`: the fusion that best separates cross-fitted normals from pseudo-anomalies.
 
@@ -181,33 +182,43 @@ def choose_final(
             f"the learned fusions were not candidates: a machine/section/domain group holds {fewest} "
             f"reference normal(s), fewer than fusion.select.min_normals={need}; "
         )
-    learned = {}
+    learned, plan = {}, None
+    folds, seed = int(fcfg["select"]["folds"]), int(fcfg["seed"])
+    judged = np.ones(len(y), dtype=bool)
+    by_kind = fcfg["select"].get("split", "source") == "kind"
     if any(n in select.LEARNED for n in names):
+        plan = select.kind_plan(n_normal, source, kind, folds, seed) if by_kind else None
+        if by_kind and plan is None:
+            by_kind = False
+            log.info(
+                "stage calibrate: fusion.select.split=kind needs 2 or more pseudo-anomaly kinds: by source"
+            )
+        plan = plan or select.source_plan(n_normal, source, folds, seed)
+        judged = torch.stack([held for _, held in plan]).any(dim=0).numpy()
         learned = select.cross_fitted_learned(
             z,
             loo,
             ctx,
             y,
-            source,
+            plan,
             members=calibration.members,
             num_machines=dm.num_machines,
             num_sections=dm.num_sections,
             cfg=fcfg,
-            folds=int(fcfg["select"]["folds"]),
         )
-    scores = select.candidate_scores(names, z, loo, learned)
-    best, table = select.select(scores, y.numpy().astype(np.int64), ctx["section"].numpy())
+    scores = {n: v[judged] for n, v in select.candidate_scores(names, z, loo, learned).items()}
+    best, table = select.select(scores, y.numpy().astype(np.int64)[judged], ctx["section"].numpy()[judged])
     calibration.final, calibration.selection = best, table
     listed = ", ".join(f"{n} {v:.4f}" for n, v in table.items())
+    fitted = ""
+    if plan and by_kind:
+        fitted = f", learned fusions fitted without the judged clips' fold and kinds ({len(plan)} fits)"
+    elif plan:
+        fitted = f", learned fusions fitted out of fold ({len(plan)} folds)"
     calibration.reason = (
         f"final=auto chose {best}: {thin}the highest hmean of per-section AUC and pAUC of "
         f"{n_normal} {calibration.normalised_on} normals (left-out) against "
-        f"{len(y) - n_normal} pseudo-anomalies"
-        + (
-            f", learned fusions fitted out of fold ({min(int(fcfg['select']['folds']), n_normal)} folds)"
-            * bool(learned)
-        )
-        + f": {listed}"
+        f"{int(judged[n_normal:].sum())} pseudo-anomalies" + fitted + f": {listed}"
     )
     log.info("stage calibrate: %s", calibration.reason)
 
@@ -325,7 +336,8 @@ def calibrate(
     # group of 5 can never exceed 1.8) and the meta-learner adapted on them: both are undone here.
     loo = left_out_z(calibration, context)
     if cfg.final == "auto":
-        choose_final(calibration, cfg, z, loo, ctx, y, rows_source, dm)
+        row_kind = None if y is None else torch.cat([torch.full((len(loo),), -1), torch.as_tensor(kinds)])
+        choose_final(calibration, cfg, z, loo, ctx, y, rows_source, dm, row_kind)
     final_name = calibration.final
     if final_name == "meta":
         final_t = held_out_meta_scores(
