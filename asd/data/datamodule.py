@@ -170,16 +170,20 @@ class AsdDataModule(L.LightningDataModule):
     def dataset_root(self) -> Path:
         return self.root if self.root is not None else ensure_synthetic(cfg=self.synthetic)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        table = index_dataset(
+    def index(self) -> ClipTable:
+        """Every clip of the dataset, from file and folder names (`asd.data.index`)."""
+        return index_dataset(
             self.dataset_root(),
             year=self.year if self.root is not None else 2023,
             machines=self.machines,
             mimii_train_normals=self.mimii_train_normals,
             seed=self.seed,
         )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        table = self.index()
         train = table.select(split="train")
         not_normal = train.select(where=lambda c: c.label != "normal")
         if len(not_normal):
@@ -208,24 +212,20 @@ class AsdDataModule(L.LightningDataModule):
         self.section_keys = sorted({(c.machine, c.section) for c in table})
         self.attribute_keys = sorted({(c.machine, c.section, c.attribute_string) for c in train})
 
-        root = str(self.dataset_root().resolve())
-        tag = hashlib.sha1(root.encode()).hexdigest()[:8]
         for split, part in (("fit", fit), ("val", val), ("test", test)):
             on_bad = self.on_bad_file if split != "test" else "error"
-            kept, waves = self._load(split, part, on_bad, tag)
+            kept, waves = self._load(split, part, on_bad)
             self.tables[split] = kept
             self.datasets[split] = ClipDataset(kept, waves, self.label_tensors(kept))
-        log.info(
-            "data: %d fit, %d val, %d test clips; machines %s; %d sections",
-            len(self.tables["fit"]),
-            len(self.tables["val"]),
-            len(self.tables["test"]),
-            self.machine_names,
-            len(self.section_keys),
-        )
+        log.info("data: %s", self.describe())
 
-    def _load(self, split: str, table: ClipTable, on_bad: str, tag: str) -> tuple[ClipTable, WaveStore]:
-        """Decode (or read from the cache `<machine>-<split>-<tag>`) each machine's clips of this split."""
+    def describe(self) -> str:  # the loaded splits in one line (the log's)
+        counts = ", ".join(f"{len(self.tables[s])} {s}" for s in SPLITS)
+        return f"{counts} clips; machines {self.machine_names}; {len(self.section_keys)} sections"
+
+    def _load(self, split: str, table: ClipTable, on_bad: str) -> tuple[ClipTable, WaveStore]:
+        """Decode (or read from the cache `<machine>-<split>-<folder hash>`) each machine's clips."""
+        tag = hashlib.sha1(str(self.dataset_root().resolve()).encode()).hexdigest()[:8]
         cache = AudioCache(self.cache_dir, self.audio)
         clips: list[Clip] = []
         parts: list[np.ndarray] = []

@@ -42,9 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from asd.data.datamodule import AsdDataModule, ClipDataset, WaveStore, split_holdout
+from asd.data.datamodule import AsdDataModule, WaveStore
 from asd.data.table import Clip, ClipTable
 from asd.data.windows import Windowing
 from asd.errors import AsdError
@@ -436,34 +435,19 @@ class ImageDataModule(AsdDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        table = self.index()
-        train = table.select(split="train")
-        fit, val = split_holdout(train, self.val_fraction, self.seed)
-        test = table.select(split="test")
-        if not len(test):
-            log.warning("no test pictures under %s: only training will run", self.dataset_root())
-        self.machine_names = table.machines()
-        self.section_keys = sorted({(c.machine, c.section) for c in table})
-        self.attribute_keys = sorted({(c.machine, c.section, c.attribute_string) for c in train})
-        for split, part in (("fit", fit), ("val", val), ("test", test)):
-            on_bad = self.on_bad_file if split != "test" else "error"
-            kept, pictures = self._read(split, part, on_bad)
-            self.tables[split] = kept
-            self.datasets[split] = ClipDataset(kept, pictures, self.label_tensors(kept))
+        super().setup(stage)
         if not len(self.tables["fit"]):
             raise AsdError(f"no readable normal training pictures under {self.dataset_root()}")
-        log.info(
-            "data: %d fit, %d val, %d test pictures (%s, %dx%d%s); sections %s",
-            len(self.tables["fit"]),
-            len(self.tables["val"]),
-            len(self.tables["test"]),
-            self.image.mode,
-            *self.image.size,
-            f", {self.image.patch}x{self.image.patch} patches" if self.image.patch else "",
-            [s for _, s in self.section_keys],
+
+    def describe(self) -> str:
+        counts = ", ".join(f"{len(self.tables[s])} {s}" for s in ("fit", "val", "test"))
+        patches = f", {self.image.patch}x{self.image.patch} patches" if self.image.patch else ""
+        return (
+            f"{counts} pictures ({self.image.mode}, {self.image.size[0]}x{self.image.size[1]}{patches}); "
+            f"sections {[s for _, s in self.section_keys]}"
         )
 
-    def _read(self, split: str, table: ClipTable, on_bad: str) -> tuple[ClipTable, WaveStore]:
+    def _load(self, split: str, table: ClipTable, on_bad: str) -> tuple[ClipTable, WaveStore]:
         """Decode every picture of a split into the layout's vectors; report resized pictures once."""
         kept, rows, sizes = [], [], Counter()
         for clip in table:
@@ -511,8 +495,3 @@ def image_layout_of(facts: dict[str, Any]) -> ImageLayout | None:
     """The run's picture layout from its data facts (`state_dict`), None for audio runs."""
     image = facts.get("image")
     return None if image is None else image_config(image).layout
-
-
-def as_images(waves: torch.Tensor, layout: ImageLayout) -> torch.Tensor:
-    """(B, numel) vectors -> (B, C, H, W) pictures."""
-    return torch.stack([torch.from_numpy(layout.to_image(w.detach().cpu().numpy())) for w in waves])

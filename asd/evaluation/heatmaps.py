@@ -32,7 +32,7 @@ def member_batch(dm, part: str, rows: list[int], device: torch.device) -> dict[s
 def axes_of(dm) -> tuple[str, str, str]:
     """How a member's 2-D input is drawn: (imshow origin, x label, y label). Log-mel has low
     frequencies at the bottom; a picture (`data=images`) is drawn as it is, top row first."""
-    if getattr(dm, "modality", "audio") == "image":
+    if getattr(dm, "modality", "audio") == "image":  # a bare namespace in tests: audio
         return "upper", "column", "row (channels stacked)" if dm.layout.channels > 1 else "row"
     return "lower", "frame", "mel bin"
 

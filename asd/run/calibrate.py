@@ -256,7 +256,7 @@ def anomaly_generator(cfg: DictConfig, dm: AsdDataModule) -> tuple[Any, int]:
     """The run's pseudo-anomaly generator and copies per clip: waveform edits for audio
     (`fusion.anomalies`), picture edits for images (`fusion.image_anomalies`, the copies of
     `fusion.anomalies.copies`)."""
-    if getattr(dm, "modality", "audio") == "image":
+    if dm.modality == "image":
         from asd.image_anomalies import ImagePseudoAnomalies, image_anomaly_config
 
         config = image_anomaly_config(plain(cfg.fusion.get("image_anomalies")))

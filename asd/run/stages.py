@@ -392,7 +392,7 @@ class Report(Stage):
             if cfg.plots:
                 publish.plot_attention(weights_rows, weights, calibration.fusion.members, run_dir / "plots")
         notes = self.notes(run)
-        pixels = getattr(self, "pixels", [])
+        pixels = self.pixels
         if pixels:
             report.write_csv(
                 run_dir / "pixel_metrics.csv",
