@@ -203,34 +203,19 @@ def fit_normalizers(
 def left_out_z(calibration: Calibration, context: Context) -> Tensor:
     """z-scores (N, members) of the reference normals, each from statistics fitted without it.
 
-    A clip whose section holds no other clip keeps its ordinary z-score (nothing else describes
-    its section). The refits' fallback warnings are those `fit_normalizers` already gave.
+    `GroupNormalizer.left_out` gives every clip's refit in closed form. A clip whose section holds
+    no other clip, or whose refit does not exist (the others' scores are constant), keeps its
+    ordinary z-score (nothing else describes it).
     """
-    raw = {m: v.numpy() for m, v in calibration.reference_scores.items()}
-    n = len(context["section"])
-    out = calibration.normalise(raw, context)
-    scoring_log = logging.getLogger("asd.scoring")
-    level = scoring_log.level
-    scoring_log.setLevel(logging.ERROR)
-    try:
-        for i in range(n):
-            keep = torch.arange(n) != i
-            here = {k: context[k][i : i + 1] for k in ("section", "domain")}
-            if not (context["section"][keep] == here["section"]).any():
-                continue
-            for j, member in enumerate(calibration.members):
-                if not calibration.normalizers[member]:  # nothing here was fitted on the clip
-                    continue
-                x = torch.as_tensor(raw[member])
-                try:
-                    norm = GroupNormalizer(calibration.shrinkage).fit(
-                        x[keep], context["section"][keep], context["domain"][keep]
-                    )
-                except AsdError:  # the others' scores are constant: keep the ordinary z-score
-                    continue
-                out[i, j] = norm.transform(x[i : i + 1], here["section"], here["domain"])[0]
-    finally:
-        scoring_log.setLevel(level)
+    out = calibration.normalise({m: v.numpy() for m, v in calibration.reference_scores.items()}, context)
+    for j, member in enumerate(calibration.members):
+        if not calibration.normalizers[member]:  # nothing here was fitted on the clip
+            continue
+        z = GroupNormalizer(calibration.shrinkage).left_out(
+            torch.as_tensor(calibration.reference_scores[member]), context["section"], context["domain"]
+        )
+        refit = z.isfinite()
+        out[refit, j] = z[refit].to(out.dtype)
     return out
 
 

@@ -241,6 +241,15 @@ class Ensemble(L.LightningModule):
             batch = self.with_flow_input(batch)
         return {n: self.members[n].loss(batch) for n in trainable}
 
+    def check_ids(self, batch: dict[str, Tensor]) -> None:
+        """Every member's `Branch.check_ids` on a batch's CPU copy."""
+        for member in self.members.values():
+            member.check_ids(batch)
+
+    def on_before_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
+        self.check_ids(batch)
+        return batch
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]

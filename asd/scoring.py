@@ -870,6 +870,83 @@ class GroupNormalizer(nn.Module):
         z = (scores.to(acc) - state["mean"][g].to(acc)) / state["std"][g].to(acc)
         return z.to(_out_dtype(scores))
 
+    def left_out(self, scores: Tensor, section: Tensor, domain: Tensor) -> Tensor:
+        """Each clip's z-score (N,) against the statistics `fit` gives on the other N - 1 clips.
+
+        The same rules as `fit` then `transform` once per clip (fallbacks to the section's and the
+        global statistics, variance shrinkage, the near-constant test), in closed form: each
+        group's mean and sum of squared deviations are downdated by the clip (Welford's update
+        run backwards), so N clips cost one pass instead of N refits. NaN where no refit exists:
+        the clip's section holds no other clip, or the other N - 1 scores are constant or fewer
+        than 2 (where `fit` raises). Leaves `self` as it is.
+        """
+        where = "GroupNormalizer.left_out"
+        scores = self._check_scores(scores, where)
+        section = _check_ids(section, "section", scores.shape[0], where, torch.device("cpu"))
+        domain = _check_ids(domain, "domain", scores.shape[0], where, torch.device("cpu"))
+        _check_domain(domain, where)
+        x = scores.detach().to(device="cpu", dtype=torch.float64)
+        everyone = torch.zeros_like(section)
+        n_all, mean_all, ss_all = self._without_each(x, everyone)
+        n_sec, mean_sec, ss_sec = self._without_each(x, section)
+        group = section * 3 + domain  # (section, domain) pairs; domain is 0, 1 or 2
+        n_own, mean_own, ss_own = self._without_each(x, group)
+
+        def stats(n: Tensor, mean: Tensor, ss: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            """(valid, mean, std) as `fit`'s `stats` gives them, per clip."""
+            std = (ss / (n - 1).clamp_min(1)).sqrt()
+            return (n >= 2) & ~(std <= 1e-6 * mean.abs()), mean, std
+
+        valid, mean, std = stats(n_all, mean_all, ss_all)  # the global row, where `fit` raises if not valid
+        section_ok, section_mean, section_std = stats(n_sec, mean_sec, ss_sec)
+        mean = torch.where(section_ok, section_mean, mean)  # the section's pooled row
+        std = torch.where(section_ok, section_std, std)
+        own_ok, own_mean, own_std = stats(n_own, mean_own, ss_own)
+        if self.shrinkage:
+            prior = self._within_domain_variance_without_each(x, group, n_own, ss_own, std)
+            shrunk = ((ss_own + self.shrinkage * prior) / (n_own - 1 + self.shrinkage)).sqrt()
+            shrunk_ok = (n_own >= 1) & ~(shrunk <= 1e-6 * own_mean.abs())
+            own_ok, own_std = shrunk_ok | own_ok, torch.where(shrunk_ok, shrunk, own_std)
+        use_own = own_ok & (domain != 2)  # an unknown-domain clip is normalised by its section's row
+        mean = torch.where(use_own, own_mean, mean)
+        std = torch.where(use_own, own_std, std)
+        z = (x - mean) / std
+        z[~valid | (n_sec < 1)] = math.nan
+        return z.to(_out_dtype(scores))
+
+    @staticmethod
+    def _without_each(x: Tensor, key: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per clip: count, mean and sum of squared deviations of its key's scores without it."""
+        _, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
+        count = counts.to(x.dtype)
+        mean = torch.zeros_like(count).index_add_(0, inverse, x) / count
+        dev = x - mean[inverse]
+        ss = torch.zeros_like(count).index_add_(0, inverse, dev * dev)
+        n = count[inverse] - 1
+        mean_without = mean[inverse] - dev / n.clamp_min(1)
+        ss_without = (ss[inverse] - dev * (x - mean_without)).clamp_min(0)
+        return n, torch.where(n > 0, mean_without, 0.0), torch.where(n > 1, ss_without, 0.0)
+
+    @staticmethod
+    def _within_domain_variance_without_each(
+        x: Tensor, group: Tensor, n_own: Tensor, ss_own: Tensor, pooled_std: Tensor
+    ) -> Tensor:
+        """`_within_domain_variance` of each clip's section without it, per clip (closed form)."""
+        keys, g_inv, g_counts = torch.unique(group, return_inverse=True, return_counts=True)
+        g_count = g_counts.to(x.dtype)
+        g_mean = torch.zeros_like(g_count).index_add_(0, g_inv, x) / g_count
+        g_ss = torch.zeros_like(g_count).index_add_(0, g_inv, (x - g_mean[g_inv]) ** 2)
+        counted = g_count >= 2
+        _, s_inv = torch.unique(keys // 3, return_inverse=True)  # each group's section row
+        sec_ss = torch.zeros(int(s_inv.max()) + 1, dtype=x.dtype).index_add_(0, s_inv, g_ss * counted)
+        sec_dof = torch.zeros_like(sec_ss).index_add_(0, s_inv, (g_count - 1) * counted)
+        mine = s_inv[g_inv]  # each clip's section row
+        was = counted[g_inv]
+        still = n_own >= 2
+        ss = sec_ss[mine] - torch.where(was, g_ss[g_inv], 0.0) + torch.where(still, ss_own, 0.0)
+        dof = sec_dof[mine] - torch.where(was, g_count[g_inv] - 1, 0.0) + torch.where(still, n_own - 1, 0.0)
+        return torch.where((dof > 0) & (ss > 0), ss / dof.clamp_min(1), pooled_std**2)
+
     @staticmethod
     def _check_scores(scores: Tensor, where: str) -> Tensor:
         if not isinstance(scores, Tensor) or scores.dim() != 1 or not scores.is_floating_point():

@@ -13,6 +13,7 @@ from asd.calibration import Calibration, fit_normalizers, fit_thresholds, left_o
 from asd.errors import AsdError
 from asd.evaluation import fit_gamma_threshold
 from asd.fusion.stage import fit_fusion
+from asd.scoring import GroupNormalizer
 
 FUSION_CFG = TINY_FUSION_CFG
 
@@ -198,3 +199,52 @@ def test_a_member_with_constant_reference_scores_is_left_unnormalised_with_a_war
         states = fit_normalizers(raw, ["a", "b"], context)
     assert states["b"] == {} and states["a"]
     assert "score normalisation of b" in caplog.text and "all equal" in caplog.text
+
+
+def _left_out_z_by_refits(cal: Calibration, context: dict) -> torch.Tensor:
+    """The definition `left_out_z` computes in closed form: one `fit` per clip without it."""
+    raw = {m: torch.as_tensor(v) for m, v in cal.reference_scores.items()}
+    out = cal.normalise({m: v.numpy() for m, v in raw.items()}, context)
+    n = len(context["section"])
+    for i in range(n):
+        keep = torch.arange(n) != i
+        if not (context["section"][keep] == context["section"][i]).any():
+            continue
+        for j, member in enumerate(cal.members):
+            if not cal.normalizers[member]:
+                continue
+            try:
+                norm = GroupNormalizer(cal.shrinkage).fit(
+                    raw[member][keep], context["section"][keep], context["domain"][keep], warn=False
+                )
+            except AsdError:
+                continue
+            out[i, j] = norm.transform(
+                raw[member][i : i + 1], context["section"][i : i + 1], context["domain"][i : i + 1]
+            )[0]
+    return out
+
+
+@pytest.mark.parametrize("shrinkage", [0.0, 3.0])
+@pytest.mark.parametrize("seed", range(6))
+def test_left_out_z_in_closed_form_equals_one_refit_per_clip(seed, shrinkage):
+    """Every fallback `fit` has: lone clips in a group and a section, unknown domains, constant groups."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(3, 40))
+    section = torch.as_tensor(rng.integers(0, 4, n))
+    domain = torch.as_tensor(rng.choice([0, 0, 0, 1, 2], n))
+    raw = {m: rng.normal(rng.normal(0, 3), rng.uniform(0.1, 5), n) for m in ("a", "b", "c")}
+    raw["b"][(section == 1).numpy()] = 2.5  # a constant section
+    raw["c"][(section == 2).numpy() & (domain == 0).numpy()] = -1.0  # a constant group
+    context = {"section": section, "domain": domain, "machine": torch.zeros(n, dtype=torch.long)}
+    cal = Calibration(
+        ["a", "b", "c"],
+        fit_normalizers(raw, ["a", "b", "c"], context, shrinkage=shrinkage),
+        {k: torch.as_tensor(v) for k, v in raw.items()},
+        "held-out",
+        shrinkage=shrinkage,
+    )
+    expected = _left_out_z_by_refits(cal, context)
+    got = left_out_z(cal, context)
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)

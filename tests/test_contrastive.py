@@ -680,3 +680,14 @@ def test_recipe_bf16_autocast_forward():
     loss.backward()
     assert torch.isfinite(loss) and loss.dtype == torch.float32
     assert torch.isfinite(score).all() and score.dtype == torch.float32
+
+
+@pytest.mark.parametrize("views", [False, True])
+def test_class_ids_are_checked_on_the_batch_before_it_moves_to_the_device(views):
+    """With self-supervised views the classes are (id, view): the check counts them the same way."""
+    m = tiny(classify="section", self_supervised="always" if views else "never")
+    assert bool(m.views) == views
+    ok = clips([0, N_SECTIONS - 1])
+    assert m.on_before_batch_transfer(ok, 0) is ok
+    with pytest.raises(AsdError, match="classes; build b3"):
+        m.on_before_batch_transfer(clips([0, N_SECTIONS]), 0)

@@ -322,3 +322,17 @@ def test_flow_input_is_embedded_in_eval_mode_and_moves_no_running_statistics():
     assert b3.training  # its mode is restored
     b3.eval()
     assert torch.equal(z, b3.embed(batch).float())
+
+
+def test_the_ensemble_checks_every_members_ids_on_the_cpu_batch():
+    from asd.branches.flow import FlowBranch
+
+    members = {
+        **tiny_members(),
+        "b5": FlowBranch(LogMel(n_mels=8), hidden=8, layers=2, blocks=1, conditional=True, num_sections=1),
+    }
+    ensemble = Ensemble(members)
+    batch = batches(1)[0]
+    assert ensemble.on_before_batch_transfer(batch, 0) is batch
+    with pytest.raises(AsdError, match="b5: section ids"):
+        ensemble.on_before_batch_transfer({**batch, "section": torch.ones_like(batch["section"])}, 0)

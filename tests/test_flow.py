@@ -468,3 +468,25 @@ def test_cuda_fp16_autocast():
     assert torch.isfinite(loss) and score.device.type == "cuda" and score.dtype == torch.float32
     assert torch.isfinite(score).all()
     assert torch.allclose(score, m.score(b))
+
+
+def test_section_ids_are_checked_on_the_batch_before_it_moves_to_the_device():
+    """`on_before_batch_transfer` sees the CPU batch: the clear error comes before any device step."""
+    m = tiny_z(4, conditional=True, num_sections=2)
+    good = {"z": torch.randn(3, 4), "section": torch.tensor([0, 1, 1])}
+    assert m.on_before_batch_transfer(good, 0) is good
+    with pytest.raises(AsdError, match="num_sections must count"):
+        m.on_before_batch_transfer({**good, "section": torch.tensor([0, 2, 1])}, 0)
+
+
+def test_the_degenerate_input_check_stops_once_the_inputs_have_varied(monkeypatch):
+    """`is_degenerate` reads device values (a host sync): it runs until two different clips were seen."""
+    m = tiny_z(12)
+    calls = []
+    real = type(m.moments).is_degenerate
+    monkeypatch.setattr(type(m.moments), "is_degenerate", lambda self: calls.append(1) or real(self))
+    train(m, [zbatch(16, seed=s) for s in range(3)], steps=6)
+    assert len(calls) == 1
+    constant = tiny_z(12)
+    with pytest.raises(AsdError, match="zero variance"):
+        train(constant, [{**zbatch(16), "z": torch.ones(16, 12)}], steps=2)

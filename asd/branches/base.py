@@ -34,6 +34,11 @@ def default_optimizer(params: Iterable[torch.nn.Parameter]) -> Optimizer:
     return torch.optim.AdamW(params, lr=1e-3)
 
 
+def on_host(ids: Tensor) -> bool:
+    """Whether reading `ids`' values costs no device sync: members check ids in their own steps only then."""
+    return ids.device.type == "cpu"
+
+
 class Branch(L.LightningModule):
     """Base class of the members b1..b5 and the reference detector."""
 
@@ -118,6 +123,18 @@ class Branch(L.LightningModule):
             feats: `backend_features` of every held-in training normal, (N, F), gathered from all ranks.
             meta: the same clips' `section`, `domain`, `machine`, `attribute` ids, each (N,).
         """
+
+    def check_ids(self, batch: dict[str, Tensor]) -> None:
+        """Raise `AsdError` when the batch's class ids do not fit this member; nothing by default.
+
+        It reads the ids' values, so it runs on the CPU copy of a batch (`on_before_batch_transfer`
+        here and in `Ensemble`, `asd.run.predict.infer`'s `check`): on an accelerator the member's
+        own steps skip it (`on_host`) and never wait for the device.
+        """
+
+    def on_before_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
+        self.check_ids(batch)
+        return batch
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.loss(batch)

@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from asd.branches.auxiliary import VIEWS, SubclusterAdaCos, mixup, one_hot, self_supervised_views
-from asd.branches.base import Branch, OptimizerFactory
+from asd.branches.base import Branch, OptimizerFactory, on_host
 from asd.errors import AsdError
 from asd.features import BinStats, LogSpectrum
 from asd.scoring import KnnBackend
@@ -408,7 +408,19 @@ class ContrastiveBranch(Branch):
             raise AsdError(f"b3: the batch has no '{kind}' ids; b3 trains on batches of asd.data.datamodule")
         return batch[kind].long()
 
+    def check_ids(self, batch: dict[str, Tensor]) -> None:
+        """The objective's class ids of the batch (with the views' classes) fit its classes."""
+        kind = "attribute" if self.classify == "attribute" else "section"
+        if kind not in batch or not batch[kind].numel():
+            return
+        ids = batch[kind].long()
+        n = len(self.views) or 1
+        low, high = int(ids.min()), int(ids.max())
+        self._check_classes(torch.tensor([low * n if low >= 0 else low, high * n + n - 1]))
+
     def _check_classes(self, labels: Tensor) -> None:
+        if not on_host(labels):  # checked on the batch's CPU copy (`check_ids`) instead
+            return
         if labels.numel() and (int(labels.min()) < -1 or int(labels.max()) >= self.num_classes):
             raise AsdError(
                 f"b3: '{self.classify}' ids range over [{int(labels.min())}, {int(labels.max())}] but the "

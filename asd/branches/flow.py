@@ -70,7 +70,7 @@ from nflows.transforms.base import CompositeTransform
 from nflows.transforms.coupling import AffineCouplingTransform
 from torch import Tensor, nn
 
-from asd.branches.base import Branch, OptimizerFactory
+from asd.branches.base import Branch, OptimizerFactory, on_host
 from asd.errors import AsdError
 from asd.features import probe_length
 
@@ -130,9 +130,8 @@ class RunningMoments(nn.Module):
         """Per-feature standard deviation floored at `min_std` x their RMS, (D,); ones before any update."""
         var = self.var.clamp_min(0)
         rms = var.mean().sqrt()
-        if int(self.count) == 0 or float(rms) == 0.0:
-            return torch.ones_like(var)
-        return var.sqrt().clamp_min(min_std * rms)
+        unit = (self.count == 0) | (rms == 0)  # a tensor test: no host sync in a training step
+        return torch.where(unit, torch.ones_like(var), var.sqrt().clamp_min(min_std * rms))
 
     def is_degenerate(self) -> bool:
         """True when every feature has been constant (to float precision) over at least two vectors."""
@@ -254,6 +253,7 @@ class FlowBranch(Branch):
         self.embed_dim = 0
 
         self.moments = RunningMoments(dim, full_cov=pca_dim is not None, momentum=momentum)
+        self._spread_seen = False  # the training inputs have varied (`loss` stops checking)
         if pca_dim is not None:
             g = torch.Generator().manual_seed(0)  # the same starting basis on every rank and run
             start = torch.linalg.qr(torch.randn(dim, pca_dim, generator=g, dtype=torch.float64))[0]
@@ -360,12 +360,19 @@ class FlowBranch(Branch):
         section = batch.get("section")
         if section is None:
             raise AsdError("b5: conditional=true needs batch['section']")
+        if on_host(section):
+            self.check_ids(batch)
+        return F.one_hot(section.long(), self.num_sections).float()
+
+    def check_ids(self, batch: dict[str, Tensor]) -> None:
+        section = batch.get("section")
+        if not self.conditional or section is None:
+            return
         if section.numel() and (int(section.min()) < 0 or int(section.max()) >= self.num_sections):
             raise AsdError(
                 f"b5: section ids {sorted(set(section.tolist()))} outside [0, {self.num_sections}); "
                 "branches.b5.num_sections must count every (machine, section) pair"
             )
-        return F.one_hot(section.long(), self.num_sections).float()
 
     def standardise(self, x: Tensor) -> Tensor:
         """(B, D) -> standardised by the running moments, clipped to +-MAX_STD, float32."""
@@ -422,13 +429,15 @@ class FlowBranch(Branch):
         context = self._context(batch)
         if self.training:
             self.moments.update(x)
-            if self.moments.is_degenerate():
+            # a host sync per step until the inputs have shown spread; constant ones never regain it
+            if not self._spread_seen and self.moments.is_degenerate():
                 what = "embedding dimension of batch['z']" if self.input_dim else "log-mel statistic"
                 raise AsdError(
                     f"b5: every {what} has been constant over the {int(self.moments.count)} training clips "
                     "so far (zero variance), so there is no density to learn; check for silent or "
                     "identical clips, or a collapsed upstream member"
                 )
+            self._spread_seen = self._spread_seen or int(self.moments.count) >= 2
             if self.pca_dim is not None:
                 self._update_basis()
         with torch.autocast(x.device.type, enabled=False):

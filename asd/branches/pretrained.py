@@ -53,7 +53,7 @@ from torch.optim import Optimizer
 from transformers import ASTConfig, ASTModel
 
 from asd.branches.auxiliary import VIEWS, self_supervised_views
-from asd.branches.base import Branch, OptimizerFactory
+from asd.branches.base import Branch, OptimizerFactory, on_host
 from asd.data.windows import window_starts as cover
 from asd.errors import AsdError
 from asd.features import AstFbank
@@ -449,13 +449,20 @@ class PretrainedASTBranch(Branch):
         if key not in batch:
             raise AsdError(f"b1: the batch has no {key!r} ids, which the fine-tuning head classifies")
         labels = batch[key].long()
-        top = int(labels.max()) if labels.numel() else -1
+        if on_host(labels):
+            self.check_ids(batch)
+        return labels
+
+    def check_ids(self, batch: dict[str, Tensor]) -> None:
+        key = "attribute" if self.use_attributes else "section"
+        if self.head is None or key not in batch:
+            return
+        top = int(batch[key].max()) if batch[key].numel() else -1
         if top >= self.head.num_classes:
             raise AsdError(
                 f"b1: {key} id {top} is outside the head's {self.head.num_classes} classes; the member was "
                 "built for another dataset (its num_sections/num_attributes) - retrain it on this data"
             )
-        return labels
 
     # -- the member contract ----------------------------------------------------------------------
 

@@ -89,10 +89,18 @@ def reference_normals(dm: AsdDataModule, warn: bool = True) -> tuple[ClipDataset
 
 
 def run_infer(
-    fn, dm: AsdDataModule, dataset: ClipDataset | PseudoAnomalyDataset, device, what: str, per_window=False
+    fn,
+    dm: AsdDataModule,
+    dataset: ClipDataset | PseudoAnomalyDataset,
+    device,
+    what: str,
+    per_window=False,
+    check=None,
 ):
     """`infer` with the data module's loader settings and windowing (a row per clip unless `per_window`)."""
-    return infer(fn, dataset, device, dm.eval_batch_size, dm.num_workers, what, dm.windowing, per_window)
+    return infer(
+        fn, dataset, device, dm.eval_batch_size, dm.num_workers, what, dm.windowing, per_window, check
+    )
 
 
 # ---------------------------------------------------------------------- backends stage
@@ -125,7 +133,14 @@ def fit_backends(ensemble: Ensemble, dm: AsdDataModule, device: torch.device) ->
                 hint = "reference=false leaves the references out" if n in REFERENCES else f"leave {n} out"
                 raise AsdError(f"member {n} cannot fit its scoring backend: {e} (or: {hint})") from None
     normals, kind = reference_normals(dm)
-    raw = run_infer(lambda b: member_scores(ensemble, b), dm, normals, device, "held-out normals")
+    raw = run_infer(
+        lambda b: member_scores(ensemble, b),
+        dm,
+        normals,
+        device,
+        "held-out normals",
+        check=ensemble.check_ids,
+    )
     return {
         "members": {n: ensemble.members[n].backend_state() for n in needing},
         "reference_scores": {c: torch.as_tensor(raw[c]) for c in fused_members(ensemble)},
@@ -312,7 +327,14 @@ def calibrate(
             kind,
             ", ".join(f"{k} {n}" for k, n in summarise_kinds(kinds, generator.all_kinds).items()),
         )
-        fake_raw = run_infer(lambda b: member_scores(ensemble, b), dm, fake, device, "pseudo-anomalies")
+        fake_raw = run_infer(
+            lambda b: member_scores(ensemble, b),
+            dm,
+            fake,
+            device,
+            "pseudo-anomalies",
+            check=ensemble.check_ids,
+        )
         source = torch.arange(len(fake)) // copies
         fake_context = {k: v[source] for k, v in context.items()}
         z = torch.cat([normal_z, calibration.normalise(fake_raw, fake_context)])

@@ -130,11 +130,17 @@ def prepare(cfg: DictConfig) -> RunState:
 
 def train(cfg: DictConfig) -> Path:
     """Run (or finish) the whole job described by `cfg`; return the run folder."""
+    start = time.perf_counter()
     validate(cfg)
     check_members(cfg)
     run_dir = resolve_run_dir(cfg).resolve()
     with disk_faults(run_dir), run_lock(run_dir):
-        return run_stages(prepare(cfg))
+        run = prepare(cfg)
+        log.info(
+            "prepare: settings checked, data generated/indexed/decoded, members built: done in %.1f s",
+            time.perf_counter() - start,
+        )
+        return run_stages(run)
 
 
 def run_stages(run: RunState) -> Path:
@@ -160,11 +166,13 @@ def run_stages(run: RunState) -> Path:
             )
         redo = True
         record.forget_from(stage.name, order)
+        start = time.perf_counter()
         stage.compute(run)
         if is_rank_zero():
             stage.write(run)
             record.mark(stage.name, settings)
         barrier()
+        log.info("stage %s: done in %.1f s", stage.name, time.perf_counter() - start)
     if run.trainer is not None and is_wandb(run.trainer.logger) and is_rank_zero():
         import wandb
 

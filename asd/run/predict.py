@@ -45,14 +45,16 @@ def infer(
     what: str = "",
     windowing: Windowing | None = None,
     per_window: bool = False,
+    check: Callable[[dict[str, Tensor]], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """`fn` over a whole dataset of batch dicts: arrays keyed like its output, one row per clip in order.
 
     With `windowing`, `fn` sees every window of each clip (`asd.data.windows`) and a clip's row is
     the mean of its windows' rows; `per_window` keeps one row per window instead (clip-major).
+    `check` sees each batch before it moves to `device` (`Ensemble.check_ids`).
     """
     if windowing is not None:
-        rows = infer(fn, ClipWindows(dataset, windowing), device, batch_size, num_workers, what)
+        rows = infer(fn, ClipWindows(dataset, windowing), device, batch_size, num_workers, what, check=check)
         return rows if per_window else mean_over_windows(rows, windowing.per_clip)
     from tqdm.auto import tqdm
 
@@ -69,6 +71,8 @@ def infer(
     bar = tqdm(loader, desc=f"scoring {what}", leave=False, disable=not (show_progress() and is_rank_zero()))
     with torch.no_grad(), inference_autocast(device):
         for batch in bar:
+            if check is not None:
+                check(batch)
             batch = {k: v.to(device) for k, v in batch.items()}
             out = fn(batch)
             out["index"] = batch["index"]
@@ -112,7 +116,14 @@ def predict(
 ) -> dict[str, np.ndarray]:
     """Every column of every clip: raw member scores (over its windows), fusions, `final`, `decision`."""
     raw = infer(
-        lambda b: member_scores(ensemble, b), dataset, device, batch_size, num_workers, what, windowing
+        lambda b: member_scores(ensemble, b),
+        dataset,
+        device,
+        batch_size,
+        num_workers,
+        what,
+        windowing,
+        check=ensemble.check_ids,
     )
     context = context_of(dataset)
     columns = calibration.combine(raw, context)
