@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 
 #: every member the design names, in order
 BRANCHES = ("b1", "b2", "b3", "b4", "b5", "b6", "b7")
-#: the reference detectors run beside the ensemble (reported, never fused): the DCASE baseline
-#: autoencoder, and training-free log-mel statistics
+#: the reference detectors run beside the ensemble: the DCASE baseline autoencoder, and training-free
+#: log-mel statistics; reported on their own, and fused only where `fusion.references` names a column
 REFERENCES = ("dcase_ae", "stats")
 #: the flow member and the members whose embeddings it models (docs/architecture.md, "Members")
 FLOW = "b5"
@@ -126,6 +126,8 @@ class Ensemble(L.LightningModule):
         self.members = nn.ModuleDict(dict(members))
         self.loss_weights = {n: float((loss_weights or {}).get(n, 1.0)) for n in self.members}
         self.frozen = list(frozen)
+        #: reference score columns that feed the fusions beside the members (`fusion.references`)
+        self.fused_references: tuple[str, ...] = ()
         stray = sorted(set(self.frozen) - set(self.members))
         if stray:
             raise AsdError(f"cannot freeze {stray}: not members of this ensemble ({list(self.members)})")
@@ -245,10 +247,6 @@ class Ensemble(L.LightningModule):
         """Every member's `Branch.check_ids` on a batch's CPU copy."""
         for member in self.members.values():
             member.check_ids(batch)
-
-    def on_before_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
-        self.check_ids(batch)
-        return batch
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         optimizers = self.optimizers()

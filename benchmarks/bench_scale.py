@@ -9,11 +9,13 @@ target clips, the rest source) plus `--test-per-class` test clips per class, dom
 into a fresh `ASD_CACHE` under `--out`; then one `python train.py` (the default members and
 settings, `plots=false`, plus `--extra`) under `flock /tmp/torch.lock`, timed with GNU time.
 
-Reported per N: wall time of `prepare` (generation, indexing, decoding) and of each stage
-(from train.py's "done in" log lines), peak RSS, disk used by the synthetic WAVs and by the
-decoded-audio cache, and the predict stage's test clips per second. Growth: each stage's seconds
-per training clip at N over the same at the smallest N (1.0 = linear; within 0.8-1.2 counts as
-linear), and peak RSS at the largest N. Writes benchmarks/results/bench_scale.{json,md}.
+Reported per N: wall time of `prepare` (settings, generation, indexing, decoding) and of each
+stage (from train.py's "done in" log lines), peak RSS (GNU time; it counts the touched pages of
+the memory-mapped audio cache, which the kernel can drop) and peak anonymous memory (sampled
+from /proc twice a second over the process tree: what has to fit in RAM), disk used by the
+synthetic WAVs and by the decoded-audio cache, and the predict stage's test clips per second.
+Growth: each stage's seconds per training clip at N over the same at the smallest N (1.0 =
+linear; within 0.8-1.2 counts as linear). Writes benchmarks/results/bench_scale.{json,md}.
 """
 
 from __future__ import annotations
@@ -69,6 +71,35 @@ def stage_times(log_text: str) -> dict[str, float]:
     return {m.group(1): float(m.group(2)) for m in STAGE_LINE.finditer(log_text)}
 
 
+def tree_memory(pid: int) -> tuple[int, int]:
+    """(resident, anonymous resident) kB of a process and all its descendants, from /proc.
+
+    Resident memory counts the pages of memory-mapped files the process has touched (the audio
+    cache); those belong to the page cache and the kernel drops them under pressure. Anonymous
+    memory is what has to fit in RAM.
+    """
+    pids, i = [pid], 0
+    while i < len(pids):
+        for task in Path(f"/proc/{pids[i]}/task").glob("*"):
+            try:
+                pids += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        i += 1
+    rss = anon = 0
+    for p in pids:
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                rss += int(line.split()[1])
+            elif line.startswith("RssAnon:"):
+                anon += int(line.split()[1])
+    return rss, anon
+
+
 def run_one(clips: int, args: argparse.Namespace) -> dict:
     where = args.out / f"n{clips}"
     cache, run_dir = where / "cache", where / "run"
@@ -78,15 +109,20 @@ def run_one(clips: int, args: argparse.Namespace) -> dict:
     env = {**os.environ, "ASD_CACHE": str(cache), "WANDB_MODE": "offline"}
     full = ["flock", LOCK, GNU_TIME, "-f", "%e %M", "-o", str(time_file), sys.executable, "train.py", *cmd]
     print(f"N={clips}: python train.py {' '.join(cmd)}", flush=True)
-    proc = subprocess.run(full, cwd=REPO, env=env, capture_output=True, text=True)
-    (where / "train.out").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    out, err = where / "train.out", where / "train.err"
+    peak_rss = peak_anon = 0
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen(full, cwd=REPO, env=env, stdout=stdout, stderr=stderr)
+        while proc.poll() is None:  # sampled twice a second: a shorter peak can be missed
+            rss, anon = tree_memory(proc.pid)
+            peak_rss, peak_anon = max(peak_rss, rss), max(peak_anon, anon)
+            time.sleep(0.5)
     row: dict = {"clips": clips, "overrides": cmd, "returncode": proc.returncode}
     if proc.returncode != 0:
-        row["error"] = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        row["error"] = (err.read_text().strip().splitlines() or ["no output"])[-1]
         return row
     wall, rss_kb = time_file.read_text().split()[-2:]
-    log_text = (run_dir / "train.log").read_text()
-    times = stage_times(log_text)
+    times = stage_times((run_dir / "train.log").read_text())
     tested = len((run_dir / "scores.csv").read_text().splitlines()) - 1
     synthetic = cache / "synthetic"
     row.update(
@@ -95,6 +131,8 @@ def run_one(clips: int, args: argparse.Namespace) -> dict:
             "test_clips": tested,
             "wall_s": float(wall),
             "peak_rss_mb": float(rss_kb) / 1024,
+            "peak_rss_sampled_mb": peak_rss / 1024,
+            "peak_anonymous_mb": peak_anon / 1024,
             "stages_s": times,
             "disk_synthetic_mb": disk_bytes(synthetic) / 2**20,
             "disk_audio_cache_mb": (disk_bytes(cache) - disk_bytes(synthetic)) / 2**20,
@@ -137,9 +175,9 @@ def markdown(result: dict) -> str:
         f"`python benchmarks/bench_scale.py {' '.join(result['argv'])}`; {result['duration']} s clips, "
         f"extra overrides: {result['extra'] or 'none'}",
         "",
-        "| N clips | " + " | ".join(f"{s} s" for s in stages) + " | wall s | peak RSS MB | synthetic WAV MB "
-        "| audio cache MB | scoring clips/s |",
-        "| --- " * (len(stages) + 6) + "|",
+        "| N clips | " + " | ".join(f"{s} s" for s in stages) + " | wall s | peak RSS MB | peak anonymous MB "
+        "| synthetic WAV MB | audio cache MB | scoring clips/s |",
+        "| --- " * (len(stages) + 7) + "|",
     ]
     for r in rows:
         cells = [f"{r['stages_s'].get(s, float('nan')):.1f}" for s in stages]
@@ -147,6 +185,7 @@ def markdown(result: dict) -> str:
         cells += [
             f"{r['wall_s']:.0f}",
             f"{r['peak_rss_mb']:.0f}",
+            f"{r['peak_anonymous_mb']:.0f}",
             f"{r['disk_synthetic_mb']:.0f}",
             f"{r['disk_audio_cache_mb']:.0f}",
             rate,

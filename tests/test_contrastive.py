@@ -683,11 +683,11 @@ def test_recipe_bf16_autocast_forward():
 
 
 @pytest.mark.parametrize("views", [False, True])
-def test_class_ids_are_checked_on_the_batch_before_it_moves_to_the_device(views):
+def test_check_ids_counts_the_objectives_classes_with_the_views(views):
     """With self-supervised views the classes are (id, view): the check counts them the same way."""
     m = tiny(classify="section", self_supervised="always" if views else "never")
     assert bool(m.views) == views
     ok = clips([0, N_SECTIONS - 1])
-    assert m.on_before_batch_transfer(ok, 0) is ok
+    m.check_ids(ok)
     with pytest.raises(AsdError, match="classes; build b3"):
-        m.on_before_batch_transfer(clips([0, N_SECTIONS]), 0)
+        m.check_ids(clips([0, N_SECTIONS]))

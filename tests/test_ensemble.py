@@ -333,6 +333,6 @@ def test_the_ensemble_checks_every_members_ids_on_the_cpu_batch():
     }
     ensemble = Ensemble(members)
     batch = batches(1)[0]
-    assert ensemble.on_before_batch_transfer(batch, 0) is batch
+    ensemble.check_ids(batch)
     with pytest.raises(AsdError, match="b5: section ids"):
-        ensemble.on_before_batch_transfer({**batch, "section": torch.ones_like(batch["section"])}, 0)
+        ensemble.check_ids({**batch, "section": torch.ones_like(batch["section"])})

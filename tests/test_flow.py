@@ -470,13 +470,13 @@ def test_cuda_fp16_autocast():
     assert torch.allclose(score, m.score(b))
 
 
-def test_section_ids_are_checked_on_the_batch_before_it_moves_to_the_device():
-    """`on_before_batch_transfer` sees the CPU batch: the clear error comes before any device step."""
+def test_check_ids_names_section_ids_outside_the_flows_sections():
+    """What the run calls on each batch's CPU copy (the member's own step checks only CPU ids)."""
     m = tiny_z(4, conditional=True, num_sections=2)
     good = {"z": torch.randn(3, 4), "section": torch.tensor([0, 1, 1])}
-    assert m.on_before_batch_transfer(good, 0) is good
+    m.check_ids(good)
     with pytest.raises(AsdError, match="num_sections must count"):
-        m.on_before_batch_transfer({**good, "section": torch.tensor([0, 2, 1])}, 0)
+        m.check_ids({**good, "section": torch.tensor([0, 2, 1])})
 
 
 def test_the_degenerate_input_check_stops_once_the_inputs_have_varied(monkeypatch):

@@ -16,10 +16,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from asd.calibration import Calibration
 from asd.data.index import index_dataset
 from asd.errors import AsdError
 from asd.evaluation import evaluate
 from asd.run import FINAL_CKPT, train
+from asd.run.job import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = str(REPO / "conf")
@@ -233,6 +235,43 @@ def test_changing_final_recalibrates_without_retraining(run, tmp_path, caplog):
         assert float(r["meta"]) == pytest.approx(float(first[r["path"]]["meta"]), abs=1e-6)
 
 
+def test_a_fused_reference_column_enters_the_fusions_and_stays_reported(run, tmp_path, caplog):
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    cfg = compose_from(other)
+    cfg.run_dir = str(other)
+    cfg.fusion.references = ["stats_mahalanobis"]
+    with caplog.at_level("INFO", logger="asd.run"):
+        train(cfg)
+    assert "stage fit: skipped" in caplog.text
+    assert "stage backends: its settings changed since the last run" in caplog.text
+    calibration = Calibration.load(other / "calibration.pt")
+    assert (
+        calibration.members[-1] == "stats_mahalanobis"
+        and calibration.members[:-1] == Calibration.load(run / "calibration.pt").members
+    )
+    assert "stats_mahalanobis" in calibration.reference_scores
+    summary = (other / "summary.md").read_text()
+    assert (
+        "- reference columns fused beside the members as well (fusion.references): stats_mahalanobis"
+        in summary
+    )
+    assert "- reference, reported beside: " in summary
+    first = {r["path"]: r for r in read_csv(run / "scores.csv")}
+    rows = read_csv(other / "scores.csv")
+    assert any(float(r["zmean"]) != pytest.approx(float(first[r["path"]]["zmean"])) for r in rows)
+    # the column itself is still reported as it was
+    assert all(r["stats_mahalanobis"] == first[r["path"]]["stats_mahalanobis"] for r in rows)
+
+
+def test_the_run_checks_each_batchs_ids_on_the_cpu_before_it_moves(tmp_path):
+    state = prepare(config(tmp_path / "r", "branch=[b5]", "reference=false", "plots=false"))
+    batch = next(iter(state.dm.train_dataloader()))
+    assert state.dm.on_before_batch_transfer(batch, 0) is batch
+    with pytest.raises(AsdError, match="b5: section ids"):
+        state.dm.on_before_batch_transfer({**batch, "section": batch["section"] + 99}, 0)
+
+
 def test_label_free_fusion_only(tmp_path):
     run = train(config(tmp_path / "r", "branch=[b2,b3]", "fusion.enabled=false", "final=zmin", "plots=false"))
     rows = read_csv(run / "scores.csv")
@@ -322,6 +361,11 @@ def test_frozen_member_restored_from_a_checkpoint_does_not_move(run, tmp_path):
         ("fusion.anomalies.copies=0", "fusion.anomalies.copies=0"),
         ("+ckpt.b2=/nonexistent.ckpt", "no such file"),
         ("data.on_bad_file=ignore", "data.on_bad_file"),
+        (
+            "fusion.references=[stats_mahalanobis] reference=false",
+            "fusion.references=.*none: reference=false",
+        ),
+        ("fusion.references=[stats_median]", "not a score column of this run's references"),
         ("logger._target_=paper.Logger", "logger._target_='paper.Logger' cannot be imported"),
     ],
 )

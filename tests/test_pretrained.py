@@ -455,9 +455,9 @@ def test_scratch_sizes_are_checked_for_typos_even_with_pretrained_weights(tmp_pa
         tiny(weights=str(tmp_path), hidden=32)
 
 
-def test_head_ids_are_checked_on_the_batch_before_it_moves_to_the_device():
+def test_check_ids_names_ids_outside_the_heads_classes():
     m = tiny()
     ok = clips(4)
-    assert m.on_before_batch_transfer(ok, 0) is ok
+    m.check_ids(ok)
     with pytest.raises(AsdError, match="outside the head's 5 classes"):
-        m.on_before_batch_transfer({**ok, "attribute": torch.tensor([0, 1, 5, 2])}, 0)
+        m.check_ids({**ok, "attribute": torch.tensor([0, 1, 5, 2])})

@@ -127,14 +127,10 @@ class Branch(L.LightningModule):
     def check_ids(self, batch: dict[str, Tensor]) -> None:
         """Raise `AsdError` when the batch's class ids do not fit this member; nothing by default.
 
-        It reads the ids' values, so it runs on the CPU copy of a batch (`on_before_batch_transfer`
-        here and in `Ensemble`, `asd.run.predict.infer`'s `check`): on an accelerator the member's
-        own steps skip it (`on_host`) and never wait for the device.
+        It reads the ids' values, so the run calls it on the CPU copy of each batch (the data
+        module's `on_before_batch_transfer`, `asd.run.predict.infer`'s `check`): on an accelerator
+        the member's own steps skip it (`on_host`) and never wait for the device.
         """
-
-    def on_before_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
-        self.check_ids(batch)
-        return batch
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.loss(batch)

@@ -133,6 +133,9 @@ class DcaseAEBranch(Branch):
             )
         self.backend.fit(feats.detach().float(), meta["section"], meta["domain"])
 
+    #: the keys of `scores` once fitted: columns `dcase_ae_mse`, `dcase_ae_mahalanobis`
+    score_kinds = ("mse", "mahalanobis")
+
     def scores(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Both scores from one pass, each (B,): "mse", and "mahalanobis" once the backend is fitted."""
         x, recon, _ = self._reconstruct(batch)

@@ -83,6 +83,9 @@ class LogMelStatsReference(Branch):
         for backend in self.backend.values():
             backend.fit(feats.detach().float(), meta["section"], meta["domain"])
 
+    #: the keys of `scores`: columns `stats_mahalanobis`, `stats_knn`
+    score_kinds = ("mahalanobis", "knn")
+
     def scores(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Both scores, each (B,)."""
         if not self.backend["knn"].fitted:

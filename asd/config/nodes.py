@@ -459,6 +459,7 @@ class Normalisation(Node):
 
 
 class Fusion(Node):
+    references: value("a reference score column or a list of them (e.g. [stats_mahalanobis])", _names) = []
     enabled: Flag = True
     seed: Seed = 0
     anomalies: Anomalies = Anomalies()

@@ -9,6 +9,10 @@ Splits:
 With `data.audio.window` set, the training loader yields random crops of that length
 (`batches_per_epoch` batches an epoch, drawn with replacement) and the validation loader every
 window of each held-out clip (`asd.data.windows`).
+
+One file: the data module, the split datasets it builds and the hold-out and label rules they
+share are one contract (which clip lands in which split, with which ids); the picture data module
+(`asd.data.images`) reuses all of it through `index`/`_load`/`describe`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import hashlib
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -131,6 +135,8 @@ class AsdDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.pin_memory = pin_memory  # page-locked batches: faster host-to-GPU copies (set by the build)
+        #: sees each training/validation batch on the CPU before it moves (`Ensemble.check_ids`, by the run)
+        self.check_batch: Callable[[dict[str, torch.Tensor]], None] | None = None
         self.name = name
         self.root = Path(root).expanduser() if root else None
         self.year = year
@@ -306,6 +312,11 @@ class AsdDataModule(L.LightningDataModule):
         if self.windowing is not None and self.batches_per_epoch:
             return self.batches_per_epoch
         return math.ceil(len(self.datasets["fit"]) / self.batch_size)
+
+    def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict:
+        if self.check_batch is not None:  # the members' id checks on the CPU copy: no device sync
+            self.check_batch(batch)
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         if self.windowing is None:

@@ -210,6 +210,7 @@ def build_ensemble(cfg: DictConfig, facts: dict[str, Any]) -> Ensemble:
     )
     for name, path in (cfg.get("ckpt") or {}).items():
         ensemble.load_member(name, path)
+    ensemble.fused_references = fused_references(cfg, ensemble)
     return ensemble
 
 
@@ -224,8 +225,24 @@ def signature(cfg: DictConfig, facts: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- cross-field checks
 def fused_members(ensemble: Ensemble) -> list[str]:
-    """The members whose scores feed the fusions (the reference is reported, never fused)."""
-    return [n for n in ensemble.members if n not in REFERENCES]
+    """The score columns that feed the fusions: every member's, then the `fusion.references` columns."""
+    return [n for n in ensemble.members if n not in REFERENCES] + list(ensemble.fused_references)
+
+
+def fused_references(cfg: DictConfig, ensemble: Ensemble) -> tuple[str, ...]:
+    """`fusion.references`, checked against the score columns of the references this run builds."""
+    wanted = plain(cfg.fusion.get("references")) or []
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+    offered = [
+        f"{n}_{kind}" for n, m in ensemble.members.items() if n in REFERENCES for kind in m.score_kinds
+    ]
+    unknown = [c for c in wanted if c not in offered]
+    if unknown:
+        raise AsdError(
+            f"fusion.references={unknown}: not a score column of this run's references "
+            f"({', '.join(offered) or 'none: reference=false'}); name some of those, or fusion.references=[]"
+        )
+    return tuple(dict.fromkeys(wanted))
 
 
 def final_choices(ensemble: Ensemble, cfg: DictConfig) -> list[str]:

@@ -250,7 +250,14 @@ def calibrated_members(ensemble: Ensemble, cfg: DictConfig) -> list[str]:
     """
     if cfg.fusion.normalisation.get("calibrated", "held_out") != "backend":
         return []
-    return [n for n in fused_members(ensemble) if ensemble.members[n].calibrated]
+    return [n for n in fused_members(ensemble) if ensemble.members[column_member(ensemble, n)].calibrated]
+
+
+def column_member(ensemble: Ensemble, column: str) -> str:
+    """The member a score column comes from: `b2` -> b2, `stats_mahalanobis` -> stats."""
+    if column in ensemble.members:
+        return column
+    return next(n for n in ensemble.members if column.startswith(f"{n}_"))
 
 
 def anomaly_settings(cfg: DictConfig, sample_rate: int) -> tuple[AnomalyConfig, int]:

@@ -123,6 +123,7 @@ def prepare(cfg: DictConfig) -> RunState:
     dm.setup()
     facts = data_facts(dm)
     ensemble = build_ensemble(cfg, facts)
+    dm.check_batch = ensemble.check_ids  # class ids checked before a batch moves to the device
     check_final(ensemble, cfg)
     anomaly_generator(cfg, dm)  # a typo fails now, not after training
     return RunState(cfg=cfg, run_dir=run_dir, dm=dm, ensemble=ensemble, signature=signature(cfg, facts))

@@ -212,12 +212,19 @@ def summary_markdown(
     fusions = [m for m in results if m in FUSIONS or m in LEARNED]
     fused = [m for m in results if m not in fusions and not is_reference(m)]
     reference = [m for m in results if is_reference(m)]
+    also = [str(c) for c in (cfg.get("fusion") or {}).get("references") or []]
     learned = [m for m in LEARNED if m in results]
     lines = [
         f"# asd run summary ({cfg.data.name}, official score convention: DCASE {year})",
         "",
         f"- members (fused): {', '.join(fused)}",
-        f"- reference, reported beside and never fused: {', '.join(reference) or 'none (reference=false)'}",
+        f"- reference, reported beside{'' if also else ' and never fused'}: "
+        f"{', '.join(reference) or 'none (reference=false)'}",
+        *(
+            [f"- reference columns fused beside the members as well (fusion.references): {', '.join(also)}"]
+            if also
+            else []
+        ),
         f"- label-free fusions of the members' z-scores: {', '.join(FUSIONS)}",
         f"- learned fusions (held-out normals vs pseudo-anomalies, never test labels): "
         f"{', '.join(learned) or 'none (fusion.enabled=false)'}",

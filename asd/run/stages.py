@@ -39,7 +39,15 @@ from asd.evaluation.metrics import decision_table
 from asd.fileio import torch_save_atomic, write_text_atomic
 from asd.run import calibrate as cal
 from asd.run import publish, report
-from asd.run.build import build_logger, build_trainer, hardware, inference_device, plain, resolve_trainer
+from asd.run.build import (
+    build_logger,
+    build_trainer,
+    fused_members,
+    hardware,
+    inference_device,
+    plain,
+    resolve_trainer,
+)
 from asd.run.checkpointing import (
     LAST_CKPT,
     Interrupted,
@@ -255,6 +263,10 @@ class Backends(Stage):
     name = "backends"
     reads = (FINAL_CKPT,)
     writes = ("backends.pt",)
+
+    def settings(self, run: RunState) -> dict[str, Any]:
+        # the reference normals' scores it keeps are those of the fused columns
+        return {"fused": fused_members(run.ensemble)}
 
     def compute(self, run: RunState) -> None:
         run.ensemble.to(run.device).eval()
