@@ -886,11 +886,10 @@ class GroupNormalizer(nn.Module):
         domain = _check_ids(domain, "domain", scores.shape[0], where, torch.device("cpu"))
         _check_domain(domain, where)
         x = scores.detach().to(device="cpu", dtype=torch.float64)
-        everyone = torch.zeros_like(section)
-        n_all, mean_all, ss_all = self._without_each(x, everyone)
-        n_sec, mean_sec, ss_sec = self._without_each(x, section)
-        group = section * 3 + domain  # (section, domain) pairs; domain is 0, 1 or 2
-        n_own, mean_own, ss_own = self._without_each(x, group)
+        n_all, mean_all, ss_all = self._without_each(x, self._moments(x, torch.zeros_like(section)))
+        n_sec, mean_sec, ss_sec = self._without_each(x, self._moments(x, section))
+        groups = self._moments(x, section * 3 + domain)  # (section, domain) pairs; domain is 0, 1 or 2
+        n_own, mean_own, ss_own = self._without_each(x, groups)
 
         def stats(n: Tensor, mean: Tensor, ss: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             """(valid, mean, std) as `fit`'s `stats` gives them, per clip."""
@@ -903,7 +902,7 @@ class GroupNormalizer(nn.Module):
         std = torch.where(section_ok, section_std, std)
         own_ok, own_mean, own_std = stats(n_own, mean_own, ss_own)
         if self.shrinkage:
-            prior = self._within_domain_variance_without_each(x, group, n_own, ss_own, std)
+            prior = self._within_domain_variance_without_each(groups, n_own, ss_own, std)
             shrunk = ((ss_own + self.shrinkage * prior) / (n_own - 1 + self.shrinkage)).sqrt()
             shrunk_ok = (n_own >= 1) & ~(shrunk <= 1e-6 * own_mean.abs())
             own_ok, own_std = shrunk_ok | own_ok, torch.where(shrunk_ok, shrunk, own_std)
@@ -915,13 +914,19 @@ class GroupNormalizer(nn.Module):
         return z.to(_out_dtype(scores))
 
     @staticmethod
-    def _without_each(x: Tensor, key: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per clip: count, mean and sum of squared deviations of its key's scores without it."""
-        _, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
+    def _moments(x: Tensor, key: Tensor) -> tuple[Tensor, ...]:
+        """Per distinct key: the key, each clip's row, and the count, mean and sum of squared deviations."""
+        keys, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
         count = counts.to(x.dtype)
         mean = torch.zeros_like(count).index_add_(0, inverse, x) / count
         dev = x - mean[inverse]
-        ss = torch.zeros_like(count).index_add_(0, inverse, dev * dev)
+        return keys, inverse, count, mean, torch.zeros_like(count).index_add_(0, inverse, dev * dev)
+
+    @staticmethod
+    def _without_each(x: Tensor, moments: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
+        """Per clip: count, mean and sum of squared deviations of its key's scores without it."""
+        _, inverse, count, mean, ss = moments
+        dev = x - mean[inverse]
         n = count[inverse] - 1
         mean_without = mean[inverse] - dev / n.clamp_min(1)
         ss_without = (ss[inverse] - dev * (x - mean_without)).clamp_min(0)
@@ -929,16 +934,14 @@ class GroupNormalizer(nn.Module):
 
     @staticmethod
     def _within_domain_variance_without_each(
-        x: Tensor, group: Tensor, n_own: Tensor, ss_own: Tensor, pooled_std: Tensor
+        groups: tuple[Tensor, ...], n_own: Tensor, ss_own: Tensor, pooled_std: Tensor
     ) -> Tensor:
-        """`_within_domain_variance` of each clip's section without it, per clip (closed form)."""
-        keys, g_inv, g_counts = torch.unique(group, return_inverse=True, return_counts=True)
-        g_count = g_counts.to(x.dtype)
-        g_mean = torch.zeros_like(g_count).index_add_(0, g_inv, x) / g_count
-        g_ss = torch.zeros_like(g_count).index_add_(0, g_inv, (x - g_mean[g_inv]) ** 2)
+        """`_within_domain_variance` of each clip's section without it, per clip (closed form);
+        `groups`: the (section, domain) groups' `_moments`."""
+        keys, g_inv, g_count, _, g_ss = groups
         counted = g_count >= 2
         _, s_inv = torch.unique(keys // 3, return_inverse=True)  # each group's section row
-        sec_ss = torch.zeros(int(s_inv.max()) + 1, dtype=x.dtype).index_add_(0, s_inv, g_ss * counted)
+        sec_ss = torch.zeros(int(s_inv.max()) + 1, dtype=g_ss.dtype).index_add_(0, s_inv, g_ss * counted)
         sec_dof = torch.zeros_like(sec_ss).index_add_(0, s_inv, (g_count - 1) * counted)
         mine = s_inv[g_inv]  # each clip's section row
         was = counted[g_inv]

@@ -104,7 +104,7 @@ def run_one(clips: int, args: argparse.Namespace) -> dict:
     where = args.out / f"n{clips}"
     cache, run_dir = where / "cache", where / "run"
     where.mkdir(parents=True, exist_ok=True)
-    cmd = [*overrides(clips, args.duration, args.test_per_class, run_dir, args.extra)]
+    cmd = overrides(clips, args.duration, args.test_per_class, run_dir, args.extra)
     time_file = where / "time.txt"
     env = {**os.environ, "ASD_CACHE": str(cache), "WANDB_MODE": "offline"}
     full = ["flock", LOCK, GNU_TIME, "-f", "%e %M", "-o", str(time_file), sys.executable, "train.py", *cmd]
