@@ -530,7 +530,9 @@ class MahalanobisBackend(nn.Module):
         # -1 = all domains pooled; else unknown clips join the source model
         group_domain = (domain == 1).long() if self.per_domain else torch.full_like(domain, -1)
         means, whitens, sections, domains, borrowed, left_out, sizes = [], [], [], [], [], [], []
-        lone = [s for s in torch.unique(section).tolist() if int((section == s).sum()) < 2]
+        # too few clips for a covariance of its own: one clip, or two, where Ledoit-Wolf shrinks nothing
+        few = 3 if self.shrinkage == "auto" else 2
+        lone = [s for s in torch.unique(section).tolist() if int((section == s).sum()) < few]
         shared = self._shared_covariance(x, section, group_domain, lone, where) if lone else None
         for s in torch.unique(section).tolist():
             in_section = section == s
@@ -565,19 +567,20 @@ class MahalanobisBackend(nn.Module):
     def _shared_covariance(
         self, x: Tensor, section: Tensor, group: Tensor, lone: list[int], where: str
     ) -> Tensor:
-        """The covariance that sections of a single clip borrow: every other section's within-group spread.
+        """The covariance that sections of too few clips borrow: every other section's within-group spread.
 
-        A section of one training clip (a MIMII unit with one normal left for fitting) keeps that
-        clip as its mean; its spread can only come from the machine's other sections. When every
-        section has one clip there is no spread to learn anywhere: the identity, so the score is
-        the euclidean distance to the section's clip. Warns once either way.
+        A section of one training clip (a MIMII unit with one normal left for fitting), or of two
+        with Ledoit-Wolf shrinkage (whose estimate for two clips is no shrinkage, a singular
+        covariance), keeps its clips' mean; its spread can only come from the machine's other
+        sections. When no section has enough clips there is no spread to learn anywhere: the
+        identity, so the score is the euclidean distance to the section's mean. Warns once either way.
         """
         rest = ~torch.isin(section, torch.tensor(lone, dtype=section.dtype, device=section.device))
         if int(rest.sum()) < 2:
             log.warning(
-                "Mahalanobis: every section has a single training clip, so no covariance can be "
-                "estimated; the score is the euclidean distance to the section's clip (add training "
-                "normals for a Mahalanobis distance)"
+                "Mahalanobis: no section has enough training clips for a covariance (1, or 2 with "
+                "shrinkage='auto'); the score is the euclidean distance to the section's mean (add "
+                "training normals for a Mahalanobis distance)"
             )
             return torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
         pairs = torch.stack([section[rest], group[rest]], dim=1)
@@ -585,14 +588,14 @@ class MahalanobisBackend(nn.Module):
         keys, inverse = torch.unique(pairs, dim=0, return_inverse=True)
         centred = torch.cat([xr[inverse == g] - xr[inverse == g].mean(dim=0) for g in range(len(keys))])
         log.warning(
-            "Mahalanobis sections %s have 1 training clip: each is its own mean, with the covariance "
-            "of the other sections' spread",
+            "Mahalanobis sections %s have too few training clips for a covariance (1, or 2 with "
+            "shrinkage='auto'): each keeps its own mean, with the covariance of the other sections' spread",
             lone,
         )
         cov = self._covariance(centred)
         if int(torch.linalg.cholesky_ex(cov)[1]) != 0:
             raise AsdError(
-                f"{where}: sections {lone} have 1 training clip and the other sections' covariance is "
+                f"{where}: sections {lone} have too few training clips and the other sections' covariance is "
                 f"singular (shrinkage={self.shrinkage!r}); use shrinkage='auto' or add training normals"
             )
         return cov

@@ -236,7 +236,7 @@ def test_mahalanobis_section_with_one_clip_borrows_the_other_sections_spread(cap
     section, domain = ids(0, 0, 0, 1, 1, 1, 9), ids(0, 0, 0, 0, 0, 1, 0)
     with caplog.at_level(logging.WARNING, logger="asd.scoring"):
         maha = MahalanobisBackend(shrinkage=0.0, calibrate=True).fit(feats, section, domain)
-    assert "sections [9] have 1 training clip" in caplog.text
+    assert "sections [9] have too few training clips" in caplog.text
     x = feats.numpy()
     centred = np.concatenate([x[0:3] - x[0:3].mean(0), x[3:5] - x[3:5].mean(0), x[5:6] - x[5:6]])
     inv = np.linalg.inv(centred.T @ centred / len(centred))
@@ -247,9 +247,24 @@ def test_mahalanobis_section_with_one_clip_borrows_the_other_sections_spread(cap
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="asd.scoring"):
         alone = MahalanobisBackend().fit(feats[:2], ids(0, 1), ids(0, 0))
-    assert "every section has a single training clip" in caplog.text
+    assert "no section has enough training clips" in caplog.text
     euclidean = math.sqrt(2.0)  # the clip moved by 1 in each of 2 dims
     assert float(alone.score(feats[:1] + 1.0, ids(0))[0]) == pytest.approx(euclidean, rel=1e-5)
+
+
+def test_mahalanobis_section_of_two_clips_borrows_the_other_sections_spread_with_ledoit_wolf(caplog):
+    # two clips give Ledoit-Wolf no shrinkage, a singular covariance: once a stopped run (a MIMII
+    # unit with two training normals), now the section keeps its mean and borrows the spread
+    feats = torch.cat([gaussian(6, 4, seed=20), gaussian(2, 4, seed=21, shift=3.0)])
+    section, domain = ids(0, 0, 0, 0, 0, 0, 1, 1), ids(0, 0, 0, 0, 0, 0, 0, 0)
+    query = gaussian(3, 4, seed=22, shift=3.0)
+    with caplog.at_level(logging.WARNING, logger="asd.scoring"):
+        got = MahalanobisBackend("auto").fit(feats, section, domain).score(query, ids(1, 1, 1))
+    assert "sections [1] have too few training clips" in caplog.text
+    x, q = feats.double().numpy(), query.double().numpy()
+    borrowed = LedoitWolf().fit(x[:6] - x[:6].mean(axis=0)).covariance_
+    expected = scipy_distances(x[6:], q, borrowed, mean=x[6:].mean(axis=0))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- normaliser
