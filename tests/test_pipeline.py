@@ -25,7 +25,7 @@ from asd.run.job import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = str(REPO / "conf")
-STAGES = ["fit", "backends", "calibrate", "predict", "report"]
+STAGES = ["fit", "crossfit", "backends", "calibrate", "predict", "report"]  # debug=default cross-fits
 
 
 def config(run_dir: Path, *overrides: str) -> DictConfig:
@@ -50,6 +50,7 @@ def test_run_folder_is_complete(run):
         ".hydra/config.yaml",
         FINAL_CKPT,
         "checkpoints/last.ckpt",
+        "crossfit.pt",
         "backends.pt",
         "calibration.pt",
         "scores.csv",
@@ -101,7 +102,7 @@ def test_scores_have_one_row_per_test_clip_and_every_column(run):
     assert chosen in ("meta", "attention", "zmean", "zmax", "zmin")
     assert all(r["final"] == r[chosen] for r in rows)
     assert f"final=auto chose {chosen}: " in summary
-    # one held-out normal per group here: too thin for the learned fusions, the label-free one decides
+    # two cross-fitted normals per target group: too thin for the learned fusions, the label-free one decides
     assert chosen == "zmean" and "fewer than fusion.select.min_normals=5" in summary
 
 
@@ -244,7 +245,8 @@ def test_a_fused_reference_column_enters_the_fusions_and_stays_reported(run, tmp
     with caplog.at_level("INFO", logger="asd.run"):
         train(cfg)
     assert "stage fit: skipped" in caplog.text
-    assert "stage backends: its settings changed since the last run" in caplog.text
+    # the copies that score the reference normals out of fold must score the new column too
+    assert "stage crossfit: its settings changed since the last run" in caplog.text
     calibration = Calibration.load(other / "calibration.pt")
     assert (
         calibration.members[-1] == "stats_mahalanobis"
@@ -260,8 +262,11 @@ def test_a_fused_reference_column_enters_the_fusions_and_stays_reported(run, tmp
     first = {r["path"]: r for r in read_csv(run / "scores.csv")}
     rows = read_csv(other / "scores.csv")
     assert any(float(r["zmean"]) != pytest.approx(float(first[r["path"]]["zmean"])) for r in rows)
-    # the column itself is still reported as it was
-    assert all(r["stats_mahalanobis"] == first[r["path"]]["stats_mahalanobis"] for r in rows)
+    # the column itself is still reported; fused, it is the cross-fitted copies' mean like every
+    # fused column (the scale its calibration saw), no longer the run's own reference's score
+    assert all(np.isfinite(float(r["stats_mahalanobis"])) for r in rows)
+    assert any(r["stats_mahalanobis"] != first[r["path"]]["stats_mahalanobis"] for r in rows)
+    assert "stats_mahalanobis" in {m["method"] for m in read_csv(other / "metrics.csv")}
 
 
 def test_the_run_checks_each_batchs_ids_on_the_cpu_before_it_moves(tmp_path):
@@ -401,7 +406,14 @@ def test_two_process_ddp_matches_a_single_process_run_of_the_same_checkpoint(tmp
     # 9 source + 2 target training clips of one machine: the fit split is odd, so the distributed
     # sampler pads a duplicate that the gathering must remove. With windows, the random crops are
     # sharded by Lightning's sampler wrapper and every clip's windows gathered back to one row.
-    data = ["data.synthetic.machines=[rotor]", "data.synthetic.source_train=9", "plots=false", *windows]
+    # DDP runs hold out (the cross-fitted copies train in one process): so does the single run here
+    data = [
+        "data.synthetic.machines=[rotor]",
+        "data.synthetic.source_train=9",
+        "plots=false",
+        "crossfit.folds=0",
+        *windows,
+    ]
     ddp = tmp_path / "ddp"
     cmd = [
         sys.executable,

@@ -171,7 +171,7 @@ def test_ctrl_c_after_the_fit_keeps_the_finished_stages_and_says_how_to_continue
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if "stage calibrate: scoring" in line:
+        if "pseudo-anomalies of" in line and "stage calibrate:" in line:
             break
     else:
         pytest.fail("the run ended before its calibrate stage:\n" + "".join(seen[-40:]))

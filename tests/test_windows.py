@@ -19,8 +19,8 @@ from asd.data.windows import (
     windowing_of,
 )
 from asd.errors import AsdError
+from asd.run.build import with_budget
 from asd.run.predict import infer
-from asd.run.stages import with_budget
 
 
 class Ramps(torch.utils.data.Dataset):

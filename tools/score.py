@@ -184,6 +184,7 @@ def score_windows(
         batch_size,
         what="inputs",
         windowing=windowing_of(run.audio),
+        copies=run.copies,
     )
     counts = [len(s) for s in starts]
     first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int)  # each file's first window

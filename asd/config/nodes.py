@@ -539,6 +539,13 @@ class Checkpoint(Node):
     every_minutes: number(gt=0, null=True) = None
 
 
+class CrossFit(Node):
+    """`crossfit`: out-of-fold scores of every training normal for calibration (asd.run.crossfit)."""
+
+    folds: value("0 (off) or a whole number of folds >= 2", lambda v: is_int(v) and (v == 0 or v >= 2)) = 5
+    max_clips: integer(ge=1, null=True) = 100  # cross-fit only runs of at most this many training clips
+
+
 class TrainConfig(Node):
     """`conf/train.yaml` with its groups."""
 
@@ -564,6 +571,7 @@ class TrainConfig(Node):
     )
     resume: Flag = False
     checkpoint: Checkpoint = Checkpoint()
+    crossfit: CrossFit = CrossFit()
     grad_norm_every: Count = 50
     plots: Flag = True
     heatmaps: Heatmaps = Heatmaps()

@@ -3,7 +3,7 @@
 Splits:
     fit   training normals the members learn from
     val   held-out training normals, per (machine, section, domain), for score normalisation
-          and decision thresholds; never trained on
+          and decision thresholds; never trained on (empty when the run cross-fits: `merge_holdout`)
     test  every test clip, none dropped
 
 With `data.audio.window` set, the training loader yields random crops of that length
@@ -72,6 +72,19 @@ class WaveStore:
         self._parts = [
             np.load(f, mmap_mode="r") if f else p for f, p in zip(self._files, self._parts, strict=True)
         ]
+
+
+class WaveRows:
+    """Some rows of a wave store, read lazily (a part of a WaveStore; picklable for workers)."""
+
+    def __init__(self, store: Any, rows: Sequence[int]):
+        self.store, self.rows = store, list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.store[self.rows[i]]
 
 
 class ClipDataset(Dataset):
@@ -160,6 +173,8 @@ class AsdDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else cache_root() / "audio"
         self.seed = seed
 
+        #: k > 0: nothing is held out, every training clip is scored out of fold (`asd.run.crossfit`)
+        self.crossfit_folds = 0
         self.tables: dict[str, ClipTable] = {}
         self.datasets: dict[str, ClipDataset] = {}
         self.skipped: list[tuple[str, str]] = []
@@ -224,6 +239,20 @@ class AsdDataModule(L.LightningDataModule):
             self.tables[split] = kept
             self.datasets[split] = ClipDataset(kept, waves, self.label_tensors(kept))
         log.info("data: %s", self.describe())
+
+    def merge_holdout(self, folds: int) -> None:
+        """Train on every training clip (the held-out ones join the fit split) for cross-fitting
+        with `folds` folds: the crossfit stage scores each clip out of fold instead."""
+        fit, val = self.datasets["fit"], self.datasets["val"]
+        table = ClipTable([*fit.table, *val.table])
+        waves = WaveStore([WaveRows(fit.waves, range(len(fit))), WaveRows(val.waves, range(len(val)))])
+        self.tables["fit"], self.tables["val"] = table, ClipTable([])
+        self.datasets["fit"] = ClipDataset(table, waves, self.label_tensors(table))
+        self.datasets["val"] = ClipDataset(
+            self.tables["val"], WaveStore([]), self.label_tensors(self.tables["val"])
+        )
+        self.crossfit_folds = folds
+        log.info("data: %d training clips, none held out (cross-fitted, %d folds)", len(table), folds)
 
     def describe(self) -> str:  # the loaded splits in one line (the log's)
         counts = ", ".join(f"{len(self.tables[s])} {s}" for s in SPLITS)

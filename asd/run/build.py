@@ -4,6 +4,9 @@ Every object comes from its config node's `_target_` through `hydra.utils.instan
 only the data can tell (clip length, class counts, the flow's input width, the run folder) is
 passed at build time to the constructors that name it. Types and ranges are checked before any
 of this by the schema (`asd.config.validate`); the checks here are the cross-field ones.
+
+One file: the run's fit and the crossfit stage's copies are built by the same functions from the
+same config (members, trainer, its budget in epochs), so a copy trains exactly like the run.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -398,3 +402,32 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     except ValueError:
         pass
     return Path(cfg.run_dir)
+
+
+def with_budget(cfg: DictConfig, dm: AsdDataModule) -> DictConfig:
+    """`cfg` with `trainer.max_epochs` from the step budget `steps`, when it is set; said in the log.
+
+    An epoch is `dm.train_batches` optimizer steps (random crops with `data.audio.window`, else one
+    pass over the training clips), so the budget is met to within one epoch, rounded up.
+    """
+    steps = cfg.get("steps")
+    unit = dm.training_unit
+    if steps is None:
+        log.info(
+            "budget: trainer.max_epochs=%s epochs of %d batches of %s (steps=null)",
+            cfg.trainer.get("max_epochs"),
+            dm.train_batches,
+            unit,
+        )
+        return cfg
+    epochs = max(1, math.ceil(int(steps) / dm.train_batches))
+    log.info(
+        "budget: steps=%d optimizer steps per member = %d epochs of %d batches of %d %s "
+        "(trainer.max_epochs is not used while steps is set)",
+        int(steps),
+        epochs,
+        dm.train_batches,
+        dm.batch_size,
+        unit,
+    )
+    return OmegaConf.merge(cfg, {"trainer": {"max_epochs": epochs}})

@@ -1,12 +1,17 @@
 """The work of the backends and calibrate stages: reference state fitted on normal training clips.
 
 - `fit_backends`: the members' kNN/Mahalanobis banks on the fit split's normals, and the raw
-  scores of the reference normals (held-out training clips) that calibration is fitted on.
+  scores of the reference normals that calibration is fitted on (held-out training clips, or
+  every training clip scored out of fold by the crossfit stage).
 - `calibrate`: z-score statistics from those scores, the learned fusions on the normals against
   pseudo-anomalies made from them, and per-section thresholds from left-out final scores.
 
 Test clips never reach either. Under DDP every rank computes the same state from gathered
 inputs; the stages write it from rank 0.
+
+One file: both stages (and the crossfit stage, through `fit_member_backends` and
+`pseudo_anomalies`) work on one set of reference normals, scored one way; which clips those are
+and how their scores and pseudo-anomalies are made is one contract.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from torch import Tensor
 
 from asd.anomalies import AnomalyConfig, PseudoAnomalies, PseudoAnomalyDataset, anomaly_config
 from asd.calibration import Calibration, fit_normalizers, fit_thresholds, left_out_z
-from asd.data.datamodule import AsdDataModule, ClipDataset, WaveStore
+from asd.data.datamodule import AsdDataModule, ClipDataset, WaveRows, WaveStore
 from asd.data.table import ClipTable
 from asd.ensemble import REFERENCES, Ensemble
 from asd.errors import AsdError
@@ -38,29 +43,18 @@ def section_names(dm: AsdDataModule) -> list[str]:
     return [f"{m}/section_{s}" for m, s in dm.section_keys]
 
 
-class _Rows:
-    """Some rows of a wave store, read lazily (a part of a WaveStore; picklable for workers)."""
-
-    def __init__(self, store: Any, rows: list[int]):
-        self.store, self.rows = store, rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.store[self.rows[i]]
-
-
 def reference_normals(dm: AsdDataModule, warn: bool = True) -> tuple[ClipDataset, str]:
     """The normals that normalisation, fusion and thresholds are fitted on, and how to name them.
 
-    The held-out training normals; a section that holds out fewer than 2 clips (a first-shot
-    machine of 10 clips holds out 1) adds its training clips, and with nothing held out at all
-    every training clip is used.
+    When the run cross-fits (`asd.run.crossfit`), every training clip: the crossfit stage scored
+    each out of fold. Else the held-out training normals; a section that holds out fewer than 2
+    clips adds its training clips, and with nothing held out at all every training clip is used.
     Training clips stand in for held-out ones only with a warning: members have fitted them, so
     their statistics are optimistic and thresholds will flag too many clips.
     """
     val, fit = dm.datasets["val"], dm.datasets["fit"]
+    if dm.crossfit_folds:  # every training clip, scored out of fold (the crossfit stage)
+        return fit, f"cross-fitted ({dm.crossfit_folds} folds)"
     say = log.warning if warn else log.debug
     if not len(val):
         say(
@@ -82,7 +76,7 @@ def reference_normals(dm: AsdDataModule, warn: bool = True) -> tuple[ClipDataset
     )
     rows = [i for i, s in enumerate(fit.labels["section"].tolist()) if s in missing]
     table = ClipTable([*val.table, *(fit.table[i] for i in rows)])
-    waves = WaveStore([_Rows(val.waves, list(range(len(val)))), _Rows(fit.waves, rows)])
+    waves = WaveStore([WaveRows(val.waves, list(range(len(val)))), WaveRows(fit.waves, rows)])
     labels = {k: torch.cat([val.labels[k], fit.labels[k][rows]]) for k in val.labels}
     labels["index"] = torch.arange(len(table))
     return ClipDataset(table, waves, labels), "held-out (and some training)"
@@ -104,34 +98,53 @@ def run_infer(
 
 
 # ---------------------------------------------------------------------- backends stage
-def fit_backends(ensemble: Ensemble, dm: AsdDataModule, device: torch.device) -> dict[str, Any]:
+def fit_member_backends(
+    ensemble: Ensemble, dm: AsdDataModule, dataset: ClipDataset, device: torch.device
+) -> list[str]:
+    """Fit the members' scoring backends (kNN banks, Mahalanobis models) on `dataset`'s clips; their names."""
+    needing = [n for n, m in ensemble.members.items() if m.needs_backend]
+    if not needing:
+        return needing
+    # members score windows, so their banks and models hold the training clips' windows
+    feats = run_infer(
+        lambda b: {n: ensemble.members[n].backend_features(b) for n in needing},
+        dm,
+        dataset,
+        device,
+        "fit",
+        per_window=True,
+    )
+    per_clip = dm.windowing.per_clip if dm.windowing is not None else 1
+    context = {k: v.repeat_interleave(per_clip) for k, v in context_of(dataset).items()}
+    for n in needing:
+        try:
+            ensemble.members[n].fit_backend(
+                torch.as_tensor(feats[n]).to(device), {k: v.to(device) for k, v in context.items()}
+            )
+        except AsdError as e:
+            hint = "reference=false leaves the references out" if n in REFERENCES else f"leave {n} out"
+            raise AsdError(f"member {n} cannot fit its scoring backend: {e} (or: {hint})") from None
+    return needing
+
+
+def fit_backends(
+    ensemble: Ensemble, dm: AsdDataModule, device: torch.device, crossfit: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Fit the members' scoring backends on the fit split; score the reference normals.
 
     Returns the `backends.pt` content: each member's fitted backend state, and the raw scores of
-    the reference normals (every fused member's column) with how those normals were chosen.
+    the reference normals (every fused member's column) with how those normals were chosen. With
+    `crossfit` (the crossfit stage's result) those scores are its out-of-fold ones.
     """
-    needing = [n for n, m in ensemble.members.items() if m.needs_backend]
-    if needing:
-        fit = dm.datasets["fit"]
-        # members score windows, so their banks and models hold the training clips' windows
-        feats = run_infer(
-            lambda b: {n: ensemble.members[n].backend_features(b) for n in needing},
-            dm,
-            fit,
-            device,
-            "fit",
-            per_window=True,
-        )
-        per_clip = dm.windowing.per_clip if dm.windowing is not None else 1
-        context = {k: v.repeat_interleave(per_clip) for k, v in context_of(fit).items()}
-        for n in needing:
-            try:
-                ensemble.members[n].fit_backend(
-                    torch.as_tensor(feats[n]).to(device), {k: v.to(device) for k, v in context.items()}
-                )
-            except AsdError as e:
-                hint = "reference=false leaves the references out" if n in REFERENCES else f"leave {n} out"
-                raise AsdError(f"member {n} cannot fit its scoring backend: {e} (or: {hint})") from None
+    needing = fit_member_backends(ensemble, dm, dm.datasets["fit"], device)
+    state = {"members": {n: ensemble.members[n].backend_state() for n in needing}}
+    if crossfit is not None:
+        return {
+            **state,
+            "reference_scores": dict(crossfit["reference_scores"]),
+            "fake_scores": crossfit["fake_scores"],
+            "normalised_on": reference_normals(dm)[1],
+        }
     normals, kind = reference_normals(dm)
     raw = run_infer(
         lambda b: member_scores(ensemble, b),
@@ -142,7 +155,7 @@ def fit_backends(ensemble: Ensemble, dm: AsdDataModule, device: torch.device) ->
         check=ensemble.check_ids,
     )
     return {
-        "members": {n: ensemble.members[n].backend_state() for n in needing},
+        **state,
         "reference_scores": {c: torch.as_tensor(raw[c]) for c in fused_members(ensemble)},
         "normalised_on": kind,
     }
@@ -287,6 +300,15 @@ def anomaly_generator(cfg: DictConfig, dm: AsdDataModule) -> tuple[Any, int]:
     return PseudoAnomalies(config), copies
 
 
+def pseudo_anomalies(cfg: DictConfig, dm: AsdDataModule, normals: ClipDataset) -> PseudoAnomalyDataset:
+    """The pseudo-anomalies the fusions are fitted on: `fusion.anomalies.copies` edits of each of
+    `normals`, outlier clips drawn from the fit split; the same for the same settings and clips."""
+    generator, copies = anomaly_generator(cfg, dm)
+    return PseudoAnomalyDataset(
+        normals, generator, copies=copies, seed=int(cfg.fusion.seed), pool=dm.datasets["fit"]
+    )
+
+
 def calibrate(
     ensemble: Ensemble, backends: dict[str, Any], cfg: DictConfig, dm: AsdDataModule, device: torch.device
 ) -> tuple[Calibration, PseudoAnomalyDataset | None]:
@@ -322,26 +344,29 @@ def calibrate(
     fake = z = ctx = y = rows_source = None  # the fusions' training rows: normals, then pseudo-anomalies
     if cfg.fusion.enabled:
         fcfg = plain(cfg.fusion)
-        generator, copies = anomaly_generator(cfg, dm)
-        fake = PseudoAnomalyDataset(
-            normals, generator, copies=copies, seed=int(fcfg["seed"]), pool=dm.datasets["fit"]
-        )
+        fake = pseudo_anomalies(cfg, dm, normals)
+        generator, copies = fake.generator, fake.copies
         kinds = fake.kinds()
+        out_of_fold = backends.get("fake_scores") is not None
         log.info(
-            "stage calibrate: scoring %d pseudo-anomalies of %d %s normals (%s)",
+            "stage calibrate: %s %d pseudo-anomalies of %d %s normals (%s)",
+            "out-of-fold scores of" if out_of_fold else "scoring",
             len(fake),
             len(normal_z),
             kind,
             ", ".join(f"{k} {n}" for k, n in summarise_kinds(kinds, generator.all_kinds).items()),
         )
-        fake_raw = run_infer(
-            lambda b: member_scores(ensemble, b),
-            dm,
-            fake,
-            device,
-            "pseudo-anomalies",
-            check=ensemble.check_ids,
-        )
+        if out_of_fold:  # scored by the crossfit stage
+            fake_raw = {c: v.numpy() for c, v in backends["fake_scores"].items()}
+        else:
+            fake_raw = run_infer(
+                lambda b: member_scores(ensemble, b),
+                dm,
+                fake,
+                device,
+                "pseudo-anomalies",
+                check=ensemble.check_ids,
+            )
         source = torch.arange(len(fake)) // copies
         fake_context = {k: v[source] for k, v in context.items()}
         z = torch.cat([normal_z, calibration.normalise(fake_raw, fake_context)])

@@ -2,7 +2,7 @@
 
 It rebuilds the ensemble from the run's `.hydra/config.yaml` and the data facts stored with its
 weights, refuses a folder whose files disagree, and scores through `asd.run.predict.predict`,
-the same path the run's predict stage took.
+the same path the run's predict stage took (with a cross-fitted run's copies, `crossfit.pt`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from asd.data.datamodule import ClipDataset, WaveStore, label_tensors
 from asd.data.table import Clip, ClipTable
 from asd.data.windows import windowing_of
 from asd.errors import AsdError
-from asd.run.build import build_ensemble, signature
+from asd.run.build import build_ensemble, fused_members, signature
 from asd.run.calibrate import load_backends
+from asd.run.crossfit import load_copies
 from asd.run.predict import predict
-from asd.run.stages import FINAL_CKPT, StageLog, load_backends_file, load_weights
+from asd.run.stages import FINAL_CKPT, StageLog, load_backends_file, load_crossfit_file, load_weights
 
 
 class FinishedRun:
@@ -65,6 +66,13 @@ class FinishedRun:
         load_weights(self.ensemble, self.dir / FINAL_CKPT, sig)
         load_backends(self.ensemble, load_backends_file(self.dir / "backends.pt", sig))
         self.ensemble.eval()
+        #: a cross-fitted run's copies: its fused columns are their mean (as in its predict stage)
+        self.copies = []
+        if "crossfit" in StageLog(self.dir).done:
+            crossfit = load_crossfit_file(self.dir / "crossfit.pt", sig)
+            self.copies = load_copies(
+                self.cfg, self.facts, crossfit, fused_members(self.ensemble), self.ensemble
+            )
         self.calibration = Calibration.load(self.dir / "calibration.pt")
         self.audio = audio_config(**self.facts["audio"])
         self.sections = [tuple(k) for k in self.facts["sections"]]
@@ -98,4 +106,5 @@ class FinishedRun:
             batch_size or self.batch_size,
             what="inputs",
             windowing=windowing_of(self.audio),
+            copies=self.copies,
         )

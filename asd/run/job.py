@@ -36,6 +36,7 @@ from asd.run.build import (
     signature,
 )
 from asd.run.calibrate import anomaly_generator
+from asd.run.crossfit import crossfit_folds, training_clips
 from asd.run.distributed import barrier, is_rank_zero
 from asd.run.stages import RunState, StageLog, is_wandb, make_stages
 
@@ -121,6 +122,9 @@ def prepare(cfg: DictConfig) -> RunState:
     dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup()
+    folds, _ = crossfit_folds(cfg, training_clips(dm))  # when off, the crossfit stage says why
+    if folds:
+        dm.merge_holdout(folds)
     facts = data_facts(dm)
     ensemble = build_ensemble(cfg, facts)
     dm.check_batch = ensemble.check_ids  # class ids checked before a batch moves to the device
@@ -153,7 +157,7 @@ def run_stages(run: RunState) -> Path:
     for stage in stages:
         why = stage.skip_reason(run)
         if why:
-            log.warning("stage %s: skipped: %s", stage.name, why)
+            (log.info if stage.optional else log.warning)("stage %s: skipped: %s", stage.name, why)
             continue
         settings = stage.settings(run)
         status = "todo" if redo else record.status(stage, settings, run)

@@ -11,7 +11,7 @@ else fp16; `inference_autocast`), the members' outputs gathered as float32.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
@@ -113,8 +113,14 @@ def predict(
     num_workers: int = 0,
     what: str = "",
     windowing: Windowing | None = None,
+    copies: Sequence[Ensemble] = (),
 ) -> dict[str, np.ndarray]:
-    """Every column of every clip: raw member scores (over its windows), fusions, `final`, `decision`."""
+    """Every column of every clip: raw member scores (over its windows), fusions, `final`, `decision`.
+
+    `copies`: a cross-fitted run's k copies (`asd.run.crossfit.load_copies`); the fused columns
+    (those the calibration reads) are then the mean of the copies' scores, the others the
+    ensemble's own.
+    """
     raw = infer(
         lambda b: member_scores(ensemble, b),
         dataset,
@@ -125,6 +131,24 @@ def predict(
         windowing,
         check=ensemble.check_ids,
     )
+    if copies:
+        bagged = []
+        for i, e in enumerate(copies):  # one copy on the device at a time
+            e.to(device)
+            bagged.append(
+                infer(
+                    lambda b, e=e: member_scores(e, b),
+                    dataset,
+                    device,
+                    batch_size,
+                    num_workers,
+                    f"{what} (cross-fitted copy {i + 1}/{len(copies)})",
+                    windowing,
+                    check=e.check_ids,
+                )
+            )
+            e.to("cpu")
+        raw.update({c: np.mean([r[c] for r in bagged], axis=0) for c in calibration.members})
     context = context_of(dataset)
     columns = calibration.combine(raw, context)
     columns["decision"] = calibration.decide(columns["final"], context["section"])

@@ -168,6 +168,7 @@ def write_metrics(
     final: str = "",
     decisions: Sequence[dict] = (),
     threshold_note: str = "",
+    normals: str = "held-out",
 ) -> None:
     """Write `metrics.csv` (per method and machine/section, plus official scores) and `summary.md`.
 
@@ -186,7 +187,7 @@ def write_metrics(
         rows.append({"method": method, "machine": "all", "section": "all", "official": ev.official, **extra})
     fields = list(dict.fromkeys(k for r in rows for k in r))
     write_csv(run_dir / "metrics.csv", fields, ([fmt(r.get(k, "")) for k in fields] for r in rows))
-    text = summary_markdown(results, cfg, notes, weights_rows, final, decisions, threshold_note)
+    text = summary_markdown(results, cfg, notes, weights_rows, final, decisions, threshold_note, normals)
     write_text_atomic(run_dir / "summary.md", text)
 
 
@@ -204,9 +205,11 @@ def summary_markdown(
     final: str = "",
     decisions: Sequence[dict] = (),
     threshold_note: str = "",
+    normals: str = "held-out",
 ) -> str:
     """The run's summary; `final` is the method that decided (`cfg.final` unless final=auto chose),
-    `decisions` its `decision_table` rows, `threshold_note` how `threshold=midpoint` set them."""
+    `decisions` its `decision_table` rows, `threshold_note` how `threshold=midpoint` set them,
+    `normals` which normals calibrated (`Calibration.normalised_on`)."""
     final = final or cfg.final
     year = next(iter(results.values())).year
     fusions = [m for m in results if m in FUSIONS or m in LEARNED]
@@ -226,14 +229,14 @@ def summary_markdown(
             else []
         ),
         f"- label-free fusions of the members' z-scores: {', '.join(FUSIONS)}",
-        f"- learned fusions (held-out normals vs pseudo-anomalies, never test labels): "
+        f"- learned fusions ({normals} normals vs pseudo-anomalies, never test labels): "
         f"{', '.join(learned) or 'none (fusion.enabled=false)'}",
         f"- final score: `{final}`"
         + (" (chosen by final=auto)" if cfg.final == "auto" else "")
         + "; decisions: "
         + (
             threshold_note
-            or f"gamma threshold at the {cfg.threshold_percentile:g} percentile of held-out "
+            or f"gamma threshold at the {cfg.threshold_percentile:g} percentile of {normals} "
             "normals' left-out final scores per machine/section"
         ),
         *(f"- {note}" for note in notes),

@@ -1,4 +1,4 @@
-"""The stages of a run: fit -> backends -> calibrate -> predict -> report.
+"""The stages of a run: fit -> crossfit -> backends -> calibrate -> predict -> report.
 
 Each stage names the run-folder files it reads and writes, computes on every rank
 (`compute`: inference is sharded across DDP ranks and gathered), writes its files from rank 0
@@ -8,7 +8,7 @@ ran with; `asd.run.job.train` skips a finished stage whose settings and files ar
 redoes a stage whose settings changed, with every stage after it. docs/architecture.md draws
 the flow.
 
-One file: the five stages share `RunState`, `Stage` and `StageLog`, and each stage's settings
+One file: the six stages share `RunState`, `Stage` and `StageLog`, and each stage's settings
 say what a change must redo; together they are the one flow `asd.run.job` runs. The
 labelled-anomaly threshold lives in `asd.run.validation`.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from asd.anomalies import PseudoAnomalyDataset
@@ -47,6 +46,7 @@ from asd.run.build import (
     inference_device,
     plain,
     resolve_trainer,
+    with_budget,
 )
 from asd.run.checkpointing import (
     LAST_CKPT,
@@ -55,6 +55,7 @@ from asd.run.checkpointing import (
     own_interrupt_message,
     resumable,
 )
+from asd.run.crossfit import cross_fit, crossfit_folds, run_copies, training_clips
 from asd.run.distributed import quiet_other_ranks, sync_from_rank_zero
 from asd.run.loggers import wandb_run_id
 from asd.run.predict import infer, member_embeddings, predict
@@ -77,6 +78,10 @@ class RunState:
     device: torch.device = torch.device("cpu")
     trainer: L.Trainer | None = None
     calibration: Calibration | None = None
+    #: the crossfit stage's out-of-fold scores (`asd.run.crossfit.cross_fit`), None without it
+    crossfit: dict[str, Any] | None = None
+    #: its copies, built once for scoring (`asd.run.crossfit.run_copies`)
+    copies: list[Ensemble] | None = None
     fake: PseudoAnomalyDataset | None = None
     columns: dict[str, np.ndarray] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
@@ -100,6 +105,8 @@ class Stage:
     """One step of a run; subclasses name their files and settings and do the work."""
 
     name = ""
+    #: a stage that is off by the settings: its skip is said at info level, not as a warning
+    optional = False
     #: run-folder files it reads (besides the data) and writes, relative to the run folder
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
@@ -158,35 +165,6 @@ def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x, default=str))
 
 
-def with_budget(cfg: DictConfig, dm: AsdDataModule) -> DictConfig:
-    """`cfg` with `trainer.max_epochs` from the step budget `steps`, when it is set; said in the log.
-
-    An epoch is `dm.train_batches` optimizer steps (random crops with `data.audio.window`, else one
-    pass over the training clips), so the budget is met to within one epoch, rounded up.
-    """
-    steps = cfg.get("steps")
-    unit = dm.training_unit
-    if steps is None:
-        log.info(
-            "budget: trainer.max_epochs=%s epochs of %d batches of %s (steps=null)",
-            cfg.trainer.get("max_epochs"),
-            dm.train_batches,
-            unit,
-        )
-        return cfg
-    epochs = max(1, math.ceil(int(steps) / dm.train_batches))
-    log.info(
-        "budget: steps=%d optimizer steps per member = %d epochs of %d batches of %d %s "
-        "(trainer.max_epochs is not used while steps is set)",
-        int(steps),
-        epochs,
-        dm.train_batches,
-        dm.batch_size,
-        unit,
-    )
-    return OmegaConf.merge(cfg, {"trainer": {"max_epochs": epochs}})
-
-
 # ---------------------------------------------------------------------- the stages
 class Fit(Stage):
     """Train the members jointly; write the trained weights with the run's signature."""
@@ -210,12 +188,19 @@ class Fit(Stage):
                 "batches_per_epoch": plain(data.get("batches_per_epoch")),
             },
             "seed": int(run.cfg.seed),
+            # nothing held out while cross-fitting (absent otherwise: earlier run folders stay finished)
+            **({"crossfit": True} if run.dm.crossfit_folds else {}),
         }
 
     def identity(self, run: RunState) -> dict[str, Any]:
         """What a fit resumed from `last.ckpt` must share with the one that wrote it (not the budget)."""
         settings = self.settings(run)
-        return {"signature": run.signature["hash"], "split": settings["split"], "seed": settings["seed"]}
+        return {
+            "signature": run.signature["hash"],
+            "split": settings["split"],
+            "seed": settings["seed"],
+            **({"crossfit": True} if run.dm.crossfit_folds else {}),
+        }
 
     def compute(self, run: RunState) -> None:
         cfg, run_dir = run.cfg, run.run_dir
@@ -234,6 +219,8 @@ class Fit(Stage):
             with warnings.catch_warnings(), own_interrupt_message():
                 # frozen members are in eval mode on purpose; Lightning warns about any such module
                 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode")
+                # nothing held out (cross-fitting, or data.val_fraction=0): no validation batches, on purpose
+                warnings.filterwarnings("ignore", message=r"Total length of .* across ranks is zero")
                 try:
                     run.trainer.fit(run.ensemble, datamodule=run.dm, ckpt_path=resume_from)
                 except SIGTERMException:  # raised after the batch that SIGTERM interrupted
@@ -257,6 +244,49 @@ class Fit(Stage):
         run.device = inference_device(run.cfg)
 
 
+class CrossFit(Stage):
+    """k more fits, each without one fold: out-of-fold scores of every training normal and of its
+    pseudo-anomalies, for the calibrate stage (`asd.run.crossfit`); off for larger runs."""
+
+    name = "crossfit"
+    optional = True
+    writes = ("crossfit.pt",)
+
+    def settings(self, run: RunState) -> dict[str, Any]:
+        fusion = run.cfg.fusion
+        fakes = {k: plain(fusion.get(k)) for k in ("seed", "anomalies", "image_anomalies")}
+        return {
+            "folds": run.dm.crossfit_folds,
+            "fused": fused_members(run.ensemble),
+            "pseudo_anomalies": fakes if fusion.enabled else False,
+        }
+
+    def skip_reason(self, run: RunState) -> str:
+        if run.dm.crossfit_folds:
+            return ""
+        return f"off ({crossfit_folds(run.cfg, training_clips(run.dm))[1]})"
+
+    def compute(self, run: RunState) -> None:
+        dm = run.dm
+        fake = cal.pseudo_anomalies(run.cfg, dm, dm.datasets["fit"]) if run.cfg.fusion.enabled else None
+        run.crossfit = cross_fit(
+            run.cfg,
+            dm,
+            fused_members(run.ensemble),
+            fake,
+            run.device,
+            dm.crossfit_folds,
+            run.run_dir,
+            run.ensemble,
+        )
+
+    def write(self, run: RunState) -> None:
+        torch_save_atomic({**run.crossfit, "signature": run.signature}, run.run_dir / "crossfit.pt")
+
+    def load(self, run: RunState) -> None:
+        run.crossfit = load_crossfit_file(run.run_dir / "crossfit.pt", run.signature)
+
+
 class Backends(Stage):
     """Fit the members' kNN/Mahalanobis banks on the training normals; score the reference normals."""
 
@@ -266,11 +296,18 @@ class Backends(Stage):
 
     def settings(self, run: RunState) -> dict[str, Any]:
         # the reference normals' scores it keeps are those of the fused columns
-        return {"fused": fused_members(run.ensemble)}
+        # with cross-fitting, the reference scores it keeps are the crossfit stage's
+        return {"fused": fused_members(run.ensemble), **({"crossfit": True} if run.dm.crossfit_folds else {})}
 
     def compute(self, run: RunState) -> None:
         run.ensemble.to(run.device).eval()
-        self.state = {**cal.fit_backends(run.ensemble, run.dm, run.device), "signature": run.signature}
+        if run.crossfit is not None and len(run.crossfit["fold"]) != len(run.dm.datasets["fit"]):
+            raise AsdError(
+                f"{run.run_dir / 'crossfit.pt'} holds {len(run.crossfit['fold'])} training clips, the data "
+                f"{len(run.dm.datasets['fit'])}: delete it to cross-fit again"
+            )
+        state = cal.fit_backends(run.ensemble, run.dm, run.device, crossfit=run.crossfit)
+        self.state = {**state, "signature": run.signature}
 
     def write(self, run: RunState) -> None:
         torch_save_atomic(self.state, run.run_dir / "backends.pt")
@@ -339,6 +376,7 @@ class Predict(Stage):
             dm.num_workers,
             "test",
             dm.windowing,
+            run_copies(run),
         )
         none = [n for n, m in run.ensemble.members.items() if m.embed_dim == 0]
         if none:
@@ -426,6 +464,7 @@ class Report(Stage):
             calibration.final,
             run.decisions,
             calibration.threshold_note,
+            calibration.normalised_on,
         )
         logger = run.trainer.logger if run.trainer is not None else self.earlier_wandb_run(run)
         if logger is not None:
@@ -518,7 +557,7 @@ def is_wandb(logger: Any) -> bool:
 
 def make_stages() -> list[Stage]:
     backends = Backends()
-    return [Fit(), backends, Calibrate(backends), Predict(), Report()]
+    return [Fit(), CrossFit(), backends, Calibrate(backends), Predict(), Report()]
 
 
 # ---------------------------------------------------------------------- the files, with their checks
@@ -535,6 +574,22 @@ def load_weights(ensemble: Ensemble, path: Path, sig: dict[str, Any]) -> None:
             "use a new run_dir for this configuration, or the original overrides for this run folder"
         )
     ensemble.load_state_dict(ckpt["state_dict"])
+
+
+def load_crossfit_file(path: Path, sig: dict[str, Any]) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for foreign or damaged files
+        raise AsdError(
+            f"{path}: not a readable asd cross-fit file ({e}); delete it to cross-fit again"
+        ) from e
+    if not isinstance(state, dict) or not {"reference_scores", "copies", "signature"} <= set(state):
+        raise AsdError(f"{path} was written by an older asd; delete it to cross-fit again")
+    if state["signature"].get("hash") != sig["hash"]:
+        raise AsdError(
+            f"{path} belongs to another configuration than {FINAL_CKPT}; delete it to cross-fit again"
+        )
+    return state
 
 
 def load_backends_file(path: Path, sig: dict[str, Any]) -> dict[str, Any]:

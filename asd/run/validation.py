@@ -23,6 +23,7 @@ from asd.data.table import Clip, ClipTable
 from asd.errors import AsdError
 from asd.run import calibrate as cal
 from asd.run.build import plain
+from asd.run.crossfit import run_copies
 from asd.run.predict import context_of, predict
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ def midpoint_thresholds(run: Any) -> None:
         dm.num_workers,
         "validation anomalies",
         dm.windowing,
+        run_copies(run),
     )
     normals, kind = cal.reference_normals(dm, warn=False)
     calibration.thresholds, gamma = fit_midpoint_thresholds(
