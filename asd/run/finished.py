@@ -40,7 +40,8 @@ class FinishedRun:
                     f"{self.dir} is not a finished asd run: {need.relative_to(self.dir)} is missing "
                     "(give the folder train.py printed last, after it finished)"
                 )
-        if "calibrate" not in StageLog(self.dir).done:
+        done = StageLog(self.dir).done
+        if "calibrate" not in done:
             raise AsdError(f"{self.dir}: training did not finish its calibrate stage; re-run train.py on it")
         self.cfg = OmegaConf.load(cfg_path)
         validate(self.cfg)
@@ -68,7 +69,7 @@ class FinishedRun:
         self.ensemble.eval()
         #: a cross-fitted run's copies: its fused columns are their mean (as in its predict stage)
         self.copies = []
-        if "crossfit" in StageLog(self.dir).done:
+        if "crossfit" in done:
             crossfit = load_crossfit_file(self.dir / "crossfit.pt", sig)
             self.copies = load_copies(
                 self.cfg, self.facts, crossfit, fused_members(self.ensemble), self.ensemble

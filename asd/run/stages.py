@@ -165,6 +165,11 @@ def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x, default=str))
 
 
+def crossfitting(run: RunState) -> dict[str, bool]:
+    """The settings key of a cross-fitted run ({} otherwise: folders of runs before it stay finished)."""
+    return {"crossfit": True} if run.dm.crossfit_folds else {}
+
+
 # ---------------------------------------------------------------------- the stages
 class Fit(Stage):
     """Train the members jointly; write the trained weights with the run's signature."""
@@ -188,8 +193,7 @@ class Fit(Stage):
                 "batches_per_epoch": plain(data.get("batches_per_epoch")),
             },
             "seed": int(run.cfg.seed),
-            # nothing held out while cross-fitting (absent otherwise: earlier run folders stay finished)
-            **({"crossfit": True} if run.dm.crossfit_folds else {}),
+            **crossfitting(run),  # nothing held out while cross-fitting
         }
 
     def identity(self, run: RunState) -> dict[str, Any]:
@@ -199,7 +203,7 @@ class Fit(Stage):
             "signature": run.signature["hash"],
             "split": settings["split"],
             "seed": settings["seed"],
-            **({"crossfit": True} if run.dm.crossfit_folds else {}),
+            **crossfitting(run),
         }
 
     def compute(self, run: RunState) -> None:
@@ -297,7 +301,7 @@ class Backends(Stage):
     def settings(self, run: RunState) -> dict[str, Any]:
         # the reference normals' scores it keeps are those of the fused columns
         # with cross-fitting, the reference scores it keeps are the crossfit stage's
-        return {"fused": fused_members(run.ensemble), **({"crossfit": True} if run.dm.crossfit_folds else {})}
+        return {"fused": fused_members(run.ensemble), **crossfitting(run)}
 
     def compute(self, run: RunState) -> None:
         run.ensemble.to(run.device).eval()
