@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from asd.errors import AsdError
 from asd.evaluation import decide, fit_gamma_threshold, midpoint_threshold
 from asd.fileio import torch_save_atomic
 from asd.fusion.stage import FusionState, apply_fusion
-from asd.scoring import FUSIONS, GroupNormalizer, fuse
+from asd.scoring import FUSIONS, WEIGHTED, GroupNormalizer, fuse, fuse_weighted
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,15 @@ LEARNED = ("meta", "attention")
 CONTEXT = ("machine", "section", "domain")
 
 #: fields added after runs were written: a `calibration.pt` without them loads with their defaults
-ADDED = frozenset({"reference_final", "threshold_note"})
+ADDED = frozenset({"reference_final", "threshold_note", "member_criteria", "weights"})
 
 Scores = Mapping[str, np.ndarray]
 Context = Mapping[str, Tensor]
+
+
+def _default(f: Field) -> Any:
+    """A dataclass field's default value, made fresh where it has a factory."""
+    return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
 @dataclass
@@ -78,6 +83,11 @@ class Calibration:
     reference_final: Tensor | None = None
     #: how the thresholds were set when not by the gamma fit alone (`threshold=midpoint`), for the summary
     threshold_note: str = ""
+    #: member -> how well it alone separates left-out normals from pseudo-anomalies
+    #: (`asd.fusion.select.member_criteria`); empty without pseudo-anomalies
+    member_criteria: dict[str, float] = field(default_factory=dict)
+    #: member -> its weight in `zweighted` (`asd.fusion.select.criterion_weights`); empty: no such column
+    weights: dict[str, float] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ scoring
     def normalise(self, raw: Scores, context: Context) -> Tensor:
@@ -102,6 +112,8 @@ class Calibration:
         z = self.normalise(cols, context)  # (N, members)
         for method in FUSIONS:
             cols[method] = fuse(z, method).double().numpy()
+        if self.weights:
+            cols[WEIGHTED] = self.weighted(z).double().numpy()
         if self.fusion is not None:
             learned = apply_fusion(self.fusion, z, context["machine"], context["section"], context["domain"])
             for method in LEARNED:
@@ -110,6 +122,10 @@ class Calibration:
             raise AsdError(f"calibration: final={self.final!r} is not among the columns {sorted(cols)}")
         cols["final"] = cols[self.final]
         return cols
+
+    def weighted(self, z: Tensor) -> Tensor:
+        """`zweighted` of z-scores (N, members) in `members` order."""
+        return fuse_weighted(z, torch.tensor([self.weights[m] for m in self.members], dtype=torch.float64))
 
     def decide(self, final: np.ndarray, section: Tensor | np.ndarray) -> np.ndarray:
         """0/1 decisions (N,) int64: final score above its section's threshold."""
@@ -127,7 +143,7 @@ class Calibration:
     def from_state_dict(cls, state: Mapping[str, Any]) -> Calibration:
         names = {f.name for f in fields(cls)}
         if isinstance(state, Mapping) and set(state) - names == set() and names - set(state) <= ADDED:
-            state = {**{f.name: f.default for f in fields(cls) if f.name in ADDED}, **state}
+            state = {**{f.name: _default(f) for f in fields(cls) if f.name in ADDED}, **state}
         if not isinstance(state, Mapping) or set(state) != names:
             got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
             raise AsdError(f"not a calibration state: keys {got}, expected {sorted(names)}")

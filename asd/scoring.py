@@ -28,6 +28,8 @@ from asd.errors import AsdError
 log = logging.getLogger(__name__)
 
 FUSIONS = ("zmean", "zmin", "zmax")
+#: the member-weighted mean of the z-scores, its weights fitted without test labels (`fuse_weighted`)
+WEIGHTED = "zweighted"
 DOMAIN_NAMES = {0: "source", 1: "target", 2: "unknown"}
 _BLOCK = 4096  # query rows per block where a backend has no `chunk` setting
 
@@ -990,3 +992,23 @@ def fuse(z: Tensor, method: str) -> Tensor:
     if method == "zmin":
         return z.amin(dim=1)
     return z.amax(dim=1)
+
+
+def fuse_weighted(z: Tensor, weights: Tensor) -> Tensor:
+    """The weighted mean of member z-scores (B, M) -> (B,); `weights` (M,) >= 0, not all zero.
+
+    `zweighted`: the weights are each member's separation of left-out normals from
+    pseudo-anomalies (`asd.fusion.select.criterion_weights`), so a member that cannot tell them
+    apart adds nothing; equal weights give `zmean`.
+    """
+    if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[1] == 0 or not z.is_floating_point():
+        got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+        raise AsdError(f"fuse_weighted: `z` must be a float tensor of shape (B, M), M >= 1, got {got}")
+    w = torch.as_tensor(weights, dtype=_acc_dtype(z.device), device=z.device)
+    usable = bool(torch.isfinite(w).all()) and not bool((w < 0).any()) and float(w.sum()) > 0
+    if w.shape != (z.shape[1],) or not usable:
+        raise AsdError(
+            f"fuse_weighted: `weights` must be {z.shape[1]} finite values >= 0, not all 0, got {w.tolist()}"
+        )
+    _check_finite(z, "z", "fuse_weighted")
+    return (z.to(w.dtype) @ (w / w.sum())).to(z.dtype)

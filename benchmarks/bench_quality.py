@@ -58,7 +58,7 @@ LOCK = "/tmp/torch.lock"
 GNU_TIME = "/usr/bin/time"
 # Column names as asd writes them, copied rather than imported: this process never loads torch.
 FUSIONS = ("zmean", "zmin", "zmax")  # asd.scoring.FUSIONS
-LEARNED = ("attention", "meta")  # asd.calibration.LEARNED
+LEARNED = ("attention", "meta", "zweighted")  # asd.calibration.LEARNED, asd.scoring.WEIGHTED
 REFERENCE_PREFIXES = ("dcase_ae", "stats")  # asd.ensemble.REFERENCES, when a summary does not list them
 # the simplest reference, in order of preference (a training-free mean-log-mel Mahalanobis first)
 SIMPLE_REFERENCES = ("stats_mahalanobis", "dcase_ae_mahalanobis")

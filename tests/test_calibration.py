@@ -248,3 +248,31 @@ def test_left_out_z_in_closed_form_equals_one_refit_per_clip(seed, shrinkage):
     got = left_out_z(cal, context)
     assert got.dtype == expected.dtype
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_zweighted_is_the_weighted_mean_of_the_z_scores_and_survives_a_round_trip():
+    cal, raw, context = calibrated(final="zweighted")
+    cal.member_criteria, cal.weights = {"a": 0.8, "b": 0.6}, {"a": 0.9, "b": 0.1}
+    z = cal.normalise(raw, context).double().numpy()
+    cols = cal.combine(raw, context)
+    np.testing.assert_allclose(cols["zweighted"], 0.9 * z[:, 0] + 0.1 * z[:, 1], rtol=1e-6)
+    np.testing.assert_array_equal(cols["final"], cols["zweighted"])
+    buf = io.BytesIO()
+    torch.save(cal.state_dict(), buf)
+    buf.seek(0)
+    again = Calibration.from_state_dict(torch.load(buf, weights_only=True))
+    np.testing.assert_array_equal(again.combine(raw, context)["zweighted"], cols["zweighted"])
+    # equal weights are zmean; without weights (a run before zweighted, or fusion.enabled=false) no column
+    cal.weights = {"a": 1.0, "b": 1.0}
+    np.testing.assert_allclose(cal.combine(raw, context)["zweighted"], z.mean(axis=1), rtol=1e-6)
+    cal.weights, cal.final = {}, "zmean"
+    assert "zweighted" not in cal.combine(raw, context)
+
+
+def test_a_calibration_written_before_zweighted_still_loads():
+    cal, raw, context = calibrated()
+    state = cal.state_dict()
+    del state["weights"], state["member_criteria"]
+    again = Calibration.from_state_dict(state)
+    assert again.weights == {} and again.member_criteria == {}
+    np.testing.assert_array_equal(again.combine(raw, context)["zmean"], cal.combine(raw, context)["zmean"])

@@ -39,6 +39,14 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def context_of_rows(rows: list[dict[str, str]]) -> dict[str, torch.Tensor]:
+    """The context ids calibration reads, from scores.csv rows (sections numbered in sorted order)."""
+    pairs = sorted({(r["machine"], r["section"]) for r in rows})
+    section = torch.tensor([pairs.index((r["machine"], r["section"])) for r in rows])
+    domain = torch.tensor([("source", "target").index(r["domain"]) for r in rows])
+    return {"machine": torch.zeros_like(section), "section": section, "domain": domain}
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """One finished debug run of every implemented member plus the reference."""
@@ -88,6 +96,7 @@ def test_scores_have_one_row_per_test_clip_and_every_column(run):
         "stats_knn",
         "zmean",
         "zmin",
+        "zweighted",
         "attention",
         "meta",
         "final",
@@ -99,11 +108,20 @@ def test_scores_have_one_row_per_test_clip_and_every_column(run):
     # final=auto (the default) chose one of the fusions, and the summary says which and why
     summary = (run / "summary.md").read_text()
     chosen = summary.split("- final score: `")[1].split("`")[0]
-    assert chosen in ("meta", "attention", "zmean", "zmax", "zmin")
+    assert chosen in ("meta", "attention", "zweighted", "zmean", "zmax", "zmin")
     assert all(r["final"] == r[chosen] for r in rows)
     assert f"final=auto chose {chosen}: " in summary
-    # two cross-fitted normals per target group: too thin for the learned fusions, the label-free one decides
-    assert chosen == "zmean" and "fewer than fusion.select.min_normals=5" in summary
+    # two cross-fitted normals per target group: too thin for meta and attention; one weight per member is not
+    assert chosen in ("zweighted", "zmean") and "fewer than fusion.select.min_normals=5" in summary
+    reason = summary.split("final=auto chose ")[1].splitlines()[0]
+    assert "zweighted fitted out of fold" in reason and "meta 0." not in reason
+    # zweighted is the members' z-scores under the weights the summary lists
+    cal = Calibration.load(run / "calibration.pt")
+    assert "zweighted member weights" in summary and sum(cal.weights.values()) == pytest.approx(1.0)
+    z = cal.normalise({m: np.array([float(r[m]) for r in rows]) for m in cal.members}, context_of_rows(rows))
+    w = np.array([cal.weights[m] for m in cal.members])
+    got = [float(r["zweighted"]) for r in rows]
+    np.testing.assert_allclose(got, z.double().numpy() @ w, rtol=1e-5, atol=1e-6)
 
 
 def test_with_enough_normals_the_learned_fusions_are_judged_out_of_fold(run, tmp_path):
@@ -115,8 +133,8 @@ def test_with_enough_normals_the_learned_fusions_are_judged_out_of_fold(run, tmp
     train(cfg)
     summary = (other / "summary.md").read_text()
     reason = summary.split("final=auto chose ")[1].splitlines()[0]
-    assert "learned fusions fitted out of fold" in reason
-    for name in ("meta", "attention", "zmean"):
+    assert "meta/attention/zweighted fitted out of fold" in reason
+    for name in ("meta", "attention", "zweighted", "zmean"):
         assert f"{name} 0." in reason or f"{name} 1." in reason
 
 
@@ -361,7 +379,8 @@ def test_frozen_member_restored_from_a_checkpoint_does_not_move(run, tmp_path):
         ("branch=b9", r"unknown branch \['b9'\]"),
         ("branch=b2 freeze=b3", r"freeze=\['b3'\] names members that are not selected"),
         ("final=best", "final='best': expected auto or one of"),
-        ("final=meta fusion.enabled=false", "final=meta needs the learned fusions"),
+        ("final=meta fusion.enabled=false", "final=meta needs the pseudo-anomalies it is fitted on"),
+        ("final=zweighted fusion.enabled=false", "final=zweighted needs the pseudo-anomalies"),
         ("fusion.anomalies.kinds=[tone,hum]", "fusion.anomalies.kinds"),
         ("fusion.anomalies.copies=0", "fusion.anomalies.copies=0"),
         ("+ckpt.b2=/nonexistent.ckpt", "no such file"),

@@ -14,7 +14,15 @@ from sklearn.covariance import LedoitWolf
 from torch import nn
 
 from asd.errors import AsdError
-from asd.scoring import FUSIONS, GroupNormalizer, KnnBackend, MahalanobisBackend, fuse, ledoit_wolf
+from asd.scoring import (
+    FUSIONS,
+    GroupNormalizer,
+    KnnBackend,
+    MahalanobisBackend,
+    fuse,
+    fuse_weighted,
+    ledoit_wolf,
+)
 
 
 def ids(*values: int) -> torch.Tensor:
@@ -358,6 +366,17 @@ def test_fuse_errors():
         fuse(torch.zeros(4), "zmin")
     with pytest.raises(AsdError, match="NaN/inf"):
         fuse(torch.tensor([[0.0, float("inf")]]), "zmean")
+
+
+def test_fuse_weighted_values_and_errors():
+    z = torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.5, 0.5]])
+    torch.testing.assert_close(fuse_weighted(z, torch.tensor([3.0, 1.0, 0.0])), torch.tensor([0.25, 0.5]))
+    torch.testing.assert_close(fuse_weighted(z, torch.ones(3)), fuse(z, "zmean"))
+    for bad in ([1.0, 1.0], [1.0, -1.0, 1.0], [0.0, 0.0, 0.0], [1.0, float("nan"), 1.0]):
+        with pytest.raises(AsdError, match="`weights` must be 3 finite values >= 0, not all 0"):
+            fuse_weighted(z, torch.tensor(bad))
+    with pytest.raises(AsdError, match="NaN/inf"):
+        fuse_weighted(torch.tensor([[0.0, float("inf")]]), torch.ones(2))
 
 
 # ---------------------------------------------------------------- state round trip

@@ -116,3 +116,49 @@ def record_fits(monkeypatch) -> list[set[int]]:
 
     monkeypatch.setattr(select, "fit_fusion", recording_fit)
     return fitted_on
+
+
+def test_a_members_weight_is_its_criterion_above_chance_to_the_power():
+    w = select.criterion_weights(np.array([0.7, 0.5, 0.4, 0.6]), power=2.0)
+    np.testing.assert_allclose(w, [0.04, 0.0, 0.0, 0.01], rtol=1e-12)
+    linear = select.criterion_weights(np.array([0.7, 0.6]), power=1.0)
+    np.testing.assert_allclose(linear, [0.2, 0.1], rtol=1e-12)
+    # no member better than chance: equal weights, zweighted is zmean
+    np.testing.assert_array_equal(select.criterion_weights(np.array([0.5, 0.3]), power=2.0), [1.0, 1.0])
+
+
+def test_member_criteria_judge_each_column_alone():
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    section = np.zeros(8, dtype=np.int64)
+    separates = [0.0, 0.1, 0.2, 0.3, 1.0, 1.1, 1.2, 1.3]
+    reversed_ = separates[::-1]
+    mixed = [0.0, 1.15, 0.2, 0.3, 1.0, 0.1, 1.2, 1.3]
+    rows = torch.tensor([separates, reversed_, mixed], dtype=torch.float64).T
+    crit = select.member_criteria(rows, y, section)
+    assert crit[0] == 1.0 and crit[1] == pytest.approx(0.0, abs=1e-15)  # hmean clamps at machine epsilon
+    assert crit[2] == pytest.approx(select.criterion(np.array(mixed), y, section), abs=1e-15)
+
+
+def test_zweighted_is_judged_with_weights_from_the_other_folds_only():
+    """Member 0 separates the pseudo-anomalies of fold 0's clips only, member 1 none of them. Fold 0's
+    rows are scored with weights from the other folds, where member 0 is at chance: they get member 1's
+    column. Weights from every row would have favoured member 0 and scored them otherwise."""
+    n, copies = 8, 2
+    source = torch.cat([torch.arange(n), torch.arange(n).repeat_interleave(copies)])
+    y = np.r_[np.zeros(n), np.ones(n * copies)].astype(np.int64)
+    section = np.zeros(len(y), dtype=np.int64)
+    plan = select.source_plan(n, source, folds=2, seed=0)
+    fold0 = plan[0][1].numpy()  # the rows fold 0's fit scores
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(len(y), 2, generator=gen, dtype=torch.float64)
+    rows[fold0 & (y == 1), 0] += 10.0  # member 0: fold 0's pseudo-anomalies stand out
+    scored = select.cross_fitted_weighted(rows, y, section, plan, power=2.0)
+    assert np.isfinite(scored).all()
+    for train, held in plan:
+        t, h = train.numpy(), held.numpy()
+        weights = select.criterion_weights(select.member_criteria(rows[train], y[t], section[t]), 2.0)
+        np.testing.assert_allclose(scored[h], rows[held].numpy() @ (weights / weights.sum()), rtol=1e-12)
+    everything = select.criterion_weights(select.member_criteria(rows, y, section), 2.0)
+    assert everything[0] > everything[1]  # in-sample, member 0 looks like the better one
+    own = rows[fold0].numpy() @ (everything / everything.sum())
+    assert not np.allclose(scored[fold0], own)

@@ -47,7 +47,7 @@ from asd.data.cache import ON_BAD_FILE
 from asd.data.index import YEARS
 from asd.data.synthetic import MODELS
 from asd.image_anomalies import IMAGE_KINDS
-from asd.scoring import FUSIONS
+from asd.scoring import FUSIONS, WEIGHTED
 
 
 def _distinct(v: Any, options: tuple[str, ...]) -> bool:
@@ -440,14 +440,18 @@ class Meta(Node):
 
 
 #: what `final=auto` may choose among (asd.fusion.select)
-FUSION_CANDIDATES = ("meta", "attention", *FUSIONS)
+FUSION_CANDIDATES = ("meta", "attention", WEIGHTED, *FUSIONS)
+
+
+class Weighted(Node):
+    power: Positive = 2.0
 
 
 class Select(Node):
     candidates: value(
         f"a non-empty list of distinct fusions from {list(FUSION_CANDIDATES)}",
         lambda v: _distinct(v, FUSION_CANDIDATES),
-    ) = ["meta", "attention", "zmean"]
+    ) = ["meta", "attention", "zweighted", "zmean"]
     folds: integer(ge=2) = 4
     min_normals: integer(ge=1) = 5
     split: choice("source", "kind") = "source"
@@ -466,6 +470,7 @@ class Fusion(Node):
     image_anomalies: ImageAnomalies = ImageAnomalies()
     attention: Attention = Attention()
     meta: Meta = Meta()
+    weighted: Weighted = Weighted()
     select: Select = Select()
     normalisation: Normalisation = Normalisation()
 

@@ -10,6 +10,11 @@ each fit also leaves out a group of pseudo-anomaly kinds and is judged only on t
 so no learned fusion is judged on a kind of anomaly it was fitted on; every candidate is judged on
 the same rows (docs/results.md: no measurable gain on the digits).
 
+`zweighted` is fitted on these rows too, with one number per member: each member's own criterion
+below (`member_criteria`), made a weight by `criterion_weights`. It is judged like the learned
+fusions, with weights from the other folds (`cross_fitted_weighted`), and stays a candidate where
+a group has too few normals for meta and attention.
+
 Each candidate's criterion is the official-score rule applied to this labelled set: per section,
 the AUC and the pAUC (FPR <= 0.1) of its normals against its pseudo-anomalies, then the harmonic
 mean of all of them. The candidate with the highest criterion decides; a tie goes to the one
@@ -30,7 +35,7 @@ from torch import Tensor
 from asd.errors import AsdError
 from asd.evaluation.metrics import auc_pauc, hmean
 from asd.fusion.stage import apply_fusion, fit_fusion
-from asd.scoring import FUSIONS, fuse
+from asd.scoring import FUSIONS, WEIGHTED, fuse, fuse_weighted
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +146,39 @@ def criterion(scores: np.ndarray, y: np.ndarray, section: np.ndarray) -> float:
     return hmean(values)
 
 
+def member_criteria(rows: Tensor, y: np.ndarray, section: np.ndarray) -> np.ndarray:
+    """`criterion` of each member's own column of `rows` (N, M): how well it alone separates the
+    normals (left-out z-scores) from the pseudo-anomalies, (M,) float64."""
+    scores = rows.double().numpy()
+    return np.array([criterion(scores[:, m], y, section) for m in range(scores.shape[1])])
+
+
+def criterion_weights(criteria: np.ndarray, power: float) -> np.ndarray:
+    """`zweighted`'s member weights (M,): (criterion - 0.5) ** power where a member separates
+    better than chance, 0 where it does not; equal weights when none does (then `zweighted` is
+    `zmean`). A member at chance on pseudo-anomalies was near chance on real faults too
+    (docs/results.md, "Weighting the members"), and `zmean` lets it dilute the rest."""
+    w = np.clip(np.asarray(criteria, dtype=np.float64) - 0.5, 0.0, None) ** float(power)
+    return w if w.sum() > 0 else np.ones_like(w)
+
+
+def cross_fitted_weighted(
+    rows: Tensor, y: np.ndarray, section: np.ndarray, plan: list[Fit], power: float
+) -> np.ndarray:
+    """`zweighted` scores of the rows each fit of `plan` scores, with weights from that fit's other
+    rows only (NaN for rows no fit scores): it is judged like the learned fusions, never on the rows
+    its weights came from. `rows` (N, M): normals' left-out z-scores, then the pseudo-anomalies'."""
+    out = np.full(len(rows), np.nan)
+    for train, held in plan:
+        t = train.numpy()
+        if len(np.unique(y[t])) < 2:  # a fit without both kinds of rows cannot weigh: equal weights
+            weights = np.ones(rows.shape[1])
+        else:
+            weights = criterion_weights(member_criteria(rows[train], y[t], section[t]), power)
+        out[held.numpy()] = fuse_weighted(rows[held].double(), torch.as_tensor(weights)).numpy()
+    return out
+
+
 def select(
     candidates: dict[str, np.ndarray], y: np.ndarray, section: np.ndarray
 ) -> tuple[str, dict[str, float]]:
@@ -153,14 +191,17 @@ def select(
 def candidate_scores(
     names: list[str], z: Tensor, normal_loo: Tensor, learned: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
-    """Every candidate fusion's scores of all rows (normals: left-out; pseudo-anomalies: as fused)."""
+    """Every candidate fusion's scores of all rows (normals: left-out; pseudo-anomalies: as fused).
+    `learned` holds the cross-fitted ones (`cross_fitted_learned`, `cross_fitted_weighted`)."""
     rows = torch.cat([normal_loo, z[len(normal_loo) :]])  # (N, M)
     out = {}
     for name in names:
-        if name in LEARNED:
+        if name in LEARNED or name == WEIGHTED:
             out[name] = learned[name]
         elif name in FUSIONS:
             out[name] = fuse(rows, name).double().numpy()
         else:
-            raise AsdError(f"fusion.select.candidates: {name!r} is not one of {[*LEARNED, *FUSIONS]}")
+            raise AsdError(
+                f"fusion.select.candidates: {name!r} is not one of {[*LEARNED, WEIGHTED, *FUSIONS]}"
+            )
     return out

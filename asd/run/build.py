@@ -45,7 +45,7 @@ from asd.errors import AsdError
 from asd.features import share_frontends
 from asd.run.checkpointing import LAST_CKPT, AtomicCheckpointIO, ResumeCheckpoint
 from asd.run.progress import show_progress
-from asd.scoring import FUSIONS
+from asd.scoring import FUSIONS, WEIGHTED
 
 log = logging.getLogger(__name__)
 
@@ -250,15 +250,18 @@ def fused_references(cfg: DictConfig, ensemble: Ensemble) -> tuple[str, ...]:
 
 
 def final_choices(ensemble: Ensemble, cfg: DictConfig) -> list[str]:
-    learned = list(LEARNED) if cfg.fusion.enabled else []
+    learned = [*LEARNED, WEIGHTED] if cfg.fusion.enabled else []
     return [*learned, *FUSIONS, *fused_members(ensemble)]
 
 
 def check_final(ensemble: Ensemble, cfg: DictConfig) -> None:
     if cfg.final == "auto":
         return  # the calibrate stage chooses among fusion.select.candidates
-    if cfg.final in LEARNED and not cfg.fusion.enabled:
-        raise AsdError(f"final={cfg.final} needs the learned fusions: fusion.enabled=true, or final=zmean")
+    if cfg.final in (*LEARNED, WEIGHTED) and not cfg.fusion.enabled:
+        raise AsdError(
+            f"final={cfg.final} needs the pseudo-anomalies it is fitted on: "
+            "fusion.enabled=true, or final=zmean"
+        )
     if cfg.final not in final_choices(ensemble, cfg):
         raise AsdError(f"final={cfg.final!r}: expected auto or one of {final_choices(ensemble, cfg)}")
 

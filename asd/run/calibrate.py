@@ -34,7 +34,7 @@ from asd.fusion import select
 from asd.fusion.stage import apply_fusion, fit_fusion, held_out_meta_scores, summarise_kinds
 from asd.run.build import fused_members, plain
 from asd.run.predict import context_of, infer, member_scores
-from asd.scoring import FUSIONS, fuse
+from asd.scoring import FUSIONS, WEIGHTED, fuse
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +187,9 @@ def choose_final(
     Sets `calibration.final`, `.selection` (every candidate's criterion) and `.reason`.
     Without pseudo-anomalies (`fusion.enabled=false`) there is nothing to judge on: zmean decides.
     When a (machine, section, domain) group holds fewer than `fusion.select.min_normals` reference
-    normals, the learned fusions are left out of the candidates: fitted and judged on so few clips
+    normals, meta and attention are left out of the candidates: fitted and judged on so few clips
     they lost to the label-free fusions on every small configuration of
-    `benchmarks/bench_quality.py` (docs/results.md).
+    `benchmarks/bench_quality.py` (docs/results.md). `zweighted` (one weight per member) stays.
     """
     if z is None:
         calibration.final = "zmean"
@@ -207,14 +207,15 @@ def choose_final(
         # too few clips to fit a learned fusion on, or to judge one: the label-free fallback decides
         names = [n for n in names if n not in select.LEARNED] or ["zmean"]
         thin = (
-            f"the learned fusions were not candidates: a machine/section/domain group holds {fewest} "
+            f"meta and attention were not candidates: a machine/section/domain group holds {fewest} "
             f"reference normal(s), fewer than fusion.select.min_normals={need}; "
         )
     learned, plan = {}, None
     folds, seed = int(fcfg["select"]["folds"]), int(fcfg["seed"])
     judged = np.ones(len(y), dtype=bool)
     by_kind = fcfg["select"].get("split", "source") == "kind"
-    if any(n in select.LEARNED for n in names):
+    fitted_names = [n for n in names if n in select.LEARNED or n == WEIGHTED]
+    if fitted_names:
         plan = select.kind_plan(n_normal, source, kind, folds, seed) if by_kind else None
         if by_kind and plan is None:
             by_kind = False
@@ -223,7 +224,14 @@ def choose_final(
             )
         plan = plan or select.source_plan(n_normal, source, folds, seed)
         judged = torch.stack([held for _, held in plan]).any(dim=0).numpy()
-        learned = select.cross_fitted_learned(
+    if WEIGHTED in names:
+        rows = torch.cat([loo, z[n_normal:]])
+        power = float(fcfg["weighted"]["power"])
+        learned[WEIGHTED] = select.cross_fitted_weighted(
+            rows, y.numpy().astype(np.int64), ctx["section"].numpy(), plan, power
+        )
+    if any(n in select.LEARNED for n in names):
+        learned |= select.cross_fitted_learned(
             z,
             loo,
             ctx,
@@ -238,17 +246,33 @@ def choose_final(
     best, table = select.select(scores, y.numpy().astype(np.int64)[judged], ctx["section"].numpy()[judged])
     calibration.final, calibration.selection = best, table
     listed = ", ".join(f"{n} {v:.4f}" for n, v in table.items())
-    fitted = ""
+    fitted, which = "", "/".join(fitted_names)
     if plan and by_kind:
-        fitted = f", learned fusions fitted without the judged clips' fold and kinds ({len(plan)} fits)"
+        fitted = f", {which} fitted without the judged clips' fold and kinds ({len(plan)} fits)"
     elif plan:
-        fitted = f", learned fusions fitted out of fold ({len(plan)} folds)"
+        fitted = f", {which} fitted out of fold ({len(plan)} folds)"
     calibration.reason = (
         f"final=auto chose {best}: {thin}the highest hmean of per-section AUC and pAUC of "
         f"{n_normal} {calibration.normalised_on} normals (left-out) against "
         f"{int(judged[n_normal:].sum())} pseudo-anomalies" + fitted + f": {listed}"
     )
     log.info("stage calibrate: %s", calibration.reason)
+
+
+def weigh_members(
+    calibration: Calibration, rows: Tensor, y: Tensor, section: Tensor, cfg: DictConfig
+) -> None:
+    """`zweighted`'s weights: each member's criterion on `rows` (N, M) (normals' left-out z-scores,
+    then their pseudo-anomalies'), and the weights `fusion.weighted.power` makes of them."""
+    criteria = select.member_criteria(rows, y.numpy().astype(np.int64), section.numpy())
+    weights = select.criterion_weights(criteria, float(cfg.fusion.weighted.power))
+    members = calibration.members
+    calibration.member_criteria = {m: float(c) for m, c in zip(members, criteria, strict=True)}
+    calibration.weights = {m: float(w) for m, w in zip(members, weights / weights.sum(), strict=True)}
+    log.info(
+        "stage calibrate: zweighted weights (each member alone on normals vs pseudo-anomalies): %s",
+        ", ".join(f"{m} {w:.2f} ({criteria[i]:.3f})" for i, (m, w) in enumerate(calibration.weights.items())),
+    )
 
 
 def calibrated_members(ensemble: Ensemble, cfg: DictConfig) -> list[str]:
@@ -389,6 +413,8 @@ def calibrate(
     # these clips, but their z-scores were normalised with statistics that include them (a z of a
     # group of 5 can never exceed 1.8) and the meta-learner adapted on them: both are undone here.
     loo = left_out_z(calibration, context)
+    if z is not None:
+        weigh_members(calibration, torch.cat([loo, z[len(loo) :]]), y, ctx["section"], cfg)
     if cfg.final == "auto":
         row_kind = None if y is None else torch.cat([torch.full((len(loo),), -1), torch.as_tensor(kinds)])
         choose_final(calibration, cfg, z, loo, ctx, y, rows_source, dm, row_kind)
@@ -402,6 +428,8 @@ def calibrate(
             calibration.fusion, loo, context["machine"], context["section"], context["domain"]
         )
         final_t = fused["attention"]
+    elif final_name == WEIGHTED:
+        final_t = calibration.weighted(loo)
     elif final_name in FUSIONS:
         final_t = fuse(loo, final_name)
     else:

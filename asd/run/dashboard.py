@@ -18,7 +18,7 @@ from typing import Any
 
 from asd.calibration import LEARNED
 from asd.ensemble import BRANCHES
-from asd.scoring import FUSIONS
+from asd.scoring import FUSIONS, WEIGHTED
 
 #: the members with a training loss: the branches and the DCASE baseline autoencoder (`stats`
 #: is training-free)
@@ -26,7 +26,7 @@ TRAINED = (*BRANCHES, "dcase_ae")
 #: the references' score columns (`asd.branches.dcase_ae`, `asd.branches.logmel_stats`)
 REFERENCE_COLUMNS = ("dcase_ae_mse", "dcase_ae_mahalanobis", "stats_mahalanobis", "stats_knn")
 #: every method with an official score, in the order the bar chart lists them
-METHODS = (*LEARNED, *FUSIONS, *BRANCHES, *REFERENCE_COLUMNS)
+METHODS = (*LEARNED, WEIGHTED, *FUSIONS, *BRANCHES, *REFERENCE_COLUMNS)
 #: the pictures `publish_to_wandb` logs; roc, hist and heatmap hold one image per group or clip
 MEDIA = ("plots/roc", "plots/hist", "plots/heatmap", "plots/attention_weights", "plots/pseudo_anomalies")
 TABLES = ("test/metrics", "test/attention_weights")

@@ -30,7 +30,7 @@ from asd.errors import AsdError
 from asd.evaluation import evaluate
 from asd.evaluation.metrics import TABLE_KEYS
 from asd.fileio import write_atomic, write_text_atomic
-from asd.scoring import FUSIONS
+from asd.scoring import FUSIONS, WEIGHTED
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def summary_markdown(
     `normals` which normals calibrated (`Calibration.normalised_on`)."""
     final = final or cfg.final
     year = next(iter(results.values())).year
-    fusions = [m for m in results if m in FUSIONS or m in LEARNED]
+    fusions = [m for m in results if m in FUSIONS or m in LEARNED or m == WEIGHTED]
     fused = [m for m in results if m not in fusions and not is_reference(m)]
     reference = [m for m in results if is_reference(m)]
     also = [str(c) for c in (cfg.get("fusion") or {}).get("references") or []]
@@ -230,7 +230,8 @@ def summary_markdown(
         ),
         f"- label-free fusions of the members' z-scores: {', '.join(FUSIONS)}",
         f"- learned fusions ({normals} normals vs pseudo-anomalies, never test labels): "
-        f"{', '.join(learned) or 'none (fusion.enabled=false)'}",
+        f"{', '.join(learned) or 'none (fusion.enabled=false)'}"
+        + (f"; {WEIGHTED} (the members' z-scores weighted by each one's criterion)" * (WEIGHTED in results)),
         f"- final score: `{final}`"
         + (" (chosen by final=auto)" if cfg.final == "auto" else "")
         + "; decisions: "

@@ -522,6 +522,14 @@ class Report(Stage):
         ]
         if run.calibration.reason:
             notes.append(run.calibration.reason)
+        if run.calibration.weights:
+            notes.append(
+                "zweighted member weights (criterion of each member alone on normals vs pseudo-anomalies): "
+                + ", ".join(
+                    f"{m} {w:.2f} ({run.calibration.member_criteria[m]:.3f})"
+                    for m, w in run.calibration.weights.items()
+                )
+            )
         if run.trainer is not None:
             notes.append(f"trained with {resolve_trainer(plain(run.cfg.trainer), *hardware()).describe()}")
         fusion = run.calibration.fusion
