@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 import torch
 from helpers import TINY_FUSION_CFG
+from omegaconf import OmegaConf
 
+from asd.calibration import Calibration
 from asd.errors import AsdError
 from asd.evaluation.metrics import auc_pauc, hmean
 from asd.fusion import select
 from asd.fusion import stage as fusion_stage
+from asd.run.calibrate import choose_final
 
 CFG = TINY_FUSION_CFG
 
@@ -162,3 +165,28 @@ def test_zweighted_is_judged_with_weights_from_the_other_folds_only():
     assert everything[0] > everything[1]  # in-sample, member 0 looks like the better one
     own = rows[fold0].numpy() @ (everything / everything.sum())
     assert not np.allclose(scored[fold0], own)
+
+
+def test_one_reference_normal_leaves_zweighted_out_instead_of_failing():
+    cal = Calibration(members=["a", "b"], normalizers={}, reference_scores={}, normalised_on="held-out")
+    cfg = OmegaConf.create(
+        {
+            "fusion": {
+                "seed": 0,
+                "weighted": {"power": 2.0},
+                "select": {
+                    "candidates": ["meta", "attention", "zweighted", "zmean"],
+                    "folds": 4,
+                    "min_normals": 5,
+                    "split": "source",
+                },
+            }
+        }
+    )
+    z = torch.tensor([[0.0, 0.1], [3.0, 2.0], [2.0, 1.0], [4.0, 0.5], [1.0, 3.0]])
+    y = torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0])
+    zeros = torch.zeros(5, dtype=torch.long)
+    ctx = {"machine": zeros, "section": zeros, "domain": zeros}
+    choose_final(cal, cfg, z, z[:1], ctx, y, zeros, dm=None)
+    assert cal.final == "zmean" and list(cal.selection) == ["zmean"]
+    assert "zweighted was not a candidate: 1 reference normal" in cal.reason

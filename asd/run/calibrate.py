@@ -210,6 +210,10 @@ def choose_final(
             f"meta and attention were not candidates: a machine/section/domain group holds {fewest} "
             f"reference normal(s), fewer than fusion.select.min_normals={need}; "
         )
+    if n_normal < 2 and WEIGHTED in names:
+        # one normal cannot be split into folds: zweighted could only be judged on its own weights' rows
+        names = [n for n in names if n != WEIGHTED] or ["zmean"]
+        thin += "zweighted was not a candidate: 1 reference normal cannot be cross-fitted; "
     learned, plan = {}, None
     folds, seed = int(fcfg["select"]["folds"]), int(fcfg["seed"])
     judged = np.ones(len(y), dtype=bool)
