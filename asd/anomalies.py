@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from scipy import interpolate, signal
 from torch.utils.data import Dataset
 
+from asd.data.windows import with_wave
 from asd.errors import AsdError
 from asd.fileio import write_atomic
 
@@ -392,7 +393,7 @@ class PseudoAnomalyDataset(Dataset):
         outlier = self.pool.waves[int(others[rng.integers(len(others))])] if kind == "outlier" else None
         item = dict(self.base[source])
         injection = self.generator(item["wave"].numpy(), rng, outlier, kind=kind)
-        item["wave"] = torch.from_numpy(injection.wave)
+        item = with_wave(item, torch.from_numpy(injection.wave))
         item["is_normal"] = torch.tensor(kind == "none")
         item["index"] = torch.tensor(i, dtype=torch.long)
         item["source"] = torch.tensor(source, dtype=torch.long)

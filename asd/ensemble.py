@@ -39,6 +39,7 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from asd.branches.base import Branch
 from asd.errors import AsdError
+from asd.features import prime_frontends
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,10 @@ class Ensemble(L.LightningModule):
         z = torch.cat([e.float() for e in each.values()], dim=1)  # (B, sum D)
         return {**batch, "z": z, **each}
 
+    def prime(self, batch: Mapping[str, Tensor]) -> None:
+        """Hand a batch's cached features to the members' front ends (`asd.features.prime_frontends`)."""
+        prime_frontends(self.members.values(), batch)
+
     def train(self, mode: bool = True) -> Ensemble:
         # Lightning calls train() at every fit/validation switch: re-apply eval mode each time.
         super().train(mode)
@@ -253,6 +258,7 @@ class Ensemble(L.LightningModule):
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         if not self.trainable:
             return None
+        self.prime(batch)
         losses = self.losses(batch)
         total = sum(self.loss_weights[n] * loss for n, loss in losses.items())
         for opt in optimizers:
@@ -322,6 +328,7 @@ class Ensemble(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         bs = len(batch["wave"])
+        self.prime(batch)
         batch = self.with_flow_input(batch)
         for name, member in self.members.items():
             self.log(f"val/{name}/loss", member.loss(batch), batch_size=bs, sync_dist=True)

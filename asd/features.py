@@ -6,9 +6,11 @@ One file: every front end shares the input checks and the output contract member
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 import warnings
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -145,9 +147,13 @@ class LogMel(nn.Module):
         this module (`share_frontends`) compute a batch's log-mel once. Callers get copies, so one
         that edits its result in place changes nobody else's. No memo for a wave that needs gradients
         (its graph must not be shared) or an inference tensor (it has no version counter to tell
-        an in-place change).
+        an in-place change). A result `prime` gave for this wave comes first.
         """
         wave = _as_batch(wave, "LogMel")
+        primed = self.__dict__.get("_primed")
+        if primed is not None and primed[0] is wave and not (wave.requires_grad or wave.is_inference()):
+            if primed[1] == wave._version:
+                return primed[2].clone()
         key = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         memo = self.__dict__.get("_memo")
         if wave.requires_grad or wave.is_inference():
@@ -158,6 +164,61 @@ class LogMel(nn.Module):
         out = self._compute(wave)
         self.__dict__["_memo"] = (wave, wave._version, key, out)
         return out.clone()
+
+    @property
+    def setting(self) -> str:
+        """Every setting the output depends on, in words: equal settings give equal log-mels."""
+        return f"{self.extra_repr()}, eps={self.eps}"
+
+    def prime(self, wave: Tensor, spec: Tensor) -> None:
+        """Serve `spec` (B, n_mels, frames), this module's log-mel of `wave` computed earlier (the
+        feature cache, `asd.data.cache.FeatureCache`), whenever `forward` gets this very wave tensor
+        unchanged, in any grad mode. A primed result is kept beside the memo, so a member that feeds
+        another wave (an augmented copy) does not evict it. Callers get copies, as from the memo."""
+        wave = _as_batch(wave, "LogMel")
+        want = (wave.shape[0], self.n_mels, self.num_frames(wave.shape[-1]))
+        if tuple(spec.shape) != want or spec.dtype != torch.float32 or spec.requires_grad:
+            raise AsdError(
+                f"LogMel: cached features of shape {tuple(spec.shape)} ({spec.dtype}) do not fit a wave "
+                f"batch {tuple(wave.shape)}: expected float32 {want}; the feature cache was built for other "
+                "settings or clip lengths (delete the cache folder, $ASD_CACHE/audio, to rebuild it)"
+            )
+        if wave.is_inference():  # no version counter to tell an in-place change: compute instead
+            self.__dict__["_primed"] = None
+            return
+        spec = spec.to(wave.device)
+        self._check_frame(wave, spec)
+        self.__dict__["_primed"] = (wave, wave._version, spec)
+
+    def _check_frame(self, wave: Tensor, spec: Tensor) -> None:
+        """Raise unless `spec`'s middle frame is this wave's (a guard against features that travel
+        with a batch whose wave was changed: pseudo-anomalies and crops drop them, `with_wave`)."""
+        j = spec.shape[-1] // 2
+        lo, hi = j * self.hop_length - self.n_fft // 2, j * self.hop_length + self.n_fft // 2
+        if lo < 0 or hi > wave.shape[-1]:
+            return  # a wave shorter than a frame and its padding: nothing cheap to compare
+        with torch.no_grad(), torch.autocast(device_type=wave.device.type, enabled=False):
+            frame = torch.stft(
+                wave[:, lo:hi].float(),
+                n_fft=self.n_fft,
+                hop_length=self.n_fft,
+                window=self.window.float(),
+                center=False,
+                return_complex=True,
+            )  # (B, F, 1)
+            mel = torch.matmul(self.mel_fb.float(), frame.abs().pow(self.power))  # (B, n_mels, 1)
+            mine = (20.0 / self.power) * torch.log10(mel + self.eps)[:, :, 0]  # (B, n_mels)
+            off = (mine - spec[:, :, j].float()).abs().median(dim=1).values  # (B,)
+        if bool((off > 0.5).any()):
+            raise AsdError(
+                f"LogMel: cached features do not belong to this batch's waves (middle frames differ by up "
+                f"to {float(off.max()):.2f} dB): a batch item changed its wave but kept its features; "
+                "set data.feature_cache=false and report this"
+            )
+
+    def compute(self, wave: Tensor) -> Tensor:
+        """The log-mel of a (B, T) wave on this module's device, without the memo (the feature cache's)."""
+        return self._compute(_as_batch(wave, "LogMel").to(self.mel_fb.device))
 
     def _compute(self, wave: Tensor) -> Tensor:
         # the STFT, power and log lose too much in half precision: compute in float32 under autocast too
@@ -184,6 +245,37 @@ class LogMel(nn.Module):
         )
 
 
+#: batch keys of cached features start with this (`asd.data.datamodule.ClipDataset`)
+FEATURE_PREFIX = "features_"
+
+
+def feature_key(frontend: LogMel) -> str:
+    """The batch key of a front end's cached features: equal for equal settings."""
+    return FEATURE_PREFIX + hashlib.sha256(frontend.setting.encode()).hexdigest()[:12]
+
+
+def logmel_frontends(members: Iterable[nn.Module]) -> dict[str, LogMel]:
+    """The `LogMel` front ends of these members by feature key (one per setting): what the feature
+    cache computes once per clip (`asd.data.datamodule.AsdDataModule.cache_features`)."""
+    out: dict[str, LogMel] = {}
+    for member in members:
+        frontend = getattr(member, "frontend", None)
+        if type(frontend) is LogMel:
+            out.setdefault(feature_key(frontend), frontend)
+    return out
+
+
+def prime_frontends(members: Iterable[nn.Module], batch: Mapping[str, Tensor]) -> None:
+    """Hand a batch's cached features (`FEATURE_PREFIX` keys) to every member's `LogMel` of their
+    setting, so the members read them instead of computing them (`LogMel.prime`)."""
+    if not any(k.startswith(FEATURE_PREFIX) for k in batch):
+        return
+    for member in members:
+        frontend = getattr(member, "frontend", None)
+        if type(frontend) is LogMel and feature_key(frontend) in batch:
+            frontend.prime(batch["wave"], batch[feature_key(frontend)])
+
+
 def share_frontends(members: dict[str, nn.Module]) -> dict[str, list[str]]:
     """Give members whose `frontend` is a `LogMel` of the same settings one instance of it, so a
     batch's log-mel is computed once (its memo) however many members read it. LogMel holds no
@@ -194,7 +286,7 @@ def share_frontends(members: dict[str, nn.Module]) -> dict[str, list[str]]:
     for name, member in members.items():
         frontend = getattr(member, "frontend", None)
         if type(frontend) is LogMel:
-            key = f"{frontend.extra_repr()}, eps={frontend.eps}"
+            key = frontend.setting
             member.frontend = shared.setdefault(key, frontend)
             groups.setdefault(key, []).append(name)
     return {k: v for k, v in groups.items() if len(v) > 1}

@@ -4,6 +4,11 @@ Generates a synthetic dataset in a temporary folder and measures clips/s for
   cold   - AudioCache with an empty cache folder (decode every WAV, write the cache) + LogMel
   warm   - the same clips again from the cache (memory-mapped .npy) + LogMel
   numpy  - per clip: soundfile.read + numpy rfft of centred Hann frames + numpy mel matrix + log10
+and, through the training loader (ClipDataset + a shuffling DataLoader, batches of --train-batch,
+the log-mel a member's front end hands out per batch):
+  epoch, audio cache     - waves from the warm audio cache, LogMel computed per batch (no feature cache)
+  epoch, feature cache   - features from the warm feature cache (FeatureCache), served by LogMel.prime
+  first pass             - cold audio cache + building the feature cache, against cold cache + LogMel
 Each pipeline reports the best of --repeats runs (every run starts from a new, empty cache).
 The WAVs were just written, so the OS page cache holds them in every pass: "cold" means asd's
 cache is empty, not the disk. Results go to benchmarks/results/bench_data.json.
@@ -29,10 +34,12 @@ from timing import write_result  # benchmarks/timing.py, beside this script
 from transformers.audio_utils import mel_filter_bank
 
 from asd.data.audio import AudioConfig
-from asd.data.cache import AudioCache
+from asd.data.cache import AudioCache, FeatureCache
+from asd.data.datamodule import ClipDataset, WaveStore
 from asd.data.synthetic import SyntheticConfig, generate
+from asd.data.table import Clip, ClipTable
 from asd.errors import AsdError
-from asd.features import LogMel
+from asd.features import LogMel, feature_key
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_data.json"
 SR, N_FFT, HOP, N_MELS = 16000, 1024, 512, 128
@@ -67,13 +74,29 @@ def numpy_logmel(path: str, mel: np.ndarray, window: np.ndarray) -> np.ndarray:
     return (10.0 * np.log10(mel @ spec.T + sys.float_info.epsilon)).astype(np.float32)  # (n_mels, frames)
 
 
+def loader_epoch(fe: LogMel, dataset: ClipDataset, batch: int) -> int:
+    """One shuffled training epoch over `dataset`: the log-mel of every batch as a member gets it
+    (served from the batch's cached features when it has them, else computed); returns the clips."""
+    key = feature_key(fe)
+    seen = 0
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        for b in loader:
+            if key in b:
+                fe.prime(b["wave"], b[key])
+            seen += len(fe(b["wave"]))
+    return seen
+
+
 def timed(fn):
     start = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - start
 
 
-def run(clips: int, duration: float, batch: int, repeats: int) -> dict:
+def run(clips: int, duration: float, batch: int, repeats: int, train_batch: int = 16) -> dict:
     """Measure the three pipelines on `clips` synthetic clips of `duration` seconds, best of `repeats`."""
     fe = LogMel(sample_rate=SR, n_fft=N_FFT, hop_length=HOP, n_mels=N_MELS)
     mel = mel_filter_bank(N_FFT // 2 + 1, N_MELS, 0.0, SR / 2, SR, norm="slaney", mel_scale="slaney").T
@@ -93,6 +116,17 @@ def run(clips: int, duration: float, batch: int, repeats: int) -> dict:
             warm, warm_load_s = timed(lambda cache=cache: cache.load(paths, "bench"))
             feats_warm, warm_feat_s = timed(lambda warm=warm: logmel_all(fe, warm.waves, batch))
             ref, numpy_s = timed(lambda: [numpy_logmel(p, mel, window) for p in paths])
+            feats, build_s = timed(lambda warm=warm: FeatureCache(fe).load(warm.waves))
+            if not np.allclose(feats, feats_warm.numpy(), rtol=0, atol=1e-4):
+                raise RuntimeError("the feature cache differs from LogMel computed per batch")
+            table = ClipTable([Clip(path=p, machine="m", section="00") for p in warm.paths])
+            labels = {"index": torch.arange(len(table))}
+            plain = ClipDataset(table, WaveStore([warm.waves]), labels)
+            cached = ClipDataset(
+                table, WaveStore([warm.waves]), labels, {feature_key(fe): WaveStore([feats])}
+            )
+            _, plain_s = timed(lambda plain=plain: loader_epoch(fe, plain, train_batch))
+            _, cached_s = timed(lambda cached=cached: loader_epoch(fe, cached, train_batch))
             if cold.hit or not warm.hit or len(warm.paths) != len(paths):
                 raise RuntimeError(f"expected a cache miss then a hit on {len(paths)} clips, got {cold.hit=}")
             if not torch.equal(feats_cold, feats_warm):
@@ -100,6 +134,9 @@ def run(clips: int, duration: float, batch: int, repeats: int) -> dict:
             keep("cold cache + LogMel", cold_load_s, cold_feat_s)
             keep("warm cache + LogMel", warm_load_s, warm_feat_s)
             keep("numpy/scipy per clip", 0.0, numpy_s)
+            keep("first pass: cold cache + feature cache", cold_load_s, build_s)
+            keep("epoch, audio cache + LogMel per batch", 0.0, plain_s)
+            keep("epoch, feature cache", 0.0, cached_s)
 
     # both pipelines compute the same features, so their speeds are comparable
     diff = float(max(np.abs(feats_warm[i].numpy() - ref[i]).max() for i in range(0, len(paths), 17)))
@@ -116,6 +153,7 @@ def run(clips: int, duration: float, batch: int, repeats: int) -> dict:
         "clips": n,
         "duration_s": duration,
         "batch": batch,
+        "train_batch": train_batch,
         "repeats": repeats,
         "generate_s": round(gen_s, 2),
         "max_abs_diff_db": diff,
@@ -150,25 +188,26 @@ def main(argv: list[str] | None = None) -> int:
         "--duration", type=float, default=10.0, help="seconds per clip (default 10, as DCASE)"
     )
     parser.add_argument("--batch", type=int, default=32, help="LogMel batch size (default 32)")
+    parser.add_argument("--train-batch", type=int, default=16, help="training loader batch (default 16)")
     parser.add_argument(
         "--repeats", type=int, default=3, help="report the best of this many runs (default 3)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"JSON file (default {RESULTS})")
     args = parser.parse_args(argv)
     try:
-        for key in ("clips", "batch", "repeats"):
+        for key in ("clips", "batch", "repeats", "train_batch"):
             if getattr(args, key) < 1:
                 raise AsdError(f"--{key}={getattr(args, key)} must be at least 1")
-        res = run(args.clips, args.duration, args.batch, args.repeats)
+        res = run(args.clips, args.duration, args.batch, args.repeats, args.train_batch)
     except AsdError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     res["markdown"] = markdown(res)
     print(f"{res['clips']} clips x {res['duration_s']:g} s, {res['cpu_count']} CPUs, torch {res['torch']}")
-    print(f"{'pipeline':<22}{'load s':>8}{'features s':>12}{'total s':>9}{'clips/s':>9}{'vs numpy':>10}")
+    print(f"{'pipeline':<40}{'load s':>8}{'features s':>12}{'total s':>9}{'clips/s':>9}{'vs numpy':>10}")
     for name, r in res["pipelines"].items():
         print(
-            f"{name:<22}{r['load_s']:>8.2f}{r['features_s']:>12.2f}{r['seconds']:>9.2f}"
+            f"{name:<40}{r['load_s']:>8.2f}{r['features_s']:>12.2f}{r['seconds']:>9.2f}"
             f"{r['clips_per_s']:>9.1f}{r['vs_numpy']:>9.2f}x"
         )
     print("(numpy/scipy reads and computes per clip: its load is inside its features time)")

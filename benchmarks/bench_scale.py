@@ -13,7 +13,8 @@ Reported per N: wall time of `prepare` (settings, generation, indexing, decoding
 stage (from train.py's "done in" log lines), peak RSS (GNU time; it counts the touched pages of
 the memory-mapped audio cache, which the kernel can drop) and peak anonymous memory (sampled
 from /proc twice a second over the process tree: what has to fit in RAM), disk used by the
-synthetic WAVs and by the decoded-audio cache, and the predict stage's test clips per second.
+synthetic WAVs, by the decoded-audio cache and by the feature cache beside it, and the predict
+stage's test clips per second.
 Growth: each stage's seconds per training clip at N over the same at the smallest N (1.0 =
 linear; within 0.8-1.2 counts as linear). Writes benchmarks/results/bench_scale.{json,md}.
 """
@@ -62,8 +63,8 @@ def overrides(clips: int, duration: float, test_per_class: int, run_dir: Path, e
     ]
 
 
-def disk_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+def disk_bytes(path: Path, pattern: str = "*") -> int:
+    return sum(p.stat().st_size for p in path.rglob(pattern) if p.is_file()) if path.exists() else 0
 
 
 def stage_times(log_text: str) -> dict[str, float]:
@@ -135,7 +136,11 @@ def run_one(clips: int, args: argparse.Namespace) -> dict:
             "peak_anonymous_mb": peak_anon / 1024,
             "stages_s": times,
             "disk_synthetic_mb": disk_bytes(synthetic) / 2**20,
-            "disk_audio_cache_mb": (disk_bytes(cache) - disk_bytes(synthetic)) / 2**20,
+            "disk_audio_cache_mb": (
+                disk_bytes(cache) - disk_bytes(synthetic) - disk_bytes(cache, "*.features.*")
+            )
+            / 2**20,
+            "disk_feature_cache_mb": disk_bytes(cache, "*.features.*") / 2**20,
             "scoring_clips_per_s": tested / times["predict"] if times.get("predict") else None,
         }
     )
@@ -176,8 +181,8 @@ def markdown(result: dict) -> str:
         f"extra overrides: {result['extra'] or 'none'}",
         "",
         "| N clips | " + " | ".join(f"{s} s" for s in stages) + " | wall s | peak RSS MB | peak anonymous MB "
-        "| synthetic WAV MB | audio cache MB | scoring clips/s |",
-        "| --- " * (len(stages) + 7) + "|",
+        "| synthetic WAV MB | audio cache MB | feature cache MB | scoring clips/s |",
+        "| --- " * (len(stages) + 8) + "|",
     ]
     for r in rows:
         cells = [f"{r['stages_s'].get(s, float('nan')):.1f}" for s in stages]
@@ -188,6 +193,7 @@ def markdown(result: dict) -> str:
             f"{r['peak_anonymous_mb']:.0f}",
             f"{r['disk_synthetic_mb']:.0f}",
             f"{r['disk_audio_cache_mb']:.0f}",
+            f"{r.get('disk_feature_cache_mb', 0.0):.0f}",
             rate,
         ]
         lines.append(f"| {r['train_clips']} | " + " | ".join(cells) + " |")

@@ -54,7 +54,9 @@ from torch import Tensor
 from asd.data.datamodule import AsdDataModule
 from asd.ensemble import FLOW, Ensemble
 from asd.errors import AsdError
+from asd.features import logmel_frontends
 from asd.run.build import build_datamodule, build_ensemble, data_facts, member_names
+from asd.run.calibrate import fit_member_backends
 from asd.run.predict import infer, member_scores
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,10 +75,12 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 
 def setup_data(cfg: DictConfig) -> AsdDataModule:
-    """The run's datamodule, generated (synthetic) or decoded into the cache on first use."""
+    """The run's datamodule, generated (synthetic) or decoded into the cache on first use; with the
+    members' log-mels in the feature cache, as `train.py` has them (unless data.feature_cache=false)."""
     dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup()
+    dm.cache_features(logmel_frontends(build_ensemble(cfg, data_facts(dm)).members.values()))
     return dm
 
 
@@ -188,6 +192,7 @@ def train_steps(
     for _ in range(steps):
         start = time.perf_counter()
         batch = {k: v.to(device, non_blocking=True) for k, v in next(stream).items()}
+        model.prime(batch)  # the batch's cached log-mels, as `Ensemble.training_step` does
         with amp():
             losses = model.losses(batch)
             total = sum(model.loss_weights[n] * loss for n, loss in losses.items())
@@ -250,19 +255,7 @@ def frontend_ms(
 
 def fit_backends(model: Ensemble, dm: AsdDataModule, device: torch.device) -> None:
     """Fit the reference state of members whose scores need one, so scoring runs as in the pipeline."""
-    needing = [n for n, m in model.members.items() if m.needs_backend]
-    if not needing:
-        return
-    feats = infer(
-        lambda b: {n: model.members[n].backend_features(b) for n in needing},
-        dm.datasets["fit"],
-        device,
-        dm.eval_batch_size,
-    )
-    labels = dm.datasets["fit"].labels
-    meta = {k: labels[k].to(device) for k in ("section", "domain", "machine", "attribute")}
-    for n in needing:
-        model.members[n].fit_backend(torch.as_tensor(feats[n]).to(device), meta)
+    fit_member_backends(model, dm, dm.datasets["fit"], device)
 
 
 class Contender:

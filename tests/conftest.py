@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,3 +34,25 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic DCASE 2022+ dataset (2 machines x 1 section), generated once per session."""
     return generate(tmp_path_factory.mktemp("tiny") / "data", TINY)
+
+
+@pytest.fixture
+def mount(tmp_path) -> Iterator[Callable[[Path, str], None]]:
+    """`mount(where, options)`: a real tmpfs for this test (unmounted after it); skips where not allowed."""
+    mounted: list[Path] = []
+
+    def do(where: Path, options: str) -> None:
+        where.mkdir(parents=True, exist_ok=True)
+        try:
+            res = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True
+            )
+        except FileNotFoundError:
+            pytest.skip("no mount command here to make a small or read-only file system")
+        if res.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}): it needs root or CAP_SYS_ADMIN")
+        mounted.append(where)
+
+    yield do
+    for where in reversed(mounted):
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)

@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -102,28 +102,6 @@ class Finished:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Finished:
     return Finished(tmp_path_factory.mktemp("runs"))
-
-
-@pytest.fixture
-def mount(tmp_path) -> Iterator[Callable[[Path, str], None]]:
-    """`mount(where, options)`: a real tmpfs for this test (unmounted after it); skips where not allowed."""
-    mounted: list[Path] = []
-
-    def do(where: Path, options: str) -> None:
-        where.mkdir(parents=True, exist_ok=True)
-        try:
-            res = subprocess.run(
-                ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True
-            )
-        except FileNotFoundError:
-            pytest.skip("no mount command here to make a small or read-only file system")
-        if res.returncode:
-            pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}): it needs root or CAP_SYS_ADMIN")
-        mounted.append(where)
-
-    yield do
-    for where in reversed(mounted):
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 def read_only_copy(src: Path, where: Path, mount: Callable[[Path, str], None]) -> Path:

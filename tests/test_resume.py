@@ -41,9 +41,17 @@ def run_to_the_end(cmd: list[str]) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
 
 
+def with_ctrl_c() -> None:
+    """In the child: Ctrl-C as a terminal delivers it, also when the tests themselves run in the
+    background (a shell starts background jobs with SIGINT ignored, and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt(cmd: list[str], run_dir: Path, sig: signal.Signals) -> subprocess.CompletedProcess:
     """Start `cmd`, send `sig` once its fit has written a checkpoint, and wait for it to end."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=with_ctrl_c
+    )
     deadline = time.monotonic() + 300
     while not (run_dir / LAST_CKPT).exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -167,7 +175,9 @@ def test_ctrl_c_after_the_fit_keeps_the_finished_stages_and_says_how_to_continue
     run_dir = tmp_path / "r"
     # an attention head trained for very long: the calibrate stage is still running when the signal comes
     cmd = [*train_py(run_dir, "trainer.max_epochs=1", "fusion.attention.epochs=10000000")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=with_ctrl_c
+    )
     seen = []
     for line in proc.stdout:
         seen.append(line)

@@ -375,6 +375,7 @@ class Data(Node):
     on_bad_file: choice(*ON_BAD_FILE) = "error"
     batches_per_epoch: integer(ge=1, null=True) = None
     cache_dir: Folder = None
+    feature_cache: Flag = True
     seed: Seed = 0
     image: Image | None = None
     categories: Machines = None

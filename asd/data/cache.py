@@ -1,4 +1,5 @@
-"""Decoded-audio cache: one memory-mapped .npy per clip list, so only the first epoch decodes WAVs."""
+"""Decoded-audio cache (one memory-mapped .npy per clip list, so only the first epoch decodes WAVs)
+and the feature cache beside it (a front end's features of those clips, computed once)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing, contextmanager
+from contextlib import AbstractContextManager, closing, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
 from asd.data.audio import AudioConfig, AudioError, decode
 from asd.errors import AsdError
@@ -239,28 +242,10 @@ class AudioCache:
             return e
 
     def _create(self, path: str, shape: tuple[int, int]) -> np.memmap:
-        """A float32 .npy memmap of `shape`, after checking the disk has room for it."""
-        need = shape[0] * shape[1] * 4
-        free = shutil.disk_usage(self.cache_dir).free
-        if need > free:
-            raise AsdError(
-                f"the cache for {shape[0]} clips needs {need / 1e9:.2f} GB but {self.cache_dir} has "
-                f"{free / 1e9:.2f} GB free; free space or point ASD_CACHE at a larger disk"
-            )
-        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        return create_memmap(self.cache_dir, path, shape)
 
-    @contextmanager
-    def _temp(self, name: str, key: str, suffix: str) -> Iterator[str]:
-        """A fresh hidden file in the cache folder (so os.replace stays on one file system), locked
-        while in use and removed afterwards unless it was renamed into place."""
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{name}-{key}.", suffix=suffix + ".tmp")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # ours while we live: see _remove_dead_temps
-            yield tmp
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            os.close(fd)
+    def _temp(self, name: str, key: str, suffix: str) -> AbstractContextManager[str]:
+        return locked_temp(self.cache_dir, f".{name}-{key}.", suffix)
 
     def _remove_dead_temps(self) -> None:
         """Delete the temporaries of writers that died (a killed decode): those whose lock is free."""
@@ -285,8 +270,8 @@ class AudioCache:
                 os.close(fd)
 
     def _remove_stale(self, name: str, key: str) -> None:
-        """Delete this name's cache files of other keys (older files or settings)."""
-        pattern = re.compile(re.escape(name) + r"-([0-9a-f]{16})\.(npy|json)")
+        """Delete this name's cache files of other keys (older files or settings), their features too."""
+        pattern = re.compile(re.escape(name) + r"-([0-9a-f]{16})(\.[0-9a-f]{12}\.features)?\.(npy|json)")
         with os.scandir(self.cache_dir) as it:
             entries = list(it)
         for entry in entries:
@@ -297,3 +282,113 @@ class AudioCache:
                     log.info("removed stale cache file %s", entry.path)
                 except FileNotFoundError:
                     pass  # another process removed it first
+
+
+class NoRoom(AsdError):
+    """The cache folder's disk has too little free space for a cache file."""
+
+
+def create_memmap(folder: Path, path: str, shape: tuple[int, ...]) -> np.memmap:
+    """A float32 .npy memmap of `shape` at `path` (in `folder`), after checking the disk has room."""
+    need = int(np.prod(shape)) * 4
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise NoRoom(
+            f"the cache for {shape[0]} clips needs {need / 1e9:.2f} GB but {folder} has "
+            f"{free / 1e9:.2f} GB free; free space or point ASD_CACHE at a larger disk"
+        )
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+
+
+@contextmanager
+def locked_temp(folder: Path, prefix: str, suffix: str) -> Iterator[str]:
+    """A fresh hidden file in `folder` (so os.replace stays on one file system), locked while in use
+    and removed afterwards unless it was renamed into place (`AudioCache._remove_dead_temps`)."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix + ".tmp")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # ours while we live: see _remove_dead_temps
+        yield tmp
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        os.close(fd)
+
+
+class FeatureCache:
+    """A front end's features of cached audio, computed once and kept memory-mapped beside it.
+
+    For an audio cache file `<name>-<key>.npy` (`AudioCache`) and a `LogMel`, the features live in
+    `<name>-<key>.<setting hash>.features.npy` with a `.json` sidecar: the audio cache's key covers the
+    files and the audio settings, the setting hash the front end's, and the sidecar records the audio
+    file's size and modification time, so a rebuilt audio file or another setting builds them anew.
+    When the audio cache of that name is rebuilt under a new key, its features are deleted with it;
+    features of other settings of the same audio stay beside each other (members may differ).
+    Written like the audio cache: a locked hidden temporary, renamed into place when complete.
+    """
+
+    def __init__(self, frontend: Any, batch_size: int = 32):
+        for attr in ("setting", "num_frames", "n_mels", "compute"):
+            if not hasattr(frontend, attr):
+                raise AsdError(
+                    f"FeatureCache needs a front end with {attr!r} (asd.features.LogMel), "
+                    f"got {type(frontend).__name__}"
+                )
+        self.frontend, self.batch_size = frontend, batch_size
+        self.tag = hashlib.sha256(f"{CACHE_FORMAT}:{frontend.setting}".encode()).hexdigest()[:12]
+
+    def path_for(self, audio: Path) -> Path:
+        return audio.with_name(f"{audio.stem}.{self.tag}.features.npy")
+
+    def load(self, waves: np.ndarray) -> np.ndarray:
+        """The features (N, n_mels, frames) float32 of `waves` (N, T), a memmap of an audio cache file:
+        read from the cache, or computed in batches and cached first."""
+        audio = Path(getattr(waves, "filename", None) or "")
+        if not audio.name.endswith(".npy") or not audio.is_file():
+            raise AsdError(
+                f"FeatureCache: expected a memory-mapped audio cache file, got {type(waves).__name__}"
+            )
+        npy = self.path_for(audio)
+        meta = npy.with_suffix(".json")
+        st = audio.stat()
+        stamp = [st.st_size, st.st_mtime_ns]
+        want = (len(waves), self.frontend.n_mels, self.frontend.num_frames(waves.shape[1]))
+        cached = self._open(npy, meta, stamp, want)
+        if cached is not None:
+            return cached
+        t0 = time.perf_counter()
+        with locked_temp(audio.parent, f".{npy.stem}.", ".npy") as tmp:
+            out = create_memmap(audio.parent, tmp, want)  # (N, n_mels, frames)
+            for s in range(0, len(waves), self.batch_size):
+                chunk = torch.from_numpy(np.array(waves[s : s + self.batch_size], dtype=np.float32))
+                with torch.no_grad():
+                    out[s : s + len(chunk)] = self.frontend.compute(chunk).cpu().numpy()
+            out.flush()
+            del out
+            os.replace(tmp, npy)
+        setting = self.frontend.setting
+        sidecar = {"format": CACHE_FORMAT, "audio": stamp, "setting": setting, "shape": list(want)}
+        with locked_temp(audio.parent, f".{npy.stem}.", ".json") as tmp:
+            Path(tmp).write_text(json.dumps(sidecar, indent=1))
+            os.replace(tmp, meta)
+        log.info("%s: features %s cached in %.1f s", audio.name, want, time.perf_counter() - t0)
+        return np.load(npy, mmap_mode="r")
+
+    def _open(self, npy: Path, meta: Path, stamp: list[int], want: tuple[int, ...]) -> np.ndarray | None:
+        """The cached features when both files exist and fit the audio file as it is now, else None."""
+        if not (npy.exists() and meta.exists()):
+            return None
+        try:
+            info = json.loads(meta.read_text())
+            if info["format"] != CACHE_FORMAT or info["audio"] != stamp:
+                raise ValueError("they belong to an earlier version of the audio cache file")
+            if info["setting"] != self.frontend.setting:
+                raise ValueError("they were computed with other settings")
+            feats = np.load(npy, mmap_mode="r")
+            if feats.dtype != np.float32 or feats.shape != want:
+                raise ValueError(f"they hold {feats.dtype} {feats.shape}, expected float32 {want}")
+            if npy.stat().st_size != feats.offset + feats.nbytes:
+                raise ValueError("the file's size does not match its header")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.info("features %s: rebuilding them (%s)", npy.name, e)
+            return None
+        return feats

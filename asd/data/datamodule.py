@@ -20,8 +20,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from asd.data.audio import SKIP_HINT, AudioConfig, AudioError, audio_config, length_changes
-from asd.data.cache import AudioCache
+from asd.data.cache import AudioCache, FeatureCache, NoRoom
 from asd.data.index import index_dataset
 from asd.data.synthetic import SyntheticConfig, ensure_synthetic
 from asd.data.table import DOMAIN_IDS, Clip, ClipTable
 from asd.data.windows import ClipWindows, RandomCrops, RandomCropSampler, Windowing, windowing_of
 from asd.errors import AsdError
+from asd.features import FEATURE_PREFIX
 from asd.paths import cache_root
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,10 @@ class WaveStore:
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
+
+    @property
+    def parts(self) -> list[Any]:
+        return list(self._parts)
 
     def __getitem__(self, i: int) -> np.ndarray:
         part = int(np.searchsorted(self._offsets, i, side="right")) - 1
@@ -88,12 +94,30 @@ class WaveRows:
 
 
 class ClipDataset(Dataset):
-    """One split: waves plus the label tensors of every clip."""
+    """One split: waves plus the label tensors of every clip, and cached features of the waves.
 
-    def __init__(self, table: ClipTable, waves: WaveStore, labels: dict[str, torch.Tensor]):
+    `features` maps a batch key (`asd.features.feature_key`) to a store of one front end's features
+    of each clip, in row order (`AsdDataModule.cache_features`); each item carries them beside its wave.
+    """
+
+    def __init__(
+        self,
+        table: ClipTable,
+        waves: WaveStore,
+        labels: dict[str, torch.Tensor],
+        features: dict[str, WaveStore] | None = None,
+    ):
         if len(table) != len(waves):
             raise AsdError(f"internal: {len(table)} clips but {len(waves)} waves")
         self.table, self.waves, self.labels = table, waves, labels
+        self.features: dict[str, WaveStore] = {}
+        for key, store in (features or {}).items():
+            self.add_features(key, store)
+
+    def add_features(self, key: str, store: WaveStore) -> None:
+        if not key.startswith(FEATURE_PREFIX) or len(store) != len(self.table):
+            raise AsdError(f"internal: features {key!r} of {len(store)} clips for {len(self.table)} clips")
+        self.features[key] = store
 
     def __len__(self) -> int:
         return len(self.table)
@@ -101,7 +125,39 @@ class ClipDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         item = {k: v[i] for k, v in self.labels.items()}
         item["wave"] = torch.from_numpy(self.waves[i])
+        for key, store in self.features.items():
+            item[key] = torch.from_numpy(store[i])
         return item
+
+
+def join_rows(parts: Sequence[tuple[ClipDataset, Sequence[int]]]) -> ClipDataset:
+    """One ClipDataset of the rows `rows` of each dataset in turn, `index` 0..len-1; the cached
+    features every part with rows has are kept (read lazily, like the waves)."""
+    parts = [(d, [int(r) for r in rows]) for d, rows in parts]
+    table = ClipTable([d.table[i] for d, rows in parts for i in rows])
+    waves = WaveStore([WaveRows(d.waves, rows) for d, rows in parts])
+    labels = {k: torch.cat([d.labels[k][rows] for d, rows in parts]) for k in parts[0][0].labels}
+    labels["index"] = torch.arange(len(table), dtype=torch.long)
+    with_rows = [(d, rows) for d, rows in parts if rows]
+    keys = set.intersection(*(set(d.features) for d, _ in with_rows)) if with_rows else set()
+    features = {k: WaveStore([WaveRows(d.features[k], rows) for d, rows in with_rows]) for k in sorted(keys)}
+    return ClipDataset(table, waves, labels, features)
+
+
+def feature_store(waves: WaveStore, cache: FeatureCache) -> WaveStore:
+    """The cached features of every row of `waves`, addressed like it (parts of audio cache files)."""
+    parts: list[Any] = []
+    for part in waves.parts:
+        if isinstance(part, WaveRows):
+            if not isinstance(part.store, WaveStore):
+                raise AsdError(f"internal: no feature cache for rows of a {type(part.store).__name__}")
+            parts.append(WaveRows(feature_store(part.store, cache), part.rows))
+        elif len(part) == 0:
+            fe = cache.frontend
+            parts.append(np.zeros((0, fe.n_mels, fe.num_frames(part.shape[-1])), np.float32))
+        else:
+            parts.append(cache.load(part))
+    return WaveStore(parts)
 
 
 class AsdDataModule(L.LightningDataModule):
@@ -125,6 +181,8 @@ class AsdDataModule(L.LightningDataModule):
             draws; None draws one crop per training clip.
         name: what the dataset is called in run folders and summaries.
         pin_memory: loaders return page-locked batches (the build sets it when training on a GPU).
+        feature_cache: keep the members' log-mels of every clip in a memory-mapped cache beside the
+            audio cache, so no batch recomputes them (`cache_features`; whole clips only).
     """
 
     def __init__(
@@ -145,8 +203,11 @@ class AsdDataModule(L.LightningDataModule):
         seed: int = 0,
         name: str = "data",
         pin_memory: bool = False,
+        feature_cache: bool = True,
     ):
         super().__init__()
+        #: keep the members' log-mels of every clip beside the audio cache (`cache_features`)
+        self.feature_cache = feature_cache
         self.pin_memory = pin_memory  # page-locked batches: faster host-to-GPU copies (set by the build)
         #: sees each training/validation batch on the CPU before it moves (`Ensemble.check_ids`, by the run)
         self.check_batch: Callable[[dict[str, torch.Tensor]], None] | None = None
@@ -244,15 +305,51 @@ class AsdDataModule(L.LightningDataModule):
         """Train on every training clip (the held-out ones join the fit split) for cross-fitting
         with `folds` folds: the crossfit stage scores each clip out of fold instead."""
         fit, val = self.datasets["fit"], self.datasets["val"]
-        table = ClipTable([*fit.table, *val.table])
-        waves = WaveStore([WaveRows(fit.waves, range(len(fit))), WaveRows(val.waves, range(len(val)))])
-        self.tables["fit"], self.tables["val"] = table, ClipTable([])
-        self.datasets["fit"] = ClipDataset(table, waves, self.label_tensors(table))
+        merged = join_rows([(fit, range(len(fit))), (val, range(len(val)))])
+        self.tables["fit"], self.tables["val"] = merged.table, ClipTable([])
+        self.datasets["fit"] = merged
         self.datasets["val"] = ClipDataset(
             self.tables["val"], WaveStore([]), self.label_tensors(self.tables["val"])
         )
         self.crossfit_folds = folds
-        log.info("data: %d training clips, none held out (cross-fitted, %d folds)", len(table), folds)
+        log.info("data: %d training clips, none held out (cross-fitted, %d folds)", len(merged), folds)
+
+    def cache_features(self, frontends: Mapping[str, Any]) -> None:
+        """Give every split the cached features of these front ends (batch key -> `LogMel`), computed
+        once per clip and setting beside the audio cache (`FeatureCache`); batches then carry them and
+        the members' front ends serve them (`LogMel.prime`) instead of computing them per batch.
+
+        Not with `data.audio.window`: crops and scoring windows compute their features from the cut
+        wave (a slice of the whole clip's features would differ at the crop's edges), nor with
+        `data.feature_cache=false`.
+        """
+        if not self.feature_cache or not frontends:
+            return
+        if self.windowing is not None:
+            log.info("feature cache: not used with data.audio.window (features are computed per crop)")
+            return
+        t0 = time.perf_counter()
+        try:
+            stores = {
+                (split, key): feature_store(dataset.waves, FeatureCache(frontend))
+                for key, frontend in frontends.items()
+                for split, dataset in self.datasets.items()
+            }
+        except (OSError, NoRoom) as e:  # a full disk or a read-only cache: training works without it
+            log.warning(
+                "feature cache: not written (%s); the members compute their log-mels per batch, as with "
+                "data.feature_cache=false (which also silences this)",
+                e,
+            )
+            return
+        for (split, key), store in stores.items():
+            self.datasets[split].add_features(key, store)
+        log.info(
+            "feature cache: %d setting(s) for %s clips in %.1f s (data.feature_cache=false: per batch)",
+            len(frontends),
+            sum(len(d) for d in self.datasets.values()),
+            time.perf_counter() - t0,
+        )
 
     def describe(self) -> str:  # the loaded splits in one line (the log's)
         counts = ", ".join(f"{len(self.tables[s])} {s}" for s in SPLITS)

@@ -27,6 +27,15 @@ from torch.utils.data import Dataset, Sampler
 
 from asd.data.audio import AudioConfig
 from asd.errors import AsdError
+from asd.features import FEATURE_PREFIX
+
+
+def with_wave(item: dict[str, torch.Tensor], wave: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A copy of a batch item with another wave, and without the cached features of the old one
+    (`FEATURE_PREFIX` keys): whatever changes a clip's wave (crops, pseudo-anomalies) goes through here."""
+    out = {k: v for k, v in item.items() if not k.startswith(FEATURE_PREFIX)}
+    out["wave"] = wave
+    return out
 
 
 def window_starts(length: int, size: int | None, hop: int | None) -> list[int]:
@@ -110,7 +119,7 @@ class ClipWindows(Dataset):
                 "cut from clips of data.audio.duration"
             )
         start = self.starts[w]
-        item["wave"] = wave[..., start : start + self.windowing.size]
+        item = with_wave(item, wave[..., start : start + self.windowing.size])
         item["index"] = torch.tensor(j, dtype=torch.long)
         return item
 
@@ -138,9 +147,8 @@ class RandomCrops(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         clip, start = key
-        item = dict(self.dataset[clip])
-        item["wave"] = item["wave"][..., start : start + self.size]
-        return item
+        item = self.dataset[clip]
+        return with_wave(item, item["wave"][..., start : start + self.size])
 
 
 class RandomCropSampler(Sampler[tuple[int, int]]):

@@ -26,8 +26,7 @@ from torch import Tensor
 
 from asd.anomalies import AnomalyConfig, PseudoAnomalies, PseudoAnomalyDataset, anomaly_config
 from asd.calibration import Calibration, fit_normalizers, fit_thresholds, left_out_z
-from asd.data.datamodule import AsdDataModule, ClipDataset, WaveRows, WaveStore
-from asd.data.table import ClipTable
+from asd.data.datamodule import AsdDataModule, ClipDataset, join_rows
 from asd.ensemble import REFERENCES, Ensemble
 from asd.errors import AsdError
 from asd.fusion import select
@@ -75,11 +74,7 @@ def reference_normals(dm: AsdDataModule, warn: bool = True) -> tuple[ClipDataset
         ", ".join(names[s] for s in missing),
     )
     rows = [i for i, s in enumerate(fit.labels["section"].tolist()) if s in missing]
-    table = ClipTable([*val.table, *(fit.table[i] for i in rows)])
-    waves = WaveStore([WaveRows(val.waves, list(range(len(val)))), WaveRows(fit.waves, rows)])
-    labels = {k: torch.cat([val.labels[k], fit.labels[k][rows]]) for k in val.labels}
-    labels["index"] = torch.arange(len(table))
-    return ClipDataset(table, waves, labels), "held-out (and some training)"
+    return join_rows([(val, range(len(val))), (fit, rows)]), "held-out (and some training)"
 
 
 def run_infer(
@@ -105,9 +100,14 @@ def fit_member_backends(
     needing = [n for n, m in ensemble.members.items() if m.needs_backend]
     if not needing:
         return needing
+
+    def backend_features(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        ensemble.prime(batch)  # cached log-mels, when the batch has them
+        return {n: ensemble.members[n].backend_features(batch) for n in needing}
+
     # members score windows, so their banks and models hold the training clips' windows
     feats = run_infer(
-        lambda b: {n: ensemble.members[n].backend_features(b) for n in needing},
+        backend_features,
         dm,
         dataset,
         device,

@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
 from asd.anomalies import PseudoAnomalyDataset
-from asd.data.datamodule import AsdDataModule, ClipDataset, WaveRows, WaveStore
+from asd.data.datamodule import AsdDataModule, ClipDataset, join_rows
 from asd.data.table import ClipTable
 from asd.ensemble import REFERENCES, Ensemble
 from asd.errors import AsdError
@@ -104,13 +104,8 @@ def assign_folds(table: ClipTable, folds: int, seed: int) -> np.ndarray:
 
 
 def subset(dataset: ClipDataset, rows: np.ndarray) -> ClipDataset:
-    """The clips `rows` of a ClipDataset, indexed 0..len-1."""
-    rows = [int(r) for r in rows]
-    labels = {k: v[rows] for k, v in dataset.labels.items()}
-    labels["index"] = torch.arange(len(rows))
-    return ClipDataset(
-        ClipTable([dataset.table[i] for i in rows]), WaveStore([WaveRows(dataset.waves, rows)]), labels
-    )
+    """The clips `rows` of a ClipDataset (their cached features too), indexed 0..len-1."""
+    return join_rows([(dataset, [int(r) for r in rows])])
 
 
 class _Reindexed(Dataset):

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from asd.config import validate
 from asd.ensemble import select_frozen
 from asd.errors import AsdError, disk_fault
+from asd.features import logmel_frontends
 from asd.fileio import write_text_atomic
 from asd.run.build import (
     build_datamodule,
@@ -127,6 +128,7 @@ def prepare(cfg: DictConfig) -> RunState:
         dm.merge_holdout(folds)
     facts = data_facts(dm)
     ensemble = build_ensemble(cfg, facts)
+    dm.cache_features(logmel_frontends(ensemble.members.values()))  # each clip's log-mel, computed once
     dm.check_batch = ensemble.check_ids  # class ids checked before a batch moves to the device
     check_final(ensemble, cfg)
     anomaly_generator(cfg, dm)  # a typo fails now, not after training

@@ -87,6 +87,7 @@ def infer(
 def member_scores(ensemble: Ensemble, batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """Every score column of every member for one batch: `bN`, or `bN_<kind>` for several."""
     out: dict[str, Tensor] = {}
+    ensemble.prime(batch)
     batch = ensemble.with_flow_input(batch)
     for name, member in ensemble.members.items():
         for kind, s in member.scores(batch).items():
@@ -96,6 +97,7 @@ def member_scores(ensemble: Ensemble, batch: dict[str, Tensor]) -> dict[str, Ten
 
 def member_embeddings(ensemble: Ensemble, batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """Each member's embedding (B, D) for one batch; members without one (embed_dim 0) are left out."""
+    ensemble.prime(batch)
     return {name: m.embed(batch) for name, m in ensemble.members.items() if m.embed_dim > 0}
 
 

@@ -1,0 +1,273 @@
+"""The feature cache (issue 13): the members' log-mel of every clip computed once, kept memory-mapped
+beside the audio cache, handed to the members' front ends instead of computed per batch. It must
+change no score, rebuild when the audio or the setting changes, and never travel with a wave that
+was changed (pseudo-anomalies, crops)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from asd.data.audio import audio_config
+from asd.data.cache import AudioCache, FeatureCache
+from asd.data.datamodule import ClipDataset, WaveStore, join_rows
+from asd.data.windows import RandomCrops, with_wave
+from asd.errors import AsdError
+from asd.features import FEATURE_PREFIX, LogMel, feature_key, logmel_frontends
+from asd.run.build import build_datamodule, build_ensemble, data_facts
+from asd.run.calibrate import fit_backends
+from asd.run.predict import member_scores
+from tests.conftest import REPO
+
+
+def counting(fe: LogMel) -> list[torch.Tensor]:
+    """The waves whose log-mel `fe` computes itself (not served from the memo or the cache)."""
+    calls: list[torch.Tensor] = []
+    compute = fe._compute
+    fe._compute = lambda w: calls.append(w.detach().clone()) or compute(w)
+    return calls
+
+
+def cached_audio(tmp_path, n=5, seconds=0.5, seed=0):
+    """An audio cache file of `n` short WAVs, as the data module reads it (a memmap)."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        p = tmp_path / f"clip_{i}.wav"
+        sf.write(p, (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32), 16000)
+        paths.append(str(p))
+    cache = AudioCache(tmp_path / "cache", audio_config(sample_rate=16000, duration=seconds))
+    return cache, paths, cache.load(paths, "m-train").waves
+
+
+def test_cached_features_equal_the_front_end_and_are_read_back_without_computing(tmp_path):
+    _, _, waves = cached_audio(tmp_path)
+    fe = LogMel(n_mels=32)
+    feats = FeatureCache(fe).load(waves)
+    assert isinstance(feats, np.memmap) and feats.shape == (5, 32, fe.num_frames(waves.shape[1]))
+    torch.testing.assert_close(torch.from_numpy(np.array(feats)), fe(torch.from_numpy(np.array(waves))))
+    other = LogMel(n_mels=32)
+    calls = counting(other)
+    again = FeatureCache(other).load(waves)
+    assert calls == [] and np.array_equal(again, feats)  # a hit: nothing computed
+
+
+def test_a_changed_setting_or_audio_file_builds_new_features_and_a_damaged_file_is_rebuilt(tmp_path):
+    cache, paths, waves = cached_audio(tmp_path)
+    first = FeatureCache(LogMel(n_mels=32))
+    path = first.path_for(type(tmp_path)(waves.filename))
+    first.load(waves)
+    other = FeatureCache(LogMel(n_mels=16))
+    assert other.path_for(type(tmp_path)(waves.filename)) != path
+    assert other.load(waves).shape[1] == 16 and path.exists()  # both settings kept beside each other
+
+    fe = LogMel(n_mels=32)
+    calls = counting(fe)
+    with open(path, "r+b") as f:  # damaged: cut short
+        f.truncate(os.path.getsize(path) - 100)
+    rebuilt = FeatureCache(fe).load(waves)
+    assert calls and rebuilt.shape[0] == 5
+
+    # the audio cache file is rewritten (same key, e.g. rebuilt after damage): the features follow it
+    calls.clear()
+    audio = type(tmp_path)(waves.filename)
+    stamp = audio.stat().st_mtime_ns
+    os.utime(audio, ns=(stamp + 10**9, stamp + 10**9))
+    FeatureCache(fe).load(np.load(audio, mmap_mode="r"))
+    assert calls
+
+
+def test_a_new_audio_cache_key_deletes_the_old_keys_features(tmp_path):
+    import soundfile as sf
+
+    cache, paths, waves = cached_audio(tmp_path)
+    old = FeatureCache(LogMel(n_mels=32))
+    old_path = old.path_for(type(tmp_path)(waves.filename))
+    old.load(waves)
+    sf.write(paths[0], np.zeros(8000, np.float32), 16000)  # a file changed: a new audio key
+    new_waves = cache.load(paths, "m-train").waves
+    assert new_waves.filename != waves.filename
+    assert not old_path.exists() and not old_path.with_suffix(".json").exists()
+
+
+def test_priming_serves_the_cache_only_for_that_wave_unchanged(tmp_path):
+    fe = LogMel(n_mels=32)
+    wave = 0.1 * torch.randn(3, 8000)
+    spec = LogMel(n_mels=32)(wave)
+    calls = counting(fe)
+    fe.prime(wave, spec)
+    out = fe(wave)
+    assert calls == [] and out is not spec
+    torch.testing.assert_close(out, spec, rtol=0, atol=0)
+    fe(wave.clone())  # another tensor: computed
+    assert len(calls) == 1
+    fe(wave)  # the primed result survives a computation of another wave
+    assert len(calls) == 1
+    wave.mul_(2.0)  # changed in place: computed
+    fe(wave)
+    assert len(calls) == 2
+    with pytest.raises(AsdError, match="do not fit a wave batch"):
+        fe.prime(wave, spec[:, :16])
+
+
+def test_features_of_another_wave_are_refused(tmp_path):
+    fe = LogMel(n_mels=32)
+    wave = 0.1 * torch.randn(2, 16000)
+    other = LogMel(n_mels=32)(0.1 * torch.randn(2, 16000))
+    with pytest.raises(AsdError, match="do not belong to this batch's waves"):
+        fe.prime(wave, other)
+
+
+def test_items_carry_features_and_lose_them_with_a_new_wave(tmp_path):
+    _, _, waves = cached_audio(tmp_path)
+    fe = LogMel(n_mels=32)
+    key = feature_key(fe)
+    labels = {"index": torch.arange(5)}
+    from asd.data.table import ClipTable
+
+    table = ClipTable([object()] * 5)  # the dataset only counts its clips here
+    ds = ClipDataset(table, WaveStore([waves]), labels, {key: WaveStore([FeatureCache(fe).load(waves)])})
+    item = ds[2]
+    assert key in item and item[key].shape == (32, fe.num_frames(waves.shape[1]))
+    assert not any(k.startswith(FEATURE_PREFIX) for k in with_wave(item, item["wave"] * 0))
+    crop = RandomCrops(ds, 4000)[(1, 512)]
+    assert crop["wave"].shape == (4000,) and key not in crop
+    joined = join_rows([(ds, [4, 0]), (ds, [])])
+    assert len(joined) == 2 and key in joined[0]
+    torch.testing.assert_close(joined[1][key], ds[0][key], rtol=0, atol=0)
+
+
+def test_pseudo_anomalies_never_carry_the_normal_clips_features(tmp_path):
+    from asd.anomalies import AnomalyConfig, PseudoAnomalies, PseudoAnomalyDataset
+    from asd.data.table import Clip, ClipTable
+
+    _, paths, waves = cached_audio(tmp_path, seconds=1.0)
+    fe = LogMel(n_mels=32)
+    key = feature_key(fe)
+    clips = ClipTable(
+        [
+            Clip(path=p, machine="fan", section="00", domain="source", split="train", label="normal")
+            for p in paths
+        ]
+    )
+    labels = {"index": torch.arange(5), "section": torch.zeros(5, dtype=torch.long)}
+    ds = ClipDataset(clips, WaveStore([waves]), labels, {key: WaveStore([FeatureCache(fe).load(waves)])})
+    fake = PseudoAnomalyDataset(ds, PseudoAnomalies(AnomalyConfig(sample_rate=16000)), copies=2, seed=0)
+    assert key in ds[0] and all(key not in fake[i] for i in range(len(fake)))
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_root):
+    """The same tiny ensemble scored with and without the feature cache."""
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(
+            "train", overrides=["debug=default", f"data.root={tiny_root}", "data=dcase", "run_dir=/tmp/x"]
+        )
+    out = {}
+    for cached in (False, True):
+        dm = build_datamodule(cfg)
+        dm.setup()
+        torch.manual_seed(0)
+        ensemble = build_ensemble(cfg, data_facts(dm))
+        if cached:
+            dm.cache_features(logmel_frontends(ensemble.members.values()))
+        fit_backends(ensemble, dm, torch.device("cpu"))
+        ensemble.eval()
+        out[cached] = (dm, ensemble)
+    return out
+
+
+def test_the_cache_changes_no_score_and_no_member_computes_a_log_mel(two_runs):
+    (dm0, plain), (dm1, cached) = two_runs[False], two_runs[True]
+    keys = set(logmel_frontends(cached.members.values()))
+    assert not dm0.datasets["test"].features and set(dm1.datasets["test"].features) == keys
+    test0, test1 = dm0.datasets["test"], dm1.datasets["test"]
+    batch0 = {k: torch.stack([test0[i][k] for i in range(len(test0))]) for k in test0[0]}
+    batch1 = {k: torch.stack([test1[i][k] for i in range(len(test1))]) for k in test1[0]}
+    calls = [counting(fe) for fe in logmel_frontends(cached.members.values()).values()]
+    with torch.no_grad():
+        ours = member_scores(cached, batch1)
+        theirs = member_scores(plain, batch0)
+    assert all(c == [] for c in calls)  # every log-mel came from the cache
+    assert set(ours) == set(theirs)
+    for column in ours:
+        torch.testing.assert_close(ours[column], theirs[column], rtol=1e-5, atol=1e-5, msg=column)
+
+
+def test_the_training_step_reads_the_cache(two_runs):
+    dm, ensemble = two_runs[True]
+    batch = next(iter(dm.train_dataloader()))
+    calls = [counting(fe) for fe in logmel_frontends(ensemble.members.values()).values()]
+    ensemble.train()
+    ensemble.prime(batch)
+    losses = ensemble.losses(batch)
+    assert losses and all(torch.isfinite(v) for v in losses.values())
+    # members compute only the log-mels of their own augmented copies (b3's views), never the batch's
+    for computed in (w for c in calls for w in c):
+        assert computed.shape != batch["wave"].shape or not torch.equal(computed, batch["wave"])
+    ensemble.eval()
+
+
+def test_feature_cache_off_and_windows_leave_batches_without_features(tiny_root):
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        base = ["debug=default", f"data.root={tiny_root}", "data=dcase", "run_dir=/tmp/x"]
+        off = compose("train", overrides=[*base, "data.feature_cache=false"])
+        windowed = compose("train", overrides=[*base, "data.audio.window=0.5"])
+    for cfg in (off, windowed):
+        dm = build_datamodule(cfg)
+        dm.setup()
+        dm.cache_features(logmel_frontends(build_ensemble(cfg, data_facts(dm)).members.values()))
+        assert not any(d.features for d in dm.datasets.values())
+
+
+def tiny_datamodule(tiny_root, cache_dir):
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "debug=default",
+                f"data.root={tiny_root}",
+                "data=dcase",
+                "run_dir=/tmp/x",
+                f"data.cache_dir='{cache_dir}'",
+            ],
+        )
+    dm = build_datamodule(cfg)
+    dm.setup()
+    return cfg, dm
+
+
+def test_a_full_disk_leaves_the_feature_cache_out_with_a_warning(tiny_root, tmp_path, mount, caplog):
+    _, probe = tiny_datamodule(tiny_root, tmp_path / "probe")
+    audio = sum(f.stat().st_size for f in (tmp_path / "probe").iterdir())
+    # room for the audio cache and a little more, not for the log-mels (a quarter of the audio)
+    mount(tmp_path / "small", f"size={int(audio * 1.08) // 4096 * 4096 + 8192}")
+    cfg, dm = tiny_datamodule(tiny_root, tmp_path / "small" / "cache")
+    frontends = logmel_frontends(build_ensemble(cfg, data_facts(dm)).members.values())
+    dm.cache_features(frontends)
+    assert not any(d.features for d in dm.datasets.values())
+    assert "feature cache: not written" in caplog.text and "free" in caplog.text
+    batch = next(iter(dm.train_dataloader()))
+    assert not any(k.startswith(FEATURE_PREFIX) for k in batch)
+
+
+def test_a_read_only_cache_leaves_the_feature_cache_out_with_a_warning(tiny_root, tmp_path, mount, caplog):
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to remount a file system read-only")
+    mount(tmp_path / "ro", "size=64m")
+    cfg, dm = tiny_datamodule(tiny_root, tmp_path / "ro" / "cache")  # the audio cache is written
+    res = subprocess.run(["mount", "-o", "remount,ro", str(tmp_path / "ro")], capture_output=True, text=True)
+    if res.returncode:
+        pytest.skip(f"cannot remount read-only ({res.stderr.strip()})")
+    _, again = tiny_datamodule(tiny_root, tmp_path / "ro" / "cache")  # read back from the read-only cache
+    again.cache_features(logmel_frontends(build_ensemble(cfg, data_facts(again)).members.values()))
+    assert not any(d.features for d in again.datasets.values())
+    assert "feature cache: not written" in caplog.text and "Read-only" in caplog.text
