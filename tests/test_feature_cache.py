@@ -271,3 +271,47 @@ def test_a_read_only_cache_leaves_the_feature_cache_out_with_a_warning(tiny_root
     again.cache_features(logmel_frontends(build_ensemble(cfg, data_facts(again)).members.values()))
     assert not any(d.features for d in again.datasets.values())
     assert "feature cache: not written" in caplog.text and "Read-only" in caplog.text
+
+
+BUILD = """
+import sys
+from asd.data.audio import audio_config
+from asd.data.cache import AudioCache, FeatureCache
+from asd.features import LogMel
+audio = AudioCache(sys.argv[1], audio_config(sample_rate=16000, duration=2.0), workers=1)
+waves = audio.load(sys.argv[2:], "fan-fit").waves
+FeatureCache(LogMel(hop_length=64), batch_size=4).load(waves)
+"""
+
+
+def test_a_killed_feature_build_leaves_nothing_half_written(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(300):
+        p = tmp_path / "wav" / f"clip_{i}.wav"
+        p.parent.mkdir(exist_ok=True)
+        sf.write(p, (0.1 * rng.standard_normal(32000)).astype(np.float32), 16000)
+        paths.append(str(p))
+    cache = tmp_path / "cache"
+    building = subprocess.Popen([sys.executable, "-c", BUILD, str(cache), *paths], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(cache.glob(".*.features.*.npy.tmp")):
+        assert building.poll() is None, "the build ended before it could be killed; give it more clips"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    building.send_signal(signal.SIGKILL)
+    building.wait()
+    assert not list(cache.glob("*.features.npy"))  # nothing in place: only the killed writer's temporary
+    waves = AudioCache(cache, audio_config(sample_rate=16000, duration=2.0)).load(paths, "fan-fit").waves
+    assert not list(cache.glob(".*.tmp"))  # the audio cache's load removed the dead temporary
+    fe = LogMel(hop_length=64)
+    feats = FeatureCache(fe).load(waves)
+    last = torch.from_numpy(np.array(waves[-4:]))
+    torch.testing.assert_close(torch.from_numpy(np.array(feats[-4:])), fe(last))
