@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -56,3 +58,14 @@ def mount(tmp_path) -> Iterator[Callable[[Path, str], None]]:
     yield do
     for where in reversed(mounted):
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def kill_while_writing(proc: subprocess.Popen, folder: Path, pattern: str, timeout: float = 120) -> None:
+    """SIGKILL `proc` as soon as a file matching `pattern` appears in `folder` (a write under way)."""
+    deadline = time.monotonic() + timeout
+    while not list(folder.glob(pattern)):
+        assert proc.poll() is None, f"{proc.args[:3]} ended before it could be killed; give it more work"
+        assert time.monotonic() < deadline, f"no {pattern} in {folder} after {timeout} s"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

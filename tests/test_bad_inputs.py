@@ -35,6 +35,7 @@ from asd.data.cache import AudioCache
 from asd.data.datamodule import AsdDataModule
 from asd.errors import AsdError, unwritable
 from asd.run import train
+from tests.conftest import kill_while_writing
 
 REPO = Path(__file__).resolve().parents[1]
 #: the tiny run every case starts from or lies beside: one member, no learned fusion, no plots
@@ -321,13 +322,7 @@ def test_killed_decode_leaves_no_temporary_behind(tmp_path, caplog):
     paths = make_wavs(tmp_path / "wav", 300, 2.0, 22050)  # resampled to 16 kHz: a second or more to decode
     cache = tmp_path / "cache"
     decoding = subprocess.Popen([sys.executable, "-c", DECODE, str(cache), *paths])
-    deadline = time.monotonic() + 60
-    while not list(cache.glob(".*.npy.tmp")):
-        assert decoding.poll() is None, "the decode ended before it could be killed; give it more files"
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    decoding.send_signal(signal.SIGKILL)
-    decoding.wait()
+    kill_while_writing(decoding, cache, ".*.npy.tmp", timeout=60)
     (left,) = cache.glob(".*.npy.tmp")  # what the killed writer left
     # a living writer's temporary (its lock held) stays
     alive = cache / ".pump-fit-0123456789abcdef.x.npy.tmp"

@@ -21,7 +21,7 @@ from asd.features import FEATURE_PREFIX, LogMel, feature_key, logmel_frontends
 from asd.run.build import build_datamodule, build_ensemble, data_facts
 from asd.run.calibrate import fit_backends
 from asd.run.predict import member_scores
-from tests.conftest import REPO
+from tests.conftest import REPO, kill_while_writing
 
 
 def counting(fe: LogMel) -> list[torch.Tensor]:
@@ -285,10 +285,8 @@ FeatureCache(LogMel(hop_length=64), batch_size=4).load(waves)
 
 
 def test_a_killed_feature_build_leaves_nothing_half_written(tmp_path):
-    import signal
     import subprocess
     import sys
-    import time
 
     import soundfile as sf
 
@@ -301,13 +299,7 @@ def test_a_killed_feature_build_leaves_nothing_half_written(tmp_path):
         paths.append(str(p))
     cache = tmp_path / "cache"
     building = subprocess.Popen([sys.executable, "-c", BUILD, str(cache), *paths], stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list(cache.glob(".*.features.*.npy.tmp")):
-        assert building.poll() is None, "the build ended before it could be killed; give it more clips"
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    building.send_signal(signal.SIGKILL)
-    building.wait()
+    kill_while_writing(building, cache, ".*.features.*.npy.tmp")
     assert not list(cache.glob("*.features.npy"))  # nothing in place: only the killed writer's temporary
     waves = AudioCache(cache, audio_config(sample_rate=16000, duration=2.0)).load(paths, "fan-fit").waves
     assert not list(cache.glob(".*.tmp"))  # the audio cache's load removed the dead temporary
