@@ -165,10 +165,13 @@ class LogMel(nn.Module):
         self.__dict__["_memo"] = (wave, wave._version, key, out)
         return out.clone()
 
+    #: bump when `_compute`'s output changes for the same settings: cached features are then rebuilt
+    VERSION = 1
+
     @property
     def setting(self) -> str:
         """Every setting the output depends on, in words: equal settings give equal log-mels."""
-        return f"{self.extra_repr()}, eps={self.eps}"
+        return f"{self.extra_repr()}, eps={self.eps}, version={self.VERSION}"
 
     def prime(self, wave: Tensor, spec: Tensor) -> None:
         """Serve `spec` (B, n_mels, frames), this module's log-mel of `wave` computed earlier (the
@@ -177,17 +180,22 @@ class LogMel(nn.Module):
         another wave (an augmented copy) does not evict it. Callers get copies, as from the memo."""
         wave = _as_batch(wave, "LogMel")
         want = (wave.shape[0], self.n_mels, self.num_frames(wave.shape[-1]))
-        if tuple(spec.shape) != want or spec.dtype != torch.float32 or spec.requires_grad:
+        if tuple(spec.shape) != want or spec.requires_grad:
             raise AsdError(
-                f"LogMel: cached features of shape {tuple(spec.shape)} ({spec.dtype}) do not fit a wave "
-                f"batch {tuple(wave.shape)}: expected float32 {want}; the feature cache was built for other "
-                "settings or clip lengths (delete the cache folder, $ASD_CACHE/audio, to rebuild it)"
+                f"LogMel: cached features of shape {tuple(spec.shape)} do not fit a wave batch "
+                f"{tuple(wave.shape)}: expected {want}; the feature cache was built for other settings or "
+                "clip lengths (delete the cache folder, $ASD_CACHE/audio, to rebuild it)"
             )
-        if wave.is_inference():  # no version counter to tell an in-place change: compute instead
-            self.__dict__["_primed"] = None
+        self.__dict__["_primed"] = None
+        # an inference tensor has no version counter to tell an in-place change; a batch cast to
+        # another precision (trainer.precision=*-true) lost the float32 features: compute instead
+        if wave.is_inference() or spec.dtype != torch.float32 or wave.dtype != torch.float32:
             return
         spec = spec.to(wave.device)
-        self._check_frame(wave, spec)
+        # the guard reads a result back: on an accelerator (a wait for the device) only the first batch
+        if wave.device.type == "cpu" or not self.__dict__.get("_checked_once"):
+            self._check_frame(wave, spec)
+            self.__dict__["_checked_once"] = True
         self.__dict__["_primed"] = (wave, wave._version, spec)
 
     def _check_frame(self, wave: Tensor, spec: Tensor) -> None:
@@ -270,10 +278,12 @@ def prime_frontends(members: Iterable[nn.Module], batch: Mapping[str, Tensor]) -
     setting, so the members read them instead of computing them (`LogMel.prime`)."""
     if not any(k.startswith(FEATURE_PREFIX) for k in batch):
         return
+    primed: set[int] = set()  # a front end that members share (`share_frontends`) is primed once
     for member in members:
         frontend = getattr(member, "frontend", None)
-        if type(frontend) is LogMel and feature_key(frontend) in batch:
+        if type(frontend) is LogMel and id(frontend) not in primed and feature_key(frontend) in batch:
             frontend.prime(batch["wave"], batch[feature_key(frontend)])
+            primed.add(id(frontend))
 
 
 def share_frontends(members: dict[str, nn.Module]) -> dict[str, list[str]]:

@@ -186,7 +186,7 @@ def two_runs(tiny_root):
 def test_the_cache_changes_no_score_and_no_member_computes_a_log_mel(two_runs):
     (dm0, plain), (dm1, cached) = two_runs[False], two_runs[True]
     keys = set(logmel_frontends(cached.members.values()))
-    assert not dm0.datasets["test"].features and set(dm1.datasets["test"].features) == keys
+    assert keys and not dm0.datasets["test"].features and set(dm1.datasets["test"].features) == keys
     test0, test1 = dm0.datasets["test"], dm1.datasets["test"]
     batch0 = {k: torch.stack([test0[i][k] for i in range(len(test0))]) for k in test0[0]}
     batch1 = {k: torch.stack([test1[i][k] for i in range(len(test1))]) for k in test1[0]}
@@ -200,18 +200,63 @@ def test_the_cache_changes_no_score_and_no_member_computes_a_log_mel(two_runs):
         torch.testing.assert_close(ours[column], theirs[column], rtol=1e-5, atol=1e-5, msg=column)
 
 
-def test_the_training_step_reads_the_cache(two_runs):
-    dm, ensemble = two_runs[True]
-    batch = next(iter(dm.train_dataloader()))
-    calls = [counting(fe) for fe in logmel_frontends(ensemble.members.values()).values()]
-    ensemble.train()
-    ensemble.prime(batch)
-    losses = ensemble.losses(batch)
-    assert losses and all(torch.isfinite(v) for v in losses.values())
-    # members compute only the log-mels of their own augmented copies (b3's views), never the batch's
+def test_training_steps_read_the_cache(tiny_root):
+    import pytorch_lightning as L
+
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(
+            "train", overrides=["debug=default", f"data.root={tiny_root}", "data=dcase", "run_dir=/tmp/x"]
+        )
+    dm = build_datamodule(cfg)
+    dm.setup()
+    ensemble = build_ensemble(cfg, data_facts(dm))
+    frontends = logmel_frontends(ensemble.members.values())
+    dm.cache_features(frontends)
+    calls = [counting(fe) for fe in frontends.values()]
+    primed_waves = []
+    prime = ensemble.prime
+
+    def spy(batch):
+        if ensemble.training:  # training steps only (validation runs in eval mode)
+            primed_waves.append(batch["wave"].clone())
+        prime(batch)
+
+    ensemble.prime = spy
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(ensemble, datamodule=dm)
+    assert len(primed_waves) == 2  # each Ensemble.training_step hands over the batch's cached log-mels
+    # members compute only the log-mels of their own augmented copies (b3's views), never a batch's
     for computed in (w for c in calls for w in c):
-        assert computed.shape != batch["wave"].shape or not torch.equal(computed, batch["wave"])
-    ensemble.eval()
+        for wave in primed_waves:
+            assert computed.shape != wave.shape or not torch.equal(computed, wave)
+
+
+def test_cross_fitted_training_clips_keep_their_features(tiny_root, tmp_path):
+    cfg, dm = tiny_datamodule(tiny_root, tmp_path / "cache")
+    dm.merge_holdout(3)  # the fit split becomes rows of the fit and val cache files
+    fe = LogMel()
+    dm.cache_features({feature_key(fe): fe})
+    fit = dm.datasets["fit"]
+    assert feature_key(fe) in fit.features and len(fit.features[feature_key(fe)]) == len(fit)
+    for i in (0, len(fit) - 1):
+        item = fit[i]
+        torch.testing.assert_close(item[feature_key(fe)][None], LogMel()(item["wave"][None]))
+
+
+def test_a_batch_cast_to_another_precision_is_computed_not_served():
+    fe = LogMel(n_mels=32)
+    wave = 0.1 * torch.randn(2, 8000)
+    calls = counting(fe)
+    fe.prime(wave, LogMel(n_mels=32)(wave).half())  # trainer.precision=16-true casts the batch
+    fe(wave)
+    assert len(calls) == 1
 
 
 def test_feature_cache_off_and_windows_leave_batches_without_features(tiny_root):

@@ -3,6 +3,7 @@ and the feature cache beside it (a front end's features of those clips, computed
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -343,10 +344,12 @@ class FeatureCache:
         """The features (N, n_mels, frames) float32 of `waves` (N, T), a memmap of an audio cache file:
         read from the cache, or computed in batches and cached first."""
         audio = Path(getattr(waves, "filename", None) or "")
-        if not audio.name.endswith(".npy") or not audio.is_file():
+        if not audio.name.endswith(".npy"):
             raise AsdError(
                 f"FeatureCache: expected a memory-mapped audio cache file, got {type(waves).__name__}"
             )
+        if not audio.is_file():  # replaced meanwhile (another run's new key removed it): an OSError
+            raise FileNotFoundError(errno.ENOENT, "the audio cache file is gone", str(audio))
         npy = self.path_for(audio)
         meta = npy.with_suffix(".json")
         st = audio.stat()

@@ -385,7 +385,10 @@ class ImageDataModule(AsdDataModule):
         pin_memory: bool = False,
         audio: dict[str, Any] | None = None,
         synthetic: dict[str, Any] | None = None,
+        feature_cache: bool = False,
     ):
+        # `feature_cache` is accepted so data.feature_cache works with every data choice: pictures
+        # have no log-mel to cache (their members read them through ImageFrontend)
         if audio or synthetic:
             # debug=default shrinks the synthetic audio for every data choice; say that it has no effect
             log.info(
@@ -405,6 +408,7 @@ class ImageDataModule(AsdDataModule):
             seed=seed,
             name=name,
             pin_memory=pin_memory,
+            feature_cache=False,
         )
         self.image = image_config(image)
         self.layout = self.image.layout
