@@ -69,3 +69,12 @@ def kill_while_writing(proc: subprocess.Popen, folder: Path, pattern: str, timeo
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def tiny_config(tiny_root: Path, *overrides: str):
+    """train.py's config for the tiny dataset at debug sizes (no run folder is made)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        base = ["debug=default", f"data.root={tiny_root}", "data=dcase", "run_dir=/tmp/x"]
+        return compose("train", overrides=[*base, *overrides])

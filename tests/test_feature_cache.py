@@ -10,7 +10,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from asd.data.audio import audio_config
 from asd.data.cache import AudioCache, FeatureCache
@@ -21,7 +20,7 @@ from asd.features import FEATURE_PREFIX, LogMel, feature_key, logmel_frontends
 from asd.run.build import build_datamodule, build_ensemble, data_facts
 from asd.run.calibrate import fit_backends
 from asd.run.predict import member_scores
-from tests.conftest import REPO, kill_while_writing
+from tests.conftest import kill_while_writing, tiny_config
 
 
 def counting(fe: LogMel) -> list[torch.Tensor]:
@@ -165,10 +164,7 @@ def test_pseudo_anomalies_never_carry_the_normal_clips_features(tmp_path):
 @pytest.fixture(scope="module")
 def two_runs(tiny_root):
     """The same tiny ensemble scored with and without the feature cache."""
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(
-            "train", overrides=["debug=default", f"data.root={tiny_root}", "data=dcase", "run_dir=/tmp/x"]
-        )
+    cfg = tiny_config(tiny_root)
     out = {}
     for cached in (False, True):
         dm = build_datamodule(cfg)
@@ -203,10 +199,7 @@ def test_the_cache_changes_no_score_and_no_member_computes_a_log_mel(two_runs):
 def test_training_steps_read_the_cache(tiny_root):
     import pytorch_lightning as L
 
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(
-            "train", overrides=["debug=default", f"data.root={tiny_root}", "data=dcase", "run_dir=/tmp/x"]
-        )
+    cfg = tiny_config(tiny_root)
     dm = build_datamodule(cfg)
     dm.setup()
     ensemble = build_ensemble(cfg, data_facts(dm))
@@ -260,10 +253,8 @@ def test_a_batch_cast_to_another_precision_is_computed_not_served():
 
 
 def test_feature_cache_off_and_windows_leave_batches_without_features(tiny_root):
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        base = ["debug=default", f"data.root={tiny_root}", "data=dcase", "run_dir=/tmp/x"]
-        off = compose("train", overrides=[*base, "data.feature_cache=false"])
-        windowed = compose("train", overrides=[*base, "data.audio.window=0.5"])
+    off = tiny_config(tiny_root, "data.feature_cache=false")
+    windowed = tiny_config(tiny_root, "data.audio.window=0.5")
     for cfg in (off, windowed):
         dm = build_datamodule(cfg)
         dm.setup()
@@ -272,17 +263,7 @@ def test_feature_cache_off_and_windows_leave_batches_without_features(tiny_root)
 
 
 def tiny_datamodule(tiny_root, cache_dir):
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                "debug=default",
-                f"data.root={tiny_root}",
-                "data=dcase",
-                "run_dir=/tmp/x",
-                f"data.cache_dir='{cache_dir}'",
-            ],
-        )
+    cfg = tiny_config(tiny_root, f"data.cache_dir='{cache_dir}'")
     dm = build_datamodule(cfg)
     dm.setup()
     return cfg, dm

@@ -7,13 +7,12 @@ import copy
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from asd.features import LogMel, share_frontends
 from asd.run.build import build_datamodule, build_ensemble, data_facts
 from asd.run.calibrate import fit_backends
 from asd.run.predict import member_scores
-from tests.conftest import REPO
+from tests.conftest import tiny_config
 
 
 def test_logmel_returns_its_last_result_for_the_same_unchanged_wave():
@@ -67,10 +66,7 @@ def test_members_with_the_same_settings_share_one_module():
 
 @pytest.fixture(scope="module")
 def fitted(tiny_root):
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(
-            "train", overrides=["debug=default", f"data.root={tiny_root}", "data=dcase", "run_dir=/tmp/x"]
-        )
+    cfg = tiny_config(tiny_root)
     dm = build_datamodule(cfg)
     dm.setup()
     ensemble = build_ensemble(cfg, data_facts(dm))
