@@ -253,11 +253,6 @@ def frontend_ms(
     return out
 
 
-def fit_backends(model: Ensemble, dm: AsdDataModule, device: torch.device) -> None:
-    """Fit the reference state of members whose scores need one, so scoring runs as in the pipeline."""
-    fit_member_backends(model, dm, dm.datasets["fit"], device)
-
-
 class Contender:
     """One model under test (a member alone, or the ensemble) with its optimizers and batch stream."""
 
@@ -328,7 +323,7 @@ def measure_speed(
     columns: dict[str, list[str]] = {}
     for c in contenders:
         c.model.eval()
-        fit_backends(c.model, dm, device)
+        fit_member_backends(c.model, dm, dm.datasets["fit"], device)
         with amp():
             infer(lambda b, m=c.model: member_scores(m, b), test, device, dm.eval_batch_size)  # warm-up pass
     for r in range(score_repeats):

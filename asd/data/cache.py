@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, closing, contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -169,7 +169,7 @@ class AudioCache:
         lengths: list[int] = []
         first_good = -1
         out = None
-        with self._temp(name, key, ".npy") as tmp:
+        with locked_temp(self.cache_dir, f".{name}-{key}.", ".npy") as tmp:
             with closing(self._decode_all(paths)) as results:
                 for i, decoded in enumerate(results):
                     if isinstance(decoded, AudioError):
@@ -182,7 +182,7 @@ class AudioCache:
                     if out is None:
                         # duration=None: the first good clip sets T; rows of skipped files stay unused
                         first_good, t = i, t or result.shape[0]
-                        out = self._create(tmp, (n, t))  # (N, T)
+                        out = create_memmap(self.cache_dir, tmp, (n, t))  # (N, T)
                     if result.shape[0] != t:
                         raise AsdError(
                             f"{paths[i]} has {result.shape[0]} samples but {paths[first_good]} has {t}: "
@@ -209,15 +209,15 @@ class AudioCache:
             "bad": [[i, reason] for i, reason in bad_rows],
             "lengths": lengths,
         }
-        with self._temp(name, key, ".json") as tmp:
+        with locked_temp(self.cache_dir, f".{name}-{key}.", ".json") as tmp:
             Path(tmp).write_text(json.dumps(sidecar, indent=1))
             os.replace(tmp, meta)
         return bad_rows, lengths
 
     def _shrink(self, out: np.memmap, good: int, tmp: str, name: str, key: str) -> None:
         """Replace the file `tmp` (N, T) by one holding only its first `good` rows (good, T)."""
-        with self._temp(name, key, ".npy") as tmp2:
-            small = self._create(tmp2, (good, out.shape[1]))
+        with locked_temp(self.cache_dir, f".{name}-{key}.", ".npy") as tmp2:
+            small = create_memmap(self.cache_dir, tmp2, (good, out.shape[1]))
             for s in range(0, good, 256):  # chunks keep memory flat for large caches
                 small[s : s + 256] = out[s : min(s + 256, good)]
             small.flush()
@@ -241,12 +241,6 @@ class AudioCache:
             return decode(path, self.cfg)
         except AudioError as e:
             return e
-
-    def _create(self, path: str, shape: tuple[int, int]) -> np.memmap:
-        return create_memmap(self.cache_dir, path, shape)
-
-    def _temp(self, name: str, key: str, suffix: str) -> AbstractContextManager[str]:
-        return locked_temp(self.cache_dir, f".{name}-{key}.", suffix)
 
     def _remove_dead_temps(self) -> None:
         """Delete the temporaries of writers that died (a killed decode): those whose lock is free."""
