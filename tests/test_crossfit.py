@@ -16,7 +16,7 @@ from asd.data.index import index_dataset, parse_path
 from asd.errors import AsdError
 from asd.run import FinishedRun, train
 from asd.run.crossfit import assign_folds, crossfit_folds, fold_config
-from asd.run.predict import infer, member_scores
+from asd.run.predict import context_of, infer, member_scores
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -101,8 +101,9 @@ def test_a_run_calibrates_on_out_of_fold_scores_of_every_training_clip(tmp_path,
     assert "cross-fitted (3 folds)" in summary
     assert "out-of-fold scores of 40 pseudo-anomalies of 20 cross-fitted (3 folds) normals" in caplog.text
 
-    # test clips: the fused columns are the mean of the copies' scores (the scale calibration saw),
-    # the unfused reference column the run's own; tools/score.py reproduces them
+    # test clips: a fused member's column is the mean of the copies' scores (the scale calibration
+    # saw); a fused reference's column is reported as the run's own reference computes it, while the
+    # fusions read its copies' mean; tools/score.py reproduces them
     rows = list(csv.DictReader(open(run_dir / "scores.csv", newline="")))
     finished = FinishedRun(run_dir)
     assert len(finished.copies) == 3
@@ -111,13 +112,14 @@ def test_a_run_calibrates_on_out_of_fold_scores_of_every_training_clip(tmp_path,
         infer(lambda b, e=e: member_scores(e, b), dataset, torch.device("cpu"), 8) for e in finished.copies
     ]
     own = infer(lambda b: member_scores(finished.ensemble, b), dataset, torch.device("cpu"), 8)
-    for column in ("b2", "stats_knn"):
-        bagged = np.mean([e[column] for e in each], axis=0)
-        np.testing.assert_allclose([float(r[column]) for r in rows], bagged, rtol=1e-5, atol=1e-6)
-        assert not np.allclose(bagged, own[column], rtol=1e-3)  # not the run's own members
-    np.testing.assert_allclose(
-        [float(r["stats_mahalanobis"]) for r in rows], own["stats_mahalanobis"], rtol=1e-5, atol=1e-6
-    )
+    bagged = {column: np.mean([e[column] for e in each], axis=0) for column in ("b2", "stats_knn")}
+    for column in bagged:
+        assert not np.allclose(bagged[column], own[column], rtol=1e-3)  # the copies are not the run
+    np.testing.assert_allclose([float(r["b2"]) for r in rows], bagged["b2"], rtol=1e-5, atol=1e-6)
+    for column in ("stats_knn", "stats_mahalanobis"):
+        np.testing.assert_allclose([float(r[column]) for r in rows], own[column], rtol=1e-5, atol=1e-6)
+    fused = finished.calibration.combine({**own, **bagged}, context_of(dataset))
+    np.testing.assert_allclose([float(r["zmean"]) for r in rows], fused["zmean"], rtol=1e-5, atol=1e-6)
     again = finished.score([parse_path(r["path"]) for r in rows])
     np.testing.assert_allclose(again["final"], [float(r["final"]) for r in rows], rtol=1e-5, atol=1e-6)
 

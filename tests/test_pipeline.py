@@ -17,11 +17,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from asd.calibration import Calibration
-from asd.data.index import index_dataset
+from asd.data.index import index_dataset, parse_path
 from asd.errors import AsdError
 from asd.evaluation import evaluate
-from asd.run import FINAL_CKPT, train
+from asd.run import FINAL_CKPT, FinishedRun, train
 from asd.run.job import prepare
+from asd.run.predict import infer, member_scores
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = str(REPO / "conf")
@@ -115,10 +116,18 @@ def test_scores_have_one_row_per_test_clip_and_every_column(run):
     assert chosen in ("zweighted", "zmean") and "fewer than fusion.select.min_normals=5" in summary
     reason = summary.split("final=auto chose ")[1].splitlines()[0]
     assert "zweighted fitted out of fold" in reason and "meta 0." not in reason
-    # zweighted is the members' z-scores under the weights the summary lists
+    # zweighted is the members' z-scores under the weights the summary lists; the fused reference
+    # enters as the cross-fitted copies' mean of it (scores.csv reports the run's own reference)
     cal = Calibration.load(run / "calibration.pt")
     assert "zweighted member weights" in summary and sum(cal.weights.values()) == pytest.approx(1.0)
-    z = cal.normalise({m: np.array([float(r[m]) for r in rows]) for m in cal.members}, context_of_rows(rows))
+    raw = {m: np.array([float(r[m]) for r in rows]) for m in cal.members}
+    finished = FinishedRun(run)
+    dataset = finished.dataset([parse_path(r["path"]) for r in rows])
+    each = [
+        infer(lambda b, e=e: member_scores(e, b), dataset, torch.device("cpu"), 8) for e in finished.copies
+    ]
+    raw["stats_mahalanobis"] = np.mean([e["stats_mahalanobis"] for e in each], axis=0)
+    z = cal.normalise(raw, context_of_rows(rows))
     w = np.array([cal.weights[m] for m in cal.members])
     got = [float(r["zweighted"]) for r in rows]
     np.testing.assert_allclose(got, z.double().numpy() @ w, rtol=1e-5, atol=1e-6)
@@ -254,37 +263,45 @@ def test_changing_final_recalibrates_without_retraining(run, tmp_path, caplog):
         assert float(r["meta"]) == pytest.approx(float(first[r["path"]]["meta"]), abs=1e-6)
 
 
-def test_a_fused_reference_column_enters_the_fusions_and_stays_reported(run, tmp_path, caplog):
-    other = tmp_path / "other"
-    shutil.copytree(run, other)
-    cfg = compose_from(other)
-    cfg.run_dir = str(other)
-    cfg.fusion.references = ["stats_mahalanobis"]
-    with caplog.at_level("INFO", logger="asd.run"):
-        train(cfg)
-    assert "stage fit: skipped" in caplog.text
-    # the copies that score the reference normals out of fold must score the new column too
-    assert "stage crossfit: its settings changed since the last run" in caplog.text
-    calibration = Calibration.load(other / "calibration.pt")
-    assert (
-        calibration.members[-1] == "stats_mahalanobis"
-        and calibration.members[:-1] == Calibration.load(run / "calibration.pt").members
-    )
-    assert "stats_mahalanobis" in calibration.reference_scores
-    summary = (other / "summary.md").read_text()
+def test_the_reference_is_fused_by_default_and_stays_reported_as_its_own(run, tmp_path, caplog):
+    # fusion.references=auto (the default) fused stats_mahalanobis beside the members in `run`
+    fused = Calibration.load(run / "calibration.pt")
+    assert fused.members[-1] == "stats_mahalanobis" and "stats_mahalanobis" in fused.reference_scores
+    summary = (run / "summary.md").read_text()
     assert (
         "- reference columns fused beside the members as well (fusion.references): stats_mahalanobis"
         in summary
     )
     assert "- reference, reported beside: " in summary
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    cfg = compose_from(other)
+    cfg.run_dir = str(other)
+    cfg.fusion.references = []
+    with caplog.at_level("INFO", logger="asd.run"):
+        train(cfg)
+    assert "stage fit: skipped" in caplog.text
+    # the copies that score the reference normals out of fold no longer need the column
+    assert "stage crossfit: its settings changed since the last run" in caplog.text
+    assert Calibration.load(other / "calibration.pt").members == fused.members[:-1]
+    assert "- reference, reported beside and never fused: " in (other / "summary.md").read_text()
     first = {r["path"]: r for r in read_csv(run / "scores.csv")}
     rows = read_csv(other / "scores.csv")
     assert any(float(r["zmean"]) != pytest.approx(float(first[r["path"]]["zmean"])) for r in rows)
-    # the column itself is still reported; fused, it is the cross-fitted copies' mean like every
-    # fused column (the scale its calibration saw), no longer the run's own reference's score
+    # the reported column is the run's own reference, fused or not (the fusions read the
+    # cross-fitted copies' mean, the scale their calibration saw)
     assert all(np.isfinite(float(r["stats_mahalanobis"])) for r in rows)
-    assert any(r["stats_mahalanobis"] != first[r["path"]]["stats_mahalanobis"] for r in rows)
-    assert "stats_mahalanobis" in {m["method"] for m in read_csv(other / "metrics.csv")}
+    for r in rows:
+        assert r["stats_mahalanobis"] == first[r["path"]]["stats_mahalanobis"]
+
+
+def test_references_auto_fuses_the_members_alone_where_no_reference_is_built(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="asd.run"):
+        state = prepare(config(tmp_path / "r", "branch=[b2]", "reference=false", "plots=false"))
+    assert state.ensemble.fused_references == ()
+    assert "fusion.references=auto: this run builds no stats_mahalanobis (reference=False)" in caplog.text
+    state = prepare(config(tmp_path / "s", "branch=[b2]", "reference=[stats]", "plots=false"))
+    assert state.ensemble.fused_references == ("stats_mahalanobis",)
 
 
 def test_the_run_checks_each_batchs_ids_on_the_cpu_before_it_moves(tmp_path):

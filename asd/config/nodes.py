@@ -464,7 +464,7 @@ class Normalisation(Node):
 
 
 class Fusion(Node):
-    references: value("a reference score column or a list of them (e.g. [stats_mahalanobis])", _names) = []
+    references: value("auto, a reference score column or a list of them", _names) = "auto"
     enabled: Flag = True
     seed: Seed = 0
     anomalies: Anomalies = Anomalies()

@@ -233,18 +233,37 @@ def fused_members(ensemble: Ensemble) -> list[str]:
     return [n for n in ensemble.members if n not in REFERENCES] + list(ensemble.fused_references)
 
 
+#: `fusion.references=auto` fuses these columns where the run builds their reference (reference=true)
+AUTO_REFERENCES = ("stats_mahalanobis",)
+
+
 def fused_references(cfg: DictConfig, ensemble: Ensemble) -> tuple[str, ...]:
-    """`fusion.references`, checked against the score columns of the references this run builds."""
-    wanted = plain(cfg.fusion.get("references")) or []
-    wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+    """`fusion.references`, checked against the score columns of the references this run builds.
+
+    `auto` (the default) is `AUTO_REFERENCES` where the run builds them, and the members alone where
+    it does not (reference=false), said in the log: the training-free mean-log-mel Mahalanobis was
+    the strongest single column on the synthetic data, and fused it lifts `final` there
+    (docs/results.md, "Fusing the reference by default")."""
+    wanted = plain(cfg.fusion.get("references"))
     offered = [
         f"{n}_{kind}" for n, m in ensemble.members.items() if n in REFERENCES for kind in m.score_kinds
     ]
+    if wanted == "auto":
+        kept = tuple(c for c in AUTO_REFERENCES if c in offered)
+        if not kept:
+            log.info(
+                "fusion.references=auto: this run builds no %s (reference=%s): the members alone are fused",
+                " or ".join(AUTO_REFERENCES),
+                plain(cfg.get("reference")),
+            )
+        return kept
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted or [])
     unknown = [c for c in wanted if c not in offered]
     if unknown:
         raise AsdError(
             f"fusion.references={unknown}: not a score column of this run's references "
-            f"({', '.join(offered) or 'none: reference=false'}); name some of those, or fusion.references=[]"
+            f"({', '.join(offered) or 'none: reference=false'}); name some of those, fusion.references=auto "
+            "or fusion.references=[]"
         )
     return tuple(dict.fromkeys(wanted))
 

@@ -23,7 +23,7 @@ from torch.utils.data.distributed import DistributedSampler
 from asd.calibration import CONTEXT, Calibration
 from asd.data.datamodule import ClipDataset
 from asd.data.windows import ClipWindows, Windowing, mean_over_windows
-from asd.ensemble import Ensemble
+from asd.ensemble import Ensemble, is_reference
 from asd.run.distributed import distributed, gather_by_index, is_rank_zero
 from asd.run.progress import show_progress
 
@@ -121,7 +121,7 @@ def predict(
 
     `copies`: a cross-fitted run's k copies (`asd.run.crossfit.load_copies`); the fused columns
     (those the calibration reads) are then the mean of the copies' scores, the others the
-    ensemble's own.
+    ensemble's own; a fused reference's own column is reported, its copies' mean only fused.
     """
     raw = infer(
         lambda b: member_scores(ensemble, b),
@@ -150,8 +150,14 @@ def predict(
                 )
             )
             e.to("cpu")
+        own = {c: raw[c] for c in calibration.members if is_reference(c) and c != calibration.final}
         raw.update({c: np.mean([r[c] for r in bagged], axis=0) for c in calibration.members})
+    else:
+        own = {}
     context = context_of(dataset)
     columns = calibration.combine(raw, context)
+    # a fused reference column is still reported as the run's own reference computes it, the same
+    # column as in a run that does not fuse it; the fusions read the copies' mean
+    columns.update(own)
     columns["decision"] = calibration.decide(columns["final"], context["section"])
     return columns

@@ -169,6 +169,7 @@ def write_metrics(
     decisions: Sequence[dict] = (),
     threshold_note: str = "",
     normals: str = "held-out",
+    fused_references: Sequence[str] = (),
 ) -> None:
     """Write `metrics.csv` (per method and machine/section, plus official scores) and `summary.md`.
 
@@ -187,7 +188,9 @@ def write_metrics(
         rows.append({"method": method, "machine": "all", "section": "all", "official": ev.official, **extra})
     fields = list(dict.fromkeys(k for r in rows for k in r))
     write_csv(run_dir / "metrics.csv", fields, ([fmt(r.get(k, "")) for k in fields] for r in rows))
-    text = summary_markdown(results, cfg, notes, weights_rows, final, decisions, threshold_note, normals)
+    text = summary_markdown(
+        results, cfg, notes, weights_rows, final, decisions, threshold_note, normals, fused_references
+    )
     write_text_atomic(run_dir / "summary.md", text)
 
 
@@ -206,16 +209,18 @@ def summary_markdown(
     decisions: Sequence[dict] = (),
     threshold_note: str = "",
     normals: str = "held-out",
+    fused_references: Sequence[str] = (),
 ) -> str:
     """The run's summary; `final` is the method that decided (`cfg.final` unless final=auto chose),
     `decisions` its `decision_table` rows, `threshold_note` how `threshold=midpoint` set them,
-    `normals` which normals calibrated (`Calibration.normalised_on`)."""
+    `normals` which normals calibrated (`Calibration.normalised_on`), `fused_references` the
+    reference columns the fusions used beside the members (`fusion.references`, resolved)."""
     final = final or cfg.final
     year = next(iter(results.values())).year
     fusions = [m for m in results if m in FUSIONS or m in LEARNED or m == WEIGHTED]
     fused = [m for m in results if m not in fusions and not is_reference(m)]
     reference = [m for m in results if is_reference(m)]
-    also = [str(c) for c in (cfg.get("fusion") or {}).get("references") or []]
+    also = list(fused_references)
     learned = [m for m in LEARNED if m in results]
     lines = [
         f"# asd run summary ({cfg.data.name}, official score convention: DCASE {year})",

@@ -31,7 +31,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from asd.anomalies import PseudoAnomalyDataset
 from asd.calibration import Calibration
 from asd.data.datamodule import AsdDataModule
-from asd.ensemble import Ensemble
+from asd.ensemble import Ensemble, is_reference
 from asd.errors import AsdError
 from asd.evaluation.export import write_submission
 from asd.evaluation.metrics import decision_table
@@ -469,6 +469,7 @@ class Report(Stage):
             run.decisions,
             calibration.threshold_note,
             calibration.normalised_on,
+            [m for m in calibration.members if is_reference(m)],
         )
         logger = run.trainer.logger if run.trainer is not None else self.earlier_wandb_run(run)
         if logger is not None:
