@@ -31,7 +31,8 @@ def make_clips(folder: Path, n: int = 4, frames: int = 100) -> list[str]:
 
 
 def cache_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
+    """The cache folder's files, without the empty build locks (`.<name>.lock`, `build_lock`)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
 
 
 @pytest.fixture
@@ -61,6 +62,7 @@ def test_miss_then_hit_gives_identical_read_only_memmaps(tmp_path, clips, monkey
     names = cache_files(tmp_path / "cache")  # one .npy + its sidecar, no temp files left
     assert len(names) == 2 and names[0].startswith("fan-train-") and names[0].endswith(".json")
     assert names[1] == names[0].replace(".json", ".npy")
+    assert (tmp_path / "cache" / ".fan-train.lock").stat().st_size == 0  # the build lock, held by no one
 
 
 def test_one_and_two_workers_give_the_same_rows_in_order(tmp_path):

@@ -333,3 +333,55 @@ def test_a_killed_feature_build_leaves_nothing_half_written(tmp_path):
     feats = FeatureCache(fe).load(waves)
     last = torch.from_numpy(np.array(waves[-4:]))
     torch.testing.assert_close(torch.from_numpy(np.array(feats[-4:])), fe(last))
+
+
+LOAD_BOTH = """
+import hashlib, logging, sys
+import numpy as np
+from asd.data.audio import audio_config
+from asd.data.cache import AudioCache, FeatureCache
+from asd.features import LogMel
+logging.basicConfig(level=logging.INFO)
+cache = AudioCache(sys.argv[1], audio_config(sample_rate=16000, duration=2.0), workers=1)
+audio = cache.load(sys.argv[2:], "fan-fit")
+feats = FeatureCache(LogMel(hop_length=64), batch_size=4).load(audio.waves)
+print("hit" if audio.hit else "decoded", hashlib.sha256(np.ascontiguousarray(feats).tobytes()).hexdigest())
+"""
+
+
+def test_processes_loading_one_cache_at_once_build_it_once(tmp_path):
+    """torchrun's ranks load the same caches at the same moment: real processes, held at the lock
+    until both wait there, then released together; one decodes and computes, the other reads."""
+    import subprocess
+    import sys
+    import time
+
+    from asd.data.cache import build_lock
+
+    (tmp_path / "wav").mkdir()
+    _, paths, _ = cached_audio(tmp_path / "wav", n=40, seconds=2.0)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    logs = [tmp_path / f"rank{i}.log" for i in range(2)]
+    with build_lock(cache, "fan-fit"):
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", LOAD_BOTH, str(cache), *paths],
+                stdout=subprocess.PIPE,
+                stderr=open(log, "w"),
+                text=True,
+            )
+            for log in logs
+        ]
+        deadline = time.monotonic() + 120
+        while not all("another process is building" in log.read_text() for log in logs):
+            assert all(p.poll() is None for p in procs), [log.read_text()[-2000:] for log in logs]
+            assert time.monotonic() < deadline, "the processes never waited at the lock"
+            time.sleep(0.05)
+    said = [p.communicate(timeout=120)[0].split() for p in procs]
+    assert all(p.returncode == 0 for p in procs), [log.read_text()[-2000:] for log in logs]
+    assert sorted(s[0] for s in said) == ["decoded", "hit"]
+    assert said[0][1] == said[1][1]  # the same features in both
+    text = "".join(log.read_text() for log in logs)
+    assert text.count("decoding 40 files") == 1 and text.count("features (40, ") == 1
+    assert not list(cache.glob(".*.tmp"))

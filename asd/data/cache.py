@@ -1,5 +1,10 @@
 """Decoded-audio cache (one memory-mapped .npy per clip list, so only the first epoch decodes WAVs)
-and the feature cache beside it (a front end's features of those clips, computed once)."""
+and the feature cache beside it (a front end's features of those clips, computed once).
+
+One file: the two caches share one naming scheme (a new audio key deletes that name's features:
+`AudioCache._remove_stale`) and one way of writing (`locked_temp`, `create_memmap`, `build_lock`),
+and a change to either must keep the other's files valid.
+"""
 
 from __future__ import annotations
 
@@ -98,14 +103,19 @@ class AudioCache:
         npy, meta = self.cache_dir / f"{name}-{key}.npy", self.cache_dir / f"{name}-{key}.json"
         cached = self._open(npy, meta, key, len(paths))
         if cached is None:
-            t0 = time.perf_counter()
-            log.info("%s: decoding %d files with %d thread(s) into %s", name, len(paths), self.workers, npy)
-            bad_rows, lengths = self._build(paths, name, key, npy, meta, on_bad_file)
-            self._remove_stale(name, key)
-            waves = np.load(npy, mmap_mode="r")  # (N_good, T)
-            log.info("%s: cached %s in %.1f s", name, waves.shape, time.perf_counter() - t0)
-            hit = False
-        else:
+            with build_lock(self.cache_dir, name):
+                cached = self._open(npy, meta, key, len(paths))  # built while we waited?
+                if cached is None:
+                    t0 = time.perf_counter()
+                    log.info(
+                        "%s: decoding %d files with %d thread(s) into %s", name, len(paths), self.workers, npy
+                    )
+                    bad_rows, lengths = self._build(paths, name, key, npy, meta, on_bad_file)
+                    self._remove_stale(name, key)
+                    waves = np.load(npy, mmap_mode="r")  # (N_good, T)
+                    log.info("%s: cached %s in %.1f s", name, waves.shape, time.perf_counter() - t0)
+                    hit = False
+        if cached is not None:
             waves, bad_rows, lengths = cached
             log.info("%s: %d clips of %d samples from %s", name, waves.shape[0], waves.shape[1], npy)
             hit = True
@@ -309,6 +319,27 @@ def locked_temp(folder: Path, prefix: str, suffix: str) -> Iterator[str]:
         os.close(fd)
 
 
+@contextmanager
+def build_lock(folder: Path, name: str) -> Iterator[None]:
+    """Held while one process builds cache `name` in `folder`; others wait here, then read its result.
+
+    Under torchrun every rank loads the same cache at once; without this each one decoded the
+    audio (and computed the features) into its own temporary and the last rename won. The lock is
+    `flock` on the hidden file `.<name>.lock`, released by the kernel when its holder dies, so a
+    killed builder never blocks the next run.
+    """
+    fd = os.open(folder / f".{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s: another process is building this cache in %s; waiting for it", name, folder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class FeatureCache:
     """A front end's features of cached audio, computed once and kept memory-mapped beside it.
 
@@ -352,6 +383,13 @@ class FeatureCache:
         cached = self._open(npy, meta, stamp, want)
         if cached is not None:
             return cached
+        with build_lock(audio.parent, f"{audio.stem.rsplit('-', 1)[0]}.{self.tag}.features"):
+            cached = self._open(npy, meta, stamp, want)  # built while we waited?
+            return cached if cached is not None else self._build(waves, audio, npy, meta, stamp, want)
+
+    def _build(
+        self, waves: np.ndarray, audio: Path, npy: Path, meta: Path, stamp: list[int], want: tuple[int, ...]
+    ) -> np.ndarray:
         t0 = time.perf_counter()
         with locked_temp(audio.parent, f".{npy.stem}.", ".npy") as tmp:
             out = create_memmap(audio.parent, tmp, want)  # (N, n_mels, frames)
