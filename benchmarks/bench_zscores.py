@@ -32,6 +32,7 @@ from asd.calibration import Calibration  # noqa: E402
 from asd.data.table import DOMAIN_IDS, Clip  # noqa: E402
 from asd.errors import AsdError  # noqa: E402
 from asd.evaluation import evaluate  # noqa: E402
+from asd.scoring import GroupNormalizer  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -46,11 +47,14 @@ def read_scores(run_dir: Path) -> tuple[list[Clip], list[dict[str, str]]]:
 
 
 def pooled_z(calibration: Calibration, member: str, raw: np.ndarray) -> np.ndarray:
-    """z-scores from one mean and sample std over every reference normal (one section)."""
+    """z-scores from one mean and sample std over every reference normal (one section): the run's
+    `GroupNormalizer` fitted and applied with every clip counted as one domain."""
     if not calibration.normalizers[member]:  # a calibrated backend: its raw scores are z-scores
         return raw
-    ref = calibration.reference_scores[member].double().numpy()
-    return (raw - ref.mean()) / ref.std(ddof=1)
+    ref = calibration.reference_scores[member]
+    norm = GroupNormalizer(calibration.shrinkage).fit(ref, *[torch.zeros(len(ref), dtype=torch.long)] * 2)
+    one = torch.zeros(len(raw), dtype=torch.long)
+    return norm.transform(torch.as_tensor(raw), one, one).double().numpy()
 
 
 def run_row(run_dir: Path) -> dict[str, float]:

@@ -102,23 +102,16 @@ class AudioCache:
         key = self._key(paths)
         npy, meta = self.cache_dir / f"{name}-{key}.npy", self.cache_dir / f"{name}-{key}.json"
         cached = self._open(npy, meta, key, len(paths))
-        if cached is None:
+        hit = cached is not None
+        if not hit:
             with build_lock(self.cache_dir, name):
                 cached = self._open(npy, meta, key, len(paths))  # built while we waited?
-                if cached is None:
-                    t0 = time.perf_counter()
-                    log.info(
-                        "%s: decoding %d files with %d thread(s) into %s", name, len(paths), self.workers, npy
-                    )
-                    bad_rows, lengths = self._build(paths, name, key, npy, meta, on_bad_file)
-                    self._remove_stale(name, key)
-                    waves = np.load(npy, mmap_mode="r")  # (N_good, T)
-                    log.info("%s: cached %s in %.1f s", name, waves.shape, time.perf_counter() - t0)
-                    hit = False
-        if cached is not None:
-            waves, bad_rows, lengths = cached
+                hit = cached is not None
+                if not hit:
+                    cached = self._decode_into_cache(paths, name, key, npy, meta, on_bad_file)
+        waves, bad_rows, lengths = cached
+        if hit:
             log.info("%s: %d clips of %d samples from %s", name, waves.shape[0], waves.shape[1], npy)
-            hit = True
         bad = [(paths[i], reason) for i, reason in bad_rows]
         if bad and on_bad_file == "error":
             raise AudioError(bad[0][1])
@@ -128,6 +121,19 @@ class AudioCache:
         skipped = {i for i, _ in bad_rows}
         good = [p for i, p in enumerate(paths) if i not in skipped]
         return CachedAudio(waves=waves, paths=good, bad=bad, hit=hit, lengths=np.asarray(lengths, np.int64))
+
+    def _decode_into_cache(
+        self, paths: list[str], name: str, key: str, npy: Path, meta: Path, on_bad_file: str
+    ) -> tuple[np.ndarray, list[tuple[int, str]], list[int]]:
+        """Decode `paths` into the cache files `npy` + `meta` (under `build_lock`): the waves as a memmap,
+        the bad rows and each clip's length, as `_open` returns them."""
+        t0 = time.perf_counter()
+        log.info("%s: decoding %d files with %d thread(s) into %s", name, len(paths), self.workers, npy)
+        bad_rows, lengths = self._build(paths, name, key, npy, meta, on_bad_file)
+        self._remove_stale(name, key)
+        waves = np.load(npy, mmap_mode="r")  # (N_good, T)
+        log.info("%s: cached %s in %.1f s", name, waves.shape, time.perf_counter() - t0)
+        return waves, bad_rows, lengths
 
     def _key(self, paths: list[str]) -> str:
         """Hash of the settings and each file's absolute path, size and mtime (None when missing)."""

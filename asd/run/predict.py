@@ -133,6 +133,13 @@ def predict(
         windowing,
         check=ensemble.check_ids,
     )
+    # a fused reference column is still reported as the run's own reference computes it, the same
+    # column as in a run that does not fuse it; the fusions read the copies' mean
+    own = (
+        {c: raw[c] for c in calibration.members if is_reference(c) and c != calibration.final}
+        if copies
+        else {}
+    )
     if copies:
         bagged = []
         for i, e in enumerate(copies):  # one copy on the device at a time
@@ -150,14 +157,9 @@ def predict(
                 )
             )
             e.to("cpu")
-        own = {c: raw[c] for c in calibration.members if is_reference(c) and c != calibration.final}
         raw.update({c: np.mean([r[c] for r in bagged], axis=0) for c in calibration.members})
-    else:
-        own = {}
     context = context_of(dataset)
     columns = calibration.combine(raw, context)
-    # a fused reference column is still reported as the run's own reference computes it, the same
-    # column as in a run that does not fuse it; the fusions read the copies' mean
     columns.update(own)
     columns["decision"] = calibration.decide(columns["final"], context["section"])
     return columns
