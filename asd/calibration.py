@@ -77,7 +77,7 @@ class Calibration:
     #: (`asd.fusion.select`), and why `final` was chosen
     selection: dict[str, float] = field(default_factory=dict)
     reason: str = ""
-    #: the variance shrinkage the normalisers were fitted with (`GroupNormalizer`), for refits
+    #: the shrinkage the normalisers were fitted with (`GroupNormalizer`), for refits
     shrinkage: float = 0.0
     #: (N,) the reference normals' left-out final scores the thresholds are fitted on
     reference_final: Tensor | None = None

@@ -88,7 +88,10 @@ def main() -> None:
         label, sep, folder = given.rpartition("=")  # a label may hold "=" (an override)
         if not sep or not label or not folder:
             raise SystemExit(f"error: {given!r}: expected LABEL=DIR, e.g. cross-fitted=/tmp/cf")
-        found = sorted(p for p in Path(folder).glob("*/seed*") if p.is_dir())
+        found = sorted(
+            (p for p in Path(folder).glob("*/seed*") if p.is_dir()),
+            key=lambda p: (p.parent.name, int(p.name[4:]) if p.name[4:].isdigit() else -1, p.name),
+        )  # seed2 before seed10
         if not found:
             raise SystemExit(f"error: no run folders under {folder}/<config>/seed*/")
         for run_dir in found:

@@ -514,7 +514,7 @@ def test_normaliser_fallbacks_are_kept_and_warned_only_when_asked(caplog):
     assert "section 0 target (1 clips) -> section" in caplog.text
 
 
-def test_shrinkage_keeps_a_one_clip_groups_mean_and_borrows_its_sections_spread():
+def test_shrinkage_pulls_each_groups_mean_and_spread_towards_its_sections():
     from asd.scoring import GroupNormalizer
 
     source = torch.tensor([1.0, 2.0, 3.0, 4.0])
@@ -527,11 +527,11 @@ def test_shrinkage_keeps_a_one_clip_groups_mean_and_borrows_its_sections_spread(
     k = 3.0
     shrunk = GroupNormalizer(shrinkage=k).fit(scores, section, domain, warn=False)
     assert shrunk.fallbacks == []
-    prior = float(((source - source.mean()) ** 2).sum() / 3)  # the only within-domain variance
-    # target: its own mean, the prior's spread (no deviations of its own)
+    # by hand: the section's mean is 20 / 5 = 4 and its variance 50 / 4 = 12.5 (squared deviations
+    # 9 + 4 + 1 + 0 + 36); the source's own squared deviations are 2.25 + 0.25 + 0.25 + 2.25 = 5
+    # target: mean (1 * 10 + 3 * 4) / 4 = 5.5, variance (0 + 3 * 12.5) / (0 + 3) = 12.5
     z = shrunk.transform(torch.tensor([12.0]).double(), torch.tensor([0]), torch.tensor([1]))
-    assert float(z[0]) == pytest.approx((12.0 - 10.0) / (prior**0.5))
-    # source: its own squared deviations plus k clips' worth of the prior
-    ss = float(((source - source.mean()) ** 2).sum())
+    assert float(z[0]) == pytest.approx((12.0 - 5.5) / 12.5**0.5)
+    # source: mean (4 * 2.5 + 3 * 4) / 7 = 22 / 7, variance (5 + 3 * 12.5) / (3 + 3) = 42.5 / 6
     z = shrunk.transform(torch.tensor([5.0]).double(), torch.tensor([0]), torch.tensor([0]))
-    assert float(z[0]) == pytest.approx((5.0 - 2.5) / ((ss + k * prior) / (3 + k)) ** 0.5)
+    assert float(z[0]) == pytest.approx((5.0 - 22 / 7) / (42.5 / 6) ** 0.5)

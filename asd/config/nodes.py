@@ -459,7 +459,7 @@ class Select(Node):
 
 
 class Normalisation(Node):
-    shrinkage: number(ge=0) = 0.0
+    shrinkage: number(ge=0) = 2.0
     calibrated: choice("backend", "held_out") = "held_out"
 
 

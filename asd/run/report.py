@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from asd.calibration import LEARNED
 from asd.data.table import ClipTable
@@ -216,6 +216,7 @@ def summary_markdown(
     `normals` which normals calibrated (`Calibration.normalised_on`), `fused_references` the
     reference columns the fusions used beside the members (`fusion.references`, resolved)."""
     final = final or cfg.final
+    shrinkage = float(OmegaConf.select(cfg, "fusion.normalisation.shrinkage", default=0.0))
     year = next(iter(results.values())).year
     fusions = [m for m in results if m in FUSIONS or m in LEARNED or m == WEIGHTED]
     fused = [m for m in results if m not in fusions and not is_reference(m)]
@@ -234,6 +235,13 @@ def summary_markdown(
             else []
         ),
         f"- label-free fusions of the members' z-scores: {', '.join(FUSIONS)}",
+        f"- z-scores: per machine/section/domain, from {normals} normals' scores; "
+        + (
+            f"each domain's mean and variance pulled towards its section's as if {shrinkage:g} more clips "
+            "showed them (fusion.normalisation.shrinkage)"
+            if shrinkage
+            else "each domain's own statistics (fusion.normalisation.shrinkage=0)"
+        ),
         f"- learned fusions ({normals} normals vs pseudo-anomalies, never test labels): "
         f"{', '.join(learned) or 'none (fusion.enabled=false)'}"
         + (f"; {WEIGHTED} (the members' z-scores weighted by each one's criterion)" * (WEIGHTED in results)),
