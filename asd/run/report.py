@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from asd.calibration import LEARNED
 from asd.data.table import ClipTable
@@ -170,6 +170,7 @@ def write_metrics(
     threshold_note: str = "",
     normals: str = "held-out",
     fused_references: Sequence[str] = (),
+    shrinkage: float = 0.0,
 ) -> None:
     """Write `metrics.csv` (per method and machine/section, plus official scores) and `summary.md`.
 
@@ -189,7 +190,16 @@ def write_metrics(
     fields = list(dict.fromkeys(k for r in rows for k in r))
     write_csv(run_dir / "metrics.csv", fields, ([fmt(r.get(k, "")) for k in fields] for r in rows))
     text = summary_markdown(
-        results, cfg, notes, weights_rows, final, decisions, threshold_note, normals, fused_references
+        results,
+        cfg,
+        notes,
+        weights_rows,
+        final,
+        decisions,
+        threshold_note,
+        normals,
+        fused_references,
+        shrinkage,
     )
     write_text_atomic(run_dir / "summary.md", text)
 
@@ -210,13 +220,14 @@ def summary_markdown(
     threshold_note: str = "",
     normals: str = "held-out",
     fused_references: Sequence[str] = (),
+    shrinkage: float = 0.0,
 ) -> str:
     """The run's summary; `final` is the method that decided (`cfg.final` unless final=auto chose),
     `decisions` its `decision_table` rows, `threshold_note` how `threshold=midpoint` set them,
     `normals` which normals calibrated (`Calibration.normalised_on`), `fused_references` the
-    reference columns the fusions used beside the members (`fusion.references`, resolved)."""
+    reference columns the fusions used beside the members (`fusion.references`, resolved),
+    `shrinkage` the one the z-score statistics were fitted with (`Calibration.shrinkage`)."""
     final = final or cfg.final
-    shrinkage = float(OmegaConf.select(cfg, "fusion.normalisation.shrinkage", default=0.0))
     year = next(iter(results.values())).year
     fusions = [m for m in results if m in FUSIONS or m in LEARNED or m == WEIGHTED]
     fused = [m for m in results if m not in fusions and not is_reference(m)]

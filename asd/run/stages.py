@@ -470,6 +470,7 @@ class Report(Stage):
             calibration.threshold_note,
             calibration.normalised_on,
             [m for m in calibration.members if is_reference(m)],
+            calibration.shrinkage,
         )
         logger = run.trainer.logger if run.trainer is not None else self.earlier_wandb_run(run)
         if logger is not None:
