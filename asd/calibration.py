@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from asd.errors import AsdError
-from asd.evaluation import decide, fit_gamma_threshold, midpoint_threshold
+from asd.evaluation import clip_far_out, decide, fit_gamma_threshold, midpoint_threshold
 from asd.fileio import torch_save_atomic
 from asd.fusion.stage import FusionState, apply_fusion
 from asd.scoring import FUSIONS, WEIGHTED, GroupNormalizer, fuse, fuse_weighted
@@ -81,7 +81,8 @@ class Calibration:
     shrinkage: float = 0.0
     #: (N,) the reference normals' left-out final scores the thresholds are fitted on
     reference_final: Tensor | None = None
-    #: how the thresholds were set when not by the gamma fit alone (`threshold=midpoint`), for the summary
+    #: how the thresholds were set when not by the gamma fit alone (`threshold=midpoint`, or far-out
+    #: scores set to the fence first: `threshold_fence`), for the summary
     threshold_note: str = ""
     #: member -> how well it alone separates left-out normals from pseudo-anomalies
     #: (`asd.fusion.select.member_criteria`); empty without pseudo-anomalies
@@ -235,15 +236,28 @@ def left_out_z(calibration: Calibration, context: Context) -> Tensor:
     return out
 
 
-def fit_thresholds(final: np.ndarray, section: Tensor, num_sections: int, percentile: float) -> Tensor:
-    """One gamma threshold per section from normals' final scores; sections without any: the pooled one."""
+def fit_thresholds(
+    final: np.ndarray, section: Tensor, num_sections: int, percentile: float, fence: float | None = None
+) -> tuple[Tensor, int]:
+    """One gamma threshold per section from normals' final scores; sections without any: the pooled one.
+
+    With `fence`, each fit first clips its scores to Q3 + fence x IQR (`clip_far_out`). Returns the
+    thresholds (num_sections,) and how many of the sections' scores were clipped.
+    """
     final = np.asarray(final, dtype=np.float64)
-    pooled = fit_gamma_threshold(final, percentile)
+
+    def fit(scores: np.ndarray) -> tuple[float, int]:
+        clipped, n = clip_far_out(scores, fence) if fence is not None else (scores, 0)
+        return fit_gamma_threshold(clipped, percentile), n
+
+    pooled, _ = fit(final)
     thresholds = np.full(num_sections, pooled, dtype=np.float64)
     section = np.asarray(section, dtype=np.int64)
+    clipped = 0
     for s in np.unique(section):
-        thresholds[s] = fit_gamma_threshold(final[section == s], percentile)
-    return torch.as_tensor(thresholds)
+        thresholds[s], n = fit(final[section == s])
+        clipped += n
+    return torch.as_tensor(thresholds), clipped
 
 
 def fit_midpoint_thresholds(

@@ -164,10 +164,31 @@ def test_thresholds_are_per_section_gamma_quantiles_with_a_pooled_one_for_empty_
     rng = np.random.default_rng(1)
     final = rng.gamma(3.0, 1.0, 40)
     section = torch.tensor([0] * 20 + [2] * 20)
-    t = fit_thresholds(final, section, num_sections=3, percentile=0.9).numpy()
+    t, clipped = fit_thresholds(final, section, num_sections=3, percentile=0.9)
+    t = t.numpy()
     assert t[0] == fit_gamma_threshold(final[:20], 0.9)
     assert t[2] == fit_gamma_threshold(final[20:], 0.9)
     assert t[1] == fit_gamma_threshold(final, 0.9)
+    assert clipped == 0
+
+
+def test_one_far_out_left_out_score_no_longer_lifts_its_sections_threshold_past_every_clip():
+    """The first-shot failure (docs/results.md): one of ten left-out normals at 4,691, the rest in
+    [-2, 1.1]. The plain gamma fit puts the threshold above every other score; the fence does not,
+    and leaves a section without far-out scores exactly as it was."""
+    first_shot = np.array([-0.11, -0.34, 4691.28, -0.51, -0.50, 1.08, -1.97, 0.55, 0.12, 0.54])
+    rng = np.random.default_rng(3)
+    calm = rng.normal(0.0, 1.0, 10)
+    final = np.concatenate([first_shot, calm])
+    section = torch.tensor([0] * 10 + [1] * 10)
+    plain, none = fit_thresholds(final, section, num_sections=2, percentile=0.9)
+    fenced, clipped = fit_thresholds(final, section, num_sections=2, percentile=0.9, fence=3.0)
+    assert none == 0 and clipped == 1
+    assert plain[0] > 100.0  # no normal-looking test clip could ever be flagged
+    q1, q3 = np.percentile(first_shot, [25, 75])
+    bounded = np.minimum(first_shot, q3 + 3.0 * (q3 - q1))
+    assert fenced[0] == fit_gamma_threshold(bounded, 0.9) < 5.0
+    assert fenced[1] == plain[1] == fit_gamma_threshold(calm, 0.9)
 
 
 def test_a_kept_member_uses_its_raw_scores_as_z_scores_everywhere(tmp_path):

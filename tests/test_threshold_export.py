@@ -13,6 +13,7 @@ import scipy.stats
 from asd.data.table import Clip
 from asd.errors import AsdError
 from asd.evaluation import (
+    clip_far_out,
     decide,
     evaluate,
     evaluate_submission,
@@ -102,6 +103,29 @@ def test_gamma_threshold_rejects_empty_and_non_finite():
         fit_gamma_threshold([])
     with pytest.raises(AsdError, match="1 scores are NaN or infinite .first at position 2"):
         fit_gamma_threshold([1.0, 2.0, float("inf")])
+
+
+def test_far_out_scores_are_set_to_tukeys_fence_by_hand():
+    # 8 scores, quartiles by linear interpolation: Q1 = 1.75, Q3 = 5.25, IQR = 3.5;
+    # fence 3: 5.25 + 10.5 = 15.75
+    scores = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 100.0]
+    clipped, n = clip_far_out(scores, 3.0)
+    np.testing.assert_allclose(clipped, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 15.75])
+    assert n == 1
+    # fence 1.5: 5.25 + 5.25 = 10.5; a score on the fence stays
+    clipped, n = clip_far_out([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 10.5], 1.5)
+    np.testing.assert_allclose(clipped, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 10.5])
+    assert n == 0
+    # below 8 scores the quartiles are single scores: unchanged
+    clipped, n = clip_far_out(scores[1:], 3.0)
+    np.testing.assert_allclose(clipped, scores[1:])
+    assert n == 0
+
+
+@pytest.mark.parametrize("fence", [-1.0, float("nan"), float("inf")])
+def test_far_out_fence_must_be_a_finite_non_negative_number(fence):
+    with pytest.raises(AsdError, match="threshold_fence"):
+        clip_far_out([1.0, 2.0, 3.0, 4.0], fence)
 
 
 def test_decide():

@@ -9,11 +9,12 @@ from asd.evaluation.export import (
 )
 from asd.evaluation.metrics import Evaluation, auc_pauc, evaluate, hmean, official_score
 from asd.evaluation.plots import plot_histograms, plot_roc
-from asd.evaluation.threshold import decide, fit_gamma_threshold, midpoint_threshold
+from asd.evaluation.threshold import clip_far_out, decide, fit_gamma_threshold, midpoint_threshold
 
 __all__ = [
     "Evaluation",
     "auc_pauc",
+    "clip_far_out",
     "decide",
     "evaluate",
     "evaluate_submission",

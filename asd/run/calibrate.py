@@ -440,9 +440,17 @@ def calibrate(
         final_t = torch.as_tensor(raw[final_name])
     final = final_t.double().numpy()
     calibration.reference_final = torch.as_tensor(final)  # threshold=midpoint's normal side
-    calibration.thresholds = fit_thresholds(
-        final, context["section"], dm.num_sections, calibration.threshold_percentile
+    fence = cfg.get("threshold_fence", None)
+    calibration.thresholds, clipped = fit_thresholds(
+        final, context["section"], dm.num_sections, calibration.threshold_percentile, fence
     )
+    if clipped:
+        calibration.threshold_note = (
+            f"gamma threshold at the {calibration.threshold_percentile:g} percentile of {len(final)} {kind} "
+            f"normals' left-out final scores per machine/section, {clipped} far-out score(s) first set "
+            f"to Q3 + {fence:g} x IQR of its section (threshold_fence)"
+        )
+        log.info("stage calibrate: thresholds: %s", calibration.threshold_note)
     log.info(
         "stage calibrate: thresholds from %d %s normals' left-out %s scores: %s",
         len(final),

@@ -338,6 +338,7 @@ class Calibrate(Stage):
             "fusion": plain(cfg.fusion),
             "final": cfg.final,
             "threshold_percentile": float(cfg.threshold_percentile),
+            "threshold_fence": cfg.get("threshold_fence", None),
             "threshold": cfg.get("threshold", "gamma"),
             "validation_anomalies": plain(cfg.get("validation_anomalies")),
         }

@@ -147,6 +147,8 @@ def midpoint_thresholds(run: Any) -> None:
             f"; {fell} had no labelled anomalies: gamma threshold at the "
             f"{calibration.threshold_percentile:g} percentile there"
         )
+        if calibration.threshold_note:  # how the gamma fit went (far-out scores clipped: threshold_fence)
+            note += f" ({calibration.threshold_note})"
         log.warning(
             "stage calibrate: threshold=midpoint: %s have no labelled anomalous validation clips: "
             "gamma thresholds there",
