@@ -266,21 +266,28 @@ def fit_midpoint_thresholds(
     normal_section: Tensor,
     anomalous: np.ndarray,
     anomalous_section: Tensor,
-) -> tuple[Tensor, list[int]]:
+    fence: float | None = None,
+) -> tuple[Tensor, list[int], int]:
     """Per section, the midpoint between its normals' and its labelled anomalies' mean final score.
 
-    A section without labelled anomalies (or without normals) keeps its `gamma` threshold; returns
-    the thresholds (num_sections,) and those sections.
+    A section without labelled anomalies (or without normals) keeps its `gamma` threshold. With
+    `fence`, a section's normals are first clipped to Q3 + fence x IQR (`clip_far_out`), as for the
+    gamma fit: one far-out left-out score would otherwise carry the mean, and the midpoint, with it.
+    Returns the thresholds (num_sections,), the sections that kept gamma, and how many normal
+    scores were clipped.
     """
     thresholds = gamma.clone().double()
     normal, anomalous = np.asarray(normal, dtype=np.float64), np.asarray(anomalous, dtype=np.float64)
     normal_section = np.asarray(normal_section, dtype=np.int64)
     anomalous_section = np.asarray(anomalous_section, dtype=np.int64)
-    kept = []
+    kept, clipped = [], 0
     for s in range(len(thresholds)):
         n, a = normal[normal_section == s], anomalous[anomalous_section == s]
         if n.size and a.size:
+            if fence is not None:
+                n, c = clip_far_out(n, fence)
+                clipped += c
             thresholds[s] = midpoint_threshold(n, a)
         else:
             kept.append(s)
-    return thresholds, kept
+    return thresholds, kept, clipped

@@ -109,10 +109,22 @@ def test_midpoint_thresholds_per_section_and_gamma_where_no_anomaly():
     normal_section = torch.tensor([0, 0, 1, 1, 2])
     anomalous = np.array([6.0, 8.0, 5.0])
     anomalous_section = torch.tensor([0, 0, 1])
-    t, kept = fit_midpoint_thresholds(gamma, normal, normal_section, anomalous, anomalous_section)
+    t, kept, clipped = fit_midpoint_thresholds(gamma, normal, normal_section, anomalous, anomalous_section)
     assert t.tolist() == [(1.0 + 7.0) / 2, (2.5 + 5.0) / 2, 30.0]
-    assert kept == [2]
+    assert kept == [2] and clipped == 0
     assert gamma.tolist() == [10.0, 20.0, 30.0]  # the gamma thresholds are not changed in place
+
+
+def test_midpoint_takes_the_normals_mean_after_the_far_out_fence():
+    """8 normals, one far out: Q1 1.75, Q3 5.25, fence 3 -> 15.75; mean (21 + 15.75) / 8; anomalies 20."""
+    gamma = torch.tensor([10.0], dtype=torch.float64)
+    normal = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 100.0])
+    section = torch.zeros(8, dtype=torch.long)
+    args = (gamma, normal, section, np.array([20.0]), torch.tensor([0]))
+    plain, _, none = fit_midpoint_thresholds(*args)
+    fenced, _, clipped = fit_midpoint_thresholds(*args, fence=3.0)
+    assert none == 0 and plain.tolist() == [(121.0 / 8 + 20.0) / 2]  # 17.6: above 7 of 8 normals by 11+
+    assert clipped == 1 and fenced.tolist() == [((21.0 + 15.75) / 8 + 20.0) / 2]
 
 
 def test_a_calibration_written_before_these_fields_still_loads(tmp_path):

@@ -128,12 +128,14 @@ def midpoint_thresholds(run: Any) -> None:
         run_copies(run),
     )
     normals, kind = cal.reference_normals(dm, warn=False)
-    calibration.thresholds, gamma = fit_midpoint_thresholds(
+    fence = cfg.get("threshold_fence", None)
+    calibration.thresholds, gamma, clipped = fit_midpoint_thresholds(
         calibration.thresholds,
         calibration.reference_final.numpy(),
         context_of(normals)["section"],
         columns["final"],
         labels["section"],
+        fence,
     )
     names = cal.section_names(dm)
     note = (
@@ -141,6 +143,11 @@ def midpoint_thresholds(run: Any) -> None:
         f"score of {kind} normals and the mean of {len(clips)} labelled anomalous validation clips, "
         "per machine/section"
     )
+    if clipped:
+        note += (
+            f"; {clipped} far-out normal score(s) first set to Q3 + {fence:g} x IQR of its section "
+            "(threshold_fence)"
+        )
     if gamma:
         fell = ", ".join(names[s] for s in gamma)
         note += (
