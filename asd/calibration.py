@@ -236,6 +236,14 @@ def left_out_z(calibration: Calibration, context: Context) -> Tensor:
     return out
 
 
+def gamma_note(percentile: float, normals: str) -> str:
+    """The summary's words for `fit_thresholds`' thresholds; `normals` names the normals (count, kind)."""
+    return (
+        f"gamma threshold at the {percentile:g} percentile of {normals} normals' left-out final scores "
+        "per machine/section"
+    )
+
+
 def fit_thresholds(
     final: np.ndarray, section: Tensor, num_sections: int, percentile: float, fence: float | None = None
 ) -> tuple[Tensor, int]:

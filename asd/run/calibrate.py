@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from asd.anomalies import AnomalyConfig, PseudoAnomalies, PseudoAnomalyDataset, anomaly_config
-from asd.calibration import Calibration, fit_normalizers, fit_thresholds, left_out_z
+from asd.calibration import Calibration, fit_normalizers, fit_thresholds, gamma_note, left_out_z
 from asd.data.datamodule import AsdDataModule, ClipDataset, join_rows
 from asd.ensemble import REFERENCES, Ensemble
 from asd.errors import AsdError
@@ -446,9 +446,9 @@ def calibrate(
     )
     if clipped:
         calibration.threshold_note = (
-            f"gamma threshold at the {calibration.threshold_percentile:g} percentile of {len(final)} {kind} "
-            f"normals' left-out final scores per machine/section, {clipped} far-out score(s) first set "
-            f"to Q3 + {fence:g} x IQR of its section (threshold_fence)"
+            gamma_note(calibration.threshold_percentile, f"{len(final)} {kind}")
+            + f", {clipped} far-out score(s) first set to Q3 + {fence:g} x IQR of its section "
+            "(threshold_fence)"
         )
         log.info("stage calibrate: thresholds: %s", calibration.threshold_note)
     log.info(

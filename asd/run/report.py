@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from asd.calibration import LEARNED
+from asd.calibration import LEARNED, gamma_note
 from asd.data.table import ClipTable
 from asd.ensemble import is_reference
 from asd.errors import AsdError
@@ -259,11 +259,7 @@ def summary_markdown(
         f"- final score: `{final}`"
         + (" (chosen by final=auto)" if cfg.final == "auto" else "")
         + "; decisions: "
-        + (
-            threshold_note
-            or f"gamma threshold at the {cfg.threshold_percentile:g} percentile of {normals} "
-            "normals' left-out final scores per machine/section"
-        ),
+        + (threshold_note or gamma_note(cfg.threshold_percentile, normals)),
         *(f"- {note}" for note in notes),
         "",
         "| method | official score |",
