@@ -244,6 +244,11 @@ def gamma_note(percentile: float, normals: str) -> str:
     )
 
 
+def fence_note(clipped: int, fence: float, scores: str = "score") -> str:
+    """The summary's words for what `threshold_fence` clipped before a threshold fit."""
+    return f"{clipped} far-out {scores}(s) first set to Q3 + {fence:g} x IQR of its section (threshold_fence)"
+
+
 def fit_thresholds(
     final: np.ndarray, section: Tensor, num_sections: int, percentile: float, fence: float | None = None
 ) -> tuple[Tensor, int]:

@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
@@ -48,7 +50,6 @@ sys.path.insert(0, str(REPO))
 from asd.data.index import index_dataset  # noqa: E402
 from asd.data.synthetic import KINDS_FILE, SyntheticConfig, ensure_synthetic  # noqa: E402
 from asd.evaluation import evaluate  # noqa: E402
-from asd.features import LogMel  # noqa: E402
 from asd.scoring import MahalanobisBackend  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -57,9 +58,16 @@ METHODS = ("mean", "std", "mean+std", "supervised linear")
 FIRST_SHOT = {"machines": ("valve",), "sections": 1, "source_train": 8, "target_train": 2, "duration": 10.0}
 
 
+def reference_settings() -> DictConfig:
+    """The `stats` reference's node of the default config (front end and Mahalanobis settings)."""
+    node = OmegaConf.load(REPO / "conf" / "branches" / "default.yaml").stats
+    OmegaConf.resolve(node)  # the front end's sample rate: 16 kHz outside a run's data config
+    return node
+
+
 def clip_statistics(paths: list[str], batch: int = 64) -> dict[str, torch.Tensor]:
-    """Per-bin statistics of each clip's log-mel (the `stats` reference's settings), (N, 128) each."""
-    frontend = LogMel(sample_rate=16000, n_fft=1024, hop_length=512, n_mels=128)
+    """Per-bin statistics of each clip's log-mel (the `stats` reference's front end), (N, n_mels) each."""
+    frontend = instantiate(reference_settings().frontend)
     specs = []
     for i in range(0, len(paths), batch):
         wave = torch.from_numpy(np.stack([sf.read(p, dtype="float32")[0] for p in paths[i : i + batch]]))
@@ -78,7 +86,10 @@ def mahalanobis(
     x: torch.Tensor, train: torch.Tensor, section: torch.Tensor, domain: torch.Tensor
 ) -> np.ndarray:
     """The `stats` reference's score of the test rows (~train) against the training rows."""
-    backend = MahalanobisBackend(shrinkage="auto", per_domain=True, covariance="pooled", calibrate=True)
+    ref = reference_settings()
+    backend = MahalanobisBackend(
+        shrinkage=ref.shrinkage, per_domain=True, covariance=ref.covariance, calibrate=ref.calibrate
+    )
     backend.fit(x[train], section[train], domain[train])
     return backend.score(x[~train], section[~train]).double().numpy()
 

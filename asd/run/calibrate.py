@@ -25,7 +25,14 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from asd.anomalies import AnomalyConfig, PseudoAnomalies, PseudoAnomalyDataset, anomaly_config
-from asd.calibration import Calibration, fit_normalizers, fit_thresholds, gamma_note, left_out_z
+from asd.calibration import (
+    Calibration,
+    fence_note,
+    fit_normalizers,
+    fit_thresholds,
+    gamma_note,
+    left_out_z,
+)
 from asd.data.datamodule import AsdDataModule, ClipDataset, join_rows
 from asd.ensemble import REFERENCES, Ensemble
 from asd.errors import AsdError
@@ -447,8 +454,8 @@ def calibrate(
     if clipped:
         calibration.threshold_note = (
             gamma_note(calibration.threshold_percentile, f"{len(final)} {kind}")
-            + f", {clipped} far-out score(s) first set to Q3 + {fence:g} x IQR of its section "
-            "(threshold_fence)"
+            + ", "
+            + fence_note(clipped, fence)
         )
         log.info("stage calibrate: thresholds: %s", calibration.threshold_note)
     log.info(

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from asd.calibration import fit_midpoint_thresholds
+from asd.calibration import fence_note, fit_midpoint_thresholds
 from asd.data.audio import Decoded
 from asd.data.datamodule import AsdDataModule, ClipDataset, WaveStore, label_tensors
 from asd.data.table import Clip, ClipTable
@@ -144,10 +144,7 @@ def midpoint_thresholds(run: Any) -> None:
         "per machine/section"
     )
     if clipped:
-        note += (
-            f"; {clipped} far-out normal score(s) first set to Q3 + {fence:g} x IQR of its section "
-            "(threshold_fence)"
-        )
+        note += "; " + fence_note(clipped, fence, "normal score")
     if gamma:
         fell = ", ".join(names[s] for s in gamma)
         note += (
