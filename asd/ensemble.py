@@ -342,7 +342,9 @@ class Ensemble(L.LightningModule):
                 raise AsdError(f"member {name}: configure_optimizers must return one optimizer")
             optimizers.append(opt)
             if name in self.scheduler_factories:
-                sched = self.scheduler_factories[name](opt)
+                factory = self.scheduler_factories[name]  # asd.run.build.BudgetScheduler: a length `auto`
+                budget = getattr(factory, "needs_budget", False)
+                sched = factory(opt, self.trainer, len(self.trainable)) if budget else factory(opt)
                 if not isinstance(sched, LRScheduler) or isinstance(sched, ReduceLROnPlateau):
                     raise AsdError(
                         f"branches.{name}.scheduler made {type(sched).__name__}: give a torch LRScheduler "

@@ -19,7 +19,14 @@ from pytorch_lightning.accelerators import CUDAAccelerator
 
 from asd.config import validate
 from asd.ensemble import Ensemble
-from asd.run.build import build_datamodule, build_ensemble, build_logger, build_trainer, data_facts
+from asd.run.build import (
+    BudgetScheduler,
+    build_datamodule,
+    build_ensemble,
+    build_logger,
+    build_trainer,
+    data_facts,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -119,6 +126,9 @@ def test_every_option_composes_validates_and_builds(
     assert len(dm.tables["fit"]) and len(dm.tables["test"])
     ensemble = build_ensemble(cfg, data_facts(dm))
     assert isinstance(ensemble, Ensemble) and list(ensemble.members)
+    # lr_schedule=cosine: every trained member but the baseline AE decays over each fit's own steps
+    scheduled = {n for n, f in ensemble.scheduler_factories.items() if isinstance(f, BudgetScheduler)}
+    assert scheduled == set(ensemble.trainable) - {"dcase_ae"}
     logger = build_logger(cfg, tmp_path / "run")
     if cfg.trainer.accelerator in ("gpu", "cuda"):
         # built as it would be on a CUDA machine, never run here

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from asd.branches.pretrained import ScratchAST
 from asd.config import SCHEMAS, validate, validate_member
 from asd.errors import AsdError
+from asd.run.build import plain
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 #: what an option needs besides itself: a data folder (never read here) and MIMII's split size
@@ -69,6 +70,22 @@ def test_ensemble_keys_of_members_are_accepted():
     )
 
 
+def test_lr_schedule_is_every_trainable_members_scheduler_unless_one_says_otherwise():
+    def schedules(*overrides: str) -> dict[str, object]:
+        cfg = compose_cfg(*overrides)
+        validate(cfg)
+        return {n: plain(node.scheduler) for n, node in cfg.branches.items() if "scheduler" in node}
+
+    members = ["b1", "b2", "b3", "b4", "b5", "b6", "b7"]  # stats trains nothing
+    assert schedules() == {**dict.fromkeys(members, "cosine"), "dcase_ae": "constant"}  # the baseline's lr
+    assert schedules("branches.b2.scheduler=constant")["b2"] == "constant"
+    assert set(schedules("lr_schedule=constant").values()) == {"constant"}
+    assert set(schedules("lr_schedule=null").values()) == {None, "constant"}
+    step = {"_target_": "torch.optim.lr_scheduler.StepLR", "_partial_": True, "step_size": 5}
+    override = "lr_schedule={_target_:torch.optim.lr_scheduler.StepLR,_partial_:true,step_size:5}"
+    assert schedules(override)["b7"] == step
+
+
 def test_logger_nodes_need_a_target():
     cfg = compose_cfg()
     cfg.logger = OmegaConf.create({"_target_": "pytorch_lightning.loggers.CSVLogger", "name": "logs"})
@@ -105,7 +122,8 @@ def test_logger_nodes_need_a_target():
         ("branches.b2.dim=true", "branches.b2.dim=True: expected an integer >= 1"),
         ("+branches.b2.dimm=3", "branches.b2.dimm=3: unknown key; did you mean 'dim'?"),
         ("branches.b2.gradient_clip=0", "branches.b2.gradient_clip=0: expected a number > 0 or null"),
-        ("branches.b2.scheduler=5", "branches.b2.scheduler=5: expected a mapping"),
+        ("branches.b2.scheduler=5", "branches.b2.scheduler=5: expected 'cosine', 'constant' or a _partial_"),
+        ("lr_schedule=cosin", "lr_schedule='cosin': expected 'cosine', 'constant' or a _partial_ torch"),
         ("branches.b3.channels=[]", "branches.b3.channels=[]: expected a non-empty list of integers >= 1"),
         ("branches.b3.balance=2.0", "branches.b3.balance=2.0: expected a number in [0, 1]"),
         (

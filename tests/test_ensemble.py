@@ -1,6 +1,7 @@
 import copy
 import functools
 import logging
+import math
 from collections import defaultdict
 
 import pytest
@@ -18,6 +19,7 @@ from asd.diagnostics import StepRecorder
 from asd.ensemble import BRANCHES, Ensemble, select_branches, select_frozen
 from asd.errors import AsdError
 from asd.features import LogMel
+from asd.run.build import build_scheduler
 
 SAMPLES = 4000  # 0.25 s at 16 kHz
 
@@ -236,6 +238,52 @@ def test_member_scheduler_moves_its_lr_by_the_hand_computed_sequence(factory, ex
     # logged: the lr the last step used, before its scheduler step
     assert trainer.callback_metrics["train/b2/lr"].item() == pytest.approx(expected(4))
     assert "train/dcase_ae/lr" not in trainer.callback_metrics
+
+
+COSINE = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "_partial_": True, "T_max": "auto"}
+
+
+@pytest.mark.parametrize(
+    "limits, n_batches, steps",
+    [
+        # max_steps counts both members' steps (manual optimisation): 10 global steps = 5 per member
+        ({"max_steps": 10}, 5, 5),
+        ({"max_steps": -1, "max_epochs": 2}, 3, 6),  # 2 epochs of 3 batches
+        ({"max_steps": 8, "max_epochs": 3}, 3, 4),  # the steps cap the epochs
+    ],
+    ids=["max_steps", "epochs", "capped"],
+)
+def test_an_auto_length_schedule_ends_with_the_fit(limits, n_batches, steps):
+    factory = build_scheduler(COSINE, "branches.b2.scheduler")
+    ensemble = Ensemble(sgd_members(0.1), schedulers={"b2": factory, "dcase_ae": None})
+    lrs = LearningRates()
+    trainer = quick_trainer(callbacks=[lrs], **limits)
+    trainer.fit(ensemble, DataLoader(batches(n_batches), batch_size=None))
+    # cosine from 0.1 to 0 over exactly the fit's steps of b2: the last step brings it to 0
+    expected = [0.05 * (1 + math.cos(math.pi * k / steps)) for k in range(1, steps + 1)]
+    assert lrs.lrs["b2"] == pytest.approx(expected, abs=1e-12)
+    assert ensemble.member_schedulers()["b2"].T_max == steps
+    assert lrs.lrs["dcase_ae"] == [1e-3] * steps
+
+
+def test_an_auto_length_needs_a_fit_with_an_end():
+    ensemble = Ensemble(sgd_members(0.1), schedulers={"b2": build_scheduler(COSINE, "branches.b2.scheduler")})
+    with pytest.raises(AsdError, match=r"branches.b2.scheduler: T_max=auto needs a finite training length"):
+        quick_trainer(-1, max_epochs=-1).fit(ensemble, DataLoader(batches(2), batch_size=None))
+
+
+@pytest.mark.parametrize(
+    "node, message",
+    [
+        ({**COSINE, "T_max": "auto", "total_iters": "auto"}, "T_max and total_iters are both auto"),
+        ({**COSINE, "_target_": "torch.optim.lr_scheduler.CosineAnnealingLRR"}, "cannot be imported"),
+        ({**COSINE, "eta_mn": 0.0}, "cannot build torch.optim.lr_scheduler.CosineAnnealingLR"),
+    ],
+    ids=["two-auto", "bad-target", "bad-argument"],
+)
+def test_a_bad_auto_length_node_fails_when_built_naming_the_key(node, message):
+    with pytest.raises(AsdError, match=rf"branches.b2.scheduler.*{message}"):
+        build_scheduler(node, "branches.b2.scheduler")
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,7 @@ def validate(cfg: DictConfig) -> None:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "config"
         raise AsdError(f"{key}: cannot be resolved ({str(e).splitlines()[0]})") from None
-    _check(TrainConfig, values, ())
+    _check(TrainConfig, values, (), OmegaConf.to_container(cfg, resolve=False))
 
 
 def validate_member(name: str, node: Mapping[str, Any]) -> None:
@@ -46,19 +46,37 @@ def validate_member(name: str, node: Mapping[str, Any]) -> None:
     _check(SCHEMAS[name], values, ("branches", name))
 
 
-def _check(model: type[BaseModel], values: Any, prefix: tuple) -> None:
+def _check(model: type[BaseModel], values: Any, prefix: tuple, raw: Any = None) -> None:
+    """Raise one AsdError listing every bad key of `values`. With `raw` (the unresolved config), a
+    key that only copies another bad key (`scheduler: ${lr_schedule}`) is left to that key's line."""
     missing = [prefix + loc for loc in _missing(values)]
     problems = [f"{_dotted(loc)}: no value ({MISSING}); set it, e.g. {_dotted(loc)}=..." for loc in missing]
+    found: dict[tuple, str] = {}
     try:
         model.model_validate(values)
     except ValidationError as e:
         for err in e.errors():
             loc = prefix + tuple(err["loc"])
             if not any(loc[: len(m)] == m for m in missing):  # a `???` is reported once, above
-                problems.append(_explain(model, err, loc, len(prefix)))
+                found.setdefault(loc, _explain(model, err, loc, len(prefix)))
+    for loc, line in found.items():
+        copied = _copied_key(raw, loc)
+        if not (copied and any(f"{_dotted(o)}.".startswith(f"{copied}.") for o in found if o != loc)):
+            problems.append(line)
     if problems:
         s = "" if len(problems) == 1 else "s"
         raise AsdError(f"invalid config ({len(problems)} key{s}):\n  " + "\n  ".join(problems))
+
+
+def _copied_key(raw: Any, loc: tuple) -> str | None:
+    """The key that the unresolved config's value at `loc` (or above it) copies whole (`${key}`)."""
+    for part in loc:
+        if not isinstance(raw, dict) or part not in raw:
+            return None
+        raw = raw[part]
+        if isinstance(raw, str) and raw.startswith("${") and raw.endswith("}") and ":" not in raw:
+            return raw[2:-1]
+    return None
 
 
 def _missing(values: Any, loc: tuple = ()) -> list[tuple]:

@@ -117,6 +117,17 @@ class Partial(Target):
     partial: value("true (it gets runtime arguments)", lambda v: v is True) = Field(alias="_partial_")
 
 
+#: a learning-rate schedule: a name (`asd.run.build.SCHEDULES`), or a `_partial_` torch scheduler node
+Schedule = value(
+    "'cosine', 'constant' or a _partial_ torch LR scheduler node ({_target_: ..., _partial_: true})",
+    lambda v: (
+        v in ("cosine", "constant")
+        or (isinstance(v, dict) and isinstance(v.get("_target_"), str) and v.get("_partial_") is True)
+    ),
+    null=True,
+)
+
+
 class Member(Node):
     """Keys every `branches.<name>` node may have; the ensemble, not the member, uses the last three."""
 
@@ -124,7 +135,7 @@ class Member(Node):
     optimizer: Partial | None = None
     loss_weight: Weight = 1.0
     gradient_clip: number(gt=0, null=True) = None
-    scheduler: Partial | None = None
+    scheduler: Schedule = None
 
 
 class B1(Member):
@@ -576,6 +587,7 @@ class TrainConfig(Node):
     steps: integer(ge=1, null=True) = (
         None  # the training budget in optimizer steps (null: trainer.max_epochs)
     )
+    lr_schedule: Schedule = "cosine"  # every member's scheduler unless branches.<m>.scheduler is set
     resume: Flag = False
     checkpoint: Checkpoint = Checkpoint()
     crossfit: CrossFit = CrossFit()

@@ -51,6 +51,62 @@ log = logging.getLogger(__name__)
 
 #: keys of a member's node that are the ensemble's business, not the member constructor's
 ENSEMBLE_KEYS = ("loss_weight", "gradient_clip", "scheduler")
+#: the length arguments of torch's schedulers (CosineAnnealingLR, OneCycleLR, LinearLR and
+#: PolynomialLR) that a scheduler node may set to `auto`: the fit's optimizer steps per member
+BUDGET_KEYS = ("T_max", "total_steps", "total_iters")
+#: the schedules `lr_schedule` and `branches.<m>.scheduler` may name: a scheduler node, or None (constant)
+SCHEDULES: dict[str, dict[str, Any] | None] = {
+    "cosine": {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "_partial_": True, "T_max": "auto"},
+    "constant": None,
+}
+
+
+class BudgetScheduler:
+    """A scheduler node whose length is `auto`: built by each fit with that fit's optimizer steps per
+    member, so the schedule ends with the training however `trainer.max_epochs`, `steps` or a
+    cross-fit copy's smaller data set set its length."""
+
+    #: `Ensemble.configure_optimizers` calls `factory(optimizer, trainer, members)` on factories saying so
+    needs_budget = True
+
+    def __init__(self, node: dict[str, Any], key: str, where: str):
+        self.node, self.key, self.where = node, key, where
+
+    def __call__(self, optimizer: torch.optim.Optimizer, trainer: L.Trainer, members: int) -> Any:
+        return build({**self.node, self.key: self.steps(trainer, members)}, self.where)(optimizer)
+
+    def steps(self, trainer: L.Trainer, members: int) -> int:
+        """Optimizer steps per member of this fit: Lightning's `estimated_stepping_batches` (epochs x
+        batches, capped by `max_steps`), where `max_steps` counts every member's step (manual
+        optimisation steps `members` optimizers per batch)."""
+        steps = trainer.estimated_stepping_batches
+        if trainer.max_steps != -1:
+            steps = min(steps, trainer.max_steps / members)
+        if not math.isfinite(steps):
+            raise AsdError(
+                f"{self.where}: {self.key}=auto needs a finite training length, but the trainer has no "
+                "end (trainer.max_epochs=-1 and no max_steps); set steps or trainer.max_epochs, or give "
+                f"{self.key} a number"
+            )
+        return max(1, math.ceil(steps))
+
+    def __repr__(self) -> str:
+        return f"{self.node['_target_']}({self.key}=auto)"
+
+
+def build_scheduler(node: dict[str, Any], where: str) -> Any:
+    """The scheduler factory of a `branches.<m>.scheduler` node (`_partial_`): Hydra's partial, or a
+    `BudgetScheduler` when one length argument (`BUDGET_KEYS`) is `auto`. Tried once on a stand-in
+    optimizer, so a bad argument fails here naming the key, not when the fit starts."""
+    auto = [k for k in BUDGET_KEYS if node.get(k) == "auto"]
+    if len(auto) > 1:
+        raise AsdError(f"{where}: {' and '.join(auto)} are both auto; give one of them the run's length")
+    factory = build({**node, auto[0]: 1} if auto else node, where)
+    try:
+        factory(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0))
+    except Exception as e:  # the scheduler's own complaint (an unknown or bad argument)
+        raise AsdError(f"{where}: cannot build {node.get('_target_')}: {e}") from e
+    return BudgetScheduler(node, auto[0], where) if auto else factory
 
 
 def plain(node: Any) -> Any:
@@ -199,10 +255,14 @@ def build_ensemble(cfg: DictConfig, facts: dict[str, Any]) -> Ensemble:
     for names_sharing in share_frontends(members).values():
         log.info("one log-mel per batch for %s (the same settings)", ", ".join(names_sharing))
     nodes = {n: plain(cfg.branches[n]) for n in names}
+    # a name (lr_schedule's default is "cosine") stands for its node; "constant" and null for none
+    chosen = {n: node.get("scheduler") for n, node in nodes.items()}
+    chosen = {n: SCHEDULES.get(s, s) if isinstance(s, str) else s for n, s in chosen.items()}
+    # a frozen member takes no optimizer steps: lr_schedule is every member's, so no warning for it
     schedulers = {
-        n: build(node["scheduler"], f"branches.{n}.scheduler")
-        for n, node in nodes.items()
-        if node.get("scheduler")
+        n: build_scheduler(node, f"branches.{n}.scheduler")
+        for n, node in chosen.items()
+        if node and n not in frozen
     }
     ensemble = Ensemble(
         members,
@@ -212,6 +272,11 @@ def build_ensemble(cfg: DictConfig, facts: dict[str, Any]) -> Ensemble:
         gradient_clip={n: node.get("gradient_clip") for n, node in nodes.items()},
         schedulers=schedulers,
     )
+    same: dict[str, list[str]] = {}  # the trained members with the same schedule, said in one line
+    for n in ensemble.trainable:
+        same.setdefault(json.dumps(chosen[n], sort_keys=True) if chosen[n] else "constant", []).append(n)
+    for text, names_sharing in same.items():
+        log.info("LR schedule of %s: %s", ", ".join(names_sharing), text)
     for name, path in (cfg.get("ckpt") or {}).items():
         ensemble.load_member(name, path)
     ensemble.fused_references = fused_references(cfg, ensemble)
