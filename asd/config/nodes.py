@@ -584,9 +584,7 @@ class TrainConfig(Node):
     validation_anomalies: Annotated[Any, PlainValidator(_validation_anomalies)] = None
     year: choice(*YEARS, null=True) = None  # null: the data's layout, data.year, else 2023
     seed: Seed = 0
-    steps: integer(ge=1, null=True) = (
-        None  # the training budget in optimizer steps (null: trainer.max_epochs)
-    )
+    steps: integer(ge=1, null=True) = None  # the training budget in optimizer steps (null: max_epochs)
     lr_schedule: Schedule = "cosine"  # every member's scheduler unless branches.<m>.scheduler is set
     resume: Flag = False
     checkpoint: Checkpoint = Checkpoint()

@@ -90,9 +90,6 @@ class BudgetScheduler:
             )
         return max(1, math.ceil(steps))
 
-    def __repr__(self) -> str:
-        return f"{self.node['_target_']}({self.key}=auto)"
-
 
 def build_scheduler(node: dict[str, Any], where: str) -> Any:
     """The scheduler factory of a `branches.<m>.scheduler` node (`_partial_`): Hydra's partial, or a
