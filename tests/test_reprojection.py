@@ -222,6 +222,52 @@ def test_score_pools():
     assert torch.allclose(pool_scores(prob, "topk", 0.5), torch.tensor([0.6, 0.2]))  # the top 2 of 4
 
 
+def test_error_scores_rank_a_changed_spectrum_above_the_training_normals(caplog):
+    torch.manual_seed(0)
+    m = tiny(score_mode="mahalanobis")
+    assert m.needs_backend and m.calibrated and not tiny().needs_backend  # "mask" fits nothing
+    train = tones(16, seed=0)
+    steps(m, train, 6)  # 3 steps of each stage
+    m.eval()
+    with pytest.raises(AsdError, match="needs fit_backend"):
+        m.score(train)
+    with torch.no_grad():
+        m.fit_backend(m.backend_features(train), {k: train[k] for k in ("section", "domain")})
+        normal, odd = tones(8, seed=1), tones(8, seed=2)
+        t = torch.arange(T) / SR
+        odd["wave"] = odd["wave"] + odd["wave"].std(dim=1, keepdim=True) * torch.sin(2 * math.pi * 3000 * t)
+        scores = m.score({k: torch.cat([normal[k], odd[k]]) for k in normal})
+        # the score is the error profile's distance: input - x_s averaged over frames, per mel bin
+        x = m.stats.normalise(m.spectrogram(normal))
+        profile = (m.spectrogram(normal) - m.stats.denormalise(m.reproject(x).x_s)).mean(dim=2)
+        assert torch.allclose(m.backend_features(normal), profile, atol=1e-5)
+        assert torch.allclose(scores[:8], m.backend.score(profile, normal["section"]), atol=1e-5)
+        mse = tiny(score_mode="mse")
+        mse.load_state_dict(m.state_dict(), strict=False)
+        assert torch.allclose(mse.eval().score(normal), (m.reproject(x).x_s - x).pow(2).mean(dim=(1, 2)))
+    assert scores[8:].min() > scores[:8].max()  # a 3 kHz tone the normals never had
+    assert "ended in stage 1" not in caplog.text
+
+
+def test_a_fit_that_ends_in_stage_one_draws_x_s_with_the_stage_one_decoder(caplog):
+    torch.manual_seed(0)
+    m = tiny(stage1_steps=3, score_mode="mahalanobis")
+    batch = tones(4)
+    steps(m, batch, 3)  # stage 1 only: the object decoder is still its random start
+    m.eval()
+    with torch.no_grad():
+        x = m.stats.normalise(m.spectrogram(batch))
+        drawn = m.decoder(m.codebook.lookup(m.quantise(x)[1], detach=True))
+        assert torch.equal(m.reproject(x).x_s, m._crop(drawn, x))
+        m.fit_backend(m.backend_features(batch), {k: batch[k] for k in ("section", "domain")})
+    assert "b6: the fit ended in stage 1 (3 training steps, stage1_steps=3)" in caplog.text
+    steps(m, batch, 1)  # the first stage-2 step copies the decoder; x_s is the object decoder's from now on
+    m.eval()
+    with torch.no_grad():
+        m.object_decoder[0].weight.add_(1.0)
+        assert not torch.equal(m.reproject(x).x_s, m._crop(drawn, x))
+
+
 def test_focal_loss_is_cross_entropy_at_gamma_zero_and_smaller_above():
     logits, target = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 0.0])
     ce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
@@ -230,7 +276,12 @@ def test_focal_loss_is_cross_entropy_at_gamma_zero_and_smaller_above():
 
 
 @pytest.mark.parametrize(
-    ("kw", "key"), [({"strategy": "blobs"}, "strategy"), ({"score_pool": "median"}, "score_pool")]
+    ("kw", "key"),
+    [
+        ({"strategy": "blobs"}, "strategy"),
+        ({"score_pool": "median"}, "score_pool"),
+        ({"score_mode": "l1"}, "score_mode"),
+    ],
 )
 def test_bad_arguments_are_clear_errors(kw, key):
     with pytest.raises(AsdError, match=f"branches.b6.{key}"):
@@ -262,4 +313,9 @@ def test_branch_b6_composes_validates_and_builds_from_the_real_config(tmp_path):
         member = build_member("b6", cfg, {"num_samples": 16000, "sample_rate": 16000})
         assert isinstance(member, ReprojectionBranch)
         assert member.stage1_steps == cfg.branches.b6.stage1_steps
+        assert member.score_mode == cfg.branches.b6.score_mode == "mahalanobis" and member.needs_backend
+        clips = tones(4, samples=16000)
+        member.eval().fit_backend(
+            member.backend_features(clips), {"section": clips["section"], "domain": clips["domain"]}
+        )
         assert member.score(tones(2, samples=16000)).shape == (2,)

@@ -17,9 +17,11 @@ cell's code is replaced by another codebook entry.
   *unmodified* spectrogram (and the restricted features to the unmodified codes), so it only
   learns to draw normal sound.
 - the mask predictor sees (x_g, x_s) and is trained with a focal loss against the injected mask.
-The score runs the same path without injection and pools the predicted mask (`score_pool`:
-mean, max, or the mean of the top `topk` fraction of bins). z = quantised features averaged
-over the code grid.
+The score (`score_mode`) runs the same path without injection: "mask" pools the predicted mask
+(`score_pool`: mean, max, or the mean of the top `topk` fraction of bins), as DSR does; "mse" is
+the mean squared error of x_s, and "mahalanobis" the Mahalanobis distance of x_s's error profile
+to the section's source and target models (`asd.branches.error_profile`, as b2, b4 and b7 score).
+z = quantised features averaged over the code grid.
 
 Choices:
 - One run, two stages: `loss` counts its train-mode calls in the buffer `steps` (saved in
@@ -43,6 +45,8 @@ Choices:
   and the restriction net is the identity (its last convolution starts at zero), so x_s starts
   equal to x_g and stage 2 learns only to pull the injected cells back to normal codes; from
   scratch, a small model's x_s stays too blurred in a short budget for the mask to be found.
+  Until that step x_s is drawn by the stage-1 decoder, so a fit that ends in stage 1 (first-shot:
+  10 optimizer steps) scores as a VQ autoencoder, and `fit_backend` warns that it did.
 - Injection: a masked cell gets code (c + r) mod K with r uniform in 1..K-1, so every masked
   cell changes and no cell outside the mask does (its vector is bit-identical).
 - Any length: fully convolutional; the spectrogram is zero-padded (the bin mean) at the
@@ -73,6 +77,7 @@ from torch.optim import Optimizer
 
 from asd.anomalies import AnomalyConfig, _band_mask, _blob_mask
 from asd.branches.base import Branch, OptimizerFactory
+from asd.branches.error_profile import SCORE_MODES, ErrorProfileScoring
 from asd.errors import AsdError
 from asd.features import BinStats, probe_length
 from asd.fileio import write_atomic
@@ -207,8 +212,8 @@ class Reprojection(NamedTuple):
     quantised: Tensor  # unmodified quantised features (B, D, h, w)
 
 
-class ReprojectionBranch(Branch):
-    """b6: VQ autoencoder, then code-space anomalies, x_g / x_s decoders and a mask predictor; pooled mask."""
+class ReprojectionBranch(ErrorProfileScoring, Branch):
+    """b6: VQ autoencoder, then code-space anomalies, x_g / x_s decoders and a mask predictor."""
 
     name = "b6"
     needs_backend = False
@@ -232,6 +237,7 @@ class ReprojectionBranch(Branch):
         focal_gamma: float = 2.0,
         score_pool: str = "topk",
         topk: float = 0.05,
+        score_mode: str = "mask",
         seed: int = 0,
         optimizer: OptimizerFactory | None = None,
     ):
@@ -253,6 +259,8 @@ class ReprojectionBranch(Branch):
             focal_gamma: focusing exponent of the mask predictor's focal loss.
             score_pool: "mean", "max" or "topk" of the predicted mask probabilities.
             topk: fraction of bins averaged by score_pool="topk".
+            score_mode: "mask" (the pooled predicted mask), or "mse" / "mahalanobis" of x_s's
+                reconstruction error (`asd.branches.error_profile`).
             seed: seed of the masks of eval-mode losses.
         """
         super().__init__(optimizer)
@@ -265,6 +273,13 @@ class ReprojectionBranch(Branch):
             raise AsdError(
                 f"b6: score_pool={score_pool!r} is unknown; set branches.b6.score_pool to one of {POOLS}"
             )
+        if score_mode not in ("mask", *SCORE_MODES):
+            raise AsdError(
+                f"b6: score_mode={score_mode!r} is unknown; set branches.b6.score_mode to one of "
+                f"{('mask', *SCORE_MODES)}"
+            )
+        self._init_scoring("mse" if score_mode == "mask" else score_mode)
+        self.score_mode = score_mode
         if codebook_size < 2:
             raise AsdError(f"b6: codebook_size={codebook_size} leaves no other code to inject; set it >= 2")
         self.embed_dim = code_dim  # width of embed()
@@ -381,7 +396,10 @@ class ReprojectionBranch(Branch):
         restricted = modified + self.restriction(modified)
         onto = self.codebook.lookup(self.codebook.codes(restricted), detach=True)
         projected = restricted + (onto - restricted).detach()  # re-quantised, straight-through
-        x_s = self._crop(self.object_decoder(projected), x)
+        # before stage 2's first step the object decoder is still its random start: draw x_s with
+        # the stage-1 decoder it is then copied from (a fit that ends in stage 1 scores as a VQ-AE)
+        decoder = self.object_decoder if int(self.steps) > self.stage1_steps else self.decoder
+        x_s = self._crop(decoder(projected), x)
         x_g = x_g.to(x_s.dtype)
         pair = torch.stack([x_g, x_s, (x_g - x_s).abs()], dim=1)  # (B, 3, M, T)
         logits = self.predictor(pair)[:, 0]  # (B, 1, M, T) -> (B, M, T)
@@ -442,6 +460,17 @@ class ReprojectionBranch(Branch):
             + F.mse_loss(r.restricted.float(), r.quantised.float())
         )
 
+    def fit_backend(self, feats: Tensor, meta: dict[str, Tensor]) -> None:
+        if int(self.steps) <= self.stage1_steps:
+            log.warning(
+                "b6: the fit ended in stage 1 (%d training steps, stage1_steps=%d): x_s is the stage-1 "
+                "decoder's drawing and the mask predictor is untrained; lower branches.b6.stage1_steps "
+                "or train longer for stage 2",
+                int(self.steps),
+                self.stage1_steps,
+            )
+        super().fit_backend(feats, meta)
+
     def embed(self, batch: dict[str, Tensor]) -> Tensor:
         """Quantised features averaged over the code grid, (B, code_dim)."""
         _, codes = self.quantise(self.stats.normalise(self.spectrogram(batch)))
@@ -452,8 +481,10 @@ class ReprojectionBranch(Branch):
         return torch.sigmoid(self.reproject(self.stats.normalise(self.spectrogram(batch))).logits.float())
 
     def score(self, batch: dict[str, Tensor]) -> Tensor:
-        """Pooled predicted mask, (B,)."""
-        return pool_scores(self.mask_probabilities(batch), self.score_pool, self.topk)
+        """Pooled predicted mask with score_mode="mask", else x_s's error score (`error_profile`), (B,)."""
+        if self.score_mode == "mask":
+            return pool_scores(self.mask_probabilities(batch), self.score_pool, self.topk)
+        return super().score(batch)
 
     def draw(self, name: str, dm, out_dir: Path, n: int, device: torch.device) -> list[Path]:
         """`<name>_reprojection_<clip>.png`: input, x_g, x_s and the predicted mask per test clip."""

@@ -256,6 +256,7 @@ class B6(Member):
     focal_gamma: Weight = 2.0
     score_pool: choice(*POOLS) = "topk"
     topk: number(gt=0, le=1) = 0.05
+    score_mode: choice("mask", "mse", "mahalanobis") = "mask"
     seed: Seed = 0
 
 
