@@ -55,6 +55,10 @@ def auc(negatives: np.ndarray, positives: np.ndarray) -> float:
 def run_measures(run_dir: Path, methods: list[str]) -> dict[str, dict[str, float]]:
     """Every measure of every method in one run folder."""
     clips, rows = read_scores(run_dir)
+    if not rows:
+        raise AsdError(
+            f"{run_dir / 'scores.csv'}: no scored clips (a run without test clips has nothing to rank)"
+        )
     missing = [m for m in methods if m not in rows[0]]
     if missing:
         raise AsdError(f"{run_dir / 'scores.csv'}: no column {missing}; it has {list(rows[0])[6:]}")

@@ -90,6 +90,8 @@ def test_bad_inputs_name_the_folder_and_the_fix(tmp_path):
     run = write_run(tmp_path / "run", SHIFTED)
     with pytest.raises(AsdError, match="no column \\['b9'\\]"):
         bd.run_measures(run, ["b9"])
+    with pytest.raises(AsdError, match="no scored clips"):
+        bd.run_measures(write_run(tmp_path / "empty", {}), ["m"])
     one_domain = write_run(tmp_path / "one", {k: v for k, v in SHIFTED.items() if k[0] == "source"})
     with pytest.raises(AsdError, match="fan/00 lacks normals or anomalies of a domain"):
         bd.run_measures(one_domain, ["m"])
