@@ -28,9 +28,14 @@ class ErrorProfileScoring:
     name: str
     score_mode: str = "mse"
 
-    def _init_scoring(self, score_mode: str) -> None:
-        if score_mode not in SCORE_MODES:
-            raise AsdError(f"{self.name}: score_mode={score_mode!r}; choose one of {SCORE_MODES}")
+    def _init_scoring(self, score_mode: str, own: tuple[str, ...] = ()) -> None:
+        """Check `score_mode` and build the backend it needs; `own`: modes the member scores itself."""
+        modes = (*own, *SCORE_MODES)
+        if score_mode not in modes:
+            raise AsdError(
+                f"{self.name}: score_mode={score_mode!r} is unknown; set branches.{self.name}.score_mode "
+                f"to one of {modes}"
+            )
         self.score_mode = score_mode
         self.needs_backend = score_mode == "mahalanobis"
         if self.needs_backend:

@@ -77,7 +77,7 @@ from torch.optim import Optimizer
 
 from asd.anomalies import AnomalyConfig, _band_mask, _blob_mask
 from asd.branches.base import Branch, OptimizerFactory
-from asd.branches.error_profile import SCORE_MODES, ErrorProfileScoring
+from asd.branches.error_profile import ErrorProfileScoring
 from asd.errors import AsdError
 from asd.features import BinStats, probe_length
 from asd.fileio import write_atomic
@@ -273,13 +273,7 @@ class ReprojectionBranch(ErrorProfileScoring, Branch):
             raise AsdError(
                 f"b6: score_pool={score_pool!r} is unknown; set branches.b6.score_pool to one of {POOLS}"
             )
-        if score_mode not in ("mask", *SCORE_MODES):
-            raise AsdError(
-                f"b6: score_mode={score_mode!r} is unknown; set branches.b6.score_mode to one of "
-                f"{('mask', *SCORE_MODES)}"
-            )
-        self._init_scoring("mse" if score_mode == "mask" else score_mode)
-        self.score_mode = score_mode
+        self._init_scoring(score_mode, own=("mask",))
         if codebook_size < 2:
             raise AsdError(f"b6: codebook_size={codebook_size} leaves no other code to inject; set it >= 2")
         self.embed_dim = code_dim  # width of embed()
