@@ -260,7 +260,7 @@ def test_member_schema_keys_are_the_constructor_arguments(name):
         ("b3", {"head_scale": 0}, "branches.b3.head_scale=0"),
         ("b3", {"positives": "machine"}, "branches.b3.positives='machine'"),
         ("b3", {"classify": "domain"}, "branches.b3.classify='domain'"),
-        ("b3", {"score_mode": "mahalanobis"}, "branches.b3.score_mode='mahalanobis'"),
+        ("b3", {"score_mode": "cosine"}, "branches.b3.score_mode='cosine'"),
         ("b3", {"k": 0}, "branches.b3.k=0"),
         ("b3", {"objective": "arcface"}, "branches.b3.objective='arcface'"),
         ("b3", {"subclusters": 0}, "branches.b3.subclusters=0"),

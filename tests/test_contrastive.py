@@ -30,7 +30,7 @@ from asd.branches.contrastive import (
 )
 from asd.errors import AsdError
 from asd.features import LogMel, LogSpectrum
-from asd.scoring import KnnBackend
+from asd.scoring import KnnBackend, MahalanobisBackend
 
 SR, T = 16000, 4000  # 0.25 s clips -> 1 + 4000 // 128 = 32 frames of 16 mel bins
 N_SECTIONS, N_ATTRIBUTES = 3, 6
@@ -299,6 +299,50 @@ def test_centre_score_by_hand():
                 dists.append(1 - (q[i] @ centre / centre.norm()).item())
         want.append(min(dists))
     assert torch.allclose(m.score(b).double(), torch.tensor(want, dtype=torch.float64), atol=1e-5)
+
+
+def test_mahalanobis_score_is_the_backend_on_unit_embeddings():
+    m, train = fitted("mahalanobis")
+    assert isinstance(m.backend, MahalanobisBackend) and m.backend.calibrate
+    assert m.backend.covariance == "pooled" and m.backend.per_domain
+    b = clips([0, 1, 2, 1], [0, 1, 0, 0], seed=5)
+    with torch.no_grad():
+        ref = MahalanobisBackend(per_domain=True, covariance="pooled", calibrate=True)
+        ref.fit(F.normalize(m.embed(train), dim=1), train["section"], train["domain"])
+        want = ref.score(F.normalize(m.embed(b), dim=1), b["section"])
+        # only the embedding's direction counts: scaling the encoder's output moves nothing
+        before = m.score(b)
+        m.encoder.proj.weight.mul_(7.0)
+        m.encoder.proj.bias.mul_(7.0)
+        assert torch.allclose(m.score(b), before, atol=1e-4)
+    assert torch.allclose(before, want, atol=1e-5)
+
+
+def test_mahalanobis_score_ranks_a_clip_of_another_section_first():
+    m, train = fitted("mahalanobis")
+    normal = clips([1, 1, 1, 1], seed=11)
+    odd = clips([2], seed=12)  # section 2's pitch, labelled section 1
+    odd["section"] = torch.tensor([1])
+    with torch.no_grad():
+        assert m.score(odd).item() > m.score(normal).max().item()
+
+
+def test_mahalanobis_checkpoint_round_trip(tmp_path):
+    m, _ = fitted("mahalanobis")
+    torch.save(m.state_dict(), tmp_path / "b3.pt")
+    fresh = tiny(score_mode="mahalanobis").eval()
+    fresh.load_state_dict(torch.load(tmp_path / "b3.pt", weights_only=True))
+    b = clips([2, 0, 1], seed=7)
+    assert fresh.backend.fitted and torch.equal(fresh.score(b), m.score(b))
+
+
+def test_score_mode_errors_name_the_key():
+    with pytest.raises(AsdError, match=r"branches\.b3\.score_mode"):
+        tiny(score_mode="cosine")
+    with pytest.raises(AsdError, match=r"knn_density.*score_mode=knn.*set branches\.b3\.knn_density=false"):
+        tiny(score_mode="mahalanobis", knn_density=True)
+    with pytest.raises(AsdError, match=r"knn_calibrate.*score_mode=knn.*branches\.b3\.knn_calibrate=false"):
+        tiny(score_mode="mahalanobis", knn_calibrate=True)
 
 
 def test_score_needs_fit_backend():

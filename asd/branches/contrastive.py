@@ -48,8 +48,14 @@ Choices:
   nearest training neighbours of the section), so a sparse target bank is not penalised;
   `"centre"` is the cosine distance to the mean unit embedding of the section's training
   normals, source and target centres apart, the smaller of the two. Domain-unknown training
-  clips join the source bank or centre. The fitted state is a `KnnBackend` (for "centre" one
-  whose banks hold the centres), so it rides in `state_dict`.
+  clips join the source bank or centre. `"mahalanobis"` is the unit embedding's Mahalanobis
+  distance to the section's Gaussian models (`asd.scoring.MahalanobisBackend`: one mean per
+  domain, the section's within-domain covariance shrunk by Ledoit-Wolf, each model calibrated
+  on its clips' left-out distances), the scoring of the reference and of the error profiles
+  (`asd.branches.error_profile`): one covariance per section uses every training clip, where a
+  1-nearest-neighbour bank of a few target clips reads one clip. The fitted state is the
+  backend (`KnnBackend`, for "centre" one whose banks hold the centres, or
+  `MahalanobisBackend`), so it rides in `state_dict`.
 
 Measured options and defaults: docs/b3.md (`benchmarks/bench_b3.py`).
 
@@ -71,9 +77,11 @@ from asd.branches.auxiliary import VIEWS, SubclusterAdaCos, mixup, one_hot, self
 from asd.branches.base import Branch, OptimizerFactory, on_host
 from asd.errors import AsdError
 from asd.features import BinStats, LogSpectrum
-from asd.scoring import KnnBackend
+from asd.scoring import KnnBackend, MahalanobisBackend
 
 log = logging.getLogger(__name__)
+
+SCORE_MODES = ("knn", "centre", "mahalanobis")
 
 OBJECTIVES = ("supcon", "subcluster_adacos")
 SPECTRA = ("logmel", "multires")
@@ -276,7 +284,7 @@ class ContrastiveBranch(Branch):
             temperature, positives, head_weight, head_scale: the supcon objective's (module docstring).
             classify: classes of the objective, "attribute" or "section".
             balance: exponent of the (section, domain) balancing weights, in [0, 1]; 0 = unweighted.
-            score_mode: "knn" or "centre".
+            score_mode: "knn", "centre" or "mahalanobis".
             k: neighbours averaged by the kNN score.
             knn_density: divide kNN distances by each bank clip's local scale (`KnnBackend(density=)`).
             knn_calibrate: standardise each bank's distances by its clips' left-out ones
@@ -290,10 +298,21 @@ class ContrastiveBranch(Branch):
                 f"b3: mixup={mixup} needs objective=subcluster_adacos (supcon has no targets to mix); "
                 "set branches.b3.mixup=0"
             )
+        if score_mode not in SCORE_MODES:
+            raise AsdError(
+                f"b3: score_mode={score_mode!r} is unknown; set branches.b3.score_mode to one of "
+                f"{SCORE_MODES}"
+            )
         if knn_density and score_mode != "knn":
-            raise AsdError("b3: knn_density rescales kNN distances; it needs score_mode=knn")
+            raise AsdError(
+                f"b3: knn_density rescales kNN distances; it needs score_mode=knn (got {score_mode!r}): "
+                "set branches.b3.knn_density=false"
+            )
         if knn_calibrate and score_mode != "knn":
-            raise AsdError("b3: knn_calibrate standardises kNN distances; it needs score_mode=knn")
+            raise AsdError(
+                f"b3: knn_calibrate standardises kNN distances; it needs score_mode=knn (got "
+                f"{score_mode!r}): set branches.b3.knn_calibrate=false"
+            )
         by_attribute = classify == "attribute" and (adacos or head_weight > 0)
         if by_attribute and num_attributes is None:
             raise AsdError(
@@ -345,9 +364,15 @@ class ContrastiveBranch(Branch):
         self.adacos = SubclusterAdaCos(self.num_classes, self.embed_dim, subclusters) if adacos else None
         if not adacos and head_weight > 0:
             self.head = nn.Parameter(torch.randn(self.num_classes, self.embed_dim) * self.embed_dim**-0.5)
-        self.backend = KnnBackend(
-            k=k if score_mode == "knn" else 1, normalize=True, density=knn_density, calibrate=knn_calibrate
-        )
+        if score_mode == "mahalanobis":
+            self.backend = MahalanobisBackend(per_domain=True, covariance="pooled", calibrate=True)
+        else:
+            self.backend = KnnBackend(
+                k=k if score_mode == "knn" else 1,
+                normalize=True,
+                density=knn_density,
+                calibrate=knn_calibrate,
+            )
         log.info("b3: %s", self.describe(num_sections, num_attributes))
 
     def describe(self, num_sections: int, num_attributes: int | None) -> str:
@@ -485,7 +510,7 @@ class ContrastiveBranch(Branch):
         return self._encode(*self._inputs(batch["wave"]))
 
     def fit_backend(self, feats: Tensor, meta: dict[str, Tensor]) -> None:
-        """kNN banks, or centres, per (section, source|target) of the training normals' embeddings."""
+        """kNN banks, centres or Gaussian models per (section, source|target) of the normals' embeddings."""
         missing = [key for key in ("section", "domain") if key not in meta]
         if missing:
             raise AsdError(f"b3.fit_backend: `meta` lacks {missing}; pass each clip's section and domain ids")
@@ -496,6 +521,9 @@ class ContrastiveBranch(Branch):
         section, domain = meta["section"], meta["domain"]
         if self.score_mode == "knn":
             self.backend.fit(feats, section, domain)
+            return
+        if self.score_mode == "mahalanobis":
+            self.backend.fit(F.normalize(feats, dim=1), section, domain)
             return
         if not bool(torch.isfinite(feats).all()):
             raise AsdError("b3.fit_backend: `feats` has NaN/inf values; the member diverged - retrain it")
@@ -509,10 +537,13 @@ class ContrastiveBranch(Branch):
         self.backend.fit(sums, keys[:, 0], keys[:, 1])  # (G, D), one bank row per group
 
     def score(self, batch: dict[str, Tensor]) -> Tensor:
-        """Cosine distance to the section's training normals (kNN mean or centre), min over domains, (B,)."""
+        """Distance to the section's training normals (kNN, centre or Gaussian), min over domains, (B,)."""
         if not self.backend.fitted:
             raise AsdError(
                 "b3: score needs fit_backend to run first (on the training normals' backend_features), "
                 "or a checkpoint whose backend was fitted"
             )
-        return self.backend.score(self.embedding(batch), self._labels(batch, "section"))
+        z = self.embedding(batch)
+        if self.score_mode == "mahalanobis":
+            z = F.normalize(z, dim=1)
+        return self.backend.score(z, self._labels(batch, "section"))

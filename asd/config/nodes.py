@@ -198,7 +198,7 @@ class B3(Member):
     head_weight: Weight = 1.0
     head_scale: Positive = 16.0
     balance: Fraction = 1.0
-    score_mode: choice("knn", "centre") = "knn"
+    score_mode: choice("knn", "centre", "mahalanobis") = "knn"
     k: PosInt = 1
     knn_density: Flag = False
     knn_calibrate: Flag = False
