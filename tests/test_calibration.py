@@ -297,3 +297,61 @@ def test_a_calibration_written_before_zweighted_still_loads():
     again = Calibration.from_state_dict(state)
     assert again.weights == {} and again.member_criteria == {}
     np.testing.assert_array_equal(again.combine(raw, context)["zmean"], cal.combine(raw, context)["zmean"])
+
+
+def test_z_limit_bends_every_z_score_into_its_range_and_keeps_each_members_order():
+    cal, raw, context = calibrated()
+    plain = cal.normalise(raw, context)
+    far = {k: v.copy() for k, v in raw.items()}
+    far["a"][3] += 40.0  # one clip far above its group: z of tens without the limit
+    far["b"][5] -= 30.0
+    unlimited = cal.normalise(far, context)
+    assert unlimited[3, 0] > 30 and unlimited[5, 1] < -10
+    cal.z_limit = 5.0
+    limited = cal.normalise(far, context)
+    np.testing.assert_allclose(limited.numpy(), 5.0 * np.tanh(unlimited.numpy() / 5.0), rtol=1e-6)
+    assert limited.abs().max() < 5.0
+    assert 4.99 < limited[3, 0] < 5.0 and -5.0 < limited[5, 1] < -4.5
+    # strictly increasing: each member ranks its clips as before
+    for j in range(2):
+        np.testing.assert_array_equal(np.argsort(limited[:, j].numpy()), np.argsort(unlimited[:, j].numpy()))
+    # small z-scores barely move: |z| <= 1 within 1.4 %
+    small = plain.abs() <= 1
+    assert torch.allclose(cal.normalise(raw, context)[small], plain[small], rtol=0.014)
+    # one far-out member no longer decides the mean: the clip's zmean is at most the limit
+    assert cal.combine(far, context)["zmean"][3] < 5.0 / 2 + 1.0
+
+
+def test_z_limit_applies_to_the_left_out_z_scores_and_survives_a_round_trip():
+    cal, raw, context = calibrated()
+    far = {k: v.copy() for k, v in raw.items()}
+    far["a"][0] += 1e4
+    cal = Calibration(
+        ["a", "b"],
+        fit_normalizers(far, ["a", "b"], context),
+        {k: torch.as_tensor(v) for k, v in far.items()},
+        "held-out",
+        z_limit=2.0,
+    )
+    loo = left_out_z(cal, context)
+    same = ((context["section"] == 0) & (context["domain"] == 0)).numpy()
+    same[0] = False
+    others = raw["a"][same]
+    unlimited = (far["a"][0] - others.mean()) / others.std(ddof=1)
+    assert unlimited > 1000 and loo[0, 0] == pytest.approx(2.0 * np.tanh(unlimited / 2.0))
+    assert loo.abs().max() <= 2.0  # |z| beyond ~19 L rounds to the limit itself
+    buffer = io.BytesIO()
+    torch.save(cal.state_dict(), buffer)
+    buffer.seek(0)
+    again = Calibration.from_state_dict(torch.load(buffer, weights_only=True))
+    assert again.z_limit == 2.0
+    torch.testing.assert_close(again.normalise(far, context), cal.normalise(far, context))
+
+
+def test_a_calibration_written_before_z_limit_loads_without_a_limit():
+    cal, raw, context = calibrated()
+    state = cal.state_dict()
+    del state["z_limit"]
+    again = Calibration.from_state_dict(state)
+    assert again.z_limit is None
+    torch.testing.assert_close(again.normalise(raw, context), cal.normalise(raw, context))

@@ -297,22 +297,28 @@ def test_the_reference_is_fused_by_default_and_stays_reported_as_its_own(run, tm
 
 def test_domain_statistics_are_shrunk_by_default_and_a_refit_needs_no_training(run, tmp_path, caplog):
     # the default run pulls each domain's z-statistics towards its section's (shrinkage 2) and says so
+    # and bends every z-score into (-5, 5) before fusion (z_limit 5)
     assert Calibration.load(run / "calibration.pt").shrinkage == 2.0
+    assert Calibration.load(run / "calibration.pt").z_limit == 5.0
     summary = (run / "summary.md").read_text()
     assert "as if 2 more clips showed them (fusion.normalisation.shrinkage)" in summary
+    assert "every z-score softly limited to ±5 before fusion: 5 tanh(z / 5)" in summary
     other = tmp_path / "own_statistics"
     shutil.copytree(run, other)
     cfg = compose_from(other)
     cfg.run_dir = str(other)
     cfg.fusion.normalisation.shrinkage = 0
+    cfg.fusion.normalisation.z_limit = None
     with caplog.at_level("INFO", logger="asd.run"):
         train(cfg)
     # only the calibrate stage and what follows it change: no member or copy trains again
     assert "stage fit: skipped" in caplog.text and "stage crossfit: skipped" in caplog.text
     assert "stage calibrate: its settings changed since the last run" in caplog.text
     assert Calibration.load(other / "calibration.pt").shrinkage == 0.0
+    assert Calibration.load(other / "calibration.pt").z_limit is None
     summary = (other / "summary.md").read_text()
     assert "each domain's own statistics (fusion.normalisation.shrinkage=0)" in summary
+    assert "softly limited" not in summary
     first = {r["path"]: r for r in read_csv(run / "scores.csv")}
     rows = read_csv(other / "scores.csv")
     assert any(float(r["zmean"]) != pytest.approx(float(first[r["path"]]["zmean"])) for r in rows)

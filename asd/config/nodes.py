@@ -472,6 +472,7 @@ class Select(Node):
 
 class Normalisation(Node):
     shrinkage: number(ge=0) = 2.0
+    z_limit: number(gt=0, null=True) = 5.0
     calibrated: choice("backend", "held_out") = "held_out"
 
 
@@ -572,8 +573,7 @@ class TrainConfig(Node):
     fusion: Fusion
     trainer: Trainer
     logger: Logger
-    # which names fit is decided once, with the selection at hand: asd.ensemble.select_branches and
-    # select_frozen, Ensemble.load_member, and the final score's check among the built members
+    # names are checked once the selection is known: asd.ensemble.select_branches, select_frozen, load_member
     branch: Selection = "all"
     freeze: Frozen = []
     ckpt: Checkpoints = {}

@@ -344,6 +344,12 @@ def pseudo_anomalies(cfg: DictConfig, dm: AsdDataModule, normals: ClipDataset) -
     )
 
 
+def _z_limit(cfg: DictConfig) -> float | None:
+    """`fusion.normalisation.z_limit` as a float, or None (off; also for configs written before it)."""
+    limit = cfg.fusion.normalisation.get("z_limit", None)
+    return None if limit is None else float(limit)
+
+
 def calibrate(
     ensemble: Ensemble, backends: dict[str, Any], cfg: DictConfig, dm: AsdDataModule, device: torch.device
 ) -> tuple[Calibration, PseudoAnomalyDataset | None]:
@@ -368,6 +374,7 @@ def calibrate(
         normalised_on=kind,
         final=cfg.final,
         threshold_percentile=float(cfg.threshold_percentile),
+        z_limit=_z_limit(cfg),
     )
     log.info(
         "stage calibrate: score normalisation on %d %s normals%s",

@@ -171,6 +171,7 @@ def write_metrics(
     normals: str = "held-out",
     fused_references: Sequence[str] = (),
     shrinkage: float = 0.0,
+    z_limit: float | None = None,
 ) -> None:
     """Write `metrics.csv` (per method and machine/section, plus official scores) and `summary.md`.
 
@@ -200,6 +201,7 @@ def write_metrics(
         normals,
         fused_references,
         shrinkage,
+        z_limit,
     )
     write_text_atomic(run_dir / "summary.md", text)
 
@@ -221,12 +223,14 @@ def summary_markdown(
     normals: str = "held-out",
     fused_references: Sequence[str] = (),
     shrinkage: float = 0.0,
+    z_limit: float | None = None,
 ) -> str:
     """The run's summary; `final` is the method that decided (`cfg.final` unless final=auto chose),
     `decisions` its `decision_table` rows, `threshold_note` how `threshold=midpoint` set them,
     `normals` which normals calibrated (`Calibration.normalised_on`), `fused_references` the
     reference columns the fusions used beside the members (`fusion.references`, resolved),
-    `shrinkage` the one the z-score statistics were fitted with (`Calibration.shrinkage`)."""
+    `shrinkage` the one the z-score statistics were fitted with (`Calibration.shrinkage`), `z_limit`
+    the soft limit of the z-scores before fusion (`Calibration.z_limit`)."""
     final = final or cfg.final
     year = next(iter(results.values())).year
     fusions = [m for m in results if m in FUSIONS or m in LEARNED or m == WEIGHTED]
@@ -252,6 +256,12 @@ def summary_markdown(
             "showed them (fusion.normalisation.shrinkage)"
             if shrinkage
             else "each domain's own statistics (fusion.normalisation.shrinkage=0)"
+        )
+        + (
+            f"; every z-score softly limited to ±{z_limit:g} before fusion: {z_limit:g} tanh(z / "
+            f"{z_limit:g}) (fusion.normalisation.z_limit)"
+            if z_limit is not None
+            else ""
         ),
         f"- learned fusions ({normals} normals vs pseudo-anomalies, never test labels): "
         f"{', '.join(learned) or 'none (fusion.enabled=false)'}"

@@ -472,6 +472,7 @@ class Report(Stage):
             calibration.normalised_on,
             [m for m in calibration.members if is_reference(m)],
             calibration.shrinkage,
+            calibration.z_limit,
         )
         logger = run.trainer.logger if run.trainer is not None else self.earlier_wandb_run(run)
         if logger is not None:
