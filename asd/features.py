@@ -7,6 +7,7 @@ One file: every front end shares the input checks and the output contract member
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import sys
 import warnings
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers import ASTFeatureExtractor
-from transformers.audio_utils import mel_filter_bank, window_function
+from transformers.audio_utils import hertz_to_mel, mel_filter_bank, mel_to_hertz, window_function
 
 from asd.errors import AsdError
 
@@ -56,6 +57,35 @@ def _positive(owner: str, key: str, value: float, example: str, integer: bool = 
     if not is_number or (integer and not is_int) or not value > 0:
         kind = "a positive integer" if integer else "a positive number"
         raise AsdError(f"{owner}: {key}={value!r} must be {kind} (e.g. {key}={example})")
+
+
+def slaney_mel_filters(
+    num_frequency_bins: int, n_mels: int, f_min: float, f_max: float, sample_rate: int
+) -> np.ndarray:
+    """librosa's slaney mel filters in float32, (num_frequency_bins, n_mels), on any transformers.
+
+    transformers' `mel_filter_bank(..., dtype=np.float32)` rounds the triangles to float32 before the
+    slaney area normalisation, which makes it bit-exact with `librosa.filters.mel` (its docs). Its
+    releases without `dtype` (5.17 among them) compute in float64 only; there the same rounding is
+    done here with the same arithmetic, so both give the same bits (tests/test_features.py).
+    """
+    args = {
+        "num_frequency_bins": num_frequency_bins,
+        "num_mel_filters": n_mels,
+        "min_frequency": f_min,
+        "max_frequency": f_max,
+        "sampling_rate": sample_rate,
+        "mel_scale": "slaney",
+    }
+    if "dtype" in inspect.signature(mel_filter_bank).parameters:
+        return mel_filter_bank(**args, norm="slaney", dtype=np.float32)
+    triangles = mel_filter_bank(**args, norm=None).astype(np.float32)
+    mels = np.linspace(
+        hertz_to_mel(f_min, mel_scale="slaney"), hertz_to_mel(f_max, mel_scale="slaney"), n_mels + 2
+    )
+    edges = mel_to_hertz(mels, mel_scale="slaney")
+    # float32 triangles times float64 areas, rounded back to float32: numpy's in-place `*=` in transformers
+    return (triangles * (2.0 / (edges[2:] - edges[:-2]))[None, :]).astype(np.float32)
 
 
 class LogMel(nn.Module):
@@ -110,17 +140,7 @@ class LogMel(nn.Module):
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_EMPTY_FILTER_WARNING)
-            # float32 weights are bit-exact with librosa.filters.mel (transformers' docs)
-            fb = mel_filter_bank(
-                num_frequency_bins=n_fft // 2 + 1,
-                num_mel_filters=n_mels,
-                min_frequency=self.f_min,
-                max_frequency=f_max,
-                sampling_rate=sample_rate,
-                norm="slaney",
-                mel_scale="slaney",
-                dtype=np.float32,
-            )  # (n_fft // 2 + 1, n_mels)
+            fb = slaney_mel_filters(n_fft // 2 + 1, n_mels, self.f_min, f_max, sample_rate)
         empty = np.flatnonzero(fb.max(axis=0) == 0)
         if empty.size:
             # librosa has the same empty filters; their rows are the constant 20/power*log10(eps)

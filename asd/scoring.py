@@ -282,7 +282,7 @@ class KnnBackend(nn.Module):
             bank = state["bank"][start : start + n]
             scale = 1.0 / state["rho"][start : start + n] if self.density else None
             if n < 2:
-                out.append(bank.new_zeros(0, dtype=torch.float64))
+                out.append(torch.zeros(0, dtype=torch.float64))  # on the CPU, like the others
             else:
                 m = min(self.k + 1, n)
                 with_self = _knn_mean_distance(bank, bank, m, self.normalize, self.chunk, scale)
@@ -412,6 +412,7 @@ def bank_calibration(
     bank has 2 clips keeps the raw scores (location 0, scale 1). One info line names the banks that
     borrowed.
     """
+    left_out = [v.detach().to("cpu", torch.float64) for v in left_out]
     loc = torch.zeros(len(left_out), dtype=torch.float64)
     scale = torch.ones(len(left_out), dtype=torch.float64)
     borrowed = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 import warnings
@@ -67,6 +68,51 @@ def test_reference_filterbank_matches_hand_values():
     # the reference itself: 1 kHz is 15 slaney mel, 6.4 kHz is 15 + 27 = 42 mel
     np.testing.assert_allclose(hz_to_mel_slaney(np.array([0.0, 200.0, 1000.0, 6400.0])), [0, 3, 15, 42])
     np.testing.assert_allclose(mel_to_hz_slaney(hz_to_mel_slaney(np.array([50.0, 3000.0]))), [50, 3000])
+
+
+@pytest.mark.parametrize(
+    ("n_fft", "n_mels", "f_min", "f_max", "sr"), [(1024, 128, 0.0, 8000.0, SR), (400, 64, 50.0, 7000.0, SR)]
+)
+def test_slaney_filters_are_the_same_bits_on_transformers_without_dtype(
+    monkeypatch, n_fft, n_mels, f_min, f_max, sr
+):
+    # transformers 5.17 (the GPU machine's) has no `dtype=`: the filters must not change with it
+    from transformers.audio_utils import mel_filter_bank
+
+    import asd.features as features
+
+    if "dtype" not in inspect.signature(mel_filter_bank).parameters:
+        pytest.skip("this transformers has no dtype= to compare the float64-only path against")
+    new = features.slaney_mel_filters(n_fft // 2 + 1, n_mels, f_min, f_max, sr)
+
+    def old_signature(
+        num_frequency_bins,
+        num_mel_filters,
+        min_frequency,
+        max_frequency,
+        sampling_rate,
+        norm=None,
+        mel_scale="htk",
+        triangularize_in_mel_space=False,
+    ):
+        return mel_filter_bank(
+            num_frequency_bins,
+            num_mel_filters,
+            min_frequency,
+            max_frequency,
+            sampling_rate,
+            norm,
+            mel_scale,
+            triangularize_in_mel_space,
+        )
+
+    monkeypatch.setattr(features, "mel_filter_bank", old_signature)
+    old = features.slaney_mel_filters(n_fft // 2 + 1, n_mels, f_min, f_max, sr)
+    assert old.dtype == new.dtype == np.float32
+    np.testing.assert_array_equal(old, new)
+    np.testing.assert_allclose(
+        new.T, slaney_filterbank(sr, n_fft, n_mels, f_min, f_max), rtol=1e-6, atol=1e-9
+    )
 
 
 def test_logmel_matches_numpy_reference_on_noise():
@@ -209,8 +255,9 @@ def test_logmel_and_fbank_on_cuda_match_cpu():
     torch.testing.assert_close(fe.to("cuda")(wave.cuda()).cpu(), LogMel()(wave), atol=1e-3, rtol=0)
     with torch.autocast("cuda", dtype=torch.float16):
         assert fe(wave.cuda()).dtype == torch.float32
-    fb = AstFbank(max_length=128)(wave.cuda())
+    fb = AstFbank(max_length=128).to("cuda")(wave.cuda())
     assert fb.device.type == "cuda" and fb.shape == (2, 128, 128)
+    torch.testing.assert_close(fb.cpu(), AstFbank(max_length=128)(wave), atol=1e-4, rtol=0)
 
 
 # ---------- AstFbank ----------

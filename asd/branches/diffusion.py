@@ -322,7 +322,10 @@ class DiffusionBranch(ErrorProfileScoring, Branch):
         d, (b, m, f) = self.noise_draws, x0.shape
         a = self.alpha_bar[self.t_star_step]
         x_t = a.sqrt() * x0[None] + (1.0 - a).sqrt() * self.score_noise[:, None]  # (D, B, M, F)
-        recon = ddim_sample(self.denoiser, x_t.reshape(d * b, m, f), self.ddim_steps, self.alpha_bar)
+        # float32 even under the predict stage's autocast: in bf16 the DDIM chain's rounding moved b4's
+        # official score by 0.0041 on an H200 (docs/results.md, "GPU"), and it gained no speed there
+        with torch.autocast(x0.device.type, enabled=False):
+            recon = ddim_sample(self.denoiser, x_t.reshape(d * b, m, f), self.ddim_steps, self.alpha_bar)
         return spec.float(), x0, recon.reshape(d, b, m, f)  # (D*B, M, F) -> (D, B, M, F)
 
     # -- the member contract ----------------------------------------------------------------------
