@@ -113,7 +113,7 @@ def test_scores_have_one_row_per_test_clip_and_every_column(run):
     assert all(r["final"] == r[chosen] for r in rows)
     assert f"final=auto chose {chosen}: " in summary
     # two cross-fitted normals per target group: too thin for meta and attention; one weight per member is not
-    assert chosen in ("zweighted", "zmean") and "fewer than fusion.select.min_normals=5" in summary
+    assert chosen == "zweighted" and "fewer than fusion.select.min_normals=5" in summary
     reason = summary.split("final=auto chose ")[1].splitlines()[0]
     assert "zweighted fitted out of fold" in reason and "meta 0." not in reason
     # zweighted is the members' z-scores under the weights the summary lists; the fused reference
@@ -143,7 +143,7 @@ def test_with_enough_normals_the_learned_fusions_are_judged_out_of_fold(run, tmp
     summary = (other / "summary.md").read_text()
     reason = summary.split("final=auto chose ")[1].splitlines()[0]
     assert "meta/attention/zweighted fitted out of fold" in reason
-    for name in ("meta", "attention", "zweighted", "zmean"):
+    for name in ("meta", "attention", "zweighted"):
         assert f"{name} 0." in reason or f"{name} 1." in reason
 
 

@@ -464,7 +464,7 @@ class Select(Node):
     candidates: value(
         f"a non-empty list of distinct fusions from {list(FUSION_CANDIDATES)}",
         lambda v: _distinct(v, FUSION_CANDIDATES),
-    ) = ["meta", "attention", "zweighted", "zmean"]
+    ) = ["meta", "attention", "zweighted"]
     folds: integer(ge=2) = 4
     min_normals: integer(ge=1) = 5
     split: choice("source", "kind") = "source"
