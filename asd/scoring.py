@@ -282,7 +282,7 @@ class KnnBackend(nn.Module):
             bank = state["bank"][start : start + n]
             scale = 1.0 / state["rho"][start : start + n] if self.density else None
             if n < 2:
-                out.append(torch.zeros(0, dtype=torch.float64))  # on the CPU, like the others
+                out.append(bank.new_zeros(0, dtype=torch.float64))
             else:
                 m = min(self.k + 1, n)
                 with_self = _knn_mean_distance(bank, bank, m, self.normalize, self.chunk, scale)
