@@ -11,7 +11,9 @@ about threefold, with the square root of the clip count), computes every clip's 
 - unsupervised columns, the `stats` reference's calibrated pooled-covariance Mahalanobis against
   the training normals (`asd.scoring.MahalanobisBackend`) on one statistic per bin each: `mean`
   (the reference `stats_mahalanobis`), `std` (the spread over time), and `mean+std` (the two
-  calibrated scores averaged);
+  calibrated scores averaged); and `temporal`, the reference's own `stats_temporal` column (the
+  max of the mean's calibrated score and those of each band's peak above its median frame and
+  its mean frame-to-frame change; `asd.branches.logmel_stats`);
 - a supervised linear model that sees the test labels: logistic regression on each bin's mean,
   std, max and mean absolute frame difference plus the domain, fitted per section on 4/5 of its
   test clips and scoring the other fifth (5 folds, stratified by label and domain). It shows
@@ -53,7 +55,7 @@ from asd.evaluation import evaluate  # noqa: E402
 from asd.scoring import MahalanobisBackend  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-METHODS = ("mean", "std", "mean+std", "supervised linear")
+METHODS = ("mean", "std", "mean+std", "temporal", "supervised linear")
 #: the first-shot configuration of benchmarks/bench_quality.py
 FIRST_SHOT = {"machines": ("valve",), "sections": 1, "source_train": 8, "target_train": 2, "duration": 10.0}
 
@@ -92,6 +94,21 @@ def mahalanobis(
     )
     backend.fit(x[train], section[train], domain[train])
     return backend.score(x[~train], section[~train]).double().numpy()
+
+
+def temporal(clips: list, train: torch.Tensor, section: torch.Tensor, domain: torch.Tensor) -> np.ndarray:
+    """The `stats` reference's `stats_temporal` score of the test rows (~train), fitted on the others."""
+    ref = instantiate(reference_settings()).eval()
+    if not ref.temporal:
+        raise SystemExit("conf/branches/default.yaml: stats.temporal is off; this benchmark reports it")
+    feats = []
+    for i in range(0, len(clips), 64):
+        wave = torch.from_numpy(np.stack([sf.read(c.path, dtype="float32")[0] for c in clips[i : i + 64]]))
+        with torch.inference_mode():
+            feats.append(ref.features({"wave": wave}))
+    feats = torch.cat(feats)
+    ref.fit_backend(feats[train], {"section": section[train], "domain": domain[train]})
+    return ref.score_features(feats[~train], section[~train])["temporal"].double().numpy()
 
 
 def supervised(
@@ -140,6 +157,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     kinds = np.array([kind_of.get(c.path, "none") for c in test])
     scores = {name: mahalanobis(feats[name], train, section, domain) for name in ("mean", "std")}
     scores["mean+std"] = (scores["mean"] + scores["std"]) / 2
+    scores["temporal"] = temporal(clips, train, section, domain)
     rich = torch.cat([feats[k] for k in ("mean", "std", "max", "delta")], dim=1)[~train].double().numpy()
     scores["supervised linear"] = supervised(rich, y, section[~train].numpy(), domain[~train].numpy(), seed)
     group = section[~train].numpy() * 2 + domain[~train].numpy()

@@ -306,5 +306,8 @@ def test_digits_example_runs_end_to_end_with_debug_default(tmp_path):
     for member in ("b2", "b4", "b5", "b6", "b7", "dcase_ae_mse", "stats_mahalanobis"):
         assert f"| {member} |" in summary
     assert "| b1 |" not in summary and "| b3 |" not in summary
+    # no time statistics on pictures: the mean statistics' column is the fused reference
+    assert "| stats_temporal |" not in summary
+    assert "(fusion.references): stats_mahalanobis" in summary
     assert "fitted without the judged clips' fold and kinds (4 fits)" in summary
     assert not (run / "pixel_metrics.csv").exists()  # digits have no masks

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from asd.branches.logmel_stats import LogMelStatsReference
 from asd.ensemble import Ensemble, is_reference, select_references
@@ -81,3 +82,59 @@ def test_reference_selection():
     with pytest.raises(AsdError, match="reference=\\['ae'\\]"):
         select_references(["ae"])
     assert is_reference("stats_knn") and is_reference("dcase_ae_mse") and not is_reference("b3")
+
+
+def wobbling(b: dict[str, torch.Tensor], depth: float = 0.3, rate: float = 4.0) -> dict[str, torch.Tensor]:
+    """The clips with their level swinging by +-`depth` at `rate` Hz: a changed rhythm, hardly a
+    changed long-term spectrum (a loose mount, an imbalance)."""
+    t = torch.arange(T) / SR
+    return {**b, "wave": b["wave"] * (1 + depth * torch.sin(2 * math.pi * rate * t))}
+
+
+def test_temporal_features_are_each_bands_peak_over_its_median_and_its_mean_frame_change():
+    m = LogMelStatsReference(LogMel(n_mels=16), calibrate=True, temporal=True, bands=4)
+    b = clips(3)
+    spec = m.frontend(b["wave"])
+    feats = m.backend_features(b)
+    assert feats.shape == (3, 16 + 4 + 4)
+    band = spec.reshape(3, 4, 4, -1).mean(dim=2)  # 16 mels -> 4 bands of 4 adjacent bins
+    torch.testing.assert_close(feats[:, :16], spec.mean(dim=2))
+    torch.testing.assert_close(feats[:, 16:20], band.amax(dim=2) - band.median(dim=2).values)
+    torch.testing.assert_close(feats[:, 20:], (band[:, :, 1:] - band[:, :, :-1]).abs().mean(dim=2))
+
+
+def test_the_temporal_score_hears_a_rhythm_the_mean_spectrum_barely_moves_for():
+    m = LogMelStatsReference(
+        LogMel(n_mels=32), calibrate=True, temporal=True, bands=8, covariance="pooled"
+    ).eval()
+    train = clips(30)
+    m.fit_backend(m.backend_features(train), {"section": train["section"], "domain": train["domain"]})
+    assert m.score_kinds == ("mahalanobis", "knn", "temporal")
+    normal, odd = m.scores(clips(12, seed=7)), m.scores(wobbling(clips(12, seed=7)))
+    assert set(normal) == {"mahalanobis", "knn", "temporal"}
+    y = np.r_[np.zeros(12), np.ones(12)]
+    auc = {k: roc_auc_score(y, np.r_[normal[k].numpy(), odd[k].numpy()]) for k in normal}
+    assert auc["temporal"] > 0.95 and auc["mahalanobis"] < 0.8, auc
+    # the max of three calibrated scores: never below the mean log-mel's own calibrated score
+    assert (odd["temporal"] >= odd["mahalanobis"]).all() and (
+        normal["temporal"] >= normal["mahalanobis"]
+    ).all()
+
+
+def test_temporal_needs_calibration_and_enough_frames_and_bands_each_one_clear_error():
+    with pytest.raises(AsdError, match="branches.stats.calibrate=true"):
+        LogMelStatsReference(LogMel(n_mels=16), temporal=True)
+    with pytest.raises(AsdError, match="bands=0"):
+        LogMelStatsReference(LogMel(n_mels=16), calibrate=True, temporal=True, bands=0)
+    m = LogMelStatsReference(LogMel(n_mels=16), calibrate=True, temporal=True, bands=32)
+    with pytest.raises(AsdError, match="bands=32"):
+        m.backend_features(clips(2))
+    short = LogMelStatsReference(LogMel(n_mels=16, hop_length=512), calibrate=True, temporal=True, bands=4)
+    with pytest.raises(AsdError, match="1 frame"):
+        short.backend_features({"wave": torch.randn(2, 256)})
+
+
+def test_without_temporal_the_reference_scores_and_stores_as_before():
+    m, _ = fitted()
+    assert m.score_kinds == ("mahalanobis", "knn") and set(m.backend) == {"mahalanobis", "knn"}
+    assert set(m.scores(clips(2, seed=3))) == {"mahalanobis", "knn"}

@@ -95,6 +95,7 @@ def test_scores_have_one_row_per_test_clip_and_every_column(run):
         "dcase_ae_mahalanobis",
         "stats_mahalanobis",
         "stats_knn",
+        "stats_temporal",
         "zmean",
         "zmin",
         "zweighted",
@@ -126,7 +127,7 @@ def test_scores_have_one_row_per_test_clip_and_every_column(run):
     each = [
         infer(lambda b, e=e: member_scores(e, b), dataset, torch.device("cpu"), 8) for e in finished.copies
     ]
-    raw["stats_mahalanobis"] = np.mean([e["stats_mahalanobis"] for e in each], axis=0)
+    raw["stats_temporal"] = np.mean([e["stats_temporal"] for e in each], axis=0)
     z = cal.normalise(raw, context_of_rows(rows))
     w = np.array([cal.weights[m] for m in cal.members])
     got = [float(r["zweighted"]) for r in rows]
@@ -264,13 +265,13 @@ def test_changing_final_recalibrates_without_retraining(run, tmp_path, caplog):
 
 
 def test_the_reference_is_fused_by_default_and_stays_reported_as_its_own(run, tmp_path, caplog):
-    # fusion.references=auto (the default) fused stats_mahalanobis beside the members in `run`
+    # fusion.references=auto (the default) fused stats_temporal beside the members in `run`
     fused = Calibration.load(run / "calibration.pt")
-    assert fused.members[-1] == "stats_mahalanobis" and "stats_mahalanobis" in fused.reference_scores
+    assert fused.members[-1] == "stats_temporal" and "stats_temporal" in fused.reference_scores
+    assert "stats_mahalanobis" not in fused.members
     summary = (run / "summary.md").read_text()
     assert (
-        "- reference columns fused beside the members as well (fusion.references): stats_mahalanobis"
-        in summary
+        "- reference columns fused beside the members as well (fusion.references): stats_temporal" in summary
     )
     assert "- reference, reported beside: " in summary
     other = tmp_path / "other"
@@ -290,9 +291,9 @@ def test_the_reference_is_fused_by_default_and_stays_reported_as_its_own(run, tm
     assert any(float(r["zmean"]) != pytest.approx(float(first[r["path"]]["zmean"])) for r in rows)
     # the reported column is the run's own reference, fused or not (the fusions read the
     # cross-fitted copies' mean, the scale their calibration saw)
-    assert all(np.isfinite(float(r["stats_mahalanobis"])) for r in rows)
+    assert all(np.isfinite(float(r["stats_temporal"])) for r in rows)
     for r in rows:
-        assert r["stats_mahalanobis"] == first[r["path"]]["stats_mahalanobis"]
+        assert r["stats_temporal"] == first[r["path"]]["stats_temporal"]
 
 
 def test_domain_statistics_are_shrunk_by_default_and_a_refit_needs_no_training(run, tmp_path, caplog):
@@ -330,8 +331,15 @@ def test_references_auto_fuses_the_members_alone_where_no_reference_is_built(tmp
     with caplog.at_level("INFO", logger="asd.run"):
         state = prepare(config(tmp_path / "r", "branch=[b2]", "reference=false", "plots=false"))
     assert state.ensemble.fused_references == ()
-    assert "fusion.references=auto: this run builds no stats_mahalanobis (reference=False)" in caplog.text
+    assert (
+        "fusion.references=auto: this run builds no stats_temporal or stats_mahalanobis (reference=False)"
+        in caplog.text
+    )
     state = prepare(config(tmp_path / "s", "branch=[b2]", "reference=[stats]", "plots=false"))
+    assert state.ensemble.fused_references == ("stats_temporal",)
+    # without the time statistics, the mean log-mel's column is the one fused
+    no_time = ("branch=[b2]", "reference=[stats]", "branches.stats.temporal=false", "plots=false")
+    state = prepare(config(tmp_path / "t", *no_time))
     assert state.ensemble.fused_references == ("stats_mahalanobis",)
 
 

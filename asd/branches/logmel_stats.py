@@ -3,13 +3,22 @@
 The simplest detector that works on stationary machine sounds, reported beside the ensemble so
 every table shows whether the learned members beat it. Each clip becomes one vector: the mean
 over time of every log-mel bin (and, with `stats: mean_std`, the standard deviation too). Two
-scores, both fitted on the fit split's normals with separate source and target references per
-section, the smaller of the two:
+scores (three with `temporal`), each fitted on the fit split's normals with separate source and
+target references per section, the smaller of the two:
 
 - "mahalanobis": the distance to the section's Gaussian (mean and Ledoit-Wolf-shrunk covariance,
   `asd.scoring.MahalanobisBackend`), the statistic of the DCASE baselines' selective Mahalanobis
   applied to the raw spectrum instead of to an autoencoder's errors;
-- "knn": the euclidean distance to the `k` nearest training clips (`asd.scoring.KnnBackend`).
+- "knn": the euclidean distance to the `k` nearest training clips (`asd.scoring.KnnBackend`);
+- "temporal" (with `temporal=True`, which needs `calibrate`): the largest of three calibrated
+  Mahalanobis scores, the mean one above and two of how the sound moves over time, on `bands`
+  log-mel bands (adjacent bins averaged): each band's peak above its median frame (clicks,
+  rattles, missing or extra events) and its mean change from one frame to the next (modulation,
+  roughness, hiss). The mean hears changes of the long-term spectrum (a tone, a moved
+  resonance, a tilt) and barely the others; the two time statistics hear the others and barely
+  the spectrum. Each score is calibrated on its models' left-out distances, so the max flags a
+  clip as soon as one of them finds it out of the ordinary, where an average would let the two
+  that see nothing dilute the one that does (docs/results.md, "Clip statistics that hear time").
 
 It has no parameters to train, so the ensemble never gives it an optimizer.
 """
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from asd.branches.base import Branch
 from asd.errors import AsdError
@@ -40,6 +50,8 @@ class LogMelStatsReference(Branch):
         shrinkage: float | str = "auto",
         covariance: str = "domain",
         calibrate: bool = False,
+        temporal: bool = False,
+        bands: int = 32,
     ):
         """Args:
         frontend: wave (B, T) -> log-mel (B, n_mels, frames) (`asd.features.LogMel`).
@@ -50,24 +62,64 @@ class LogMelStatsReference(Branch):
             mean, one within-domain covariance per section; `MahalanobisBackend(covariance=)`).
         calibrate: standardise each model's and bank's distances by its clips' left-out ones, so
             source and target speak one scale before the min (`calibrate=` of both backends).
+        temporal: add the "temporal" score (module docstring); needs `calibrate`, since it takes
+            the max of three distances.
+        bands: log-mel bands of the temporal statistics (adjacent mel bins averaged), at most n_mels.
         """
         super().__init__()
-        self.frontend, self.stats = frontend, stats
-        self.backend = nn.ModuleDict(
-            {
-                "mahalanobis": MahalanobisBackend(
-                    shrinkage=shrinkage, per_domain=True, covariance=covariance, calibrate=calibrate
-                ),
-                "knn": KnnBackend(k=k, normalize=False, calibrate=calibrate),
-            }
-        )
+        if temporal and not calibrate:
+            raise AsdError(
+                "stats: temporal=true takes the max of three Mahalanobis scores, which share a scale only "
+                "when calibrated; set branches.stats.calibrate=true or branches.stats.temporal=false"
+            )
+        if not isinstance(bands, int) or isinstance(bands, bool) or bands < 1:
+            raise AsdError(
+                f"stats: bands={bands!r}; use a whole number >= 1 (at most the front end's n_mels)"
+            )
+        self.frontend, self.stats, self.temporal, self.bands = frontend, stats, bool(temporal), bands
+
+        def mahalanobis() -> MahalanobisBackend:
+            return MahalanobisBackend(
+                shrinkage=shrinkage, per_domain=True, covariance=covariance, calibrate=calibrate
+            )
+
+        backends = {
+            "mahalanobis": mahalanobis(),
+            "knn": KnnBackend(k=k, normalize=False, calibrate=calibrate),
+        }
+        if self.temporal:
+            backends |= {"peak": mahalanobis(), "change": mahalanobis()}
+        self.backend = nn.ModuleDict(backends)
+        #: the keys of `scores`: columns `stats_mahalanobis`, `stats_knn` (and `stats_temporal`)
+        self.score_kinds = ("mahalanobis", "knn", "temporal") if self.temporal else ("mahalanobis", "knn")
 
     def features(self, batch: dict[str, Tensor]) -> Tensor:
-        """One statistics vector per clip, (B, n_mels) or (B, 2 * n_mels), float32."""
+        """One statistics vector per clip, float32: (B, n_mels) or (B, 2 * n_mels), then with
+        `temporal` each band's peak above its median frame and its mean frame-to-frame change
+        (2 * `bands` more values)."""
         spec = self.frontend(batch["wave"]).float()  # (B, T) -> (B, n_mels, frames)
-        if self.stats == "mean":
-            return spec.mean(dim=2)
-        return torch.cat([spec.mean(dim=2), spec.std(dim=2)], dim=1)
+        stat = spec.mean(dim=2) if self.stats == "mean" else torch.cat([spec.mean(dim=2), spec.std(dim=2)], 1)
+        if not self.temporal:
+            return stat
+        n_mels, frames = spec.shape[1], spec.shape[2]
+        if frames < 2 or self.bands > n_mels:
+            raise AsdError(
+                f"stats: temporal statistics need at least 2 frames and bands <= n_mels; this clip gives "
+                f"{frames} frame(s) of {n_mels} mels with bands={self.bands} (use longer clips, a smaller "
+                "hop_length or fewer branches.stats.bands, or branches.stats.temporal=false)"
+            )
+        band = F.adaptive_avg_pool1d(spec.transpose(1, 2), self.bands).transpose(1, 2)  # (B, bands, frames)
+        peak = band.amax(dim=2) - band.median(dim=2).values
+        change = band.diff(dim=2).abs().mean(dim=2)
+        return torch.cat([stat, peak, change], dim=1)
+
+    def _parts(self, feats: Tensor) -> dict[str, Tensor]:
+        """`features` split into each backend's input."""
+        if not self.temporal:
+            return {"mahalanobis": feats, "knn": feats}
+        d = feats.shape[1] - 2 * self.bands
+        stat, peak, change = feats[:, :d], feats[:, d : d + self.bands], feats[:, d + self.bands :]
+        return {"mahalanobis": stat, "knn": stat, "peak": peak, "change": change}
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
         """Nothing to learn: zero (the ensemble never trains a member without parameters)."""
@@ -80,18 +132,28 @@ class LogMelStatsReference(Branch):
         return self.features(batch)
 
     def fit_backend(self, feats: Tensor, meta: dict[str, Tensor]) -> None:
-        for backend in self.backend.values():
-            backend.fit(feats.detach().float(), meta["section"], meta["domain"])
-
-    #: the keys of `scores`: columns `stats_mahalanobis`, `stats_knn`
-    score_kinds = ("mahalanobis", "knn")
+        parts = self._parts(feats.detach().float())
+        for name, backend in self.backend.items():
+            backend.fit(parts[name], meta["section"], meta["domain"])
 
     def scores(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Both scores, each (B,)."""
+        """Every score of `score_kinds`, each (B,)."""
+        self._check_fitted()
+        return self.score_features(self.features(batch), batch["section"])
+
+    def score_features(self, feats: Tensor, section: Tensor) -> dict[str, Tensor]:
+        """`scores` of clips whose `features` are computed already, (B,) each."""
+        self._check_fitted()
+        parts = self._parts(feats)
+        out = {name: backend.score(parts[name], section) for name, backend in self.backend.items()}
+        if self.temporal:  # the max of three calibrated scores; peak and change are not columns of their own
+            three = [out["mahalanobis"], out.pop("peak"), out.pop("change")]
+            out["temporal"] = torch.stack(three).amax(dim=0)
+        return out
+
+    def _check_fitted(self) -> None:
         if not self.backend["knn"].fitted:
             raise AsdError("stats: fit_backend must run on the training normals before scoring")
-        feats = self.features(batch)
-        return {name: backend.score(feats, batch["section"]) for name, backend in self.backend.items()}
 
     def score(self, batch: dict[str, Tensor]) -> Tensor:
         return self.scores(batch)["mahalanobis"]

@@ -1,12 +1,11 @@
 """The config's nodes as pydantic models: every key of `conf/`, its type and its range.
 
-Known key sets forbid other keys, so a typo fails naming the key. Keys the shipped config does not
-show (b3's `head_scale`) are optional with the constructor's default; `trainer` and `logger` pass any
-further key on to Lightning. Runtime facts (`num_samples`, `num_sections`, b5's `input_dim`, ...)
-are not keys: the builder passes them from the data, which a config value would override.
+Known key sets forbid other keys, so a typo fails naming the key. Keys the shipped config does not show
+(b3's `head_scale`) take the constructor's default; `trainer` and `logger` pass other keys to Lightning.
+Runtime facts (`num_samples`, b5's `input_dim`, ...) come from the data, not from keys.
 
-One file: the nodes read top to bottom like `conf/` itself (members, data, fusion, trainer,
-logger, the top level), so a key is found where its YAML file puts it.
+One file: the nodes read top to bottom like `conf/` (members, data, fusion, trainer, logger, the top
+level), so a key is found where its YAML file puts it.
 """
 
 import math
@@ -61,9 +60,7 @@ def _names(v: Any) -> bool:
 # values of one key (or a few), named so the nodes read as a list of keys
 Selection = value("'all', a member name or a list of them", _names)
 Frozen = value("a member name or a list of them", _names, null=True)
-References = value(
-    "true, false, a reference's name or a list of them", lambda v: isinstance(v, bool) or _names(v)
-)
+References = value("true, false, a reference or a list of them", lambda v: isinstance(v, bool) or _names(v))
 Models = value(
     f"a non-empty list of distinct sound models from {list(MODELS)}", lambda v: _distinct(v, MODELS)
 )
@@ -296,6 +293,8 @@ class Stats(Node):
     shrinkage: Shrinkage = "auto"
     covariance: choice("domain", "pooled") = "domain"
     calibrate: Flag = False
+    temporal: Flag = False
+    bands: PosInt = 32
 
 
 SCHEMAS: dict[str, type[Node]] = {

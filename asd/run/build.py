@@ -211,6 +211,9 @@ def build_member(name: str, cfg: DictConfig, runtime: dict[str, Any]) -> Branch:
     node = {k: v for k, v in plain(cfg.branches[name]).items() if k not in ENSEMBLE_KEYS}
     if runtime.get("frontend") is not None and "frontend" in node:
         node["frontend"] = runtime["frontend"]  # pictures: the image front end replaces the log-mel
+        if node.get("temporal"):  # how a sound moves over time: no meaning for a picture's columns
+            node["temporal"] = False
+            log.info("branches.%s.temporal: off on pictures (time statistics are for audio)", name)
     runtime = {k: v for k, v in runtime.items() if k != "frontend"}
     member = build(node, f"branches.{name}", runtime)
     if not isinstance(member, Branch):
@@ -295,23 +298,24 @@ def fused_members(ensemble: Ensemble) -> list[str]:
     return [n for n in ensemble.members if n not in REFERENCES] + list(ensemble.fused_references)
 
 
-#: `fusion.references=auto` fuses these columns where the run builds their reference (reference=true)
-AUTO_REFERENCES = ("stats_mahalanobis",)
+#: `fusion.references=auto` fuses the first of these columns the run builds (reference=true):
+#: `stats_temporal` on audio, `stats_mahalanobis` where it has no time statistics (pictures, temporal=false)
+AUTO_REFERENCES = ("stats_temporal", "stats_mahalanobis")
 
 
 def fused_references(cfg: DictConfig, ensemble: Ensemble) -> tuple[str, ...]:
     """`fusion.references`, checked against the score columns of the references this run builds.
 
-    `auto` (the default) is `AUTO_REFERENCES` where the run builds them, and the members alone where
-    it does not (reference=false), said in the log: the training-free mean-log-mel Mahalanobis was
-    the strongest single column on the synthetic data, and fused it lifts `final` there
-    (docs/results.md, "Fusing the reference by default")."""
+    `auto` (the default) is the first of `AUTO_REFERENCES` the run builds, and the members alone where
+    it builds none (reference=false), said in the log: the training-free clip statistics were the
+    strongest single column on the synthetic data, and fused they lift `final` there (docs/results.md,
+    "Fusing the reference by default", "Clip statistics that hear time")."""
     wanted = plain(cfg.fusion.get("references"))
     offered = [
         f"{n}_{kind}" for n, m in ensemble.members.items() if n in REFERENCES for kind in m.score_kinds
     ]
     if wanted == "auto":
-        kept = tuple(c for c in AUTO_REFERENCES if c in offered)
+        kept = tuple(c for c in AUTO_REFERENCES if c in offered)[:1]
         if not kept:
             log.info(
                 "fusion.references=auto: this run builds no %s (reference=%s): the members alone are fused",

@@ -24,7 +24,13 @@ from asd.scoring import FUSIONS, WEIGHTED
 #: is training-free)
 TRAINED = (*BRANCHES, "dcase_ae")
 #: the references' score columns (`asd.branches.dcase_ae`, `asd.branches.logmel_stats`)
-REFERENCE_COLUMNS = ("dcase_ae_mse", "dcase_ae_mahalanobis", "stats_mahalanobis", "stats_knn")
+REFERENCE_COLUMNS = (
+    "dcase_ae_mse",
+    "dcase_ae_mahalanobis",
+    "stats_mahalanobis",
+    "stats_knn",
+    "stats_temporal",
+)
 #: every method with an official score, in the order the bar chart lists them
 METHODS = (*LEARNED, WEIGHTED, *FUSIONS, *BRANCHES, *REFERENCE_COLUMNS)
 #: the pictures `publish_to_wandb` logs; roc, hist and heatmap hold one image per group or clip
