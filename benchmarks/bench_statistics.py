@@ -49,6 +49,7 @@ from sklearn.preprocessing import StandardScaler
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from asd.branches.logmel_stats import LogMelStatsReference  # noqa: E402
 from asd.data.index import index_dataset  # noqa: E402
 from asd.data.synthetic import KINDS_FILE, SyntheticConfig, ensure_synthetic  # noqa: E402
 from asd.evaluation import evaluate  # noqa: E402
@@ -67,20 +68,21 @@ def reference_settings() -> DictConfig:
     return node
 
 
-def clip_statistics(paths: list[str], batch: int = 64) -> dict[str, torch.Tensor]:
-    """Per-bin statistics of each clip's log-mel (the `stats` reference's front end), (N, n_mels) each."""
-    frontend = instantiate(reference_settings().frontend)
+def clip_statistics(paths: list[str], ref: LogMelStatsReference, batch: int = 64) -> dict[str, torch.Tensor]:
+    """Per-bin statistics of each clip's log-mel (the `stats` reference `ref`'s front end), (N, n_mels)
+    each, and `reference`: the reference's own feature vectors of the same log-mels."""
     specs = []
     for i in range(0, len(paths), batch):
         wave = torch.from_numpy(np.stack([sf.read(p, dtype="float32")[0] for p in paths[i : i + batch]]))
         with torch.inference_mode():
-            specs.append(frontend(wave).float())
+            specs.append(ref.frontend(wave).float())
     spec = torch.cat(specs)  # (N, n_mels, frames)
     return {
         "mean": spec.mean(dim=2),
         "std": spec.std(dim=2),
         "max": spec.amax(dim=2),
         "delta": spec.diff(dim=2).abs().mean(dim=2),
+        "reference": ref.features_of(spec),
     }
 
 
@@ -96,17 +98,15 @@ def mahalanobis(
     return backend.score(x[~train], section[~train]).double().numpy()
 
 
-def temporal(clips: list, train: torch.Tensor, section: torch.Tensor, domain: torch.Tensor) -> np.ndarray:
-    """The `stats` reference's `stats_temporal` score of the test rows (~train), fitted on the others."""
-    ref = instantiate(reference_settings()).eval()
-    if not ref.temporal:
-        raise SystemExit("conf/branches/default.yaml: stats.temporal is off; this benchmark reports it")
-    feats = []
-    for i in range(0, len(clips), 64):
-        wave = torch.from_numpy(np.stack([sf.read(c.path, dtype="float32")[0] for c in clips[i : i + 64]]))
-        with torch.inference_mode():
-            feats.append(ref.features({"wave": wave}))
-    feats = torch.cat(feats)
+def temporal(
+    ref: LogMelStatsReference,
+    feats: torch.Tensor,
+    train: torch.Tensor,
+    section: torch.Tensor,
+    domain: torch.Tensor,
+) -> np.ndarray:
+    """`ref`'s `stats_temporal` score of the test rows (~train) of `feats` (its feature vectors),
+    fitted on the others."""
     ref.fit_backend(feats[train], {"section": section[train], "domain": domain[train]})
     return ref.score_features(feats[~train], section[~train])["temporal"].double().numpy()
 
@@ -147,7 +147,10 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     clips = index_dataset(root)
     with open(root / KINDS_FILE, newline="") as f:
         kind_of = {str(root / r["file_name"]): r["kind"] for r in csv.DictReader(f)}
-    feats = clip_statistics([c.path for c in clips])
+    ref = instantiate(reference_settings()).eval()
+    if not ref.temporal:
+        raise SystemExit("conf/branches/default.yaml: stats.temporal is off; this benchmark reports it")
+    feats = clip_statistics([c.path for c in clips], ref)
     sections = sorted({(c.machine, c.section) for c in clips})
     section = torch.tensor([sections.index((c.machine, c.section)) for c in clips])
     domain = torch.tensor([int(c.domain == "target") for c in clips])
@@ -157,7 +160,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     kinds = np.array([kind_of.get(c.path, "none") for c in test])
     scores = {name: mahalanobis(feats[name], train, section, domain) for name in ("mean", "std")}
     scores["mean+std"] = (scores["mean"] + scores["std"]) / 2
-    scores["temporal"] = temporal(clips, train, section, domain)
+    scores["temporal"] = temporal(ref, feats["reference"], train, section, domain)
     rich = torch.cat([feats[k] for k in ("mean", "std", "max", "delta")], dim=1)[~train].double().numpy()
     scores["supervised linear"] = supervised(rich, y, section[~train].numpy(), domain[~train].numpy(), seed)
     group = section[~train].numpy() * 2 + domain[~train].numpy()

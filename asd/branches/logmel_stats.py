@@ -97,7 +97,10 @@ class LogMelStatsReference(Branch):
         """One statistics vector per clip, float32: (B, n_mels) or (B, 2 * n_mels), then with
         `temporal` each band's peak above its median frame and its mean frame-to-frame change
         (2 * `bands` more values)."""
-        spec = self.frontend(batch["wave"]).float()  # (B, T) -> (B, n_mels, frames)
+        return self.features_of(self.frontend(batch["wave"]).float())  # (B, T) -> (B, n_mels, frames)
+
+    def features_of(self, spec: Tensor) -> Tensor:
+        """`features` of log-mels computed already by this reference's front end, (B, n_mels, frames)."""
         stat = spec.mean(dim=2) if self.stats == "mean" else torch.cat([spec.mean(dim=2), spec.std(dim=2)], 1)
         if not self.temporal:
             return stat
@@ -138,22 +141,18 @@ class LogMelStatsReference(Branch):
 
     def scores(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Every score of `score_kinds`, each (B,)."""
-        self._check_fitted()
         return self.score_features(self.features(batch), batch["section"])
 
     def score_features(self, feats: Tensor, section: Tensor) -> dict[str, Tensor]:
         """`scores` of clips whose `features` are computed already, (B,) each."""
-        self._check_fitted()
+        if not self.backend["knn"].fitted:
+            raise AsdError("stats: fit_backend must run on the training normals before scoring")
         parts = self._parts(feats)
         out = {name: backend.score(parts[name], section) for name, backend in self.backend.items()}
         if self.temporal:  # the max of three calibrated scores; peak and change are not columns of their own
             three = [out["mahalanobis"], out.pop("peak"), out.pop("change")]
             out["temporal"] = torch.stack(three).amax(dim=0)
         return out
-
-    def _check_fitted(self) -> None:
-        if not self.backend["knn"].fitted:
-            raise AsdError("stats: fit_backend must run on the training normals before scoring")
 
     def score(self, batch: dict[str, Tensor]) -> Tensor:
         return self.scores(batch)["mahalanobis"]
