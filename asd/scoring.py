@@ -491,6 +491,11 @@ class MahalanobisBackend(nn.Module):
     the mean and std of its own clips' left-out distances (`bank_calibration`): each clip measured
     against a model refitted without it (`folds` refits per section, dealt so that a domain of up
     to `folds` clips is left out one clip at a time). Off by default.
+
+    `fit(..., copies=)` adds augmented copies of each training clip (speed-perturbed ones from
+    `asd.branches.logmel_stats`): they join their clip's domain in every mean and covariance, are
+    left out together with it, and are never measured themselves, so the calibration describes
+    real clips.
     """
 
     _KEYS = ("mean", "whiten", "section", "domain")
@@ -520,8 +525,11 @@ class MahalanobisBackend(nn.Module):
     def fitted(self) -> bool:
         return bool(self._fitted.state)
 
-    def fit(self, feats: Tensor, section: Tensor, domain: Tensor) -> MahalanobisBackend:
-        """Fit mean and whitening per group on training normals: feats (N, D), section (N,), domain (N,)."""
+    def fit(
+        self, feats: Tensor, section: Tensor, domain: Tensor, copies: Tensor | None = None
+    ) -> MahalanobisBackend:
+        """Fit mean and whitening per group on training normals: feats (N, D), section (N,), domain (N,);
+        `copies` (N, R, D): R augmented copies of each clip (class docstring), or None."""
         where = "MahalanobisBackend.fit"
         _check_feats(feats, where)
         _check_empty(feats.shape[0], where)
@@ -530,6 +538,15 @@ class MahalanobisBackend(nn.Module):
         domain = _check_ids(domain, "domain", feats.shape[0], where, device)
         _check_domain(domain, where)
         x = feats.detach().to(device=device, dtype=torch.float64)
+        extra = None
+        if copies is not None:
+            if copies.ndim != 3 or copies.shape[0] != feats.shape[0] or copies.shape[2] != feats.shape[1]:
+                raise AsdError(
+                    f"{where}: `copies` has shape {tuple(copies.shape)}; expected (N, R, D) = "
+                    f"({feats.shape[0]}, R, {feats.shape[1]}), R copies of each training clip"
+                )
+            _check_feats(copies.reshape(-1, copies.shape[2]), where)
+            extra = copies.detach().to(device=device, dtype=torch.float64)
         # -1 = all domains pooled; else unknown clips join the source model
         group_domain = (domain == 1).long() if self.per_domain else torch.full_like(domain, -1)
         means, whitens, sections, domains, borrowed, left_out, sizes = [], [], [], [], [], [], []
@@ -540,9 +557,10 @@ class MahalanobisBackend(nn.Module):
         for s in torch.unique(section).tolist():
             in_section = section == s
             xs, gs = x[in_section], group_domain[in_section]
-            models = self._fit_section(xs, gs, f"section {s}", borrowed, shared if s in lone else None)
+            es = extra[in_section] if extra is not None else None
+            models = self._fit_section(xs, gs, f"section {s}", borrowed, shared if s in lone else None, es)
             if self.calibrate:
-                left_out += self._left_out(xs, gs, models)
+                left_out += self._left_out(xs, gs, models, es)
             for d, (mean, whiten) in models.items():
                 means.append(mean)
                 whitens.append(whiten)
@@ -610,12 +628,18 @@ class MahalanobisBackend(nn.Module):
         what: str,
         borrowed: list[str] | None = None,
         shared: Tensor | None = None,
+        extra: Tensor | None = None,
     ) -> dict[int, tuple[Tensor, Tensor]]:
         """group id -> (mean (D,), whitening L^-1 (D, D)) of one section's clips x (n, D).
 
         `shared`: one covariance for every group (a section of one clip borrows it), fitting none.
+        `extra` (n, R, D): each clip's augmented copies, which join its group.
         """
         groups = torch.unique(group).tolist()
+        clips = {d: int((group == d).sum()) for d in groups}  # real clips, copies not counted
+        if extra is not None:
+            x = torch.cat([x, extra.reshape(-1, x.shape[1])])
+            group = torch.cat([group, group.repeat_interleave(extra.shape[1])])
         means = {d: x[group == d].mean(dim=0) for d in groups}
         pooled = shared
         if pooled is None and self.covariance == "pooled" and len(groups) > 1:
@@ -628,7 +652,7 @@ class MahalanobisBackend(nn.Module):
             info = torch.ones((), dtype=torch.int32)
             if pooled is not None:
                 chol, info = torch.linalg.cholesky_ex(pooled)
-            elif xs.shape[0] >= 2:
+            elif clips[d] >= (3 if self.shrinkage == "auto" else 2):  # fewer: singular (Ledoit-Wolf: 2 clips)
                 chol, info = torch.linalg.cholesky_ex(self._covariance(xs))
             if int(info) != 0 and xs.shape[0] < x.shape[0]:
                 # Too few clips of this domain for a covariance of its own (a single clip, or
@@ -636,18 +660,21 @@ class MahalanobisBackend(nn.Module):
                 pooled = self._covariance(x) if pooled is None else pooled
                 chol, info = torch.linalg.cholesky_ex(pooled)
                 if borrowed is not None:
-                    borrowed.append(f"{what} {DOMAIN_NAMES[d]} ({xs.shape[0]} clips)")
+                    borrowed.append(f"{what} {DOMAIN_NAMES[d]} ({clips[d]} clips)")
             if int(info) != 0:
                 raise AsdError(
                     f"MahalanobisBackend.fit: the covariance of {what} {DOMAIN_NAMES.get(d, 'all domains')} "
-                    f"is singular ({xs.shape[0]} clips, {x.shape[1]} dims, shrinkage={self.shrinkage!r}); "
+                    f"is singular ({clips[d]} clips, {x.shape[1]} dims, shrinkage={self.shrinkage!r}); "
                     "use shrinkage='auto' or a value > 0, or more clips than dimensions"
                 )
             models[d] = (means[d], torch.linalg.solve_triangular(chol, eye, upper=False))  # C = L L^T
         return models
 
-    def _left_out(self, x: Tensor, group: Tensor, models: dict[int, tuple[Tensor, Tensor]]) -> list[Tensor]:
-        """Each clip's distance to its own group's model refitted without it, one (n,) per group.
+    def _left_out(
+        self, x: Tensor, group: Tensor, models: dict[int, tuple[Tensor, Tensor]], extra: Tensor | None = None
+    ) -> list[Tensor]:
+        """Each clip's distance to its own group's model refitted without it (and its `extra` copies),
+        one (n,) per group.
 
         Folds are dealt round-robin over the section's clips, group after group, so a fold holds
         at most one clip of a group of up to `folds` clips, and a section of up to `folds` clips is
@@ -667,7 +694,8 @@ class MahalanobisBackend(nn.Module):
             if int(keep.sum()) < 2:  # nothing to fit a covariance on: these clips stay unmeasured
                 continue
             try:
-                refit = self._fit_section(x[keep], group[keep], "left-out refit")
+                kept = extra[keep] if extra is not None else None
+                refit = self._fit_section(x[keep], group[keep], "left-out refit", extra=kept)
             except AsdError:  # singular without these clips: they stay unmeasured, like a lone clip
                 continue
             for d, (mean, whiten) in refit.items():

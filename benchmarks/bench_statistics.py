@@ -13,7 +13,10 @@ about threefold, with the square root of the clip count), computes every clip's 
   (the reference `stats_mahalanobis`), `std` (the spread over time), and `mean+std` (the two
   calibrated scores averaged); and `temporal`, the reference's own `stats_temporal` column (the
   max of the mean's calibrated score and those of each band's peak above its median frame and
-  its mean frame-to-frame change; `asd.branches.logmel_stats`);
+  its mean frame-to-frame change; `asd.branches.logmel_stats`); and the reference's own
+  `stats_mahalanobis` and `stats_temporal` columns with speed-perturbed copies of the training
+  clips in its Mahalanobis models (`--speeds`, by default `SPEEDS`, whatever the config says),
+  `mean, speed copies` and `temporal, speed copies`;
 - a supervised linear model that sees the test labels: logistic regression on each bin's mean,
   std, max and mean absolute frame difference plus the domain, fitted per section on 4/5 of its
   test clips and scoring the other fifth (5 folds, stratified by label and domain). It shows
@@ -56,7 +59,17 @@ from asd.evaluation import evaluate  # noqa: E402
 from asd.scoring import MahalanobisBackend  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-METHODS = ("mean", "std", "mean+std", "temporal", "supervised linear")
+METHODS = (
+    "mean",
+    "std",
+    "mean+std",
+    "temporal",
+    "mean, speed copies",
+    "temporal, speed copies",
+    "supervised linear",
+)
+#: the factors of the speed-perturbed copies (`branches.stats.speeds`) this benchmark compares with none
+SPEEDS = [0.9, 0.95, 1.05, 1.1]
 #: the first-shot configuration of benchmarks/bench_quality.py
 FIRST_SHOT = {"machines": ("valve",), "sections": 1, "source_train": 8, "target_train": 2, "duration": 10.0}
 
@@ -68,14 +81,18 @@ def reference_settings() -> DictConfig:
     return node
 
 
-def clip_statistics(paths: list[str], ref: LogMelStatsReference, batch: int = 64) -> dict[str, torch.Tensor]:
+def clip_statistics(
+    paths: list[str], ref: LogMelStatsReference, perturbed: LogMelStatsReference, batch: int = 64
+) -> dict[str, torch.Tensor]:
     """Per-bin statistics of each clip's log-mel (the `stats` reference `ref`'s front end), (N, n_mels)
-    each, and `reference`: the reference's own feature vectors of the same log-mels."""
-    specs = []
+    each; `reference`: the reference's own feature vectors of the same log-mels; `perturbed`:
+    `perturbed`'s backend features (each clip's, then its speed-perturbed copies')."""
+    specs, copies = [], []
     for i in range(0, len(paths), batch):
         wave = torch.from_numpy(np.stack([sf.read(p, dtype="float32")[0] for p in paths[i : i + batch]]))
         with torch.inference_mode():
             specs.append(ref.frontend(wave).float())
+            copies.append(perturbed.backend_features({"wave": wave}))
     spec = torch.cat(specs)  # (N, n_mels, frames)
     return {
         "mean": spec.mean(dim=2),
@@ -83,6 +100,7 @@ def clip_statistics(paths: list[str], ref: LogMelStatsReference, batch: int = 64
         "max": spec.amax(dim=2),
         "delta": spec.diff(dim=2).abs().mean(dim=2),
         "reference": ref.features_of(spec),
+        "perturbed": torch.cat(copies),
     }
 
 
@@ -98,17 +116,19 @@ def mahalanobis(
     return backend.score(x[~train], section[~train]).double().numpy()
 
 
-def temporal(
+def reference_scores(
     ref: LogMelStatsReference,
     feats: torch.Tensor,
     train: torch.Tensor,
     section: torch.Tensor,
     domain: torch.Tensor,
-) -> np.ndarray:
-    """`ref`'s `stats_temporal` score of the test rows (~train) of `feats` (its feature vectors),
-    fitted on the others."""
+) -> dict[str, np.ndarray]:
+    """`ref`'s scores (`mahalanobis`, `knn`, `temporal`) of the test rows (~train) of `feats` (its
+    backend features), fitted on the others; a test row's own copies, if any, are not scored."""
     ref.fit_backend(feats[train], {"section": section[train], "domain": domain[train]})
-    return ref.score_features(feats[~train], section[~train])["temporal"].double().numpy()
+    width = feats.shape[1] // (1 + len(ref.speeds))
+    out = ref.score_features(feats[~train][:, :width], section[~train])
+    return {k: v.double().numpy() for k, v in out.items()}
 
 
 def supervised(
@@ -147,10 +167,14 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     clips = index_dataset(root)
     with open(root / KINDS_FILE, newline="") as f:
         kind_of = {str(root / r["file_name"]): r["kind"] for r in csv.DictReader(f)}
-    ref = instantiate(reference_settings()).eval()
-    if not ref.temporal:
-        raise SystemExit("conf/branches/default.yaml: stats.temporal is off; this benchmark reports it")
-    feats = clip_statistics([c.path for c in clips], ref)
+    ref = instantiate(reference_settings(), speeds=[]).eval()
+    perturbed = instantiate(reference_settings(), speeds=args.speeds).eval()
+    if not ref.temporal or not perturbed.speeds:
+        raise SystemExit(
+            "this benchmark reports stats.temporal with and without speed copies: set stats.temporal=true "
+            "in conf/branches/default.yaml and give --speeds a factor or more"
+        )
+    feats = clip_statistics([c.path for c in clips], ref, perturbed)
     sections = sorted({(c.machine, c.section) for c in clips})
     section = torch.tensor([sections.index((c.machine, c.section)) for c in clips])
     domain = torch.tensor([int(c.domain == "target") for c in clips])
@@ -160,7 +184,9 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     kinds = np.array([kind_of.get(c.path, "none") for c in test])
     scores = {name: mahalanobis(feats[name], train, section, domain) for name in ("mean", "std")}
     scores["mean+std"] = (scores["mean"] + scores["std"]) / 2
-    scores["temporal"] = temporal(ref, feats["reference"], train, section, domain)
+    scores["temporal"] = reference_scores(ref, feats["reference"], train, section, domain)["temporal"]
+    copied = reference_scores(perturbed, feats["perturbed"], train, section, domain)
+    scores["mean, speed copies"], scores["temporal, speed copies"] = copied["mahalanobis"], copied["temporal"]
     rich = torch.cat([feats[k] for k in ("mean", "std", "max", "delta")], dim=1)[~train].double().numpy()
     scores["supervised linear"] = supervised(rich, y, section[~train].numpy(), domain[~train].numpy(), seed)
     group = section[~train].numpy() * 2 + domain[~train].numpy()
@@ -203,6 +229,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--first-shot", action="store_true", help="bench_quality.py's first-shot configuration"
     )
+    parser.add_argument(
+        "--speeds",
+        type=float,
+        nargs="+",
+        default=SPEEDS,
+        help=f"factors of the speed-perturbed training copies (default: {SPEEDS})",
+    )
     parser.add_argument("--name", default="bench_statistics")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -214,7 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
             f"seed {seed}: " + ", ".join(f"{m} {v:.3f}" for m, v in runs[-1]["official"].items()), flush=True
         )
     setting = (
-        f"difficulty {args.difficulty}, {args.test_per_class} test clips per machine/section/domain/label"
+        f"difficulty {args.difficulty}, {args.test_per_class} test clips per machine/section/domain/label, "
+        f"speed copies {args.speeds}"
         + (", first-shot (one valve section, 8 + 2 training clips of 10 s)" if args.first_shot else "")
     )
     text = f"# Clip statistics on synthetic data ({setting})\n\n{table(runs)}\n"

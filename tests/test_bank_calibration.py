@@ -83,6 +83,32 @@ def test_mahalanobis_calibration_refits_without_each_clip():
         assert float(state["scale"][g]) == pytest.approx(np.std(left_out[g], ddof=1), rel=1e-4)
 
 
+def test_copies_join_the_models_and_leave_with_their_clip():
+    feats, section, domain = two_domain_data(n_source=10, n_target=4, dim=3)
+    query = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) + 1.0
+    zeros = torch.zeros(8, dtype=torch.long)
+    plain = MahalanobisBackend(shrinkage=0.1, covariance="pooled", calibrate=True, folds=20)
+    plain.fit(feats, section, domain)
+    # exact duplicates change no mean and no (maximum-likelihood) covariance: with each left out
+    # together with its clip, every model and every calibration is the same as without them
+    twins = MahalanobisBackend(shrinkage=0.1, covariance="pooled", calibrate=True, folds=20)
+    twins.fit(feats, section, domain, copies=feats[:, None].repeat(1, 2, 1))
+    torch.testing.assert_close(twins.score(query, zeros), plain.score(query, zeros))
+    # real copies: the same models as plain rows of their clips' domains, but measured and left out
+    # as their clips
+    copies = feats[:, None] + 0.3 * torch.randn(14, 2, 3, dtype=torch.float64, generator=torch.Generator())
+    rows = torch.cat([feats, copies.reshape(-1, 3)])
+    as_rows = MahalanobisBackend(shrinkage=0.1, covariance="pooled").fit(
+        rows, section.repeat(3), torch.cat([domain, domain.repeat_interleave(2)])
+    )
+    with_copies = MahalanobisBackend(shrinkage=0.1, covariance="pooled").fit(
+        feats, section, domain, copies=copies
+    )
+    torch.testing.assert_close(with_copies.score(query, zeros), as_rows.score(query, zeros))
+    with pytest.raises(AsdError, match=r"`copies` has shape \(14, 3\)"):
+        plain.fit(feats, section, domain, copies=feats)
+
+
 def test_pooled_covariance_shares_the_within_domain_spread():
     feats, section, domain = two_domain_data(n_source=30, n_target=5, dim=3)
     maha = MahalanobisBackend(shrinkage=0.0, covariance="pooled").fit(feats, section, domain)

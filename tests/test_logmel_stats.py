@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from asd.branches.logmel_stats import LogMelStatsReference
+from asd.branches.logmel_stats import LogMelStatsReference, speed_perturb
 from asd.ensemble import Ensemble, is_reference, select_references
 from asd.errors import AsdError
 from asd.features import LogMel
@@ -138,3 +138,39 @@ def test_without_temporal_the_reference_scores_and_stores_as_before():
     m, _ = fitted()
     assert m.score_kinds == ("mahalanobis", "knn") and set(m.backend) == {"mahalanobis", "knn"}
     assert set(m.scores(clips(2, seed=3))) == {"mahalanobis", "knn"}
+
+
+def test_speed_perturb_scales_every_frequency_and_keeps_the_level():
+    t = torch.arange(16000) / SR  # 1 s
+    tone = torch.sin(2 * math.pi * 1000.0 * t)[None]  # (1, T)
+    for factor in (0.9, 1.05, 1.1):
+        out = speed_perturb(tone, factor)
+        assert out.shape == (1, round(16000 / factor))
+        peak = torch.fft.rfft(out[0]).abs().argmax().item() * SR / out.shape[1]
+        assert peak == pytest.approx(1000.0 * factor, abs=1.5)
+        assert out[0, 500:-500].pow(2).mean().sqrt().item() == pytest.approx(math.sqrt(0.5), rel=1e-3)
+    # faster: what would land above the Nyquist frequency is cut, not folded back below it
+    high = speed_perturb(torch.sin(2 * math.pi * 7600.0 * t)[None], 1.1)
+    assert high.pow(2).mean().sqrt() < 0.01  # folded back, it would be a tone of RMS 0.71 at 7640 Hz
+
+
+def test_speed_copies_join_the_mahalanobis_models_and_leave_the_knn_bank_alone():
+    m, train = fitted(calibrate=True, covariance="pooled", speeds=[0.9, 1.1])
+    feats = m.backend_features(train)
+    assert feats.shape == (24, 3 * 16)
+    copy = m.features(dict(train, wave=speed_perturb(train["wave"], 0.9)))
+    torch.testing.assert_close(feats[:, 16:32], copy)
+    plain, _ = fitted(calibrate=True, covariance="pooled")
+    b = clips(6, seed=4)
+    # the kNN bank holds the real clips only: the same scores as without copies
+    torch.testing.assert_close(m.scores(b)["knn"], plain.scores(b)["knn"])
+    assert not torch.allclose(m.scores(b)["mahalanobis"], plain.scores(b)["mahalanobis"])
+    # a tone moved by 10 %, as if the machine ran faster, is nearer to normal for the model that saw copies
+    shifted = dict(b, wave=speed_perturb(b["wave"], 1.1))
+    assert (m.scores(shifted)["mahalanobis"] < plain.scores(shifted)["mahalanobis"]).all()
+
+
+def test_speeds_must_be_distinct_factors_in_range_other_than_one():
+    for bad in ([1.0], [0.9, 0.9], [3.0], [True]):
+        with pytest.raises(AsdError, match="stats: speeds="):
+            LogMelStatsReference(LogMel(n_mels=16), speeds=bad)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -341,6 +342,18 @@ def test_references_auto_fuses_the_members_alone_where_no_reference_is_built(tmp
     no_time = ("branch=[b2]", "reference=[stats]", "branches.stats.temporal=false", "plots=false")
     state = prepare(config(tmp_path / "t", *no_time))
     assert state.ensemble.fused_references == ("stats_mahalanobis",)
+
+
+def test_a_run_with_speed_copies_fits_the_reference_on_them_end_to_end(tmp_path):
+    common = ("branch=[b2]", "reference=[stats]", "plots=false")
+    speeds = "branches.stats.speeds=[0.9,1.1]"
+    copies = read_csv(train(config(tmp_path / "c", *common, speeds)) / "scores.csv")
+    plain = {r["path"]: r for r in read_csv(train(config(tmp_path / "p", *common)) / "scores.csv")}
+    assert copies and all(math.isfinite(float(r["stats_temporal"])) for r in copies)
+    # the copies reach the Mahalanobis models and not the kNN bank; the trained member is untouched
+    assert all(r["stats_knn"] == plain[r["path"]]["stats_knn"] for r in copies)
+    assert all(r["b2"] == plain[r["path"]]["b2"] for r in copies)
+    assert any(r["stats_mahalanobis"] != plain[r["path"]]["stats_mahalanobis"] for r in copies)
 
 
 def test_the_run_checks_each_batchs_ids_on_the_cpu_before_it_moves(tmp_path):

@@ -20,10 +20,23 @@ target references per section, the smaller of the two:
   clip as soon as one of them finds it out of the ordinary, where an average would let the two
   that see nothing dilute the one that does (docs/results.md, "Clip statistics that hear time").
 
+With `speeds`, every Mahalanobis model also learns from speed-perturbed copies of its training
+clips (each clip resampled so that its frequencies and its tempo scale by each factor, as Kaldi's
+speed perturbation does for speech): a machine whose speed or load moves its tones between
+recordings varies more than a few clips show, most of all in a target domain of 2-5 clips, and
+the copies teach the models that direction of variation. The copies join their clip's domain in
+the means and covariances, are left out with it by the calibration and are never measured
+themselves (`MahalanobisBackend.fit(copies=)`); the kNN bank keeps the real clips only, since a
+clip's own copy would be its nearest neighbour. Scoring is unchanged: test clips are not perturbed.
+(docs/results.md, "Speed-perturbed copies of the training clips".)
+
 It has no parameters to train, so the ensemble never gives it an optimizer.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from fractions import Fraction
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +65,7 @@ class LogMelStatsReference(Branch):
         calibrate: bool = False,
         temporal: bool = False,
         bands: int = 32,
+        speeds: Sequence[float] = (),
     ):
         """Args:
         frontend: wave (B, T) -> log-mel (B, n_mels, frames) (`asd.features.LogMel`).
@@ -65,6 +79,8 @@ class LogMelStatsReference(Branch):
         temporal: add the "temporal" score (module docstring); needs `calibrate`, since it takes
             the max of three distances.
         bands: log-mel bands of the temporal statistics (adjacent mel bins averaged), at most n_mels.
+        speeds: factors of the speed-perturbed training copies of the Mahalanobis models (module
+            docstring), each in [0.5, 2] and not 1; empty: none.
         """
         super().__init__()
         if temporal and not calibrate:
@@ -76,7 +92,15 @@ class LogMelStatsReference(Branch):
             raise AsdError(
                 f"stats: bands={bands!r}; use a whole number >= 1 (at most the front end's n_mels)"
             )
+        speeds = list(speeds)
+        factors = all(type(r) in (int, float) and 0.5 <= r <= 2 for r in speeds)  # bool is not a factor
+        if not factors or 1 in speeds or len(set(speeds)) != len(speeds):
+            raise AsdError(
+                f"stats: speeds={speeds!r}; use distinct factors in [0.5, 2] other than 1 (e.g. [0.9, 1.1]), "
+                "or [] for no speed-perturbed copies"
+            )
         self.frontend, self.stats, self.temporal, self.bands = frontend, stats, bool(temporal), bands
+        self.speeds = [float(r) for r in speeds]
 
         def mahalanobis() -> MahalanobisBackend:
             return MahalanobisBackend(
@@ -132,12 +156,24 @@ class LogMelStatsReference(Branch):
         return batch["wave"].new_zeros((batch["wave"].shape[0], 0))
 
     def backend_features(self, batch: dict[str, Tensor]) -> Tensor:
-        return self.features(batch)
+        """`features` of each training clip, then of each of its `speeds` copies: (B, (1 + R) * F)."""
+        feats = self.features(batch)
+        if not self.speeds:
+            return feats
+        waves = [speed_perturb(batch["wave"], r) for r in self.speeds]  # (B, T / r) each
+        return torch.cat([feats, *(self.features_of(self.frontend(w).float()) for w in waves)], dim=1)
 
     def fit_backend(self, feats: Tensor, meta: dict[str, Tensor]) -> None:
-        parts = self._parts(feats.detach().float())
+        feats = feats.detach().float()
+        rows = feats.reshape(feats.shape[0], 1 + len(self.speeds), -1)  # (N, 1 + R, F): the clip, its copies
+        parts = self._parts(rows[:, 0])
+        copies = [self._parts(rows[:, 1 + i]) for i in range(len(self.speeds))]
         for name, backend in self.backend.items():
-            backend.fit(parts[name], meta["section"], meta["domain"])
+            if copies and isinstance(backend, MahalanobisBackend):
+                extra = torch.stack([c[name] for c in copies], dim=1)  # (N, R, F_name)
+                backend.fit(parts[name], meta["section"], meta["domain"], copies=extra)
+            else:
+                backend.fit(parts[name], meta["section"], meta["domain"])
 
     def scores(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Every score of `score_kinds`, each (B,)."""
@@ -156,3 +192,24 @@ class LogMelStatsReference(Branch):
 
     def score(self, batch: dict[str, Tensor]) -> Tensor:
         return self.scores(batch)["mahalanobis"]
+
+
+def speed_perturb(wave: Tensor, factor: float) -> Tensor:
+    """(B, T) -> (B, round(T / factor)): the clip played `factor` times faster, so every frequency and
+    every tempo scale by `factor`, at the same sample rate.
+
+    Band-limited (FFT) resampling, as `scipy.signal.resample` does: the spectrum is cut (faster: the
+    bins above the new Nyquist frequency go, so nothing aliases) or padded with zeros (slower), and
+    scaled so that a sine keeps its amplitude. The factor is snapped to a fraction with a
+    denominator of at most 100 so a clip length maps to the same output length everywhere.
+    """
+    n = wave.shape[-1]
+    ratio = Fraction(factor).limit_denominator(100)
+    m = max(1, round(n * ratio.denominator / ratio.numerator))
+    spec = torch.fft.rfft(wave.float(), dim=-1)  # (B, n // 2 + 1)
+    bins = m // 2 + 1
+    if bins <= spec.shape[-1]:
+        spec = spec[..., :bins]
+    else:
+        spec = F.pad(spec, (0, bins - spec.shape[-1]))
+    return torch.fft.irfft(spec, n=m, dim=-1) * (m / n)

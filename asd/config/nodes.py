@@ -71,6 +71,15 @@ Kinds = value(  # `kinds: tone` is one kind (asd.anomalies.anomaly_config)
 Margin = value("a number of radians in [0, pi/2)", lambda v: is_number(v) and 0 <= v < math.pi / 2)
 TimeDim = value("an even integer >= 2", lambda v: is_int(v) and v >= 2 and v % 2 == 0)
 Shrinkage = value("'auto' or a number in [0, 1]", lambda v: v == "auto" or (is_number(v) and 0 <= v <= 1))
+Speeds = value(
+    "a list of distinct factors in [0.5, 2] other than 1",
+    lambda v: (
+        isinstance(v, list)
+        and len(set(v)) == len(v)
+        and all(is_number(r) and 0.5 <= r <= 2 for r in v)
+        and 1 not in v
+    ),
+)
 Channel = value("a channel index >= 0 or 'mean'", lambda v: v == "mean" or (is_int(v) and v >= 0))
 Machines = value("a non-empty list of machine types", lambda v: bool(v) and is_texts(v), null=True)
 Devices = value(
@@ -295,6 +304,7 @@ class Stats(Node):
     calibrate: Flag = False
     temporal: Flag = False
     bands: PosInt = 32
+    speeds: Speeds = []
 
 
 SCHEMAS: dict[str, type[Node]] = {

@@ -214,6 +214,9 @@ def build_member(name: str, cfg: DictConfig, runtime: dict[str, Any]) -> Branch:
         if node.get("temporal"):  # how a sound moves over time: no meaning for a picture's columns
             node["temporal"] = False
             log.info("branches.%s.temporal: off on pictures (time statistics are for audio)", name)
+        if node.get("speeds"):  # a picture played faster means nothing either
+            node["speeds"] = []
+            log.info("branches.%s.speeds: off on pictures (speed-perturbed copies are for audio)", name)
     runtime = {k: v for k, v in runtime.items() if k != "frontend"}
     member = build(node, f"branches.{name}", runtime)
     if not isinstance(member, Branch):
