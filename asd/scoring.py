@@ -493,9 +493,11 @@ class MahalanobisBackend(nn.Module):
     to `folds` clips is left out one clip at a time). Off by default.
 
     `fit(..., copies=)` adds augmented copies of each training clip (speed-perturbed ones from
-    `asd.branches.logmel_stats`): they join their clip's domain in every mean and covariance, are
-    left out together with it, and are never measured themselves, so the calibration describes
-    real clips.
+    `asd.branches.logmel_stats`): they join their clip's domain in its mean and in its section's
+    covariance, are left out together with it, and are never measured themselves, so the
+    calibration describes real clips. Whether a domain has clips enough for a covariance of its own
+    counts its real clips; a section too small for one borrows the other sections' spread of real
+    clips only.
     """
 
     _KEYS = ("mean", "whiten", "section", "domain")
@@ -540,12 +542,19 @@ class MahalanobisBackend(nn.Module):
         x = feats.detach().to(device=device, dtype=torch.float64)
         extra = None
         if copies is not None:
-            if copies.ndim != 3 or copies.shape[0] != feats.shape[0] or copies.shape[2] != feats.shape[1]:
+            n, d = feats.shape
+            shaped = isinstance(copies, Tensor) and copies.is_floating_point() and copies.ndim == 3
+            if not shaped or copies.shape[0] != n or copies.shape[2] != d:
+                got = tuple(copies.shape) if isinstance(copies, Tensor) else type(copies).__name__
                 raise AsdError(
-                    f"{where}: `copies` has shape {tuple(copies.shape)}; expected (N, R, D) = "
-                    f"({feats.shape[0]}, R, {feats.shape[1]}), R copies of each training clip"
+                    f"{where}: `copies` is {got}; expected a float tensor (N, R, D) = ({n}, R, {d}), "
+                    "R copies of each training clip"
                 )
-            _check_feats(copies.reshape(-1, copies.shape[2]), where)
+            bad = torch.nonzero(~torch.isfinite(copies).all(dim=2))[:5].tolist()  # (clip, copy) pairs
+            if bad:
+                raise AsdError(
+                    f"{where}: `copies` has NaN/inf values in (clip, copy) {bad}; check their features"
+                )
             extra = copies.detach().to(device=device, dtype=torch.float64)
         # -1 = all domains pooled; else unknown clips join the source model
         group_domain = (domain == 1).long() if self.per_domain else torch.full_like(domain, -1)
@@ -637,6 +646,10 @@ class MahalanobisBackend(nn.Module):
         """
         groups = torch.unique(group).tolist()
         clips = {d: int((group == d).sum()) for d in groups}  # real clips, copies not counted
+        # enough for a covariance of its own: 2 clips; with copies, the real clips Ledoit-Wolf needs
+        # (3: it shrinks nothing for 2), since the copies of one or two clips show only the speed direction
+        least = 3 if extra is not None and self.shrinkage == "auto" else 2
+        enough = {d: clips[d] >= least for d in groups}  # without copies: the rule as it always was
         if extra is not None:
             x = torch.cat([x, extra.reshape(-1, x.shape[1])])
             group = torch.cat([group, group.repeat_interleave(extra.shape[1])])
@@ -652,7 +665,7 @@ class MahalanobisBackend(nn.Module):
             info = torch.ones((), dtype=torch.int32)
             if pooled is not None:
                 chol, info = torch.linalg.cholesky_ex(pooled)
-            elif clips[d] >= (3 if self.shrinkage == "auto" else 2):  # fewer: singular (Ledoit-Wolf: 2 clips)
+            elif enough[d]:
                 chol, info = torch.linalg.cholesky_ex(self._covariance(xs))
             if int(info) != 0 and xs.shape[0] < x.shape[0]:
                 # Too few clips of this domain for a covariance of its own (a single clip, or

@@ -81,18 +81,29 @@ def reference_settings() -> DictConfig:
     return node
 
 
+def read_waves(paths: list[str]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([sf.read(p, dtype="float32")[0] for p in paths]))  # (B, T)
+
+
 def clip_statistics(
-    paths: list[str], ref: LogMelStatsReference, perturbed: LogMelStatsReference, batch: int = 64
+    paths: list[str],
+    ref: LogMelStatsReference,
+    perturbed: LogMelStatsReference,
+    train: list[bool],
+    batch: int = 64,
 ) -> dict[str, torch.Tensor]:
     """Per-bin statistics of each clip's log-mel (the `stats` reference `ref`'s front end), (N, n_mels)
     each; `reference`: the reference's own feature vectors of the same log-mels; `perturbed`:
-    `perturbed`'s backend features (each clip's, then its speed-perturbed copies')."""
+    `perturbed`'s backend features of the training clips (`train`) alone, each clip's then its
+    speed-perturbed copies' (test clips are scored as they are)."""
     specs, copies = [], []
     for i in range(0, len(paths), batch):
-        wave = torch.from_numpy(np.stack([sf.read(p, dtype="float32")[0] for p in paths[i : i + batch]]))
+        wave = read_waves(paths[i : i + batch])
         with torch.inference_mode():
             specs.append(ref.frontend(wave).float())
-            copies.append(perturbed.backend_features({"wave": wave}))
+            fit = torch.tensor(train[i : i + batch])
+            if fit.any():
+                copies.append(perturbed.backend_features({"wave": wave[fit]}))
     spec = torch.cat(specs)  # (N, n_mels, frames)
     return {
         "mean": spec.mean(dim=2),
@@ -118,16 +129,16 @@ def mahalanobis(
 
 def reference_scores(
     ref: LogMelStatsReference,
-    feats: torch.Tensor,
+    fit: torch.Tensor,
+    test: torch.Tensor,
     train: torch.Tensor,
     section: torch.Tensor,
     domain: torch.Tensor,
 ) -> dict[str, np.ndarray]:
-    """`ref`'s scores (`mahalanobis`, `knn`, `temporal`) of the test rows (~train) of `feats` (its
-    backend features), fitted on the others; a test row's own copies, if any, are not scored."""
-    ref.fit_backend(feats[train], {"section": section[train], "domain": domain[train]})
-    width = feats.shape[1] // (1 + len(ref.speeds))
-    out = ref.score_features(feats[~train][:, :width], section[~train])
+    """`ref`'s scores (`mahalanobis`, `knn`, `temporal`) of the test rows (~train) of `test` (its
+    features), fitted on `fit`, its backend features of the training rows (with their copies)."""
+    ref.fit_backend(fit, {"section": section[train], "domain": domain[train]})
+    out = ref.score_features(test[~train], section[~train])
     return {k: v.double().numpy() for k, v in out.items()}
 
 
@@ -174,7 +185,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
             "this benchmark reports stats.temporal with and without speed copies: set stats.temporal=true "
             "in conf/branches/default.yaml and give --speeds a factor or more"
         )
-    feats = clip_statistics([c.path for c in clips], ref, perturbed)
+    feats = clip_statistics([c.path for c in clips], ref, perturbed, [c.split == "train" for c in clips])
     sections = sorted({(c.machine, c.section) for c in clips})
     section = torch.tensor([sections.index((c.machine, c.section)) for c in clips])
     domain = torch.tensor([int(c.domain == "target") for c in clips])
@@ -184,8 +195,9 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     kinds = np.array([kind_of.get(c.path, "none") for c in test])
     scores = {name: mahalanobis(feats[name], train, section, domain) for name in ("mean", "std")}
     scores["mean+std"] = (scores["mean"] + scores["std"]) / 2
-    scores["temporal"] = reference_scores(ref, feats["reference"], train, section, domain)["temporal"]
-    copied = reference_scores(perturbed, feats["perturbed"], train, section, domain)
+    own = feats["reference"]
+    scores["temporal"] = reference_scores(ref, own[train], own, train, section, domain)["temporal"]
+    copied = reference_scores(perturbed, feats["perturbed"], own, train, section, domain)
     scores["mean, speed copies"], scores["temporal, speed copies"] = copied["mahalanobis"], copied["temporal"]
     rich = torch.cat([feats[k] for k in ("mean", "std", "max", "delta")], dim=1)[~train].double().numpy()
     scores["supervised linear"] = supervised(rich, y, section[~train].numpy(), domain[~train].numpy(), seed)

@@ -105,8 +105,16 @@ def test_copies_join_the_models_and_leave_with_their_clip():
         feats, section, domain, copies=copies
     )
     torch.testing.assert_close(with_copies.score(query, zeros), as_rows.score(query, zeros))
-    with pytest.raises(AsdError, match=r"`copies` has shape \(14, 3\)"):
+    with pytest.raises(
+        AsdError, match=r"`copies` is \(14, 3\); expected a float tensor \(N, R, D\) = \(14, R, 3\)"
+    ):
         plain.fit(feats, section, domain, copies=feats)
+    with pytest.raises(AsdError, match="`copies` is list"):
+        plain.fit(feats, section, domain, copies=[feats])
+    broken = copies.clone()
+    broken[3, 1, 0] = math.nan
+    with pytest.raises(AsdError, match=r"`copies` has NaN/inf values in \(clip, copy\) \[\[3, 1\]\]"):
+        plain.fit(feats, section, domain, copies=broken)
 
 
 def test_pooled_covariance_shares_the_within_domain_spread():

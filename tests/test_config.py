@@ -141,6 +141,10 @@ def test_logger_nodes_need_a_target():
         ),
         ("branches.stats.speeds=[1.0]", "branches.stats.speeds=[1.0]: expected a list of distinct factors"),
         ("branches.stats.speeds=0.9", "branches.stats.speeds=0.9: expected a list of distinct factors in"),
+        (
+            "branches.stats.speeds=[[0.9]]",
+            "branches.stats.speeds=[[0.9]]: expected a list of distinct factors",
+        ),
         ("fusion.anomalies.copies=0", "fusion.anomalies.copies=0: expected an integer >= 1"),
         ("fusion.meta.support_fraction=0", "fusion.meta.support_fraction=0: expected a number in (0, 1)"),
         ("fusion.attention.lr=0", "fusion.attention.lr=0: expected a number > 0"),

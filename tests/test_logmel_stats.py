@@ -155,22 +155,27 @@ def test_speed_perturb_scales_every_frequency_and_keeps_the_level():
 
 
 def test_speed_copies_join_the_mahalanobis_models_and_leave_the_knn_bank_alone():
-    m, train = fitted(calibrate=True, covariance="pooled", speeds=[0.9, 1.1])
+    kw = {"calibrate": True, "covariance": "pooled", "temporal": True, "bands": 4}
+    m, train = fitted(**kw, speeds=[0.9, 1.1])
     feats = m.backend_features(train)
-    assert feats.shape == (24, 3 * 16)
+    assert feats.shape == (24, 3 * (16 + 4 + 4))  # the clip's features, then each copy's
     copy = m.features(dict(train, wave=speed_perturb(train["wave"], 0.9)))
-    torch.testing.assert_close(feats[:, 16:32], copy)
-    plain, _ = fitted(calibrate=True, covariance="pooled")
+    torch.testing.assert_close(feats[:, 24:48], copy)
+    plain, _ = fitted(**kw)
+    # every Mahalanobis model (the mean's, the peak's, the change's) holds the copies; the kNN bank does not
+    for name in ("mahalanobis", "peak", "change"):
+        with_copies, without = m.backend[name]._fitted.state, plain.backend[name]._fitted.state
+        assert not torch.allclose(with_copies["whiten"], without["whiten"]), name
     b = clips(6, seed=4)
-    # the kNN bank holds the real clips only: the same scores as without copies
     torch.testing.assert_close(m.scores(b)["knn"], plain.scores(b)["knn"])
-    assert not torch.allclose(m.scores(b)["mahalanobis"], plain.scores(b)["mahalanobis"])
     # a tone moved by 10 %, as if the machine ran faster, is nearer to normal for the model that saw copies
     shifted = dict(b, wave=speed_perturb(b["wave"], 1.1))
     assert (m.scores(shifted)["mahalanobis"] < plain.scores(shifted)["mahalanobis"]).all()
+    with pytest.raises(AsdError, match=r"with branches.stats.speeds=\[0.9, 1.1\] it needs"):
+        m.fit_backend(feats[:, :-1], {"section": train["section"], "domain": train["domain"]})
 
 
 def test_speeds_must_be_distinct_factors_in_range_other_than_one():
-    for bad in ([1.0], [0.9, 0.9], [3.0], [True]):
+    for bad in ([1.0], [0.9, 0.9], [3.0], [True], 0.9, "0.9", [[0.9]]):
         with pytest.raises(AsdError, match="stats: speeds="):
             LogMelStatsReference(LogMel(n_mels=16), speeds=bad)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from fractions import Fraction
+from numbers import Real
 
 import torch
 from torch import Tensor, nn
@@ -92,12 +93,14 @@ class LogMelStatsReference(Branch):
             raise AsdError(
                 f"stats: bands={bands!r}; use a whole number >= 1 (at most the front end's n_mels)"
             )
-        speeds = list(speeds)
-        factors = all(type(r) in (int, float) and 0.5 <= r <= 2 for r in speeds)  # bool is not a factor
+        listed = isinstance(speeds, Sequence) and not isinstance(speeds, str)
+        factors = listed and all(
+            isinstance(r, Real) and not isinstance(r, bool) and 0.5 <= r <= 2 for r in speeds
+        )
         if not factors or 1 in speeds or len(set(speeds)) != len(speeds):
             raise AsdError(
-                f"stats: speeds={speeds!r}; use distinct factors in [0.5, 2] other than 1 (e.g. [0.9, 1.1]), "
-                "or [] for no speed-perturbed copies"
+                f"stats: speeds={speeds!r}; use a list of distinct factors in [0.5, 2] other than 1 (e.g. "
+                "[0.9, 1.1]), or [] for no speed-perturbed copies"
             )
         self.frontend, self.stats, self.temporal, self.bands = frontend, stats, bool(temporal), bands
         self.speeds = [float(r) for r in speeds]
@@ -165,11 +168,21 @@ class LogMelStatsReference(Branch):
 
     def fit_backend(self, feats: Tensor, meta: dict[str, Tensor]) -> None:
         feats = feats.detach().float()
+        if not self.speeds:
+            parts = self._parts(feats)
+            for name, backend in self.backend.items():
+                backend.fit(parts[name], meta["section"], meta["domain"])
+            return
+        if feats.ndim != 2 or not feats.shape[0] or feats.shape[1] % (1 + len(self.speeds)):
+            raise AsdError(
+                f"stats: fit_backend got features of shape {tuple(feats.shape)}; with branches.stats.speeds="
+                f"{self.speeds} it needs (N >= 1, (1 + {len(self.speeds)}) * F) rows from backend_features"
+            )
         rows = feats.reshape(feats.shape[0], 1 + len(self.speeds), -1)  # (N, 1 + R, F): the clip, its copies
         parts = self._parts(rows[:, 0])
         copies = [self._parts(rows[:, 1 + i]) for i in range(len(self.speeds))]
         for name, backend in self.backend.items():
-            if copies and isinstance(backend, MahalanobisBackend):
+            if isinstance(backend, MahalanobisBackend):
                 extra = torch.stack([c[name] for c in copies], dim=1)  # (N, R, F_name)
                 backend.fit(parts[name], meta["section"], meta["domain"], copies=extra)
             else:
@@ -198,10 +211,11 @@ def speed_perturb(wave: Tensor, factor: float) -> Tensor:
     """(B, T) -> (B, round(T / factor)): the clip played `factor` times faster, so every frequency and
     every tempo scale by `factor`, at the same sample rate.
 
-    Band-limited (FFT) resampling, as `scipy.signal.resample` does: the spectrum is cut (faster: the
-    bins above the new Nyquist frequency go, so nothing aliases) or padded with zeros (slower), and
-    scaled so that a sine keeps its amplitude. The factor is snapped to a fraction with a
-    denominator of at most 100 so a clip length maps to the same output length everywhere.
+    Band-limited (FFT) resampling: the spectrum is cut (faster: the bins above the new Nyquist
+    frequency go, so nothing aliases) or padded with zeros (slower), and scaled so that a sine keeps
+    its amplitude. Unlike `scipy.signal.resample` the Nyquist bin gets no special treatment (one bin
+    of a few thousand, for these statistics). The factor is snapped to a fraction with a denominator
+    of at most 100 so a clip length maps to the same output length everywhere.
     """
     n = wave.shape[-1]
     ratio = Fraction(factor).limit_denominator(100)

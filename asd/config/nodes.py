@@ -75,8 +75,8 @@ Speeds = value(
     "a list of distinct factors in [0.5, 2] other than 1",
     lambda v: (
         isinstance(v, list)
-        and len(set(v)) == len(v)
         and all(is_number(r) and 0.5 <= r <= 2 for r in v)
+        and len(set(v)) == len(v)
         and 1 not in v
     ),
 )
