@@ -95,7 +95,8 @@ def clip_statistics(
     """Per-bin statistics of each clip's log-mel (the `stats` reference `ref`'s front end), (N, n_mels)
     each; `reference`: the reference's own feature vectors of the same log-mels; `perturbed`:
     `perturbed`'s backend features of the training clips (`train`) alone, each clip's then its
-    speed-perturbed copies' (test clips are scored as they are)."""
+    speed-perturbed copies' (test clips are scored as they are; the clips' own log-mels are not
+    computed twice)."""
     specs, copies = [], []
     for i in range(0, len(paths), batch):
         wave = read_waves(paths[i : i + batch])
@@ -103,7 +104,8 @@ def clip_statistics(
             specs.append(ref.frontend(wave).float())
             fit = torch.tensor(train[i : i + batch])
             if fit.any():
-                copies.append(perturbed.backend_features({"wave": wave[fit]}))
+                own = perturbed.features_of(specs[-1][fit])
+                copies.append(torch.cat([own, perturbed.copy_features(wave[fit])], dim=1))
     spec = torch.cat(specs)  # (N, n_mels, frames)
     return {
         "mean": spec.mean(dim=2),

@@ -161,32 +161,28 @@ class LogMelStatsReference(Branch):
     def backend_features(self, batch: dict[str, Tensor]) -> Tensor:
         """`features` of each training clip, then of each of its `speeds` copies: (B, (1 + R) * F)."""
         feats = self.features(batch)
-        if not self.speeds:
-            return feats
-        waves = [speed_perturb(batch["wave"], r) for r in self.speeds]  # (B, T / r) each
-        return torch.cat([feats, *(self.features_of(self.frontend(w).float()) for w in waves)], dim=1)
+        return torch.cat([feats, self.copy_features(batch["wave"])], dim=1) if self.speeds else feats
+
+    def copy_features(self, wave: Tensor) -> Tensor:
+        """`features` of each clip's `speeds` copies, one after another: (B, T) -> (B, R * F)."""
+        waves = [speed_perturb(wave, r) for r in self.speeds]  # (B, T / r) each
+        return torch.cat([self.features_of(self.frontend(w).float()) for w in waves], dim=1)
 
     def fit_backend(self, feats: Tensor, meta: dict[str, Tensor]) -> None:
-        feats = feats.detach().float()
-        if not self.speeds:
-            parts = self._parts(feats)
-            for name, backend in self.backend.items():
-                backend.fit(parts[name], meta["section"], meta["domain"])
-            return
-        if feats.ndim != 2 or not feats.shape[0] or feats.shape[1] % (1 + len(self.speeds)):
+        feats, r = feats.detach().float(), len(self.speeds)
+        if r and (feats.ndim != 2 or not feats.shape[0] or feats.shape[1] % (1 + r)):
             raise AsdError(
                 f"stats: fit_backend got features of shape {tuple(feats.shape)}; with branches.stats.speeds="
-                f"{self.speeds} it needs (N >= 1, (1 + {len(self.speeds)}) * F) rows from backend_features"
+                f"{self.speeds} it needs (N >= 1, (1 + {r}) * F) rows from backend_features"
             )
-        rows = feats.reshape(feats.shape[0], 1 + len(self.speeds), -1)  # (N, 1 + R, F): the clip, its copies
+        rows = feats.reshape(feats.shape[0], 1 + r, -1) if r else feats[:, None]  # (N, 1 + R, F)
         parts = self._parts(rows[:, 0])
-        copies = [self._parts(rows[:, 1 + i]) for i in range(len(self.speeds))]
+        copies = [self._parts(rows[:, 1 + i]) for i in range(r)]
         for name, backend in self.backend.items():
-            if isinstance(backend, MahalanobisBackend):
-                extra = torch.stack([c[name] for c in copies], dim=1)  # (N, R, F_name)
-                backend.fit(parts[name], meta["section"], meta["domain"], copies=extra)
-            else:
-                backend.fit(parts[name], meta["section"], meta["domain"])
+            extra = {}  # the kNN bank keeps the real clips only
+            if copies and isinstance(backend, MahalanobisBackend):
+                extra["copies"] = torch.stack([c[name] for c in copies], dim=1)  # (N, R, F_name)
+            backend.fit(parts[name], meta["section"], meta["domain"], **extra)
 
     def scores(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Every score of `score_kinds`, each (B,)."""
