@@ -44,7 +44,10 @@ LEARNED = ("meta", "attention")
 CONTEXT = ("machine", "section", "domain")
 
 #: fields added after runs were written: a `calibration.pt` without them loads with their defaults
-ADDED = frozenset({"reference_final", "threshold_note", "member_criteria", "weights", "z_limit"})
+ADDED = frozenset(
+    {"reference_final", "threshold_note", "member_criteria", "weights", "z_limit"}
+    | {"weights_rule", "weights_note"}
+)
 
 Scores = Mapping[str, np.ndarray]
 Context = Mapping[str, Tensor]
@@ -87,8 +90,11 @@ class Calibration:
     #: member -> how well it alone separates left-out normals from pseudo-anomalies
     #: (`asd.fusion.select.member_criteria`); empty without pseudo-anomalies
     member_criteria: dict[str, float] = field(default_factory=dict)
-    #: member -> its weight in `zweighted` (`asd.fusion.select.criterion_weights`); empty: no such column
+    #: member -> its weight in `zweighted` (`asd.fusion.select.member_weights`); empty: no such column
     weights: dict[str, float] = field(default_factory=dict)
+    #: the `fusion.weighted.rule` the weights were made by, and why they fell back to equal ones ("" if not)
+    weights_rule: str = "criterion"
+    weights_note: str = ""
     #: soft limit L of every z-score before fusion, z -> L tanh(z / L) (`limit`); None: off
     z_limit: float | None = None
 

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 FUSIONS = ("zmean", "zmin", "zmax")
 #: the member-weighted mean of the z-scores, its weights fitted without test labels (`fuse_weighted`)
 WEIGHTED = "zweighted"
+#: `fusion.weighted.rule`: how its weights are made (`asd.fusion.select.member_weights`)
+WEIGHT_RULES = ("criterion", "discriminant")
 DOMAIN_NAMES = {0: "source", 1: "target", 2: "unknown"}
 _BLOCK = 4096  # query rows per block where a backend has no `chunk` setting
 
@@ -1018,9 +1020,9 @@ def fuse(z: Tensor, method: str) -> Tensor:
 def fuse_weighted(z: Tensor, weights: Tensor) -> Tensor:
     """The weighted mean of member z-scores (B, M) -> (B,); `weights` (M,) >= 0, not all zero.
 
-    `zweighted`: the weights are each member's separation of left-out normals from
-    pseudo-anomalies (`asd.fusion.select.criterion_weights`), so a member that cannot tell them
-    apart adds nothing; equal weights give `zmean`.
+    `zweighted`: the weights come from how the members separate left-out normals from
+    pseudo-anomalies (`asd.fusion.select.member_weights`: each alone by default, or all together),
+    so a member that cannot tell them apart adds nothing; equal weights give `zmean`.
     """
     if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[1] == 0 or not z.is_floating_point():
         got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__

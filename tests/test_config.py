@@ -148,6 +148,10 @@ def test_logger_nodes_need_a_target():
         ("fusion.anomalies.copies=0", "fusion.anomalies.copies=0: expected an integer >= 1"),
         ("fusion.meta.support_fraction=0", "fusion.meta.support_fraction=0: expected a number in (0, 1)"),
         ("fusion.attention.lr=0", "fusion.attention.lr=0: expected a number > 0"),
+        (
+            "fusion.weighted.rule=lda",
+            "fusion.weighted.rule='lda': expected one of 'criterion', 'discriminant'",
+        ),
         ("fusion.normalisation.z_limit=0", "fusion.normalisation.z_limit=0: expected a number > 0 or null"),
         ("threshold_percentile=1.2", "threshold_percentile=1.2: expected a number in (0, 1)"),
         ("threshold_fence=-1", "threshold_fence=-1: expected a number >= 0 or null"),

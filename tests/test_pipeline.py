@@ -297,6 +297,27 @@ def test_the_reference_is_fused_by_default_and_stays_reported_as_its_own(run, tm
         assert r["stats_temporal"] == first[r["path"]]["stats_temporal"]
 
 
+def test_the_discriminant_weight_rule_recalibrates_and_the_summary_says_so(run, tmp_path, caplog):
+    first = Calibration.load(run / "calibration.pt")
+    assert first.weights_rule == "criterion" and first.weights_note == ""
+    assert "weighted by each one's criterion" in (run / "summary.md").read_text()
+    other = tmp_path / "discriminant"
+    shutil.copytree(run, other)
+    cfg = compose_from(other)
+    cfg.run_dir = str(other)
+    cfg.fusion.weighted.rule = "discriminant"
+    with caplog.at_level("INFO", logger="asd.run"):
+        train(cfg)
+    assert "stage fit: skipped" in caplog.text and "stage crossfit: skipped" in caplog.text
+    assert "stage calibrate: its settings changed since the last run" in caplog.text
+    cal = Calibration.load(other / "calibration.pt")
+    assert cal.weights_rule == "discriminant" and sum(cal.weights.values()) == pytest.approx(1.0)
+    assert cal.weights != first.weights and cal.member_criteria == first.member_criteria
+    summary = (other / "summary.md").read_text()
+    assert "by the shrunk linear discriminant of all members, fusion.weighted.rule=discriminant" in summary
+    assert "zweighted member weights (fusion.weighted.rule=discriminant;" in summary
+
+
 def test_domain_statistics_are_shrunk_by_default_and_a_refit_needs_no_training(run, tmp_path, caplog):
     # the default run pulls each domain's z-statistics towards its section's (shrinkage 2) and says so
     # and bends every z-score into (-5, 5) before fusion (z_limit 5)

@@ -130,6 +130,50 @@ def test_a_members_weight_is_its_criterion_above_chance_to_the_power():
     np.testing.assert_array_equal(select.criterion_weights(np.array([0.5, 0.3]), power=2.0), [1.0, 1.0])
 
 
+def separated_rows(rng: np.random.Generator, n: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    """Normals then as many pseudo-anomalies; columns: a, a near-copy of a, and b, where a and b
+    each shift the anomalies by 1.5 standard deviations with independent noise."""
+    y = np.r_[np.zeros(n), np.ones(n)].astype(np.int64)
+    a = rng.normal(size=2 * n) + 1.5 * y
+    b = rng.normal(size=2 * n) + 1.5 * y
+    return np.c_[a, a + 0.01 * rng.normal(size=2 * n), b], y
+
+
+def test_the_discriminant_gives_members_that_repeat_each_other_one_weight_between_them():
+    shares = {"criterion": [], "discriminant": []}
+    for seed in range(5):
+        rows, y = separated_rows(np.random.default_rng(seed), n=200)
+        section = np.zeros(len(y), dtype=np.int64)
+        for rule, share in shares.items():
+            criteria, w, note = select.member_weights(rows, y, section, power=2.0, rule=rule)
+            assert note == ""
+            share.append(w[:2].sum() / w.sum())  # what a and its copy take together
+        np.testing.assert_allclose(criteria, select.member_criteria(torch.as_tensor(rows), y, section))
+    # each member alone: three near-equal criteria, so a and its copy take about two thirds
+    assert np.mean(shares["criterion"]) == pytest.approx(2 / 3, abs=0.05)
+    # together: the copy adds nothing, so a and its copy share what b alone gets
+    assert np.mean(shares["discriminant"]) == pytest.approx(1 / 2, abs=0.06)
+
+
+def test_the_discriminant_gives_a_reversed_member_no_weight_and_falls_back_to_equal_weights():
+    rows, y = separated_rows(np.random.default_rng(1))
+    reversed_ = rows * np.array([1.0, -1.0, 1.0])  # the second member scores anomalies lower
+    w, note = select.discriminant_weights(reversed_, y)
+    assert w[1] == 0.0 and w[0] > 0 and w[2] > 0 and note == ""
+    w, note = select.discriminant_weights(-rows, y)  # no member points the right way
+    np.testing.assert_array_equal(w, [1.0, 1.0, 1.0])
+    assert "no member's discriminant coefficient is positive" in note
+    w, note = select.discriminant_weights(rows[59:], y[59:])  # one normal row
+    np.testing.assert_array_equal(w, [1.0, 1.0, 1.0])
+    assert note == "1 normal and 60 pseudo-anomalous rows: equal weights"
+
+
+def test_an_unknown_weight_rule_fails_naming_the_key():
+    rows, y = separated_rows(np.random.default_rng(2), n=5)
+    with pytest.raises(AsdError, match="fusion.weighted.rule='lda': expected one of"):
+        select.member_weights(rows, y, np.zeros(len(y), dtype=np.int64), power=2.0, rule="lda")
+
+
 def test_member_criteria_judge_each_column_alone():
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     section = np.zeros(8, dtype=np.int64)
@@ -157,6 +201,11 @@ def test_zweighted_is_judged_with_weights_from_the_other_folds_only():
     rows[fold0 & (y == 1), 0] += 10.0  # member 0: fold 0's pseudo-anomalies stand out
     scored = select.cross_fitted_weighted(rows, y, section, plan, power=2.0)
     assert np.isfinite(scored).all()
+    by_discriminant = select.cross_fitted_weighted(rows, y, section, plan, power=2.0, rule="discriminant")
+    for train, held in plan:
+        t, h = train.numpy(), held.numpy()
+        weights = select.discriminant_weights(rows[train].numpy(), y[t])[0]
+        np.testing.assert_allclose(by_discriminant[h], rows[held].numpy() @ weights, rtol=1e-12)
     for train, held in plan:
         t, h = train.numpy(), held.numpy()
         weights = select.criterion_weights(select.member_criteria(rows[train], y[t], section[t]), 2.0)

@@ -46,7 +46,7 @@ from asd.data.cache import ON_BAD_FILE
 from asd.data.index import YEARS
 from asd.data.synthetic import MODELS
 from asd.image_anomalies import IMAGE_KINDS
-from asd.scoring import FUSIONS, WEIGHTED
+from asd.scoring import FUSIONS, WEIGHT_RULES, WEIGHTED
 
 
 def _distinct(v: Any, options: tuple[str, ...]) -> bool:
@@ -467,6 +467,7 @@ FUSION_CANDIDATES = ("meta", "attention", WEIGHTED, *FUSIONS)
 
 class Weighted(Node):
     power: Positive = 2.0
+    rule: choice(*WEIGHT_RULES) = "criterion"
 
 
 class Select(Node):

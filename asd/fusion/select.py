@@ -10,10 +10,11 @@ each fit also leaves out a group of pseudo-anomaly kinds and is judged only on t
 so no learned fusion is judged on a kind of anomaly it was fitted on; every candidate is judged on
 the same rows (docs/results.md: no measurable gain on the digits).
 
-`zweighted` is fitted on these rows too, with one number per member: each member's own criterion
-below (`member_criteria`), made a weight by `criterion_weights`. It is judged like the learned
-fusions, with weights from the other folds (`cross_fitted_weighted`), and stays a candidate where
-a group has too few normals for meta and attention.
+`zweighted` is fitted on these rows too, with one number per member: by default each member's own
+criterion below (`member_criteria`), made a weight by `criterion_weights`; with
+`fusion.weighted.rule=discriminant` all members together (`discriminant_weights`). It is judged
+like the learned fusions, with weights from the other folds (`cross_fitted_weighted`), and stays a
+candidate where a group has too few normals for meta and attention.
 
 Each candidate's criterion is the official-score rule applied to this labelled set: per section,
 the AUC and the pAUC (FPR <= 0.1) of its normals against its pseudo-anomalies, then the harmonic
@@ -30,12 +31,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from torch import Tensor
 
 from asd.errors import AsdError
 from asd.evaluation.metrics import auc_pauc, hmean
 from asd.fusion.stage import apply_fusion, fit_fusion
-from asd.scoring import FUSIONS, WEIGHTED, fuse, fuse_weighted
+from asd.scoring import FUSIONS, WEIGHT_RULES, WEIGHTED, fuse, fuse_weighted
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +164,51 @@ def criterion_weights(criteria: np.ndarray, power: float) -> np.ndarray:
     return w if w.sum() > 0 else np.ones_like(w)
 
 
+def discriminant_weights(rows: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, str]:
+    """`zweighted`'s member weights under `fusion.weighted.rule=discriminant` (M,), and a note
+    (empty, or why the weights are equal).
+
+    The weights are the linear discriminant of the normals' and the pseudo-anomalies' z-scores
+    (scikit-learn's `LinearDiscriminantAnalysis`, least squares with Ledoit-Wolf shrinkage of the
+    within-class covariance), negative coefficients set to 0, scaled to sum to 1. Unlike one
+    criterion per member, it weighs the members together: a member that repeats another adds
+    little the other does not already carry, so the two get about one weight between them (in
+    some recorded runs the repeating group got none at all). On a few clips the reconstruction
+    members' error profiles are the log-mel's mean minus a near-constant reconstruction, and b2,
+    b6 and b7 score with a correlation of 0.98-1.00 (docs/results.md, "Members that repeat each
+    other"). Equal weights (`zweighted` is then `zmean`) where a class has fewer than 2 rows or no member
+    gets a positive coefficient.
+    """
+    rows, y = np.asarray(rows, dtype=np.float64), np.asarray(y)
+    equal = np.ones(rows.shape[1])
+    counts = [int((y == c).sum()) for c in (0, 1)]
+    if min(counts) < 2:
+        return equal, f"{counts[0]} normal and {counts[1]} pseudo-anomalous rows: equal weights"
+    coef = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto").fit(rows, y).coef_[0]
+    if not np.isfinite(coef).all():
+        return equal, "the discriminant's coefficients are not finite: equal weights"
+    w = np.clip(coef, 0.0, None)
+    if w.sum() <= 0:
+        return equal, "no member's discriminant coefficient is positive: equal weights"
+    return w / w.sum(), ""
+
+
+def member_weights(
+    rows: Tensor | np.ndarray, y: np.ndarray, section: np.ndarray, power: float, rule: str = "criterion"
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """(criteria (M,), weights (M,), note): each member's `member_criteria` and the `zweighted`
+    weights `rule` makes (`criterion_weights` of the criteria, or `discriminant_weights`)."""
+    if rule not in WEIGHT_RULES:
+        raise AsdError(f"fusion.weighted.rule={rule!r}: expected one of {', '.join(map(repr, WEIGHT_RULES))}")
+    rows = torch.as_tensor(rows)
+    criteria = member_criteria(rows, y, section)
+    if rule == "criterion":
+        return criteria, criterion_weights(criteria, power), ""
+    return criteria, *discriminant_weights(rows.double().numpy(), y)
+
+
 def cross_fitted_weighted(
-    rows: Tensor, y: np.ndarray, section: np.ndarray, plan: list[Fit], power: float
+    rows: Tensor, y: np.ndarray, section: np.ndarray, plan: list[Fit], power: float, rule: str = "criterion"
 ) -> np.ndarray:
     """`zweighted` scores of the rows each fit of `plan` scores, with weights from that fit's other
     rows only (NaN for rows no fit scores): it is judged like the learned fusions, never on the rows
@@ -174,7 +219,7 @@ def cross_fitted_weighted(
         if len(np.unique(y[t])) < 2:  # a fit without both kinds of rows cannot weigh: equal weights
             weights = np.ones(rows.shape[1])
         else:
-            weights = criterion_weights(member_criteria(rows[train], y[t], section[t]), power)
+            weights = member_weights(rows[train], y[t], section[t], power, rule)[1]
         out[held.numpy()] = fuse_weighted(rows[held].double(), torch.as_tensor(weights)).numpy()
     return out
 

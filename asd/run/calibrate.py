@@ -237,9 +237,9 @@ def choose_final(
         judged = torch.stack([held for _, held in plan]).any(dim=0).numpy()
     if WEIGHTED in names:
         rows = torch.cat([loo, z[n_normal:]])
-        power = float(fcfg["weighted"]["power"])
+        power, rule = float(fcfg["weighted"]["power"]), str(fcfg["weighted"].get("rule", "criterion"))
         learned[WEIGHTED] = select.cross_fitted_weighted(
-            rows, y.numpy().astype(np.int64), ctx["section"].numpy(), plan, power
+            rows, y.numpy().astype(np.int64), ctx["section"].numpy(), plan, power, rule
         )
     if any(n in select.LEARNED for n in names):
         learned |= select.cross_fitted_learned(
@@ -274,14 +274,21 @@ def weigh_members(
     calibration: Calibration, rows: Tensor, y: Tensor, section: Tensor, cfg: DictConfig
 ) -> None:
     """`zweighted`'s weights: each member's criterion on `rows` (N, M) (normals' left-out z-scores,
-    then their pseudo-anomalies'), and the weights `fusion.weighted.power` makes of them."""
-    criteria = select.member_criteria(rows, y.numpy().astype(np.int64), section.numpy())
-    weights = select.criterion_weights(criteria, float(cfg.fusion.weighted.power))
+    then their pseudo-anomalies'), and the weights `fusion.weighted.rule` makes (`power` or the
+    discriminant, `asd.fusion.select.member_weights`)."""
+    rule = str(cfg.fusion.weighted.get("rule", "criterion"))
+    criteria, weights, note = select.member_weights(
+        rows, y.numpy().astype(np.int64), section.numpy(), float(cfg.fusion.weighted.power), rule
+    )
     members = calibration.members
     calibration.member_criteria = {m: float(c) for m, c in zip(members, criteria, strict=True)}
     calibration.weights = {m: float(w) for m, w in zip(members, weights / weights.sum(), strict=True)}
+    calibration.weights_rule, calibration.weights_note = rule, note
     log.info(
-        "stage calibrate: zweighted weights (each member alone on normals vs pseudo-anomalies): %s",
+        "stage calibrate: zweighted weights (fusion.weighted.rule=%s; each member's criterion alone on "
+        "normals vs pseudo-anomalies in brackets)%s: %s",
+        rule,
+        f", {note}" if note else "",
         ", ".join(f"{m} {w:.2f} ({criteria[i]:.3f})" for i, (m, w) in enumerate(calibration.weights.items())),
     )
 

@@ -172,6 +172,7 @@ def write_metrics(
     fused_references: Sequence[str] = (),
     shrinkage: float = 0.0,
     z_limit: float | None = None,
+    weighted_by: str = "each one's criterion",
 ) -> None:
     """Write `metrics.csv` (per method and machine/section, plus official scores) and `summary.md`.
 
@@ -202,6 +203,7 @@ def write_metrics(
         fused_references,
         shrinkage,
         z_limit,
+        weighted_by,
     )
     write_text_atomic(run_dir / "summary.md", text)
 
@@ -210,6 +212,15 @@ def write_attention_weights(path: Path, members: list[str], rows: list[dict]) ->
     """`attention_weights.csv`: mean weights per group, on the fusion's training and the test clips."""
     fields = ["clips", "group", *members]
     write_csv(path, fields, ([fmt(r[f]) for f in fields] for r in rows))
+
+
+def how_weighted(rule: str = "criterion", note: str = "") -> str:
+    """What `zweighted`'s weights came from (`Calibration.weights_rule`, `.weights_note`), for the summary."""
+    if rule == "discriminant":
+        return "the shrunk linear discriminant of all members, fusion.weighted.rule=discriminant" + (
+            f"; {note}" if note else ""
+        )
+    return "each one's criterion"
 
 
 def summary_markdown(
@@ -224,13 +235,15 @@ def summary_markdown(
     fused_references: Sequence[str] = (),
     shrinkage: float = 0.0,
     z_limit: float | None = None,
+    weighted_by: str = "each one's criterion",
 ) -> str:
     """The run's summary; `final` is the method that decided (`cfg.final` unless final=auto chose),
     `decisions` its `decision_table` rows, `threshold_note` how `threshold=midpoint` set them,
     `normals` which normals calibrated (`Calibration.normalised_on`), `fused_references` the
     reference columns the fusions used beside the members (`fusion.references`, resolved),
     `shrinkage` the one the z-score statistics were fitted with (`Calibration.shrinkage`), `z_limit`
-    the soft limit of the z-scores before fusion (`Calibration.z_limit`)."""
+    the soft limit of the z-scores before fusion (`Calibration.z_limit`), `weighted_by` what
+    `zweighted`'s weights came from (`how_weighted`)."""
     final = final or cfg.final
     year = next(iter(results.values())).year
     fusions = [m for m in results if m in FUSIONS or m in LEARNED or m == WEIGHTED]
@@ -265,7 +278,7 @@ def summary_markdown(
         ),
         f"- learned fusions ({normals} normals vs pseudo-anomalies, never test labels): "
         f"{', '.join(learned) or 'none (fusion.enabled=false)'}"
-        + (f"; {WEIGHTED} (the members' z-scores weighted by each one's criterion)" * (WEIGHTED in results)),
+        + (f"; {WEIGHTED} (the members' z-scores weighted by {weighted_by})" * (WEIGHTED in results)),
         f"- final score: `{final}`"
         + (" (chosen by final=auto)" if cfg.final == "auto" else "")
         + "; decisions: "

@@ -334,8 +334,12 @@ class Calibrate(Stage):
 
     def settings(self, run: RunState) -> dict[str, Any]:
         cfg = run.cfg
+        fusion = plain(cfg.fusion)
+        if fusion.get("weighted", {}).get("rule") == "criterion":
+            # the default, and what runs made before the key existed used: their calibration still stands
+            del fusion["weighted"]["rule"]
         return {
-            "fusion": plain(cfg.fusion),
+            "fusion": fusion,
             "final": cfg.final,
             "threshold_percentile": float(cfg.threshold_percentile),
             "threshold_fence": cfg.get("threshold_fence", None),
@@ -473,6 +477,7 @@ class Report(Stage):
             [m for m in calibration.members if is_reference(m)],
             calibration.shrinkage,
             calibration.z_limit,
+            report.how_weighted(calibration.weights_rule, calibration.weights_note),
         )
         logger = run.trainer.logger if run.trainer is not None else self.earlier_wandb_run(run)
         if logger is not None:
@@ -527,8 +532,10 @@ class Report(Stage):
         if run.calibration.reason:
             notes.append(run.calibration.reason)
         if run.calibration.weights:
+            rule = run.calibration.weights_rule
             notes.append(
-                "zweighted member weights (criterion of each member alone on normals vs pseudo-anomalies): "
+                f"zweighted member weights (fusion.weighted.rule={rule}; in brackets the criterion of each "
+                "member alone on normals vs pseudo-anomalies): "
                 + ", ".join(
                     f"{m} {w:.2f} ({run.calibration.member_criteria[m]:.3f})"
                     for m, w in run.calibration.weights.items()
