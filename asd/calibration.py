@@ -257,11 +257,15 @@ def left_out_z(calibration: Calibration, context: Context) -> Tensor:
     return out
 
 
-def gamma_note(percentile: float, normals: str) -> str:
+def gamma_note(percentile: float, normals: str, shrinkage: float = 0.0) -> str:
     """The summary's words for `fit_thresholds`' thresholds; `normals` names the normals (count, kind)."""
+    pulled = (
+        f", each pulled towards the pooled threshold as if {shrinkage:g} more clips showed it "
+        "(threshold_shrinkage)"
+    )
     return (
         f"gamma threshold at the {percentile:g} percentile of {normals} normals' left-out final scores "
-        "per machine/section"
+        "per machine/section" + (pulled if shrinkage else "")
     )
 
 
@@ -271,12 +275,21 @@ def fence_note(clipped: int, fence: float, scores: str = "score") -> str:
 
 
 def fit_thresholds(
-    final: np.ndarray, section: Tensor, num_sections: int, percentile: float, fence: float | None = None
+    final: np.ndarray,
+    section: Tensor,
+    num_sections: int,
+    percentile: float,
+    fence: float | None = None,
+    shrinkage: float = 0.0,
 ) -> tuple[Tensor, int]:
     """One gamma threshold per section from normals' final scores; sections without any: the pooled one.
 
-    With `fence`, each fit first clips its scores to Q3 + fence x IQR (`clip_far_out`). Returns the
-    thresholds (num_sections,) and how many of the sections' scores were clipped.
+    With `fence`, each fit first clips its scores to Q3 + fence x IQR (`clip_far_out`). With
+    `shrinkage` k > 0 (`threshold_shrinkage`), a section of n normals gets (n t + k t_pooled) / (n + k)
+    from its own threshold t and the pooled one, as if k more of its clips had shown the pooled
+    threshold: a 0.9 quantile from 5 clips lands anywhere, and the final scores are z-scores of their
+    own section already, so the pooled threshold is on the same scale. Returns the thresholds
+    (num_sections,) and how many of the sections' scores were clipped.
     """
     final = np.asarray(final, dtype=np.float64)
 
@@ -289,7 +302,9 @@ def fit_thresholds(
     section = np.asarray(section, dtype=np.int64)
     clipped = 0
     for s in np.unique(section):
-        thresholds[s], n = fit(final[section == s])
+        own, n = fit(final[section == s])
+        count = int((section == s).sum())
+        thresholds[s] = (count * own + shrinkage * pooled) / (count + shrinkage)
         clipped += n
     return torch.as_tensor(thresholds), clipped
 

@@ -7,9 +7,9 @@
 `train.py` at a time) in a process that records, beside the run's own files, what a run does not
 write: the calibrate stage's rows (`weights_rows.pt`: the normals' left-out z-scores and the
 pseudo-anomalies' z-scores each member's weight is fitted on, their labels and sections; taken
-from `asd.run.calibrate.weigh_members`) and the test clips' z-scores the predict stage
-fuses (`weights_test.pt`, from `Calibration.combine`). The run itself is unchanged: its scores are
-the default run's.
+from `asd.run.calibrate.weigh_members`) and the test clips' z-scores the predict stage fuses,
+with their context ids (`weights_test.pt`, from `Calibration.combine`). The run itself is
+unchanged: its scores are the default run's.
 
 `table` then fuses every run's test z-scores with the weights of each rule, fitted on that run's
 rows, and scores them with the run's labels (`asd.evaluation.evaluate`, the official DCASE score of
@@ -58,7 +58,8 @@ def train_recording(overrides: list[str]) -> None:
     def combine_recording(self, raw, context):
         out = combine(self, raw, context)
         z = self.normalise({k: v for k, v in raw.items() if k != "index"}, context)
-        torch.save({"z": z, "members": list(self.members)}, run_dir / "weights_test.pt")
+        ids = {k: v.clone() for k, v in context.items()}
+        torch.save({"z": z, "members": list(self.members), "context": ids}, run_dir / "weights_test.pt")
         return out
 
     calibrate.weigh_members = weigh_members

@@ -172,6 +172,20 @@ def test_thresholds_are_per_section_gamma_quantiles_with_a_pooled_one_for_empty_
     assert clipped == 0
 
 
+def test_threshold_shrinkage_pulls_each_sections_threshold_towards_the_pooled_one_by_its_count():
+    rng = np.random.default_rng(2)
+    final = rng.gamma(3.0, 1.0, 15)
+    section = torch.tensor([0] * 5 + [2] * 10)
+    own, _ = fit_thresholds(final, section, num_sections=3, percentile=0.9)
+    pulled, _ = fit_thresholds(final, section, num_sections=3, percentile=0.9, shrinkage=2.0)
+    pooled = fit_gamma_threshold(final, 0.9)
+    # 5 clips of section 0 and 2 more showing the pooled threshold; 10 of section 2 and 2 more
+    assert pulled[0] == pytest.approx((5 * fit_gamma_threshold(final[:5], 0.9) + 2 * pooled) / 7, rel=1e-12)
+    assert pulled[2] == pytest.approx((10 * fit_gamma_threshold(final[5:], 0.9) + 2 * pooled) / 12, rel=1e-12)
+    assert pulled[1] == own[1] == pooled  # a section without normals takes the pooled one either way
+    assert abs(pulled[0] - pooled) < abs(own[0] - pooled)
+
+
 def test_one_far_out_left_out_score_no_longer_lifts_its_sections_threshold_past_every_clip():
     """The first-shot failure (docs/results.md): one of ten left-out normals at 4,691, the rest in
     [-2, 1.1]. The plain gamma fit puts the threshold above every other score; the fence does not,

@@ -301,6 +301,10 @@ def test_the_discriminant_weight_rule_recalibrates_and_the_summary_says_so(run, 
     first = Calibration.load(run / "calibration.pt")
     assert first.weights_rule == "criterion" and first.weights_note == ""
     assert "weighted by each one's criterion" in (run / "summary.md").read_text()
+    # the default rule is not in the calibrate stage's settings: they equal what runs made before the
+    # key existed stored, so such a run folder is not calibrated again
+    weighted = json.loads((run / "stages.json").read_text())["calibrate"]["fusion"]["weighted"]
+    assert weighted == {"power": 2.0}
     other = tmp_path / "discriminant"
     shutil.copytree(run, other)
     cfg = compose_from(other)
@@ -313,9 +317,28 @@ def test_the_discriminant_weight_rule_recalibrates_and_the_summary_says_so(run, 
     cal = Calibration.load(other / "calibration.pt")
     assert cal.weights_rule == "discriminant" and sum(cal.weights.values()) == pytest.approx(1.0)
     assert cal.weights != first.weights and cal.member_criteria == first.member_criteria
+    weighted = json.loads((other / "stages.json").read_text())["calibrate"]["fusion"]["weighted"]
+    assert weighted == {"power": 2.0, "rule": "discriminant"}
     summary = (other / "summary.md").read_text()
     assert "by the shrunk linear discriminant of all members, fusion.weighted.rule=discriminant" in summary
     assert "zweighted member weights (fusion.weighted.rule=discriminant;" in summary
+
+
+def test_threshold_shrinkage_moves_only_the_thresholds_and_the_summary_says_so(run, tmp_path, caplog):
+    assert "threshold_shrinkage" not in json.loads((run / "stages.json").read_text())["calibrate"]
+    other = tmp_path / "pulled"
+    shutil.copytree(run, other)
+    cfg = compose_from(other)
+    cfg.run_dir, cfg.threshold_shrinkage = str(other), 2.0
+    with caplog.at_level("INFO", logger="asd.run"):
+        train(cfg)
+    assert "stage calibrate: its settings changed since the last run" in caplog.text
+    assert "as if 2 more clips showed it (threshold_shrinkage)" in (other / "summary.md").read_text()
+    first, pulled = (Calibration.load(d / "calibration.pt") for d in (run, other))
+    assert first.weights == pulled.weights and not torch.equal(first.thresholds, pulled.thresholds)
+    before = {r["path"]: r for r in read_csv(run / "scores.csv")}
+    for r in read_csv(other / "scores.csv"):  # the same scores; only the decisions may move
+        assert r["final"] == before[r["path"]]["final"]
 
 
 def test_domain_statistics_are_shrunk_by_default_and_a_refit_needs_no_training(run, tmp_path, caplog):

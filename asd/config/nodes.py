@@ -591,6 +591,7 @@ class TrainConfig(Node):
     final: Text = "auto"
     threshold_percentile: number(gt=0, lt=1) = 0.9
     threshold_fence: number(ge=0, null=True) = 3.0  # asd.evaluation.clip_far_out; null: the plain gamma fit
+    threshold_shrinkage: number(ge=0) = 0.0  # asd.calibration.fit_thresholds; 0: each section's own
     threshold: choice("gamma", "midpoint") = "gamma"
     validation_anomalies: Annotated[Any, PlainValidator(_validation_anomalies)] = None
     year: choice(*YEARS, null=True) = None  # null: the data's layout, data.year, else 2023

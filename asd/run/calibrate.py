@@ -461,16 +461,13 @@ def calibrate(
         final_t = torch.as_tensor(raw[final_name])
     final = final_t.double().numpy()
     calibration.reference_final = torch.as_tensor(final)  # threshold=midpoint's normal side
-    fence = cfg.get("threshold_fence", None)
+    fence, shrinkage = cfg.get("threshold_fence", None), float(cfg.get("threshold_shrinkage", 0.0))
     calibration.thresholds, clipped = fit_thresholds(
-        final, context["section"], dm.num_sections, calibration.threshold_percentile, fence
+        final, context["section"], dm.num_sections, calibration.threshold_percentile, fence, shrinkage
     )
-    if clipped:
-        calibration.threshold_note = (
-            gamma_note(calibration.threshold_percentile, f"{len(final)} {kind}")
-            + ", "
-            + fence_note(clipped, fence)
-        )
+    if clipped or shrinkage:
+        note = gamma_note(calibration.threshold_percentile, f"{len(final)} {kind}", shrinkage)
+        calibration.threshold_note = note + (f", {fence_note(clipped, fence)}" if clipped else "")
         log.info("stage calibrate: thresholds: %s", calibration.threshold_note)
     log.info(
         "stage calibrate: thresholds from %d %s normals' left-out %s scores: %s",

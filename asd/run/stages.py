@@ -343,6 +343,8 @@ class Calibrate(Stage):
             "final": cfg.final,
             "threshold_percentile": float(cfg.threshold_percentile),
             "threshold_fence": cfg.get("threshold_fence", None),
+            # only when set: runs made before the key existed stored no such setting
+            **({"threshold_shrinkage": float(k)} if (k := cfg.get("threshold_shrinkage")) else {}),
             "threshold": cfg.get("threshold", "gamma"),
             "validation_anomalies": plain(cfg.get("validation_anomalies")),
         }
