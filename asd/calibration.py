@@ -303,8 +303,10 @@ def fit_thresholds(
     clipped = 0
     for s in np.unique(section):
         own, n = fit(final[section == s])
-        count = int((section == s).sum())
-        thresholds[s] = (count * own + shrinkage * pooled) / (count + shrinkage)
+        if shrinkage:  # without it, the section's own threshold exactly (n t / n may round)
+            count = int((section == s).sum())
+            own = (count * own + shrinkage * pooled) / (count + shrinkage)
+        thresholds[s] = own
         clipped += n
     return torch.as_tensor(thresholds), clipped
 
