@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.spatial.distance import cdist
+from sklearn.metrics import roc_auc_score
 
 from asd.branches.transformer_ae import TransformerAEBranch
 from asd.errors import AsdError
@@ -223,3 +224,90 @@ def test_error_profile_bad_mode_is_a_clear_error():
 def test_members_say_whether_their_scores_are_calibrated():
     assert tiny_b2(score_mode="mahalanobis").calibrated
     assert not tiny_b2().calibrated  # mse: no backend at all
+
+
+def hum(n: int, seed: int, bursts: bool = False) -> dict[str, torch.Tensor]:
+    """Tones over a noise floor whose level varies by +-10 dB from clip to clip; with `bursts`, three
+    short bursts of noise at random moments, a frame or two of the log-mel each: the floor's clip
+    mean moves by less than the clips differ, its peak over time moves far more."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(T) / SR
+    freq = 300 + 700 * torch.rand(n, 1, generator=g)
+    floor = 0.02 * 10 ** (torch.rand(n, 1, generator=g) - 0.5)
+    wave = 0.5 * torch.sin(2 * math.pi * freq * t) + floor * torch.randn(n, T, generator=g)
+    if bursts:
+        for row in wave:
+            for start in torch.randint(0, T - 100, (3,), generator=g).tolist():
+                row[start : start + 100] += 0.3 * torch.randn(100, generator=g)
+    return {"wave": wave.float(), "section": torch.zeros(n, dtype=torch.long)}
+
+
+def profile_b2(mode: str) -> TransformerAEBranch:
+    """A tiny b2 on 32 mel bins: as many as the temporal mode's bands."""
+    torch.manual_seed(0)
+    sizes = dict(patch_freq=8, patch_time=3, dim=16, depth=1, decoder_depth=1, heads=2, dropout=0.0)
+    return TransformerAEBranch(LogMel(n_mels=32), T, **sizes, score_mode=mode).eval()
+
+
+def test_error_profile_temporal_adds_each_bands_peak_and_change_and_scores_the_largest_distance():
+    from asd.branches.error_profile import PROFILE_BANDS, TemporalProfileBackend
+    from asd.branches.logmel_stats import time_statistics
+
+    m = profile_b2("temporal")
+    assert m.needs_backend and m.calibrated and isinstance(m.backend, TemporalProfileBackend)
+    train = sines(16)
+    spec, recon, _ = m.error_map(train)
+    error = spec - recon
+    feats = m.backend_features(train)
+    assert feats.shape == (16, 32 + 2 * PROFILE_BANDS)
+    expected = torch.cat([error.mean(dim=2), time_statistics(error, PROFILE_BANDS, "b2", "")], dim=1)
+    assert torch.allclose(feats, expected)
+    with pytest.raises(AsdError, match="score_mode='temporal' needs fit_backend"):
+        m.score(train)
+    m.fit_backend(feats, {"section": train["section"], "domain": torch.tensor([0] * 12 + [1] * 4)})
+    query = sines(4, seed=5)
+    q, sec, parts = m.error_profile(query), query["section"], m.backend.parts
+    three = torch.stack(
+        [
+            parts["profile"].score(q[:, :32], sec),
+            parts["peak"].score(q[:, 32 : 32 + PROFILE_BANDS], sec),
+            parts["change"].score(q[:, 32 + PROFILE_BANDS :], sec),
+        ]
+    )
+    assert torch.allclose(m.score(query), three.amax(dim=0))
+    fresh = profile_b2("temporal")
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(fresh.score(query), m.score(query))
+
+
+def test_error_profile_temporal_hears_bursts_the_profile_averages_away():
+    train, normal, odd = hum(40, seed=0), hum(20, seed=7), hum(20, seed=8, bursts=True)
+    meta = {"section": train["section"], "domain": torch.zeros(40, dtype=torch.long)}
+    auc = {}
+    for mode in ("mahalanobis", "temporal"):
+        m = profile_b2(mode)
+        m.fit_backend(m.backend_features(train), meta)
+        scores = torch.cat([m.score(normal), m.score(odd)]).detach().numpy()
+        auc[mode] = roc_auc_score([0] * 20 + [1] * 20, scores)
+    assert auc["temporal"] > 0.95 and auc["temporal"] > auc["mahalanobis"] + 0.1, auc
+
+
+def test_error_profile_temporal_uses_one_band_per_bin_on_small_maps_and_needs_two_frames():
+    from asd.branches.error_profile import TemporalProfileBackend
+    from asd.branches.logmel_stats import time_statistics
+
+    torch.manual_seed(0)
+    m = tiny_b2(score_mode="temporal")  # 20 mel bins, fewer than the 32 bands: one band per bin
+    train = sines(12)
+    feats = m.backend_features(train)
+    error = m.error_map(train)[0] - m.error_map(train)[1]
+    assert feats.shape == (12, 3 * 20)
+    assert torch.allclose(feats[:, 20:], time_statistics(error, 20, "b2", ""))
+    parts = TemporalProfileBackend._split(feats)
+    assert [p.shape[1] for p in parts.values()] == [20, 20, 20]
+    m.fit_backend(feats, {"section": train["section"], "domain": torch.zeros(12, dtype=torch.long)})
+    assert m.score(sines(3, seed=4)).shape == (3,)
+    with pytest.raises(
+        AsdError, match=r"b4: temporal statistics need at least 2 frames.*score_mode=mahalanobis"
+    ):
+        time_statistics(torch.zeros(2, 40, 1), 32, "b4", "branches.b4.score_mode=mahalanobis")

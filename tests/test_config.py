@@ -316,6 +316,16 @@ def test_member_schema_names_the_bad_key(name, values, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("name", ["b2", "b4", "b6", "b7"])
+def test_reconstruction_members_take_every_error_score_mode_and_name_them_on_a_typo(name):
+    node = default_node(name)
+    for mode in ("mse", "mahalanobis", "temporal"):
+        validate_member(name, {**node, "score_mode": mode})
+    with pytest.raises(AsdError, match="invalid config") as err:
+        validate_member(name, {**node, "score_mode": "temporl"})
+    assert f"branches.{name}.score_mode='temporl'" in str(err.value) and "'temporal'" in str(err.value)
+
+
 def test_member_schema_takes_a_config_node_and_knows_its_members():
     validate_member("b2", compose_cfg().branches.b2)
     with pytest.raises(AsdError, match="branches.b9: no such member"):

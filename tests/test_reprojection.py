@@ -313,7 +313,7 @@ def test_branch_b6_composes_validates_and_builds_from_the_real_config(tmp_path):
         member = build_member("b6", cfg, {"num_samples": 16000, "sample_rate": 16000})
         assert isinstance(member, ReprojectionBranch)
         assert member.stage1_steps == cfg.branches.b6.stage1_steps
-        assert member.score_mode == cfg.branches.b6.score_mode == "mahalanobis" and member.needs_backend
+        assert member.score_mode == cfg.branches.b6.score_mode == "temporal" and member.needs_backend
         clips = tones(4, samples=16000)
         member.eval().fit_backend(
             member.backend_features(clips), {"section": clips["section"], "domain": clips["domain"]}

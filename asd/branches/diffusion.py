@@ -238,8 +238,8 @@ class DiffusionBranch(ErrorProfileScoring, Branch):
             ddim_steps: denoiser calls per draw when scoring, at most the t_star step.
             noise_draws: noise tensors each clip is scored with; the errors are averaged.
             seed: seed of the scoring noise and of the eval-mode loss draws.
-            score_mode: "mse" (the mean squared denoising error) or "mahalanobis" of the error
-                profile (`asd.branches.error_profile`).
+            score_mode: "mse" (the mean squared denoising error), or "mahalanobis" / "temporal" of the
+                error (`asd.branches.error_profile`).
         """
         super().__init__(optimizer)
         self.save_hyperparameters(ignore=["frontend", "optimizer"])

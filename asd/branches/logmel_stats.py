@@ -131,17 +131,11 @@ class LogMelStatsReference(Branch):
         stat = spec.mean(dim=2) if self.stats == "mean" else torch.cat([spec.mean(dim=2), spec.std(dim=2)], 1)
         if not self.temporal:
             return stat
-        n_mels, frames = spec.shape[1], spec.shape[2]
-        if frames < 2 or self.bands > n_mels:
-            raise AsdError(
-                f"stats: temporal statistics need at least 2 frames and bands <= n_mels; this clip gives "
-                f"{frames} frame(s) of {n_mels} mels with bands={self.bands} (use longer clips, a smaller "
-                "hop_length or fewer branches.stats.bands, or branches.stats.temporal=false)"
-            )
-        band = F.adaptive_avg_pool1d(spec.transpose(1, 2), self.bands).transpose(1, 2)  # (B, bands, frames)
-        peak = band.amax(dim=2) - band.median(dim=2).values
-        change = band.diff(dim=2).abs().mean(dim=2)
-        return torch.cat([stat, peak, change], dim=1)
+        fix = (
+            "use longer clips, a smaller hop_length or fewer branches.stats.bands, or "
+            "branches.stats.temporal=false"
+        )
+        return torch.cat([stat, time_statistics(spec, self.bands, "stats", fix)], dim=1)
 
     def _parts(self, feats: Tensor) -> dict[str, Tensor]:
         """`features` split into each backend's input."""
@@ -201,6 +195,25 @@ class LogMelStatsReference(Branch):
 
     def score(self, batch: dict[str, Tensor]) -> Tensor:
         return self.scores(batch)["mahalanobis"]
+
+
+def time_statistics(spec: Tensor, bands: int, who: str, fix: str) -> Tensor:
+    """How a log-mel (or any (B, bins, frames) map) moves over time: (B, 2 * bands).
+
+    Adjacent bins are averaged into `bands` bands; each band gives its peak above its median frame
+    (clicks, rattles, missing or extra events) and its mean change from one frame to the next
+    (modulation, roughness, hiss). For maps too small the error names `who` and ends with `fix`.
+    """
+    n_bins, frames = spec.shape[1], spec.shape[2]
+    if frames < 2 or bands > n_bins:
+        raise AsdError(
+            f"{who}: temporal statistics need at least 2 frames and bands <= n_mels; this clip gives "
+            f"{frames} frame(s) of {n_bins} mels with bands={bands} ({fix})"
+        )
+    band = F.adaptive_avg_pool1d(spec.transpose(1, 2), bands).transpose(1, 2)  # (B, bands, frames)
+    peak = band.amax(dim=2) - band.median(dim=2).values
+    change = band.diff(dim=2).abs().mean(dim=2)
+    return torch.cat([peak, change], dim=1)
 
 
 def speed_perturb(wave: Tensor, factor: float) -> Tensor:

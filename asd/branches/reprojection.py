@@ -19,8 +19,9 @@ cell's code is replaced by another codebook entry.
 - the mask predictor sees (x_g, x_s) and is trained with a focal loss against the injected mask.
 The score (`score_mode`) runs the same path without injection: "mask" pools the predicted mask
 (`score_pool`: mean, max, or the mean of the top `topk` fraction of bins), as DSR does; "mse" is
-the mean squared error of x_s, and "mahalanobis" the Mahalanobis distance of x_s's error profile
-to the section's source and target models (`asd.branches.error_profile`, as b2, b4 and b7 score).
+the mean squared error of x_s, "mahalanobis" the Mahalanobis distance of x_s's error profile
+to the section's source and target models (`asd.branches.error_profile`, as b4 scores), and
+"temporal" (the default, as b2 and b7) that and the error's peak and change over time.
 z = quantised features averaged over the code grid.
 
 Choices:
@@ -259,8 +260,8 @@ class ReprojectionBranch(ErrorProfileScoring, Branch):
             focal_gamma: focusing exponent of the mask predictor's focal loss.
             score_pool: "mean", "max" or "topk" of the predicted mask probabilities.
             topk: fraction of bins averaged by score_pool="topk".
-            score_mode: "mask" (the pooled predicted mask), or "mse" / "mahalanobis" of x_s's
-                reconstruction error (`asd.branches.error_profile`).
+            score_mode: "mask" (the pooled predicted mask), or "mse" / "mahalanobis" / "temporal" of
+                x_s's reconstruction error (`asd.branches.error_profile`).
             seed: seed of the masks of eval-mode losses.
         """
         super().__init__(optimizer)

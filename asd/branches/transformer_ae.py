@@ -102,7 +102,7 @@ class TransformerAEBranch(ErrorProfileScoring, Branch):
                 4 and of `heads`).
             mask_ratio: fraction of patches hidden from the encoder while training, in [0, 1); 0 is a
                 plain autoencoder.
-            score_mode: "mse" or "mahalanobis" of the error profile (`asd.branches.error_profile`).
+            score_mode: "mse", or "mahalanobis" / "temporal" of the error (`asd.branches.error_profile`).
         """
         super().__init__(optimizer)
         self.embed_dim = dim  # width of embed()

@@ -35,7 +35,8 @@ Choices:
   for `gated`: level within noise, and `none` keeps the bottleneck the only path.
 - Score: with score_mode=mse the same check gave 0.41 (none) / 0.43 (gated) official, weak on the
   target domains; the error profile's Mahalanobis (`asd.branches.error_profile`, as b2 and b4)
-  gave the 0.60 above, so conf/branches/default.yaml sets `score_mode: mahalanobis`.
+  gave the 0.60 above. `score_mode: temporal` (the default since, as b2 and b6) adds the error's
+  peak and change over time: b7 0.619 -> 0.687 on synthetic seeds 61-63 (docs/results.md).
 - Reconstruction loss (`recon`): "mse"; "fft" (L1 or L2 by `fft_norm` between the magnitudes of
   the orthonormal `torch.fft.rfft2` of input and reconstruction); "logfft" (the same on log1p
   magnitudes); "ssim" (1 - SSIM, torchmetrics, 11-bin Gaussian window); "hybrid", the sum of
@@ -227,7 +228,7 @@ class VAEBranch(ErrorProfileScoring, Branch):
             recon_weights: weights of `RECON_TERMS` for recon="hybrid" (missing terms weigh 0).
             fft_norm: "l1" or "l2" distance of the (log) spectral magnitudes for fft/logfft.
             score_kl: weight of the clip's KL added to its score (0: reconstruction error only).
-            score_mode: "mse" or "mahalanobis" of the error profile (`asd.branches.error_profile`).
+            score_mode: "mse", or "mahalanobis" / "temporal" of the error (`asd.branches.error_profile`).
         """
         super().__init__(optimizer)
         self.save_hyperparameters(ignore=["frontend", "optimizer"])

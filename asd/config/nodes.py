@@ -18,6 +18,7 @@ from pydantic_core import PydanticCustomError
 from asd.anomalies import KINDS
 from asd.branches.contrastive import OBJECTIVES, SELF_SUPERVISED, SPECTRA
 from asd.branches.diffusion import SCHEDULES
+from asd.branches.error_profile import SCORE_MODES as PROFILE_MODES
 from asd.branches.reprojection import POOLS, STRATEGIES
 from asd.branches.vae import FFT_NORMS, RECON_TERMS, RECONS, SKIPS
 from asd.config.values import (
@@ -181,7 +182,7 @@ class B2(Member):
     mlp_ratio: Positive = 4.0
     dropout: Dropout = 0.1
     mask_ratio: number(ge=0, lt=1) = 0.0
-    score_mode: choice("mse", "mahalanobis") = "mse"
+    score_mode: choice(*PROFILE_MODES) = "mse"
 
 
 class B3(Member):
@@ -224,7 +225,7 @@ class B4(Member):
     ddim_steps: PosInt = 4
     noise_draws: PosInt = 2
     seed: Seed = 0
-    score_mode: choice("mse", "mahalanobis") = "mse"
+    score_mode: choice(*PROFILE_MODES) = "mse"
 
 
 class B5(Member):
@@ -262,7 +263,7 @@ class B6(Member):
     focal_gamma: Weight = 2.0
     score_pool: choice(*POOLS) = "topk"
     topk: number(gt=0, le=1) = 0.05
-    score_mode: choice("mask", "mse", "mahalanobis") = "mask"
+    score_mode: choice("mask", *PROFILE_MODES) = "mask"
     seed: Seed = 0
 
 
@@ -278,7 +279,7 @@ class B7(Member):
     recon_weights: ReconWeights = {"mse": 1.0}
     fft_norm: choice(*FFT_NORMS) = "l1"
     score_kl: Weight = 0.0
-    score_mode: choice("mse", "mahalanobis") = "mse"
+    score_mode: choice(*PROFILE_MODES) = "mse"
 
 
 class DcaseAE(Member):
