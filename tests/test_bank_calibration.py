@@ -12,6 +12,7 @@ from scipy.spatial.distance import cdist
 from sklearn.metrics import roc_auc_score
 
 from asd.branches.transformer_ae import TransformerAEBranch
+from asd.branches.vae import VAEBranch
 from asd.errors import AsdError
 from asd.features import LogMel
 from asd.scoring import KnnBackend, MahalanobisBackend, bank_calibration
@@ -278,6 +279,13 @@ def test_error_profile_temporal_adds_each_bands_peak_and_change_and_scores_the_l
     fresh = profile_b2("temporal")
     fresh.load_state_dict(m.state_dict())
     assert torch.equal(fresh.score(query), m.score(query))
+    # the run's backends.pt path: the fitted backend alone, into a member with the same weights
+    again = profile_b2("temporal")
+    again.load_backend_state(m.backend_state())
+    assert torch.equal(again.score(query), m.score(query))
+    # the default front end's 128 mel bins: the profile, then 32 bands of peaks and of changes
+    widths = [p.shape[1] for p in TemporalProfileBackend._split(torch.zeros(1, 128 + 64)).values()]
+    assert widths == [128, 32, 32]
 
 
 def test_error_profile_temporal_hears_bursts_the_profile_averages_away():
@@ -307,7 +315,10 @@ def test_error_profile_temporal_uses_one_band_per_bin_on_small_maps_and_needs_tw
     assert [p.shape[1] for p in parts.values()] == [20, 20, 20]
     m.fit_backend(feats, {"section": train["section"], "domain": torch.zeros(12, dtype=torch.long)})
     assert m.score(sines(3, seed=4)).shape == (3,)
+    # a clip of one frame (256 samples, hop 512) through a member that takes any length
+    b7 = VAEBranch(LogMel(n_mels=32), channels=[8], latent_channels=4, score_mode="temporal").eval()
+    one_frame = {"wave": torch.randn(2, 256), "section": torch.zeros(2, dtype=torch.long)}
     with pytest.raises(
-        AsdError, match=r"b4: temporal statistics need at least 2 frames.*score_mode=mahalanobis"
+        AsdError, match=r"b7: temporal statistics need at least 2 frames.*branches.b7.score_mode=mahalanobis"
     ):
-        time_statistics(torch.zeros(2, 40, 1), 32, "b4", "branches.b4.score_mode=mahalanobis")
+        b7.backend_features(one_frame)

@@ -126,6 +126,10 @@ def test_every_option_composes_validates_and_builds(
     assert len(dm.tables["fit"]) and len(dm.tables["test"])
     ensemble = build_ensemble(cfg, data_facts(dm))
     assert isinstance(ensemble, Ensemble) and list(ensemble.members)
+    for name in {"b2", "b6", "b7"} & set(ensemble.members):
+        # the error's time statistics are for audio: pictures score the error profile alone
+        want = "mahalanobis" if "data=images" in overrides else "temporal"
+        assert ensemble.members[name].score_mode == want, (name, case)
     # lr_schedule=cosine: every trained member but the baseline AE decays over each fit's own steps
     scheduled = {n for n, f in ensemble.scheduler_factories.items() if isinstance(f, BudgetScheduler)}
     assert scheduled == set(ensemble.trainable) - {"dcase_ae"}

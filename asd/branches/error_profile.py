@@ -57,7 +57,7 @@ class TemporalProfileBackend(nn.Module):
     of them finds out of the ordinary.
     """
 
-    #: the score is a calibrated distance (`Branch.is_z`)
+    #: the score is built from calibrated distances (`Branch.calibrated`)
     calibrate = True
     PARTS = ("profile", "peak", "change")
 

@@ -5,7 +5,8 @@ The clip's log-mel is standardised per mel bin, encoded by strided 2-D convoluti
 resolution (1 / 2**len(channels) of each axis), and decoded back by transposed convolutions.
 Training minimises a reconstruction loss plus `kl_weight` times the KL divergence to the
 standard normal prior. The anomaly score is the clip's mean squared reconstruction error in
-normalised units (the error profile's Mahalanobis with `score_mode="mahalanobis"`), plus
+normalised units (the error profile's Mahalanobis with `score_mode="mahalanobis"`, and with the
+error's time statistics too with "temporal", the default config's), plus
 `score_kl` times its KL; `error_map` gives the error per bin for heatmaps, and the embedding z is
 the posterior mean pooled over the bottleneck's mel and frame positions, (B, latent_channels).
 
@@ -35,8 +36,9 @@ Choices:
   for `gated`: level within noise, and `none` keeps the bottleneck the only path.
 - Score: with score_mode=mse the same check gave 0.41 (none) / 0.43 (gated) official, weak on the
   target domains; the error profile's Mahalanobis (`asd.branches.error_profile`, as b2 and b4)
-  gave the 0.60 above. `score_mode: temporal` (the default since, as b2 and b6) adds the error's
-  peak and change over time: b7 0.619 -> 0.687 on synthetic seeds 61-63 (docs/results.md).
+  gave the 0.60 above. `score_mode: temporal` (the config's default since 2026-12-05, as for b2 and
+  b6) adds the error's peak and change over time: b7 0.619 -> 0.687 on synthetic seeds 61-63
+  (docs/results.md, "The reconstruction error over time").
 - Reconstruction loss (`recon`): "mse"; "fft" (L1 or L2 by `fft_norm` between the magnitudes of
   the orthonormal `torch.fft.rfft2` of input and reconstruction); "logfft" (the same on log1p
   magnitudes); "ssim" (1 - SSIM, torchmetrics, 11-bin Gaussian window); "hybrid", the sum of

@@ -174,10 +174,11 @@ def discriminant_weights(rows: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, s
     criterion per member, it weighs the members together: a member that repeats another adds
     little the other does not already carry, so the two get about one weight between them (in
     some recorded runs the repeating group got none at all). On a few clips the reconstruction
-    members' error profiles are the log-mel's mean minus a near-constant reconstruction, and b2,
-    b6 and b7 score with a correlation of 0.98-1.00 (docs/results.md, "Members that repeat each
-    other"). Equal weights (`zweighted` is then `zmean`) where a class has fewer than 2 rows or no member
-    gets a positive coefficient.
+    members' errors are the log-mel minus a near-constant reconstruction, so b2, b6 and b7 repeat
+    the clip statistics' column (`stats_mahalanobis` with their error profile, a correlation of
+    0.98-1.00; `stats_temporal` with the default `score_mode=temporal`; docs/results.md, "Members
+    that repeat each other"). Equal weights (`zweighted` is then `zmean`) where a class has fewer
+    than 2 rows or no member gets a positive coefficient.
     """
     rows, y = np.asarray(rows, dtype=np.float64), np.asarray(y)
     equal = np.ones(rows.shape[1])

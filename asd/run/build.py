@@ -214,6 +214,12 @@ def build_member(name: str, cfg: DictConfig, runtime: dict[str, Any]) -> Branch:
         if node.get("temporal"):  # how a sound moves over time: no meaning for a picture's columns
             node["temporal"] = False
             log.info("branches.%s.temporal: off on pictures (time statistics are for audio)", name)
+        if node.get("score_mode") == "temporal":  # the reconstruction error's time statistics, likewise
+            node["score_mode"] = "mahalanobis"
+            log.info(
+                "branches.%s.score_mode: mahalanobis (the error profile) on pictures; temporal is for audio",
+                name,
+            )
         if node.get("speeds"):  # a picture played faster means nothing either
             node["speeds"] = []
             log.info("branches.%s.speeds: off on pictures (speed-perturbed copies are for audio)", name)
