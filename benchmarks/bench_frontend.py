@@ -12,6 +12,7 @@ On `--clips` clips of 10 s (the first-shot synthetic valve, the default members 
             three replaced: b1 on the extractor, every member its own log-mel module, b1 and b3
             embedding a second time: clips/s and the largest difference of every score column
   training  one training forward + backward of every member (`Ensemble.losses`), the same two ways
+  per part  the milliseconds of scoring the clips spent in the flow's input and in each member
 
 Best of `--repeats`, the two sides taking turns (`benchmarks/timing.py`), so load from other
 processes falls on both. Writes benchmarks/results/bench_frontend.json.
@@ -122,6 +123,15 @@ def main() -> None:
         "speedup": t_theirs / t_ours,
         "max_abs_diff": {k: float((a[k] - b[k]).abs().max()) for k in a},
     }
+    # where the scoring time goes now: the flow's input (b1-b3's embeddings, which b1 and b3 then
+    # score from) and each member's `scores` on it; the shared log-mel is computed by the first
+    # member that asks for it and read from the module's memo by the others
+    with torch.inference_mode():
+        flow_batch = ours.with_flow_input(batch)
+        parts = {"flow input": lambda: ours.with_flow_input(batch)}
+        parts |= {name: (lambda m=member: m.scores(flow_batch)) for name, member in ours.members.items()}
+        times, _ = best_times(list(parts.values()), args.repeats)
+    result["scoring_ms_per_part"] = {k: 1000 * t for k, t in zip(parts, times, strict=True)}
 
     ours.train()
     theirs.train()
@@ -141,6 +151,10 @@ def main() -> None:
             + ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
             + f", speedup {r['speedup']:.2f}x"
         )
+    print(
+        f"scoring, ms per {n} clips: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in result["scoring_ms_per_part"].items())
+    )
     print(f"fbank max |diff| {result['fbank']['max_abs_diff']:.2e}")
     worst = max(result["scoring"]["max_abs_diff"].items(), key=lambda kv: kv[1])
     print(f"scores: largest |diff| {worst[1]:.2e} ({worst[0]})")
