@@ -159,6 +159,10 @@ def why_not_evaluable(test: ClipTable) -> str:
     return ""
 
 
+#: what `zweighted`'s weights came from under the default `fusion.weighted.rule=criterion` (`how_weighted`)
+BY_CRITERION = "each one's criterion"
+
+
 def write_metrics(
     run_dir: Path,
     results: dict[str, Any],
@@ -172,7 +176,7 @@ def write_metrics(
     fused_references: Sequence[str] = (),
     shrinkage: float = 0.0,
     z_limit: float | None = None,
-    weighted_by: str = "each one's criterion",
+    weighted_by: str = BY_CRITERION,
 ) -> None:
     """Write `metrics.csv` (per method and machine/section, plus official scores) and `summary.md`.
 
@@ -220,7 +224,7 @@ def how_weighted(rule: str = "criterion", note: str = "") -> str:
         return "the shrunk linear discriminant of all members, fusion.weighted.rule=discriminant" + (
             f"; {note}" if note else ""
         )
-    return "each one's criterion"
+    return BY_CRITERION
 
 
 def summary_markdown(
@@ -235,7 +239,7 @@ def summary_markdown(
     fused_references: Sequence[str] = (),
     shrinkage: float = 0.0,
     z_limit: float | None = None,
-    weighted_by: str = "each one's criterion",
+    weighted_by: str = BY_CRITERION,
 ) -> str:
     """The run's summary; `final` is the method that decided (`cfg.final` unless final=auto chose),
     `decisions` its `decision_table` rows, `threshold_note` how `threshold=midpoint` set them,
