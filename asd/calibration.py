@@ -31,7 +31,15 @@ import torch
 from torch import Tensor
 
 from asd.errors import AsdError
-from asd.evaluation import clip_far_out, decide, fit_gamma_threshold, midpoint_threshold
+from asd.evaluation import (
+    THRESHOLD_MODELS,
+    clip_far_out,
+    decide,
+    fit_gamma_threshold,
+    midpoint_threshold,
+    normal_bound,
+    pooled_spread,
+)
 from asd.fileio import torch_save_atomic
 from asd.fusion.stage import FusionState, apply_fusion
 from asd.scoring import FUSIONS, WEIGHTED, GroupNormalizer, fuse, fuse_weighted
@@ -84,8 +92,8 @@ class Calibration:
     shrinkage: float = 0.0
     #: (N,) the reference normals' left-out final scores the thresholds are fitted on
     reference_final: Tensor | None = None
-    #: how the thresholds were set when not by the gamma fit alone (`threshold=midpoint`, or far-out
-    #: scores set to the fence first: `threshold_fence`), for the summary
+    #: how the thresholds were set (the model of `threshold`, far-out scores set to the fence first:
+    #: `threshold_fence`, `threshold=midpoint`), for the summary; "" in files written before it was
     threshold_note: str = ""
     #: member -> how well it alone separates left-out normals from pseudo-anomalies
     #: (`asd.fusion.select.member_criteria`); empty without pseudo-anomalies
@@ -257,15 +265,19 @@ def left_out_z(calibration: Calibration, context: Context) -> Tensor:
     return out
 
 
-def gamma_note(percentile: float, normals: str, shrinkage: float = 0.0) -> str:
+def percentile_note(percentile: float, normals: str, shrinkage: float = 0.0, model: str = "normal") -> str:
     """The summary's words for `fit_thresholds`' thresholds; `normals` names the normals (count, kind)."""
     pulled = (
         f", each pulled towards the pooled threshold as if {shrinkage:g} more clips showed it "
         "(threshold_shrinkage)"
     )
-    return (
-        f"gamma threshold at the {percentile:g} percentile of {normals} normals' left-out final scores "
-        "per machine/section" + (pulled if shrinkage else "")
+    how = (
+        f"normal prediction bound at {percentile:g} (mean + t x std x sqrt(1 + 1/n); threshold=normal)"
+        if model == "normal"
+        else f"gamma threshold at the {percentile:g} percentile (threshold=gamma)"
+    )
+    return f"{how} of {normals} normals' left-out final scores per machine/section" + (
+        pulled if shrinkage else ""
     )
 
 
@@ -281,38 +293,51 @@ def fit_thresholds(
     percentile: float,
     fence: float | None = None,
     shrinkage: float = 0.0,
+    model: str = "normal",
 ) -> tuple[Tensor, int]:
-    """One gamma threshold per section from normals' final scores; sections without any: the pooled one.
+    """One threshold per section from normals' final scores; sections without any: the pooled one.
 
-    With `fence`, each fit first clips its scores to Q3 + fence x IQR (`clip_far_out`). With
-    `shrinkage` k > 0 (`threshold_shrinkage`), a section of n normals gets (n t + k t_pooled) / (n + k)
-    from its own threshold t and the pooled one, as if k more of its clips had shown the pooled
-    threshold: a 0.9 quantile from 5 clips lands anywhere, and the final scores are z-scores of their
-    own section already, so the pooled threshold is on the same scale. Returns the thresholds
-    (num_sections,) and how many of the sections' scores were clipped.
+    `model` "normal" (`threshold=normal`): each section's normal prediction bound
+    (`asd.evaluation.normal_bound`); a section of one score borrows the within-section spread of
+    the others (`pooled_spread`), or of all scores together when no section has two. "gamma":
+    each section's fitted gamma quantile. With `fence`, each section's scores are first clipped
+    to Q3 + fence x IQR (`clip_far_out`). With `shrinkage` k > 0
+    (`threshold_shrinkage`), a section of n normals gets (n t + k t_pooled) / (n + k) from its own
+    threshold t and the pooled one, as if k more of its clips had shown the pooled threshold: the
+    final scores are z-scores of their own section already, so the pooled threshold is on the same
+    scale. Returns the thresholds (num_sections,) and how many of the sections' scores were clipped.
     """
+    if model not in THRESHOLD_MODELS:
+        raise AsdError(f"threshold model {model!r}: choose from {list(THRESHOLD_MODELS)}")
     final = np.asarray(final, dtype=np.float64)
-
-    def fit(scores: np.ndarray) -> tuple[float, int]:
-        clipped, n = clip_far_out(scores, fence) if fence is not None else (scores, 0)
-        return fit_gamma_threshold(clipped, percentile), n
-
-    pooled, _ = fit(final)
-    thresholds = np.full(num_sections, pooled, dtype=np.float64)
     section = np.asarray(section, dtype=np.int64)
+
+    def clip(scores: np.ndarray) -> tuple[np.ndarray, int]:
+        return clip_far_out(scores, fence) if fence is not None else (scores, 0)
+
+    clipped_all, _ = clip(final)
+    own = {int(s): clip(final[section == s]) for s in np.unique(section)}
+    if model == "gamma":
+        pooled = fit_gamma_threshold(clipped_all, percentile)
+        fitted = {s: fit_gamma_threshold(x, percentile) for s, (x, _) in own.items()}
+    else:
+        # every section of one score: the spread of all scores together (their levels differ too)
+        spread = pooled_spread([x for x, _ in own.values()]) or pooled_spread([clipped_all])
+        pooled = normal_bound(clipped_all, percentile)
+        fitted = {s: normal_bound(x, percentile, spread) for s, (x, _) in own.items()}
+    thresholds = np.full(num_sections, pooled, dtype=np.float64)
     clipped = 0
-    for s in np.unique(section):
-        own, n = fit(final[section == s])
+    for s, (x, n) in own.items():
+        t = fitted[s]
         if shrinkage:  # without it, the section's own threshold exactly (n t / n may round)
-            count = int((section == s).sum())
-            own = (count * own + shrinkage * pooled) / (count + shrinkage)
-        thresholds[s] = own
+            t = (x.size * t + shrinkage * pooled) / (x.size + shrinkage)
+        thresholds[s] = t
         clipped += n
     return torch.as_tensor(thresholds), clipped
 
 
 def fit_midpoint_thresholds(
-    gamma: Tensor,
+    fallback: Tensor,
     normal: np.ndarray,
     normal_section: Tensor,
     anomalous: np.ndarray,
@@ -321,13 +346,14 @@ def fit_midpoint_thresholds(
 ) -> tuple[Tensor, list[int], int]:
     """Per section, the midpoint between its normals' and its labelled anomalies' mean final score.
 
-    A section without labelled anomalies (or without normals) keeps its `gamma` threshold. With
+    A section without labelled anomalies (or without normals) keeps its `fallback` threshold (the
+    calibrate stage's percentile one). With
     `fence`, a section's normals are first clipped to Q3 + fence x IQR (`clip_far_out`), as for the
-    gamma fit: one far-out left-out score would otherwise carry the mean, and the midpoint, with it.
-    Returns the thresholds (num_sections,), the sections that kept gamma, and how many normal
+    percentile fit: one far-out left-out score would otherwise carry the mean, and the midpoint, with it.
+    Returns the thresholds (num_sections,), the sections that kept theirs, and how many normal
     scores were clipped.
     """
-    thresholds = gamma.clone().double()
+    thresholds = fallback.clone().double()
     normal, anomalous = np.asarray(normal, dtype=np.float64), np.asarray(anomalous, dtype=np.float64)
     normal_section = np.asarray(normal_section, dtype=np.int64)
     anomalous_section = np.asarray(anomalous_section, dtype=np.int64)

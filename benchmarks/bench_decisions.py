@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/timing.py, also when loaded by path
+from timing import write_tables  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -117,12 +120,7 @@ def main() -> None:
             )
         aims = sorted({r["percentile"] for runs in labels.values() for r in runs})
         lines += ["", f"TNR aim (threshold_percentile): {', '.join(f'{a:g}' for a in aims)}", ""]
-    args.results.mkdir(parents=True, exist_ok=True)
-    result = {"runs": args.runs, "table": table, "summary": summary}
-    (args.results / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.results / f"{args.name}.md").write_text("\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {args.results / args.name}.{{json,md}}")
+    write_tables(args.results, args.name, {"runs": args.runs, "table": table, "summary": summary}, lines)
 
 
 if __name__ == "__main__":

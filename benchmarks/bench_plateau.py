@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import re
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/timing.py, also when loaded by path
+from timing import write_tables  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LATE_SHARE = 0.3  # the last 30 % of the epochs
@@ -110,13 +113,9 @@ def main() -> None:
                 f"| {member} | {runs[0]['epochs']} | {flat}/{len(runs)} | {mean_late:.2f} | {best} |"
             )
         lines.append("")
-    args.results.mkdir(parents=True, exist_ok=True)
     result = {"runs": str(args.runs), "late_threshold": args.late, "late_share": LATE_SHARE, "table": table}
     result["summary"] = summary
-    (args.results / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.results / f"{args.name}.md").write_text("\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {args.results / args.name}.{{json,md}}")
+    write_tables(args.results, args.name, result, lines)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Timing shared by the benchmarks: alternate the contenders, keep each one's fastest run."""
+"""Shared by the benchmarks: timing (the contenders alternate, each keeps its fastest run), result files."""
 
 from __future__ import annotations
 
@@ -40,3 +40,12 @@ def write_result(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def write_tables(results: Path, name: str, result: dict, lines: list[str]) -> None:
+    """`<name>.json` (`result`) and `<name>.md` (`lines`) under `results`; the table is printed too."""
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (results / f"{name}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {results / name}.{{json,md}}")

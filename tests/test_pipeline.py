@@ -17,13 +17,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from asd.calibration import Calibration
+from asd.calibration import Calibration, fit_thresholds
 from asd.data.index import index_dataset, parse_path
 from asd.errors import AsdError
 from asd.evaluation import evaluate
 from asd.run import FINAL_CKPT, FinishedRun, train
+from asd.run.calibrate import reference_normals
 from asd.run.job import prepare
-from asd.run.predict import infer, member_scores
+from asd.run.predict import context_of, infer, member_scores
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = str(REPO / "conf")
@@ -339,6 +340,39 @@ def test_threshold_shrinkage_moves_only_the_thresholds_and_the_summary_says_so(r
     before = {r["path"]: r for r in read_csv(run / "scores.csv")}
     for r in read_csv(other / "scores.csv"):  # the same scores; only the decisions may move
         assert r["final"] == before[r["path"]]["final"]
+
+
+def test_thresholds_are_normal_prediction_bounds_by_default_and_gamma_refits_only_the_thresholds(
+    run, tmp_path, caplog
+):
+    first = Calibration.load(run / "calibration.pt")
+    assert json.loads((run / "stages.json").read_text())["calibrate"]["threshold"] == "normal"
+    assert "decisions: normal prediction bound at 0.9" in (run / "summary.md").read_text()
+    other = tmp_path / "gamma"
+    shutil.copytree(run, other)
+    cfg = compose_from(other)
+    cfg.run_dir, cfg.threshold = str(other), "gamma"
+    with caplog.at_level("INFO", logger="asd.run"):
+        train(cfg)
+    assert "stage fit: skipped" in caplog.text
+    assert "stage calibrate: its settings changed since the last run" in caplog.text
+    gamma = Calibration.load(other / "calibration.pt")
+    normals, _ = reference_normals(prepare(cfg).dm, warn=False)  # the run's own, and their sections
+    want, _ = fit_thresholds(
+        first.reference_final.numpy(),
+        context_of(normals)["section"],
+        len(first.thresholds),
+        0.9,
+        cfg.threshold_fence,
+        0.0,
+        "gamma",
+    )
+    assert torch.equal(gamma.thresholds, want) and not torch.equal(gamma.thresholds, first.thresholds)
+    assert torch.equal(gamma.reference_final, first.reference_final)  # the same scores, other thresholds
+    assert (
+        "decisions: gamma threshold at the 0.9 percentile (threshold=gamma)"
+        in (other / "summary.md").read_text()
+    )
 
 
 def test_domain_statistics_are_shrunk_by_default_and_a_refit_needs_no_training(run, tmp_path, caplog):

@@ -103,24 +103,24 @@ def test_midpoint_threshold_is_halfway_between_the_means():
         midpoint_threshold([1.0], [])
 
 
-def test_midpoint_thresholds_per_section_and_gamma_where_no_anomaly():
-    gamma = torch.tensor([10.0, 20.0, 30.0], dtype=torch.float64)
+def test_midpoint_thresholds_per_section_and_the_fallback_where_no_anomaly():
+    fallback = torch.tensor([10.0, 20.0, 30.0], dtype=torch.float64)
     normal = np.array([0.0, 2.0, 4.0, 1.0, 1.0])
     normal_section = torch.tensor([0, 0, 1, 1, 2])
     anomalous = np.array([6.0, 8.0, 5.0])
     anomalous_section = torch.tensor([0, 0, 1])
-    t, kept, clipped = fit_midpoint_thresholds(gamma, normal, normal_section, anomalous, anomalous_section)
+    t, kept, clipped = fit_midpoint_thresholds(fallback, normal, normal_section, anomalous, anomalous_section)
     assert t.tolist() == [(1.0 + 7.0) / 2, (2.5 + 5.0) / 2, 30.0]
     assert kept == [2] and clipped == 0
-    assert gamma.tolist() == [10.0, 20.0, 30.0]  # the gamma thresholds are not changed in place
+    assert fallback.tolist() == [10.0, 20.0, 30.0]  # the fallback thresholds are not changed in place
 
 
 def test_midpoint_takes_the_normals_mean_after_the_far_out_fence():
     """8 normals, one far out: Q1 1.75, Q3 5.25, fence 3 -> 15.75; mean (21 + 15.75) / 8; anomalies 20."""
-    gamma = torch.tensor([10.0], dtype=torch.float64)
+    fallback = torch.tensor([10.0], dtype=torch.float64)
     normal = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 100.0])
     section = torch.zeros(8, dtype=torch.long)
-    args = (gamma, normal, section, np.array([20.0]), torch.tensor([0]))
+    args = (fallback, normal, section, np.array([20.0]), torch.tensor([0]))
     plain, _, none = fit_midpoint_thresholds(*args)
     fenced, _, clipped = fit_midpoint_thresholds(*args, fence=3.0)
     assert none == 0 and plain.tolist() == [(121.0 / 8 + 20.0) / 2]  # 17.6: above 7 of 8 normals by 11+
@@ -143,7 +143,7 @@ def test_midpoint_without_validation_anomalies_refuses_before_training(tmp_path)
         train(config(run_dir, "threshold=midpoint"))
     message = str(e.value)
     assert "threshold=midpoint" in message and "validation_anomalies" in message
-    assert "threshold=gamma" in message  # the fix
+    assert "threshold=normal" in message  # the fix
     assert not (run_dir / "stages.json").exists()  # nothing ran
 
 
@@ -302,7 +302,7 @@ def midpoint_copy(run: Path, dst: Path, anomalies: str | list[str]) -> DictConfi
     return cfg
 
 
-def test_midpoint_threshold_on_labelled_anomalies_with_gamma_where_none(
+def test_midpoint_threshold_on_labelled_anomalies_with_the_percentile_threshold_where_none(
     run, other_anomalies, tmp_path, caplog
 ):
     rotor = sorted(str(p) for p in (other_anomalies / "rotor" / "test").glob("*_anomaly_*.wav"))
@@ -310,11 +310,11 @@ def test_midpoint_threshold_on_labelled_anomalies_with_gamma_where_none(
     with caplog.at_level("INFO", logger="asd.run"):
         train(cfg)
     assert "stage fit: skipped" in caplog.text  # no retraining
-    gamma = Calibration.load(run / "calibration.pt")
+    bound = Calibration.load(run / "calibration.pt")  # threshold=normal, the default
     mid = Calibration.load(tmp_path / "mid" / "calibration.pt")
     # sections in the order of the run's class map: rotor, then valve; valve has no anomalies listed
-    assert mid.thresholds[1] == gamma.thresholds[1]
-    assert mid.thresholds[0] != gamma.thresholds[0]
+    assert mid.thresholds[1] == bound.thresholds[1]
+    assert mid.thresholds[0] != bound.thresholds[0]
     # the rotor threshold lies halfway between the normals' mean and the listed anomalies' mean final score
     from asd.data.index import parse_path
     from asd.run.finished import FinishedRun
@@ -325,7 +325,7 @@ def test_midpoint_threshold_on_labelled_anomalies_with_gamma_where_none(
     assert min(mid.reference_final) - 1e-9 <= normal_mean <= max(mid.reference_final) + 1e-9
     summary = (tmp_path / "mid" / "summary.md").read_text()
     assert "midpoint thresholds (threshold=midpoint)" in summary
-    assert "valve/section_00 had no labelled anomalies: gamma threshold" in summary
+    assert "valve/section_00 had no labelled anomalies and kept the normal prediction bound at 0.9" in summary
     assert "valve/section_00 have no labelled anomalous validation clips" in caplog.text
 
 

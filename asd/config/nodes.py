@@ -548,7 +548,8 @@ def _validation_anomalies(v: Any, info: ValidationInfo) -> Any:
         raise PydanticCustomError(
             "asd",
             "threshold=midpoint needs labelled anomalous validation clips (never test clips): set "
-            "validation_anomalies=FOLDER or validation_anomalies=[a.wav,b.wav], or use threshold=gamma",
+            "validation_anomalies=FOLDER or validation_anomalies=[a.wav,b.wav], or use threshold=normal "
+            "(the default) or threshold=gamma",
         )
     return v
 
@@ -591,9 +592,9 @@ class TrainConfig(Node):
     reference: References = True
     final: Text = "auto"
     threshold_percentile: number(gt=0, lt=1) = 0.9
-    threshold_fence: number(ge=0, null=True) = 3.0  # asd.evaluation.clip_far_out; null: the plain gamma fit
+    threshold_fence: number(ge=0, null=True) = 3.0  # asd.evaluation.clip_far_out; null: scores as they are
     threshold_shrinkage: number(ge=0) = 0.0  # asd.calibration.fit_thresholds; 0: each section's own
-    threshold: choice("gamma", "midpoint") = "gamma"
+    threshold: choice("normal", "gamma", "midpoint") = "normal"  # asd.calibration.fit_thresholds
     validation_anomalies: Annotated[Any, PlainValidator(_validation_anomalies)] = None
     year: choice(*YEARS, null=True) = None  # null: the data's layout, data.year, else 2023
     seed: Seed = 0

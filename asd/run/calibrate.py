@@ -30,12 +30,13 @@ from asd.calibration import (
     fence_note,
     fit_normalizers,
     fit_thresholds,
-    gamma_note,
     left_out_z,
+    percentile_note,
 )
 from asd.data.datamodule import AsdDataModule, ClipDataset, join_rows
 from asd.ensemble import REFERENCES, Ensemble
 from asd.errors import AsdError
+from asd.evaluation import THRESHOLD_MODELS
 from asd.fusion import select
 from asd.fusion.stage import apply_fusion, fit_fusion, held_out_meta_scores, summarise_kinds
 from asd.run.build import fused_members, plain
@@ -43,6 +44,13 @@ from asd.run.predict import context_of, infer, member_scores
 from asd.scoring import FUSIONS, WEIGHTED, fuse
 
 log = logging.getLogger(__name__)
+
+
+def threshold_model(cfg: DictConfig) -> str:
+    """How `threshold_percentile` becomes a threshold from normals alone: `threshold` itself, or for
+    `threshold=midpoint` the default model (its sections without labelled anomalies keep that one)."""
+    chosen = cfg.get("threshold", "normal")
+    return chosen if chosen in THRESHOLD_MODELS else THRESHOLD_MODELS[0]
 
 
 def section_names(dm: AsdDataModule) -> list[str]:
@@ -362,9 +370,10 @@ def calibrate(
 ) -> tuple[Calibration, PseudoAnomalyDataset | None]:
     """Normalisers, learned fusions and thresholds from the reference normals (and their fakes).
 
-    The thresholds come from the gamma fit on the normals' final scores, each computed as if the
-    clip had been held out of everything fitted here: z-statistics without it (`left_out_z`) and,
-    for `final=meta`, an adaptation without it and its pseudo-anomalies (`held_out_meta_scores`).
+    The thresholds (`threshold`: a normal prediction bound or a gamma fit) come from the normals'
+    final scores, each computed as if the clip had been held out of everything fitted here:
+    z-statistics without it (`left_out_z`) and, for `final=meta`, an adaptation without it and its
+    pseudo-anomalies (`held_out_meta_scores`).
     Returns the calibration and the pseudo-anomalies it was fitted on (for the plots).
     """
     normals, kind = reference_normals(dm, warn=False)  # the backends stage said it
@@ -462,13 +471,12 @@ def calibrate(
     final = final_t.double().numpy()
     calibration.reference_final = torch.as_tensor(final)  # threshold=midpoint's normal side
     fence, shrinkage = cfg.get("threshold_fence", None), float(cfg.get("threshold_shrinkage", 0.0))
+    model = threshold_model(cfg)
     calibration.thresholds, clipped = fit_thresholds(
-        final, context["section"], dm.num_sections, calibration.threshold_percentile, fence, shrinkage
+        final, context["section"], dm.num_sections, calibration.threshold_percentile, fence, shrinkage, model
     )
-    if clipped or shrinkage:
-        note = gamma_note(calibration.threshold_percentile, f"{len(final)} {kind}", shrinkage)
-        calibration.threshold_note = note + (f", {fence_note(clipped, fence)}" if clipped else "")
-        log.info("stage calibrate: thresholds: %s", calibration.threshold_note)
+    note = percentile_note(calibration.threshold_percentile, f"{len(final)} {kind}", shrinkage, model)
+    calibration.threshold_note = note + (f", {fence_note(clipped, fence)}" if clipped else "")
     log.info(
         "stage calibrate: thresholds from %d %s normals' left-out %s scores: %s",
         len(final),

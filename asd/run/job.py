@@ -118,7 +118,7 @@ def prepare(cfg: DictConfig) -> RunState:
     if cfg.get("threshold") == "midpoint" and is_image_data(cfg):
         raise AsdError(
             "threshold=midpoint with data=images: labelled anomalous validation pictures are not read yet "
-            "(validation_anomalies takes WAV files); use threshold=gamma"
+            "(validation_anomalies takes WAV files); use threshold=normal (the default) or threshold=gamma"
         )
     dm = build_datamodule(cfg)
     dm.prepare_data()

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from asd.calibration import LEARNED, gamma_note
+from asd.calibration import LEARNED, percentile_note
 from asd.data.table import ClipTable
 from asd.ensemble import is_reference
 from asd.errors import AsdError
@@ -242,7 +242,7 @@ def summary_markdown(
     weighted_by: str = BY_CRITERION,
 ) -> str:
     """The run's summary; `final` is the method that decided (`cfg.final` unless final=auto chose),
-    `decisions` its `decision_table` rows, `threshold_note` how `threshold=midpoint` set them,
+    `decisions` its `decision_table` rows, `threshold_note` how the thresholds were set,
     `normals` which normals calibrated (`Calibration.normalised_on`), `fused_references` the
     reference columns the fusions used beside the members (`fusion.references`, resolved),
     `shrinkage` the one the z-score statistics were fitted with (`Calibration.shrinkage`), `z_limit`
@@ -286,7 +286,8 @@ def summary_markdown(
         f"- final score: `{final}`"
         + (" (chosen by final=auto)" if cfg.final == "auto" else "")
         + "; decisions: "
-        + (threshold_note or gamma_note(cfg.threshold_percentile, normals)),
+        # a calibration.pt without a note was written before threshold=normal: gamma made its thresholds
+        + (threshold_note or percentile_note(cfg.threshold_percentile, normals, model="gamma")),
         *(f"- {note}" for note in notes),
         "",
         "| method | official score |",

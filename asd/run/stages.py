@@ -208,7 +208,7 @@ class Fit(Stage):
 
     def compute(self, run: RunState) -> None:
         cfg, run_dir = run.cfg, run.run_dir
-        if cfg.get("threshold", "gamma") == "midpoint":  # a bad list fails now, not after training
+        if cfg.get("threshold", "normal") == "midpoint":  # a bad list fails now, not after training
             validation_anomaly_clips(plain(cfg.validation_anomalies), run.dm)
         identity = self.identity(run)
         cfg = with_budget(cfg, run.dm)
@@ -345,7 +345,7 @@ class Calibrate(Stage):
             "threshold_fence": cfg.get("threshold_fence", None),
             # only when set: runs made before the key existed stored no such setting
             **({"threshold_shrinkage": float(k)} if (k := cfg.get("threshold_shrinkage")) else {}),
-            "threshold": cfg.get("threshold", "gamma"),
+            "threshold": cfg.get("threshold", "normal"),
             "validation_anomalies": plain(cfg.get("validation_anomalies")),
         }
 
@@ -353,7 +353,7 @@ class Calibrate(Stage):
         run.calibration, run.fake = cal.calibrate(
             run.ensemble, self.backends.state, run.cfg, run.dm, run.device
         )
-        if run.cfg.get("threshold", "gamma") == "midpoint":
+        if run.cfg.get("threshold", "normal") == "midpoint":
             midpoint_thresholds(run)
 
     def write(self, run: RunState) -> None:

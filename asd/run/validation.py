@@ -109,7 +109,8 @@ def _sha1(path: str | Path) -> str:
 def midpoint_thresholds(run: Any) -> None:
     """`threshold=midpoint`: each section's threshold halfway between the mean left-out final score of
     its reference normals and the mean final score of its labelled anomalous validation clips, which
-    are scored through the test clips' path (`predict`). A section without any keeps its gamma one.
+    are scored through the test clips' path (`predict`). A section without any keeps its percentile one
+    (`threshold_model`: the default model's).
     `run` is the stage's `asd.run.stages.RunState` (not imported: stages imports this module)."""
     cfg, dm, calibration = run.cfg, run.dm, run.calibration
     clips = validation_anomaly_clips(plain(cfg.validation_anomalies), dm)
@@ -129,7 +130,7 @@ def midpoint_thresholds(run: Any) -> None:
     )
     normals, kind = cal.reference_normals(dm, warn=False)
     fence = cfg.get("threshold_fence", None)
-    calibration.thresholds, gamma, clipped = fit_midpoint_thresholds(
+    calibration.thresholds, kept, clipped = fit_midpoint_thresholds(
         calibration.thresholds,
         calibration.reference_final.numpy(),
         context_of(normals)["section"],
@@ -145,18 +146,15 @@ def midpoint_thresholds(run: Any) -> None:
     )
     if clipped:
         note += "; " + fence_note(clipped, fence, "normal score")
-    if gamma:
-        fell = ", ".join(names[s] for s in gamma)
-        note += (
-            f"; {fell} had no labelled anomalies: gamma threshold at the "
-            f"{calibration.threshold_percentile:g} percentile there"
-        )
-        if calibration.threshold_note:  # how the gamma fit went (far-out scores clipped: threshold_fence)
-            note += f" ({calibration.threshold_note})"
+    if kept:
+        fell = ", ".join(names[s] for s in kept)
+        # the calibrate stage's note says how those were fitted (and what threshold_fence clipped)
+        note += f"; {fell} had no labelled anomalies and kept the {calibration.threshold_note}"
         log.warning(
             "stage calibrate: threshold=midpoint: %s have no labelled anomalous validation clips: "
-            "gamma thresholds there",
+            "the percentile thresholds of threshold=%s there",
             fell,
+            cal.threshold_model(cfg),
         )
     calibration.threshold_note = note
     log.info("stage calibrate: %s: %s", note, np.round(calibration.thresholds.numpy(), 3).tolist())
