@@ -40,6 +40,7 @@ from asd.evaluation import (
     normal_bound,
     pooled_spread,
 )
+from asd.evaluation.metrics import finite_scores
 from asd.fileio import torch_save_atomic
 from asd.fusion.stage import FusionState, apply_fusion
 from asd.scoring import FUSIONS, WEIGHTED, GroupNormalizer, fuse, fuse_weighted
@@ -272,9 +273,9 @@ def percentile_note(percentile: float, normals: str, shrinkage: float = 0.0, mod
         "(threshold_shrinkage)"
     )
     how = (
-        f"normal prediction bound at {percentile:g} (mean + t x std x sqrt(1 + 1/n); threshold=normal)"
+        f"normal prediction bound at {percentile:g} (mean + t x std x sqrt(1 + 1/n))"
         if model == "normal"
-        else f"gamma threshold at the {percentile:g} percentile (threshold=gamma)"
+        else f"gamma threshold at the {percentile:g} percentile"
     )
     return f"{how} of {normals} normals' left-out final scores per machine/section" + (
         pulled if shrinkage else ""
@@ -299,7 +300,10 @@ def fit_thresholds(
 
     `model` "normal" (`threshold=normal`): each section's normal prediction bound
     (`asd.evaluation.normal_bound`); a section of one score borrows the within-section spread of
-    the others (`pooled_spread`), or of all scores together when no section has two. "gamma":
+    the others (`pooled_spread`), or of all scores together when no section has two that differ.
+    That assumes the sections' scores share one scale, as every fusion's z-scores of their own
+    section do; a `final` that is a member's raw score (`final=b2`) borrows another section's raw
+    spread. "gamma":
     each section's fitted gamma quantile. With `fence`, each section's scores are first clipped
     to Q3 + fence x IQR (`clip_far_out`). With `shrinkage` k > 0
     (`threshold_shrinkage`), a section of n normals gets (n t + k t_pooled) / (n + k) from its own
@@ -309,7 +313,7 @@ def fit_thresholds(
     """
     if model not in THRESHOLD_MODELS:
         raise AsdError(f"threshold model {model!r}: choose from {list(THRESHOLD_MODELS)}")
-    final = np.asarray(final, dtype=np.float64)
+    final = finite_scores(final, "fit_thresholds", flatten=True).astype(np.float64)
     section = np.asarray(section, dtype=np.int64)
 
     def clip(scores: np.ndarray) -> tuple[np.ndarray, int]:
@@ -321,8 +325,9 @@ def fit_thresholds(
         pooled = fit_gamma_threshold(clipped_all, percentile)
         fitted = {s: fit_gamma_threshold(x, percentile) for s, (x, _) in own.items()}
     else:
-        # every section of one score: the spread of all scores together (their levels differ too)
-        spread = pooled_spread([x for x, _ in own.values()]) or pooled_spread([clipped_all])
+        spread = pooled_spread([x for x, _ in own.values()])
+        if spread is None or spread[0] == 0.0:  # no section of 2+ differing scores: all scores together
+            spread = pooled_spread([clipped_all])
         pooled = normal_bound(clipped_all, percentile)
         fitted = {s: normal_bound(x, percentile, spread) for s, (x, _) in own.items()}
     thresholds = np.full(num_sections, pooled, dtype=np.float64)

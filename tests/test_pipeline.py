@@ -347,7 +347,9 @@ def test_thresholds_are_normal_prediction_bounds_by_default_and_gamma_refits_onl
 ):
     first = Calibration.load(run / "calibration.pt")
     assert json.loads((run / "stages.json").read_text())["calibrate"]["threshold"] == "normal"
-    assert "decisions: normal prediction bound at 0.9" in (run / "summary.md").read_text()
+    summary = (run / "summary.md").read_text()
+    assert "decisions: normal prediction bound at 0.9 (mean + t x std x sqrt(1 + 1/n))" in summary
+    assert "per machine/section (threshold=normal)" in summary
     other = tmp_path / "gamma"
     shutil.copytree(run, other)
     cfg = compose_from(other)
@@ -358,21 +360,36 @@ def test_thresholds_are_normal_prediction_bounds_by_default_and_gamma_refits_onl
     assert "stage calibrate: its settings changed since the last run" in caplog.text
     gamma = Calibration.load(other / "calibration.pt")
     normals, _ = reference_normals(prepare(cfg).dm, warn=False)  # the run's own, and their sections
-    want, _ = fit_thresholds(
-        first.reference_final.numpy(),
-        context_of(normals)["section"],
-        len(first.thresholds),
-        0.9,
-        cfg.threshold_fence,
-        0.0,
-        "gamma",
-    )
+    section = context_of(normals)["section"]
+    final, sections, fence = first.reference_final.numpy(), len(first.thresholds), cfg.threshold_fence
+    bound, _ = fit_thresholds(final, section, sections, 0.9, fence, 0.0, "normal")
+    want, _ = fit_thresholds(final, section, sections, 0.9, fence, 0.0, "gamma")
+    assert torch.equal(first.thresholds, bound)
     assert torch.equal(gamma.thresholds, want) and not torch.equal(gamma.thresholds, first.thresholds)
     assert torch.equal(gamma.reference_final, first.reference_final)  # the same scores, other thresholds
-    assert (
-        "decisions: gamma threshold at the 0.9 percentile (threshold=gamma)"
-        in (other / "summary.md").read_text()
-    )
+    summary = (other / "summary.md").read_text()
+    assert "decisions: gamma threshold at the 0.9 percentile of " in summary
+    assert "per machine/section (threshold=gamma)" in summary
+
+
+def test_a_calibration_written_before_threshold_notes_is_reported_as_the_gamma_thresholds_it_holds(
+    run, tmp_path, caplog
+):
+    """Files of runs made before threshold=normal hold gamma thresholds and no note; the report says so."""
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    cal = Calibration.load(old / "calibration.pt")
+    cal.threshold_note = ""
+    cal.save(old / "calibration.pt")
+    stages = json.loads((old / "stages.json").read_text())
+    del stages["report"]  # redo the report alone
+    (old / "stages.json").write_text(json.dumps(stages))
+    cfg = compose_from(old)
+    cfg.run_dir = str(old)
+    with caplog.at_level("INFO", logger="asd.run"):
+        train(cfg)
+    assert "stage calibrate: skipped" in caplog.text
+    assert "decisions: gamma threshold at the 0.9 percentile of " in (old / "summary.md").read_text()
 
 
 def test_domain_statistics_are_shrunk_by_default_and_a_refit_needs_no_training(run, tmp_path, caplog):

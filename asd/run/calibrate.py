@@ -50,7 +50,7 @@ def threshold_model(cfg: DictConfig) -> str:
     """How `threshold_percentile` becomes a threshold from normals alone: `threshold` itself, or for
     `threshold=midpoint` the default model (its sections without labelled anomalies keep that one)."""
     chosen = cfg.get("threshold", "normal")
-    return chosen if chosen in THRESHOLD_MODELS else THRESHOLD_MODELS[0]
+    return chosen if chosen in THRESHOLD_MODELS else "normal"
 
 
 def section_names(dm: AsdDataModule) -> list[str]:
@@ -476,7 +476,10 @@ def calibrate(
         final, context["section"], dm.num_sections, calibration.threshold_percentile, fence, shrinkage, model
     )
     note = percentile_note(calibration.threshold_percentile, f"{len(final)} {kind}", shrinkage, model)
+    if cfg.get("threshold", "normal") == model:  # under threshold=midpoint it names the fallback
+        note += f" (threshold={model})"
     calibration.threshold_note = note + (f", {fence_note(clipped, fence)}" if clipped else "")
+    log.info("stage calibrate: thresholds: %s", calibration.threshold_note)
     log.info(
         "stage calibrate: thresholds from %d %s normals' left-out %s scores: %s",
         len(final),

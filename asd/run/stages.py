@@ -346,6 +346,9 @@ class Calibrate(Stage):
             # only when set: runs made before the key existed stored no such setting
             **({"threshold_shrinkage": float(k)} if (k := cfg.get("threshold_shrinkage")) else {}),
             "threshold": cfg.get("threshold", "normal"),
+            # threshold=midpoint's sections without labelled anomalies keep this model's thresholds
+            # (gamma's before threshold=normal existed: such runs are calibrated again)
+            **({"midpoint_fallback": cal.threshold_model(cfg)} if cfg.get("threshold") == "midpoint" else {}),
             "validation_anomalies": plain(cfg.get("validation_anomalies")),
         }
 
