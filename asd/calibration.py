@@ -303,13 +303,14 @@ def fit_thresholds(
     the others (`pooled_spread`), or of all scores together when no section has two that differ.
     That assumes the sections' scores share one scale, as every fusion's z-scores of their own
     section do; a `final` that is a member's raw score (`final=b2`) borrows another section's raw
-    spread. "gamma":
-    each section's fitted gamma quantile. With `fence`, each section's scores are first clipped
-    to Q3 + fence x IQR (`clip_far_out`). With `shrinkage` k > 0
-    (`threshold_shrinkage`), a section of n normals gets (n t + k t_pooled) / (n + k) from its own
-    threshold t and the pooled one, as if k more of its clips had shown the pooled threshold: the
-    final scores are z-scores of their own section already, so the pooled threshold is on the same
-    scale. Returns the thresholds (num_sections,) and how many of the sections' scores were clipped.
+    spread. "gamma": each section's fitted gamma quantile.
+
+    With `fence`, each section's scores are first clipped to Q3 + fence x IQR (`clip_far_out`).
+    With `shrinkage` k > 0 (`threshold_shrinkage`), a section of n normals gets
+    (n t + k t_pooled) / (n + k) from its own threshold t and the pooled one, as if k more of its
+    clips had shown the pooled threshold: the final scores are z-scores of their own section
+    already, so the pooled threshold is on the same scale. Returns the thresholds (num_sections,)
+    and how many of the sections' scores were clipped.
     """
     if model not in THRESHOLD_MODELS:
         raise AsdError(f"threshold model {model!r}: choose from {list(THRESHOLD_MODELS)}")
@@ -352,11 +353,10 @@ def fit_midpoint_thresholds(
     """Per section, the midpoint between its normals' and its labelled anomalies' mean final score.
 
     A section without labelled anomalies (or without normals) keeps its `fallback` threshold (the
-    calibrate stage's percentile one). With
-    `fence`, a section's normals are first clipped to Q3 + fence x IQR (`clip_far_out`), as for the
-    percentile fit: one far-out left-out score would otherwise carry the mean, and the midpoint, with it.
-    Returns the thresholds (num_sections,), the sections that kept theirs, and how many normal
-    scores were clipped.
+    calibrate stage's percentile one). With `fence`, a section's normals are first clipped to
+    Q3 + fence x IQR (`clip_far_out`), as for the percentile fit: one far-out left-out score would
+    otherwise carry the mean, and the midpoint, with it. Returns the thresholds (num_sections,), the
+    sections that kept theirs, and how many normal scores were clipped.
     """
     thresholds = fallback.clone().double()
     normal, anomalous = np.asarray(normal, dtype=np.float64), np.asarray(anomalous, dtype=np.float64)

@@ -152,7 +152,7 @@ def midpoint_thresholds(run: Any) -> None:
         note += f"; {fell} had no labelled anomalies and kept the {calibration.threshold_note}"
         log.warning(
             "stage calibrate: threshold=midpoint: %s have no labelled anomalous validation clips: "
-            "the percentile thresholds of threshold=%s there",
+            "they keep the %s percentile thresholds (the default model)",
             fell,
             cal.threshold_model(cfg),
         )
