@@ -29,15 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/timing.py, also when loaded by path
 from timing import write_tables  # noqa: E402
 
 from asd.calibration import fit_thresholds  # noqa: E402
-from asd.run.build import build_datamodule  # noqa: E402
 from asd.run.calibrate import reference_normals  # noqa: E402
-from asd.run.crossfit import crossfit_folds, training_clips  # noqa: E402
+from asd.run.job import split_datamodule  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -82,15 +81,9 @@ def refit(
     return out
 
 
-def reference_sections(run_dir: Path) -> tuple[np.ndarray, list[tuple[str, str]]]:
+def reference_sections(cfg: DictConfig) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """Each reference normal's section id, and the (machine, section) keys in id order, of one run."""
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    dm = build_datamodule(cfg)
-    dm.prepare_data()
-    dm.setup("fit")
-    folds, _ = crossfit_folds(cfg, training_clips(dm))
-    if folds:
-        dm.merge_holdout(folds)
+    dm = split_datamodule(cfg)
     normals, _ = reference_normals(dm, warn=False)
     return np.asarray(normals.labels["section"]), list(dm.section_keys)
 
@@ -99,7 +92,8 @@ def read_run(run_dir: Path) -> dict:
     """Every way's TNR/TPR of one run, and its aim."""
     state = torch.load(run_dir / "calibration.pt", map_location="cpu", weights_only=True)
     reference_final = np.asarray(state["reference_final"], dtype=np.float64)
-    ref_section, keys = reference_sections(run_dir)
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    ref_section, keys = reference_sections(cfg)
     if len(ref_section) != len(reference_final):
         raise ValueError(
             f"{run_dir}: {len(reference_final)} reference scores in calibration.pt but the rebuilt data "
@@ -108,7 +102,6 @@ def read_run(run_dir: Path) -> dict:
     ids = {key: i for i, key in enumerate(keys)}
     with open(run_dir / "scores.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["label"] in ("normal", "anomaly")]
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     percentile = float(state["threshold_percentile"])
     ways = refit(
         reference_final,

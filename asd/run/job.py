@@ -21,6 +21,7 @@ import pytorch_lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from asd.config import validate
+from asd.data.datamodule import AsdDataModule
 from asd.ensemble import select_frozen
 from asd.errors import AsdError, disk_fault
 from asd.features import logmel_frontends
@@ -106,6 +107,18 @@ def check_members(cfg: DictConfig) -> None:
     select_frozen(plain(cfg.freeze), member_names(cfg))
 
 
+def split_datamodule(cfg: DictConfig) -> AsdDataModule:
+    """The run's data module, set up and split as the run trains on it: a held-out split, or every
+    training clip when it cross-fits (`crossfit_folds`; when off, the crossfit stage says why)."""
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup()
+    folds, _ = crossfit_folds(cfg, training_clips(dm))
+    if folds:
+        dm.merge_holdout(folds)
+    return dm
+
+
 def prepare(cfg: DictConfig) -> RunState:
     """Seed, make the run folder, index the data, build the ensemble."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -120,12 +133,7 @@ def prepare(cfg: DictConfig) -> RunState:
             "threshold=midpoint with data=images: labelled anomalous validation pictures are not read yet "
             "(validation_anomalies takes WAV files); use threshold=normal (the default) or threshold=gamma"
         )
-    dm = build_datamodule(cfg)
-    dm.prepare_data()
-    dm.setup()
-    folds, _ = crossfit_folds(cfg, training_clips(dm))  # when off, the crossfit stage says why
-    if folds:
-        dm.merge_holdout(folds)
+    dm = split_datamodule(cfg)
     facts = data_facts(dm)
     ensemble = build_ensemble(cfg, facts)
     dm.cache_features(logmel_frontends(ensemble.members.values()))  # each clip's log-mel, computed once
