@@ -13,6 +13,8 @@ On `--clips` clips of 10 s (the first-shot synthetic valve, the default members 
             embedding a second time: clips/s and the largest difference of every score column
   training  one training forward + backward of every member (`Ensemble.losses`), the same two ways
   per part  the milliseconds of scoring the clips spent in the flow's input and in each member
+  b4 calls  b4's scoring with the configured DDIM steps x noise draws against `--b4-before` (the
+            4 x 2 it had until 2026-12-05), the same weights: milliseconds and U-Net calls per clip
 
 Best of `--repeats`, the two sides taking turns (`benchmarks/timing.py`), so load from other
 processes falls on both. Writes benchmarks/results/bench_frontend.json.
@@ -78,10 +80,28 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_frontend.json")
+    parser.add_argument(
+        "--b4-before",
+        type=int,
+        nargs=2,
+        default=(4, 2),
+        metavar=("STEPS", "DRAWS"),
+        help="b4's DDIM steps and noise draws to time the configured ones against",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
+    steps, draws = args.b4_before
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[*FIRST_SHOT, "run_dir=/tmp/bench_frontend"])
+        cfg_b4 = compose(
+            "train",
+            overrides=[
+                *FIRST_SHOT,
+                "run_dir=/tmp/bench_frontend",
+                f"branches.b4.ddim_steps={steps}",
+                f"branches.b4.noise_draws={draws}",
+            ],
+        )
     dm = build_datamodule(cfg)
     dm.setup()
     ours = build_ensemble(cfg, data_facts(dm))
@@ -133,6 +153,24 @@ def main() -> None:
         times, _ = best_times(list(parts.values()), args.repeats)
     result["scoring_ms_per_part"] = {k: 1000 * t for k, t in zip(parts, times, strict=True)}
 
+    # b4 with the configured denoiser calls against the earlier ones, the same weights and banks' data
+    b4_before = build_ensemble(cfg_b4, data_facts(dm))
+    b4_before.load_state_dict(ours.state_dict())
+    fit_backends(b4_before, dm, torch.device("cpu"))
+    b4_before.eval()
+    with torch.inference_mode():
+        members = [ours.members["b4"], b4_before.members["b4"]]
+        (t_ours, t_theirs), _ = best_times([lambda m=m: m.scores(flow_batch) for m in members], args.repeats)
+    result["b4_calls"] = {
+        "ours": {
+            "ddim_steps": len(members[0].ddim_steps),
+            "noise_draws": members[0].noise_draws,
+            "ms": 1000 * t_ours,
+        },
+        "before": {"ddim_steps": steps, "noise_draws": draws, "ms": 1000 * t_theirs},
+        "speedup": t_theirs / t_ours,
+    }
+
     ours.train()
     theirs.train()
     (t_ours, t_theirs), _ = best_times(
@@ -154,6 +192,11 @@ def main() -> None:
     print(
         f"scoring, ms per {n} clips: "
         + ", ".join(f"{k} {v:.0f}" for k, v in result["scoring_ms_per_part"].items())
+    )
+    b4 = result["b4_calls"]
+    print(
+        f"b4: {b4['ours']['ddim_steps']} x {b4['ours']['noise_draws']} calls {b4['ours']['ms']:.0f} ms, "
+        f"{steps} x {draws} {b4['before']['ms']:.0f} ms ({b4['speedup']:.2f}x)"
     )
     print(f"fbank max |diff| {result['fbank']['max_abs_diff']:.2e}")
     worst = max(result["scoring"]["max_abs_diff"].items(), key=lambda kv: kv[1])
