@@ -445,8 +445,15 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.rstrip("\n")
 
 
+def in_git_checkout() -> bool:
+    """Whether REPO is a git work tree (a copied snapshot of the code is not)."""
+    return _git("rev-parse", "--is-inside-work-tree") == "true"
+
+
 def git_state() -> dict:
-    """The commit, and whether (and where) the working tree differs from it."""
+    """The commit, and whether (and where) the working tree differs from it; no commit outside git."""
+    if not in_git_checkout():
+        return {"commit": None, "dirty": None, "dirty_files": [], "diff_sha1": None}
     dirty = _git("status", "--porcelain")
     return {
         "commit": _git("rev-parse", "--short", "HEAD"),
@@ -460,7 +467,15 @@ def code_fingerprint() -> str:
     """12 hex digits naming the code train.py runs: HEAD, the diff of `CODE` and its untracked files.
 
     Others may edit the tree during a long benchmark; equal fingerprints mean runs ran the same code
-    (as it was at launch)."""
+    (as it was at launch). Outside a git checkout it hashes every file of `CODE` itself."""
+    if not in_git_checkout():
+        h = hashlib.sha1()
+        for root in CODE:
+            paths = [REPO / root] if (REPO / root).is_file() else sorted((REPO / root).rglob("*"))
+            for path in paths:
+                if path.is_file() and "__pycache__" not in path.parts:
+                    h.update(str(path.relative_to(REPO)).encode() + path.read_bytes())
+        return h.hexdigest()[:12]
     h = hashlib.sha1(_git("rev-parse", "HEAD").encode())
     h.update(_git("diff", "HEAD", "--", *CODE).encode())
     for path in _git("ls-files", "--others", "--exclude-standard", "--", *CODE).splitlines():
@@ -532,7 +547,10 @@ def main() -> None:
     total = time.perf_counter() - t0
     git_end = git_state()
     changed = git_end != git_start  # others may edit the tree during a long benchmark
-    tree = f"commit {git_start['commit']}" + (" (dirty tree)" if git_start["dirty"] else "")
+    if git_start["commit"] is None:
+        tree = "not a git checkout (the code fingerprints below name the code)"
+    else:
+        tree = f"commit {git_start['commit']}" + (" (dirty tree)" if git_start["dirty"] else "")
     if changed:
         tree += ", and the tree changed while the benchmark ran (see the json)"
     header = [

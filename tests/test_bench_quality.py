@@ -162,3 +162,30 @@ def test_table_says_when_the_code_changed_between_seeds():
     runs[1].code = "bbb"
     text = bq.config_markdown("c", runs, bq.aggregate(runs))
     assert "**the code changed between seeds** (fingerprint at launch: seed 0 `aaa`, seed 1 `bbb`)" in text
+
+
+def test_code_outside_a_git_checkout_is_named_by_its_files(tmp_path, monkeypatch):
+    # a copied snapshot of the code (no .git): no commit is claimed, and the fingerprint still
+    # follows the code, not the empty output of git
+    for part in ("asd", "conf"):
+        (tmp_path / part).mkdir()
+    (tmp_path / "asd" / "a.py").write_text("x = 1\n")
+    (tmp_path / "conf" / "train.yaml").write_text("seed: 0\n")
+    (tmp_path / "train.py").write_text("print()\n")
+    monkeypatch.setattr(bq, "REPO", tmp_path)
+    assert not bq.in_git_checkout()
+    assert bq.git_state() == {"commit": None, "dirty": None, "dirty_files": [], "diff_sha1": None}
+    first = bq.code_fingerprint()
+    assert first == bq.code_fingerprint() and len(first) == 12
+    (tmp_path / "asd" / "a.py").write_text("x = 2\n")
+    assert bq.code_fingerprint() != first
+    (tmp_path / "asd" / "__pycache__").mkdir()
+    changed = bq.code_fingerprint()
+    (tmp_path / "asd" / "__pycache__" / "a.pyc").write_bytes(b"\0")
+    assert bq.code_fingerprint() == changed  # compiled files are not the code
+
+
+def test_a_git_checkout_names_its_commit():
+    if not bq.in_git_checkout():
+        pytest.skip("the repository was copied without .git")
+    assert bq.git_state()["commit"]
