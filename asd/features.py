@@ -496,11 +496,18 @@ class AstFbank(nn.Module):
     def _kaldi(self, wave: Tensor) -> Tensor:
         """(B, T) -> (B, frames, num_mel_bins) log Kaldi fbank, the extractor's numpy recipe batched."""
         x = wave.to(torch.float64)
-        frames = x.unfold(-1, self.frame_length, self.frame_shift)  # (B, frames, 400)
-        frames = frames - frames.mean(dim=-1, keepdim=True)  # remove the DC offset per frame
+        frames = x.unfold(-1, self.frame_length, self.frame_shift)  # (B, frames, 400), a view
+        mean = frames.mean(dim=-1, keepdim=True)  # (B, frames, 1): the DC offset each frame removes
+        # The recipe removes a frame's mean m, then pre-emphasises: y[0] = (x[0] - m)(1 - k) and, for
+        # n >= 1, y[n] = (x[n] - m) - k (x[n-1] - m) = (x[n] - k x[n-1]) - (1 - k) m. x[n] - k x[n-1]
+        # is the same in every frame that holds sample n, so it is taken once on the wave and the
+        # frames are cut from it: one pass over the (B, frames, 400) float64 array instead of four
+        # (the whole fbank 1.4x faster, its output identical; benchmarks/bench_frontend.py).
         k = self.preemphasis
-        frames = torch.cat([frames[..., :1] * (1 - k), frames[..., 1:] - k * frames[..., :-1]], dim=-1)
-        spec = torch.fft.rfft(frames * self.kaldi_window, n=self.fft_length)  # (B, frames, 257) complex128
+        emphasised = torch.cat([x[..., :1], x[..., 1:] - k * x[..., :-1]], dim=-1)  # (B, T)
+        y = emphasised.unfold(-1, self.frame_length, self.frame_shift) - (1 - k) * mean
+        y[..., 0] = (frames[..., 0] - mean[..., 0]) * (1 - k)  # n = 0: no predecessor in the frame
+        spec = torch.fft.rfft(y.mul_(self.kaldi_window), n=self.fft_length)  # (B, frames, 257) complex128
         spec = spec.to(torch.complex64)  # the extractor stores the spectrum as complex64
         power = spec.real.square() + spec.imag.square()  # (B, frames, 257) float32
         mel = torch.clamp(power @ self.kaldi_fb, min=self.mel_floor)  # (B, frames, num_mel_bins)

@@ -7,12 +7,18 @@ scored from the embeddings the flow's input already holds; each against what it 
 On `--clips` clips of 10 s (the first-shot synthetic valve, the default members and references):
 
   fbank     `AstFbank` (b1's input) batched in torch against `transformers.ASTFeatureExtractor`'s
-            numpy loop (`backend="extractor"`): clips/s and the largest difference
+            numpy loop (`backend="extractor"`): clips/s and the largest difference; and against
+            the torch recipe it had until 2026-12-05 (`framed_first`: each frame's mean removed,
+            pre-emphasised and windowed in four passes over the framed array)
   scoring   `asd.run.predict.member_scores` of the whole default ensemble against the same with the
             three replaced: b1 on the extractor, every member its own log-mel module, b1 and b3
             embedding a second time: clips/s and the largest difference of every score column
   training  one training forward + backward of every member (`Ensemble.losses`), the same two ways
   per part  the milliseconds of scoring the clips spent in the flow's input and in each member
+  memory format  b6's and b7's scoring and one training pass of the whole ensemble with their
+            2-D convolution stacks in channels-last memory (`asd.branches.base.CONV_MEMORY_FORMAT`,
+            the default) against NCHW, the same weights: milliseconds and the largest difference
+            of the scores
   b4 calls  b4's scoring with the configured DDIM steps x noise draws against `--b4-before` (the
             4 x 2 it had until 2026-12-05), the same weights: milliseconds for the clips, and the
             steps and draws each side was built with
@@ -31,6 +37,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from timing import best_times, environment, write_result
 
+import asd.branches.base as branch_base
 from asd.features import AstFbank, LogMel
 from asd.run.build import build_datamodule, build_ensemble, data_facts
 from asd.run.calibrate import fit_backends
@@ -74,6 +81,43 @@ def training_pass(ensemble, batch: dict) -> float:
     total = sum(losses.values())
     total.backward()
     return float(total.detach())
+
+
+def framed_first(fbank: AstFbank, wave: torch.Tensor) -> torch.Tensor:
+    """`AstFbank`'s torch recipe as it was until 2026-12-05: frame, remove each frame's mean,
+    pre-emphasise each frame, window; then the same FFT, mel filters, log, padding and
+    normalisation: (B, max_length, num_mel_bins)."""
+    frames = wave.to(torch.float64).unfold(-1, fbank.frame_length, fbank.frame_shift)
+    frames = frames - frames.mean(dim=-1, keepdim=True)
+    k = fbank.preemphasis
+    frames = torch.cat([frames[..., :1] * (1 - k), frames[..., 1:] - k * frames[..., :-1]], dim=-1)
+    spec = torch.fft.rfft(frames * fbank.kaldi_window, n=fbank.fft_length).to(torch.complex64)
+    mel = torch.clamp((spec.real.square() + spec.imag.square()) @ fbank.kaldi_fb, min=fbank.mel_floor)
+    fb = torch.log(mel)[:, : fbank.max_length]
+    fb = torch.nn.functional.pad(fb, (0, 0, 0, fbank.max_length - fb.shape[1]))  # zero rows after the clip
+    return (fb - fbank.mean) / (fbank.std * 2)
+
+
+def in_format(memory_format: torch.memory_format, fn):
+    """`fn` run with the convolution stacks' inputs in `memory_format`, the default restored after."""
+
+    def run():
+        branch_base.CONV_MEMORY_FORMAT = memory_format
+        try:
+            return fn()
+        finally:
+            branch_base.CONV_MEMORY_FORMAT = torch.channels_last
+
+    return run
+
+
+def largest_difference(a, b) -> float:
+    """Largest |a - b| over a pair of tensors, or of dicts of them (the keys both have)."""
+    if isinstance(a, dict):
+        return max((largest_difference(a[k], b[k]) for k in a if k in b), default=0.0)
+    if isinstance(a, torch.Tensor) and a.is_floating_point():
+        return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+    return 0.0
 
 
 def main() -> None:
@@ -125,11 +169,21 @@ def main() -> None:
     (t_ours, t_theirs), (a, b) = best_times(
         [lambda: fbank(batch["wave"]), lambda: extractor(batch["wave"])], args.repeats
     )
+    with torch.no_grad():
+        (t_now, t_framed), (c, d) = best_times(
+            [lambda: fbank(batch["wave"]), lambda: framed_first(fbank, batch["wave"])], args.repeats
+        )
     result["fbank"] = {
         "torch_clips_per_s": n / t_ours,
         "extractor_clips_per_s": n / t_theirs,
         "speedup": t_theirs / t_ours,
         "max_abs_diff": float((a - b).abs().max()),
+        "framed_first": {
+            "torch_clips_per_s": n / t_now,
+            "framed_first_clips_per_s": n / t_framed,
+            "speedup": t_framed / t_now,
+            "max_abs_diff": float((c - d).abs().max()),
+        },
     }
 
     ours.eval()
@@ -153,6 +207,30 @@ def main() -> None:
         parts |= {name: (lambda m=member: m.scores(flow_batch)) for name, member in ours.members.items()}
         times, _ = best_times(list(parts.values()), args.repeats)
     result["scoring_ms_per_part"] = {k: 1000 * t for k, t in zip(parts, times, strict=True)}
+
+    # the 2-D convolution stacks in channels-last memory (the default) against NCHW
+    formats = (torch.channels_last, torch.contiguous_format)
+    with torch.inference_mode():
+        calls = {name: (lambda m=ours.members[name]: m.scores(flow_batch)) for name in ("b6", "b7")}
+        result["memory_format"] = {}
+        for name, fn in calls.items():
+            (t_last, t_nchw), (a, b) = best_times([in_format(f, fn) for f in formats], args.repeats)
+            result["memory_format"][name] = {
+                "channels_last_ms": 1000 * t_last,
+                "nchw_ms": 1000 * t_nchw,
+                "speedup": t_nchw / t_last,
+                "max_abs_diff": largest_difference(a, b),
+            }
+    ours.train()
+    (t_last, t_nchw), _ = best_times(
+        [in_format(f, lambda: training_pass(ours, batch)) for f in formats], args.repeats
+    )
+    ours.eval()
+    result["memory_format"]["training pass"] = {
+        "channels_last_ms": 1000 * t_last,
+        "nchw_ms": 1000 * t_nchw,
+        "speedup": t_nchw / t_last,
+    }
 
     # b4 with the configured denoiser calls against the earlier ones, the same weights and banks' data
     b4_before = build_ensemble(cfg_b4, data_facts(dm))
@@ -206,7 +284,19 @@ def main() -> None:
         f"{b4['before']['ddim_steps']} x {b4['before']['noise_draws']} {b4['before']['ms']:.0f} ms "
         f"({b4['speedup']:.2f}x)"
     )
+    for name, r in result["memory_format"].items():
+        diff = f", max |diff| {r['max_abs_diff']:.2e}" if "max_abs_diff" in r else ""
+        print(
+            f"{name}: channels last {r['channels_last_ms']:.0f} ms, NCHW {r['nchw_ms']:.0f} ms "
+            f"({r['speedup']:.2f}x){diff}"
+        )
     print(f"fbank max |diff| {result['fbank']['max_abs_diff']:.2e}")
+    framed = result["fbank"]["framed_first"]
+    print(
+        f"fbank against the framed-first recipe: {framed['torch_clips_per_s']:.1f} vs "
+        f"{framed['framed_first_clips_per_s']:.1f} clips/s ({framed['speedup']:.2f}x), "
+        f"max |diff| {framed['max_abs_diff']:.2e}"
+    )
     worst = max(result["scoring"]["max_abs_diff"].items(), key=lambda kv: kv[1])
     print(f"scores: largest |diff| {worst[1]:.2e} ({worst[0]})")
     write_result(args.out, result)

@@ -1,6 +1,12 @@
 """Small helpers shared by the test files (import as `from helpers import ...`)."""
 
+import copy
+from collections.abc import Callable
+
 import pytorch_lightning as L
+import torch
+
+import asd.branches.base as branch_base
 
 
 def quick_trainer(max_steps: int, **kwargs) -> L.Trainer:
@@ -32,3 +38,27 @@ TINY_FUSION_CFG = {
         "support_fraction": 0.5,
     },
 }
+
+
+def assert_same_in_both_memory_formats(monkeypatch, start, batch: dict, layer: Callable) -> None:
+    """`start` (a member) gives the same train-mode loss, gradients and eval-mode scores with its
+    convolutions' inputs in channels-last memory (`CONV_MEMORY_FORMAT`, the default) as in NCHW, up
+    to floating-point order; and `layer(member)`, a convolution, really sees channels-last input by
+    default and NCHW otherwise (give one with more than 1 input channel: a 1-channel tensor has the
+    same strides in both formats)."""
+    seen, out = [], []
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        monkeypatch.setattr(branch_base, "CONV_MEMORY_FORMAT", fmt)
+        m = copy.deepcopy(start).train()
+        hook = layer(m).register_forward_pre_hook(
+            lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
+        torch.manual_seed(1)  # whatever the member draws in training
+        loss = m.loss(batch)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+        out.append((loss.detach(), grads, m.eval().score(batch)))
+        hook.remove()
+    assert seen[0] and not seen[-1]  # the default really is channels last, the other NCHW
+    for got, want in zip(*out, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -293,13 +293,15 @@ def test_fbank_raw_equals_extractor_and_normalisation_is_ast():
 
 @pytest.mark.parametrize("max_length", [1024, 300])
 def test_fbank_torch_recipe_matches_the_extractor_on_long_silent_and_tonal_clips(max_length):
-    wave = 0.05 * torch.randn(4, 10 * SR, generator=torch.Generator().manual_seed(0))
+    wave = 0.05 * torch.randn(5, 10 * SR, generator=torch.Generator().manual_seed(0))
     wave[1] = 0.5 * torch.sin(torch.arange(10 * SR) * 0.05)  # a tone
     wave[2, : 4 * SR] = 0.0  # 4 s of digital silence: the mel floor
     wave[3] = 0.0
+    wave[4] += 0.6  # a DC offset 12 times the signal: each frame's mean removal matters
+    wave[4, 5 * SR :] = 0.6  # and a constant: silence once the offset is removed
     ours = AstFbank(max_length=max_length)(wave)
     theirs = AstFbank(max_length=max_length, backend="extractor")(wave)
-    assert ours.shape == theirs.shape == (4, max_length, 128)
+    assert ours.shape == theirs.shape == (5, max_length, 128)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-6)  # normalised units: / 9.14
 
 

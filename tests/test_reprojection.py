@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import quick_trainer
+from helpers import assert_same_in_both_memory_formats, quick_trainer
 from hydra import compose, initialize_config_dir
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
@@ -319,3 +319,12 @@ def test_branch_b6_composes_validates_and_builds_from_the_real_config(tmp_path):
             member.backend_features(clips), {"section": clips["section"], "domain": clips["domain"]}
         )
         assert member.score(tones(2, samples=16000)).shape == (2,)
+
+
+def test_channels_last_mask_predictor_gives_the_nchw_results(monkeypatch):
+    """b6's mask predictor takes channels-last input by default (faster on the CPU): the same stage-2
+    loss, gradients and scores as NCHW up to floating-point order."""
+    torch.manual_seed(0)
+    start = tiny()
+    start.steps.fill_(start.stage1_steps + 1)  # stage 2: the predictor trains
+    assert_same_in_both_memory_formats(monkeypatch, start, tones(4), lambda m: m.predictor[0])

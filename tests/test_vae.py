@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import quick_trainer
+from helpers import assert_same_in_both_memory_formats, quick_trainer
 from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
@@ -217,3 +217,13 @@ def test_b7_is_a_member_and_builds_from_the_real_config(tmp_path):
     assert member.embed_dim == cfg.branches.b7.latent_channels
     batch = next(iter(dm.train_dataloader()))
     assert torch.isfinite(member.loss(batch))
+
+
+@pytest.mark.parametrize("skip", SKIPS)
+def test_channels_last_decoder_gives_the_nchw_results(skip, monkeypatch):
+    """b7's decoder takes channels-last input by default (2x faster on the CPU): the same loss,
+    gradients and scores as NCHW up to floating-point order."""
+    torch.manual_seed(0)
+    assert_same_in_both_memory_formats(
+        monkeypatch, tiny(skip=skip), sines(4, 3329), lambda m: m.net.ups[0][0]
+    )

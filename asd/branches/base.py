@@ -34,6 +34,20 @@ def default_optimizer(params: Iterable[torch.nn.Parameter]) -> Optimizer:
     return torch.optim.AdamW(params, lr=1e-3)
 
 
+#: the memory format of the input of b7's decoder and b6's mask predictor (`conv_input`). Channels
+#: last by default: oneDNN's CPU kernels for transposed convolutions and for a convolution down to
+#: 1 channel run 2-3x faster in it than in NCHW, and the outputs differ only in floating-point
+#: order (docs/results.md, "Work done once per batch"; b3's ResNet gained nothing measurable, so it
+#: stays NCHW). benchmarks/bench_frontend.py sets `torch.contiguous_format` here to time both in one
+#: run. A 1-channel input has the same strides in both formats, so the encoders are not converted.
+CONV_MEMORY_FORMAT = torch.channels_last
+
+
+def conv_input(x: Tensor) -> Tensor:
+    """(B, C, H, W) `x` in `CONV_MEMORY_FORMAT` (a copy only where its strides differ)."""
+    return x.contiguous(memory_format=CONV_MEMORY_FORMAT)
+
+
 def on_host(ids: Tensor) -> bool:
     """Whether reading `ids`' values costs no device sync: members check ids in their own steps only then."""
     return ids.device.type == "cpu"

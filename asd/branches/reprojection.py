@@ -77,7 +77,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from asd.anomalies import AnomalyConfig, _band_mask, _blob_mask
-from asd.branches.base import Branch, OptimizerFactory
+from asd.branches.base import Branch, OptimizerFactory, conv_input
 from asd.branches.error_profile import ErrorProfileScoring
 from asd.errors import AsdError
 from asd.features import BinStats, probe_length
@@ -396,7 +396,7 @@ class ReprojectionBranch(ErrorProfileScoring, Branch):
         decoder = self.object_decoder if int(self.steps) > self.stage1_steps else self.decoder
         x_s = self._crop(decoder(projected), x)
         x_g = x_g.to(x_s.dtype)
-        pair = torch.stack([x_g, x_s, (x_g - x_s).abs()], dim=1)  # (B, 3, M, T)
+        pair = conv_input(torch.stack([x_g, x_s, (x_g - x_s).abs()], dim=1))  # (B, 3, M, T)
         logits = self.predictor(pair)[:, 0]  # (B, 1, M, T) -> (B, M, T)
         target = self._to_bins(mask, x) if mask is not None else torch.zeros_like(x)
         return Reprojection(x, x_g, x_s, logits, target.to(x.device), restricted, quantised)

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from asd.branches.base import Branch, OptimizerFactory
+from asd.branches.base import Branch, OptimizerFactory, conv_input
 from asd.branches.error_profile import ErrorProfileScoring
 from asd.errors import AsdError
 from asd.features import BinStats, probe_length
@@ -184,7 +184,7 @@ class ConvVAE(nn.Module):
 
     def decode(self, z: Tensor, feats: Sequence[Tensor] | None = None) -> Tensor:
         """z (B, L, M/s, F/s) -> (B, 1, M, F); `feats` are the encoder's levels (zeros when None)."""
-        h = self.from_latent(z)  # (B, c_last, M/s, F/s)
+        h = self.from_latent(conv_input(z))  # (B, c_last, M/s, F/s)
         for j, up in enumerate(self.ups):
             h = up(h)  # doubles both axes
             if j < len(self.skips):
