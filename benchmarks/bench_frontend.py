@@ -15,10 +15,12 @@ On `--clips` clips of 10 s (the first-shot synthetic valve, the default members 
             embedding a second time: clips/s and the largest difference of every score column
   training  one training forward + backward of every member (`Ensemble.losses`), the same two ways
   per part  the milliseconds of scoring the clips spent in the flow's input and in each member
-  memory format  b6's and b7's scoring and one training pass of the whole ensemble with their
-            2-D convolution stacks in channels-last memory (`asd.branches.base.CONV_MEMORY_FORMAT`,
-            the default) against NCHW, the same weights: milliseconds and the largest difference
-            of the scores
+  memory format  b7's scoring, b6's predicted masks (`mask_probabilities`) and one training pass
+            of the whole ensemble with the convolutions `asd.branches.base.conv_input` feeds in
+            channels-last memory (`CONV_MEMORY_FORMAT`, the default) against NCHW, the same weights:
+            milliseconds and the largest difference of the outputs
+  b6 error pass  b6's pass for its error scores (`reproject(predict=False)`: x_s alone) against
+            the full stage-2 pass it ran until 2026-12-05 (x_g and the mask predictor as well)
   b4 calls  b4's scoring with the configured DDIM steps x noise draws against `--b4-before` (the
             4 x 2 it had until 2026-12-05), the same weights: milliseconds for the clips, and the
             steps and draws each side was built with
@@ -99,14 +101,15 @@ def framed_first(fbank: AstFbank, wave: torch.Tensor) -> torch.Tensor:
 
 
 def in_format(memory_format: torch.memory_format, fn):
-    """`fn` run with the convolution stacks' inputs in `memory_format`, the default restored after."""
+    """`fn` run with the convolution stacks' inputs in `memory_format`, the format before restored after."""
 
     def run():
+        before = branch_base.CONV_MEMORY_FORMAT
         branch_base.CONV_MEMORY_FORMAT = memory_format
         try:
             return fn()
         finally:
-            branch_base.CONV_MEMORY_FORMAT = torch.channels_last
+            branch_base.CONV_MEMORY_FORMAT = before
 
     return run
 
@@ -211,7 +214,11 @@ def main() -> None:
     # the 2-D convolution stacks in channels-last memory (the default) against NCHW
     formats = (torch.channels_last, torch.contiguous_format)
     with torch.inference_mode():
-        calls = {name: (lambda m=ours.members[name]: m.scores(flow_batch)) for name in ("b6", "b7")}
+        b6 = ours.members["b6"]
+        calls = {
+            "b7": lambda: ours.members["b7"].scores(flow_batch),
+            "b6 masks": lambda: b6.mask_probabilities(batch),
+        }
         result["memory_format"] = {}
         for name, fn in calls.items():
             (t_last, t_nchw), (a, b) = best_times([in_format(f, fn) for f in formats], args.repeats)
@@ -230,6 +237,19 @@ def main() -> None:
         "channels_last_ms": 1000 * t_last,
         "nchw_ms": 1000 * t_nchw,
         "speedup": t_nchw / t_last,
+    }
+
+    # b6's error pass: x_s alone against the full pass with x_g and the mask predictor
+    with torch.inference_mode():
+        x = b6.stats.normalise(b6.spectrogram(batch))
+        (t_alone, t_full), (a, b) = best_times(
+            [lambda: b6.reproject(x, predict=False), lambda: b6.reproject(x)], args.repeats
+        )
+    result["b6_error_pass"] = {
+        "x_s_alone_ms": 1000 * t_alone,
+        "full_pass_ms": 1000 * t_full,
+        "speedup": t_full / t_alone,
+        "max_abs_diff_x_s": float((a.x_s - b.x_s).abs().max()),
     }
 
     # b4 with the configured denoiser calls against the earlier ones, the same weights and banks' data
@@ -290,6 +310,11 @@ def main() -> None:
             f"{name}: channels last {r['channels_last_ms']:.0f} ms, NCHW {r['nchw_ms']:.0f} ms "
             f"({r['speedup']:.2f}x){diff}"
         )
+    r = result["b6_error_pass"]
+    print(
+        f"b6 error pass: x_s alone {r['x_s_alone_ms']:.0f} ms, full pass {r['full_pass_ms']:.0f} ms "
+        f"({r['speedup']:.2f}x), max |diff| of x_s {r['max_abs_diff_x_s']:.2e}"
+    )
     print(f"fbank max |diff| {result['fbank']['max_abs_diff']:.2e}")
     framed = result["fbank"]["framed_first"]
     print(

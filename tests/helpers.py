@@ -46,12 +46,14 @@ def assert_same_in_both_memory_formats(monkeypatch, start, batch: dict, layer: C
     to floating-point order; and `layer(member)`, a convolution, really sees channels-last input by
     default and NCHW otherwise (give one with more than 1 input channel: a 1-channel tensor has the
     same strides in both formats)."""
-    seen, out = [], []
+    seen, out = {}, []
     for fmt in (torch.channels_last, torch.contiguous_format):
         monkeypatch.setattr(branch_base, "CONV_MEMORY_FORMAT", fmt)
         m = copy.deepcopy(start).train()
         hook = layer(m).register_forward_pre_hook(
-            lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+            lambda _, args, f=fmt: seen.setdefault(f, []).append(
+                args[0].is_contiguous(memory_format=torch.channels_last)
+            )
         )
         torch.manual_seed(1)  # whatever the member draws in training
         loss = m.loss(batch)
@@ -59,6 +61,7 @@ def assert_same_in_both_memory_formats(monkeypatch, start, batch: dict, layer: C
         grads = torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
         out.append((loss.detach(), grads, m.eval().score(batch)))
         hook.remove()
-    assert seen[0] and not seen[-1]  # the default really is channels last, the other NCHW
+    # every call of the layer saw channels-last input by default, and none with NCHW
+    assert all(seen[torch.channels_last]) and not any(seen[torch.contiguous_format])
     for got, want in zip(*out, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

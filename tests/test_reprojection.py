@@ -328,3 +328,19 @@ def test_channels_last_mask_predictor_gives_the_nchw_results(monkeypatch):
     start = tiny()
     start.steps.fill_(start.stage1_steps + 1)  # stage 2: the predictor trains
     assert_same_in_both_memory_formats(monkeypatch, start, tones(4), lambda m: m.predictor[0])
+
+
+def test_error_scores_skip_x_g_and_the_mask_predictor():
+    """b6's error scores read x_s alone: `error_map` gives the full pass's x_s without running the
+    general decoder's x_g or the mask predictor (most of its scoring time)."""
+    torch.manual_seed(0)
+    m, b = tiny(score_mode="mahalanobis").eval(), tones(3)
+    calls = []
+    m.predictor.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        full = m.reproject(m.stats.normalise(m.spectrogram(b)))
+        assert len(calls) == 1 and full.x_g is not None and full.logits is not None
+        spec, x_s, err = m.error_map(b)
+    assert len(calls) == 1  # not called again
+    torch.testing.assert_close(x_s, m.stats.denormalise(full.x_s), rtol=0, atol=0)
+    torch.testing.assert_close(err, (full.x_s.float() - full.x).pow(2), rtol=0, atol=0)

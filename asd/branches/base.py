@@ -34,18 +34,21 @@ def default_optimizer(params: Iterable[torch.nn.Parameter]) -> Optimizer:
     return torch.optim.AdamW(params, lr=1e-3)
 
 
-#: the memory format of the input of b7's decoder and b6's mask predictor (`conv_input`). Channels
-#: last by default: oneDNN's CPU kernels for transposed convolutions and for a convolution down to
-#: 1 channel run 2-3x faster in it than in NCHW, and the outputs differ only in floating-point
-#: order (docs/results.md, "Work done once per batch"; b3's ResNet gained nothing measurable, so it
-#: stays NCHW). benchmarks/bench_frontend.py sets `torch.contiguous_format` here to time both in one
-#: run. A 1-channel input has the same strides in both formats, so the encoders are not converted.
+#: the memory format of the input of b7's decoder (and of its skip connections' encoder features)
+#: and of b6's mask predictor on the CPU (`conv_input`). Channels last by default: oneDNN's CPU
+#: kernels for transposed convolutions and for a convolution down to 1 channel run faster in it
+#: than in NCHW, and the outputs differ only in floating-point order (docs/results.md, "Work done
+#: once per batch"). b6's decoders get channels-last input from its codebook lookup either way; the
+#: encoders start from 1 channel, whose strides are the same in both formats, and were left as they
+#: are, as was b3's ResNet (no measurable gain). Other devices keep their own layout: it was not
+#: measured there. benchmarks/bench_frontend.py sets `torch.contiguous_format` here to time both.
 CONV_MEMORY_FORMAT = torch.channels_last
 
 
 def conv_input(x: Tensor) -> Tensor:
-    """(B, C, H, W) `x` in `CONV_MEMORY_FORMAT` (a copy only where its strides differ)."""
-    return x.contiguous(memory_format=CONV_MEMORY_FORMAT)
+    """(B, C, H, W) `x` in `CONV_MEMORY_FORMAT` on the CPU (a copy only where its strides differ);
+    elsewhere `x` as it is."""
+    return x.contiguous(memory_format=CONV_MEMORY_FORMAT) if x.device.type == "cpu" else x
 
 
 def on_host(ids: Tensor) -> bool:

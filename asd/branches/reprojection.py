@@ -205,9 +205,9 @@ class Reprojection(NamedTuple):
     """One pass of stage 2 in normalised units, each (B, n_mels, frames) but `restricted`/`target_codes`."""
 
     x: Tensor  # the (unmodified) input
-    x_g: Tensor  # general decoder on the (modified) codes
+    x_g: Tensor | None  # general decoder on the (modified) codes; None when not predicting
     x_s: Tensor  # object-specific decoder on the restricted codes
-    logits: Tensor  # mask predictor
+    logits: Tensor | None  # mask predictor; None when not predicting
     mask: Tensor  # injected mask at spectrogram resolution, float 0/1
     restricted: Tensor  # restriction net output (B, D, h, w)
     quantised: Tensor  # unmodified quantised features (B, D, h, w)
@@ -372,7 +372,11 @@ class ReprojectionBranch(ErrorProfileScoring, Branch):
         return up[:, : like.shape[-2], : like.shape[-1]]
 
     def reproject(
-        self, x: Tensor, mask: Tensor | None = None, generator: torch.Generator | None = None
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        predict: bool = True,
     ) -> Reprojection:
         """Stage 2's pass on a normalised spectrogram (B, M, T).
 
@@ -380,6 +384,8 @@ class ReprojectionBranch(ErrorProfileScoring, Branch):
             x: the normalised spectrogram.
             mask: grid cells (B, h, w) whose codes are replaced (`inject_codes`); None injects nothing.
             generator: CPU generator of the replacement codes; None is torch's default.
+            predict: False skips x_g and the mask predictor (both None in the result): the error
+                scores read x_s alone, and the two were most of their scoring time.
         """
         with torch.no_grad():  # stage 1 is fixed here
             _, codes = self.quantise(x)
@@ -387,7 +393,7 @@ class ReprojectionBranch(ErrorProfileScoring, Branch):
             if mask is not None and bool(mask.any()):
                 codes = inject_codes(codes, mask, self.codebook_size, generator)
             modified = self.codebook.lookup(codes, detach=True)  # (B, D, h, w)
-            x_g = self._crop(self.decoder(modified), x)
+            x_g = self._crop(self.decoder(modified), x) if predict else None
         restricted = modified + self.restriction(modified)
         onto = self.codebook.lookup(self.codebook.codes(restricted), detach=True)
         projected = restricted + (onto - restricted).detach()  # re-quantised, straight-through
@@ -395,11 +401,13 @@ class ReprojectionBranch(ErrorProfileScoring, Branch):
         # the stage-1 decoder it is then copied from (a fit that ends in stage 1 scores as a VQ-AE)
         decoder = self.object_decoder if int(self.steps) > self.stage1_steps else self.decoder
         x_s = self._crop(decoder(projected), x)
+        target = (self._to_bins(mask, x) if mask is not None else torch.zeros_like(x)).to(x.device)
+        if not predict:
+            return Reprojection(x, None, x_s, None, target, restricted, quantised)
         x_g = x_g.to(x_s.dtype)
         pair = conv_input(torch.stack([x_g, x_s, (x_g - x_s).abs()], dim=1))  # (B, 3, M, T)
         logits = self.predictor(pair)[:, 0]  # (B, 1, M, T) -> (B, M, T)
-        target = self._to_bins(mask, x) if mask is not None else torch.zeros_like(x)
-        return Reprojection(x, x_g, x_s, logits, target.to(x.device), restricted, quantised)
+        return Reprojection(x, x_g, x_s, logits, target, restricted, quantised)
 
     def _idle_anchor(self, stage: int) -> Tensor:
         """Zero that depends on every idle parameter: DDP then sees a gradient for each (dropped later)."""
@@ -495,7 +503,7 @@ class ReprojectionBranch(ErrorProfileScoring, Branch):
     def error_map(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(input log-mel, x_s, squared error of x_s in normalised units), each (B, n_mels, frames)."""
         spec = self.spectrogram(batch)
-        r = self.reproject(self.stats.normalise(spec))
+        r = self.reproject(self.stats.normalise(spec), predict=False)
         return spec.float(), self.stats.denormalise(r.x_s), (r.x_s.float() - r.x).pow(2)
 
     # -- training ---------------------------------------------------------------------------------

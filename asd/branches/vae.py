@@ -188,7 +188,7 @@ class ConvVAE(nn.Module):
         for j, up in enumerate(self.ups):
             h = up(h)  # doubles both axes
             if j < len(self.skips):
-                e = feats[-2 - j] if feats is not None else torch.zeros_like(h)  # encoder level len-2-j
+                e = conv_input(feats[-2 - j]) if feats is not None else torch.zeros_like(h)  # level len-2-j
                 h = self.skips[j](h, e)
         return self.out(h)
 
