@@ -502,9 +502,9 @@ class AstFbank(nn.Module):
         # n >= 1, y[n] = (x[n] - m) - k (x[n-1] - m) = (x[n] - k x[n-1]) - (1 - k) m. x[n] - k x[n-1]
         # is the same in every frame that holds sample n, so it is taken once on the wave and the
         # frames are cut from it: three passes over the (B, frames, 400) float64 array instead of
-        # six (the whole fbank 1.4x faster; the float64 values differ from the per-frame order's by
-        # rounding, which the complex64 spectrum absorbed on the clips benchmarks/bench_frontend.py
-        # compared: the same output to the bit).
+        # six (the whole fbank 1.2-1.4x faster in two runs; the float64 values differ from the
+        # per-frame order's by rounding, which the complex64 spectrum absorbed on the clips
+        # benchmarks/bench_frontend.py compared: the same output to the bit).
         k = self.preemphasis
         emphasised = torch.cat([x[..., :1], x[..., 1:] - k * x[..., :-1]], dim=-1)  # (B, T)
         y = emphasised.unfold(-1, self.frame_length, self.frame_shift) - (1 - k) * mean
