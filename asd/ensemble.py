@@ -180,7 +180,7 @@ class Ensemble(L.LightningModule):
 
     def with_flow_input(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The batch plus `z`: the detached, concatenated embeddings of the flow's source members,
-        and each source's own as `z_<name>` (`Branch.embedding` reuses it instead of a second pass).
+        and what each source's scoring reads back instead of a second pass (`Branch.flow_outputs`).
 
         The sources embed in eval mode, also during training: the flow learns the embeddings it
         will score (no dropout, BatchNorm's running statistics), and this extra forward pass
@@ -194,12 +194,12 @@ class Ensemble(L.LightningModule):
             with torch.no_grad():
                 for n in sources:
                     self.members[n].eval()
-                each = {f"z_{n}": self.members[n].embed(batch) for n in sources}  # (B, D_n) each
+                kept = {k: v for n in sources for k, v in self.members[n].flow_outputs(batch).items()}
         finally:
             for n, mode in modes.items():
                 self.members[n].train(mode)
-        z = torch.cat([e.float() for e in each.values()], dim=1)  # (B, sum D)
-        return {**batch, "z": z, **each}
+        z = torch.cat([kept[f"z_{n}"].float() for n in sources], dim=1)  # (B, sum D) from (B, D_n) each
+        return {**batch, "z": z, **kept}
 
     def prime(self, batch: Mapping[str, Tensor]) -> None:
         """Hand a batch's cached features to the members' front ends (`asd.features.prime_frontends`)."""

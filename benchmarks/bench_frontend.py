@@ -1,5 +1,5 @@
-"""Front ends and repeated passes: the batched Kaldi fbank, one shared log-mel per batch, and b1/b3
-scored from the embeddings the flow's input already holds; each against what it replaced, in one run.
+"""Front ends and repeated passes: the batched Kaldi fbank, one shared log-mel per batch, and b1-b3
+scored from the pass the flow's input already made; each against what it replaced, in one run.
 
     python benchmarks/bench_frontend.py                 # CPU, ~2 min on 2 cores
     python benchmarks/bench_frontend.py --clips 32 --repeats 5
@@ -8,11 +8,13 @@ On `--clips` clips of 10 s (the first-shot synthetic valve, the default members 
 
   fbank     `AstFbank` (b1's input) batched in torch against `transformers.ASTFeatureExtractor`'s
             numpy loop (`backend="extractor"`): clips/s and the largest difference; and against
-            the torch recipe it had until 2026-12-05 (`framed_first`: each frame's mean removed,
-            pre-emphasised and windowed in four passes over the framed array)
+            the framing it had until 2026-12-05 (`framed_first`: each frame's mean removed,
+            pre-emphasised and windowed in four passes over the framed array); and its float64
+            FFT through scipy (`asd.features.rfft64`) against torch's, which it replaced (`fft`)
   scoring   `asd.run.predict.member_scores` of the whole default ensemble against the same with the
             three replaced: b1 on the extractor, every member its own log-mel module, b1 and b3
-            embedding a second time: clips/s and the largest difference of every score column
+            embedding a second time and b2 encoding a second time: clips/s and the largest
+            difference of every score column
   training  one training forward + backward of every member (`Ensemble.losses`), the same two ways
   per part  the milliseconds of scoring the clips spent in the flow's input and in each member
   memory format  b7's scoring, b6's predicted masks (`mask_probabilities`) and one training pass
@@ -21,6 +23,8 @@ On `--clips` clips of 10 s (the first-shot synthetic valve, the default members 
             milliseconds and the largest difference of the outputs
   b6 error pass  b6's pass for its error scores (`reproject(predict=False)`: x_s alone) against
             the full stage-2 pass it ran until 2026-12-05 (x_g and the mask predictor as well)
+  b2 latent  b2's scoring decoding the encoder latent the flow's input kept (`flow_outputs`)
+            against its own second encoder pass, which it ran until 2026-12-05
   b4 calls  b4's scoring with the configured DDIM steps x noise draws against `--b4-before` (the
             4 x 2 it had until 2026-12-05), the same weights: milliseconds for the clips, and the
             steps and draws each side was built with
@@ -40,7 +44,7 @@ from hydra import compose, initialize_config_dir
 from timing import best_times, environment, write_result
 
 import asd.branches.base as branch_base
-from asd.features import AstFbank, LogMel
+from asd.features import AstFbank, LogMel, rfft64
 from asd.run.build import build_datamodule, build_ensemble, data_facts
 from asd.run.calibrate import fit_backends
 from asd.run.predict import member_scores
@@ -86,18 +90,25 @@ def training_pass(ensemble, batch: dict) -> float:
 
 
 def framed_first(fbank: AstFbank, wave: torch.Tensor) -> torch.Tensor:
-    """`AstFbank`'s torch recipe as it was until 2026-12-05: frame, remove each frame's mean,
-    pre-emphasise each frame, window; then the same FFT, mel filters, log, padding and
-    normalisation: (B, max_length, num_mel_bins)."""
-    frames = wave.to(torch.float64).unfold(-1, fbank.frame_length, fbank.frame_shift)
-    frames = frames - frames.mean(dim=-1, keepdim=True)
-    k = fbank.preemphasis
-    frames = torch.cat([frames[..., :1] * (1 - k), frames[..., 1:] - k * frames[..., :-1]], dim=-1)
-    spec = torch.fft.rfft(frames * fbank.kaldi_window, n=fbank.fft_length).to(torch.complex64)
+    """`AstFbank`'s torch recipe with the framing it had until 2026-12-05 (`fbank_frames`: each
+    frame's mean removed, pre-emphasised and windowed in four passes over the framed array); then
+    today's FFT, mel filters, log, padding and normalisation: (B, max_length, num_mel_bins)."""
+    spec = rfft64(fbank_frames(fbank, wave), fbank.fft_length)
     mel = torch.clamp((spec.real.square() + spec.imag.square()) @ fbank.kaldi_fb, min=fbank.mel_floor)
     fb = torch.log(mel)[:, : fbank.max_length]
     fb = torch.nn.functional.pad(fb, (0, 0, 0, fbank.max_length - fb.shape[1]))  # zero rows after the clip
     return (fb - fbank.mean) / (fbank.std * 2)
+
+
+def fbank_frames(fbank: AstFbank, wave: torch.Tensor) -> torch.Tensor:
+    """The windowed float64 frames of `AstFbank`'s recipe, each frame's mean removed, pre-emphasised
+    and windowed in turn as until 2026-12-05 (today's order differs by rounding): (B, frames, 400)."""
+    x = wave.to(torch.float64)
+    frames = x.unfold(-1, fbank.frame_length, fbank.frame_shift)
+    frames = frames - frames.mean(dim=-1, keepdim=True)
+    k = fbank.preemphasis
+    frames = torch.cat([frames[..., :1] * (1 - k), frames[..., 1:] - k * frames[..., :-1]], dim=-1)
+    return frames * fbank.kaldi_window
 
 
 def in_format(memory_format: torch.memory_format, fn):
@@ -176,6 +187,22 @@ def main() -> None:
         (t_now, t_framed), (c, d) = best_times(
             [lambda: fbank(batch["wave"]), lambda: framed_first(fbank, batch["wave"])], args.repeats
         )
+    # the float64 FFT of the windowed frames: scipy's (rfft64 on the CPU) against torch's, which it replaced
+    frames = fbank_frames(fbank, batch["wave"])
+    with torch.no_grad():
+        (t_scipy, t_torch), (c64, c64_torch) = best_times(
+            [
+                lambda: rfft64(frames, fbank.fft_length),
+                lambda: torch.fft.rfft(frames, n=fbank.fft_length).to(torch.complex64),
+            ],
+            args.repeats,
+        )
+    fft = {
+        "scipy_ms": 1000 * t_scipy,
+        "torch_ms": 1000 * t_torch,
+        "speedup": t_torch / t_scipy,
+        "max_abs_diff": float((c64 - c64_torch).abs().max()),
+    }
     result["fbank"] = {
         "torch_clips_per_s": n / t_ours,
         "extractor_clips_per_s": n / t_theirs,
@@ -187,6 +214,7 @@ def main() -> None:
             "speedup": t_framed / t_now,
             "max_abs_diff": float((c - d).abs().max()),
         },
+        "fft": fft,
     }
 
     ours.eval()
@@ -202,8 +230,9 @@ def main() -> None:
         "max_abs_diff": {k: float((a[k] - b[k]).abs().max()) for k in a},
     }
     # where the scoring time goes now: the flow's input (b1-b3's embeddings, which b1 and b3 then
-    # score from) and each member's `scores` on it; the shared log-mel is computed by the first
-    # member that asks for it and read from the module's memo by the others
+    # score from, and b2's latent, which b2 decodes) and each member's `scores` on it; the shared
+    # log-mel is computed by the first member that asks for it and read from the module's memo by
+    # the others
     with torch.inference_mode():
         flow_batch = ours.with_flow_input(batch)
         parts = {"flow input": lambda: ours.with_flow_input(batch)}
@@ -250,6 +279,21 @@ def main() -> None:
         "full_pass_ms": 1000 * t_full,
         "speedup": t_full / t_alone,
         "max_abs_diff_x_s": float((a.x_s - b.x_s).abs().max()),
+    }
+
+    # b2 decoding the latent the flow's input kept against encoding the clips again (a fresh flow
+    # input: the training passes above moved b2's running bin statistics, which the latent depends on)
+    with torch.inference_mode():
+        b2 = ours.members["b2"]
+        flow_batch = ours.with_flow_input(batch)
+        plain = {k: v for k, v in flow_batch.items() if not k.startswith("z_")}
+        calls = [lambda: b2.scores(flow_batch), lambda: b2.scores(plain)]
+        (t_kept, t_own), (a, b) = best_times(calls, args.repeats)
+    result["b2_latent"] = {
+        "kept_latent_ms": 1000 * t_kept,
+        "own_pass_ms": 1000 * t_own,
+        "speedup": t_own / t_kept,
+        "max_abs_diff": largest_difference(a, b),
     }
 
     # b4 with the configured denoiser calls against the earlier ones, the same weights and banks' data
@@ -315,7 +359,16 @@ def main() -> None:
         f"b6 error pass: x_s alone {r['x_s_alone_ms']:.0f} ms, full pass {r['full_pass_ms']:.0f} ms "
         f"({r['speedup']:.2f}x), max |diff| of x_s {r['max_abs_diff_x_s']:.2e}"
     )
+    r = result["b2_latent"]
+    print(
+        f"b2 scoring: kept latent {r['kept_latent_ms']:.0f} ms, own encoder pass {r['own_pass_ms']:.0f} ms "
+        f"({r['speedup']:.2f}x), max |diff| {r['max_abs_diff']:.2e}"
+    )
     print(f"fbank max |diff| {result['fbank']['max_abs_diff']:.2e}")
+    print(
+        f"fbank's FFT: scipy {fft['scipy_ms']:.0f} ms, torch {fft['torch_ms']:.0f} ms "
+        f"({fft['speedup']:.2f}x), max |diff| {fft['max_abs_diff']:.2e}"
+    )
     framed = result["fbank"]["framed_first"]
     print(
         f"fbank against the framed-first recipe: {framed['torch_clips_per_s']:.1f} vs "

@@ -13,7 +13,7 @@ import torch
 from transformers import ASTFeatureExtractor
 
 from asd.errors import AsdError
-from asd.features import AstFbank, LogMel
+from asd.features import AstFbank, LogMel, rfft64
 
 SR = 16000
 
@@ -303,6 +303,18 @@ def test_fbank_torch_recipe_matches_the_extractor_on_long_silent_and_tonal_clips
     theirs = AstFbank(max_length=max_length, backend="extractor")(wave)
     assert ours.shape == theirs.shape == (5, max_length, 128)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-6)  # normalised units: / 9.14
+
+
+def test_rfft64_is_the_float64_fft_rounded_to_complex64():
+    frames = torch.randn(3, 7, 400, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    frames[1] *= 1e-6  # quiet frames: the precision is float64's, not float32's
+    ours = rfft64(frames, 512)
+    assert ours.dtype == torch.complex64 and ours.shape == (3, 7, 257)
+    exact = np.fft.rfft(frames.numpy(), n=512)  # complex128, zero-padded from 400 to 512
+    np.testing.assert_allclose(ours.numpy(), exact.astype(np.complex64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(ours, torch.fft.rfft(frames, n=512).to(torch.complex64), rtol=1e-6, atol=0)
+    with torch.inference_mode():  # scoring's mode: inference tensors go through scipy too
+        torch.testing.assert_close(rfft64(frames.clone(), 512), ours, rtol=0, atol=0)
 
 
 def test_fbank_backend_is_checked():

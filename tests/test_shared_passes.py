@@ -112,3 +112,27 @@ def test_a_member_reuses_the_flow_inputs_embedding_only_in_eval_mode_without_gra
         finally:
             b3.eval()
     assert not (b3.embedding(marked) == 7.0).all()  # gradients wanted: its own pass
+
+
+def test_b2_decodes_the_flow_inputs_latent_only_in_eval_mode_without_gradients(fitted):
+    ensemble, batch = fitted
+    b2 = ensemble.members["b2"]
+    with torch.no_grad():
+        kept = b2.flow_outputs(batch)
+        torch.testing.assert_close(kept["z_b2"], b2.embed(batch), rtol=0, atol=0)
+        own = b2.error_map(batch)[1]  # no latent in the batch: its own encoder pass
+        torch.testing.assert_close(b2.error_map({**batch, **kept})[1], own, rtol=0, atol=0)
+        marked = {**batch, "z_b2_latent": torch.zeros_like(kept["z_b2_latent"])}
+        decoded = b2.stats.denormalise(b2._unpatchify(b2._decode(marked["z_b2_latent"])))
+        torch.testing.assert_close(b2.error_map(marked)[1], decoded, rtol=0, atol=0)  # the kept latent
+        assert not torch.equal(decoded, own)
+        b2.train()
+        try:
+            torch.manual_seed(0)
+            trained_mode = b2.error_map(marked)[1]
+            torch.manual_seed(0)
+            torch.testing.assert_close(trained_mode, b2.error_map(batch)[1], rtol=0, atol=0)  # its own pass
+        finally:
+            b2.eval()
+    # gradients wanted: its own pass (the Transformer's fast path runs only without them: rounding apart)
+    torch.testing.assert_close(b2.error_map(marked)[1].detach(), own)

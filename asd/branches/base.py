@@ -91,6 +91,14 @@ class Branch(L.LightningModule):
             return done
         return self.embed(batch)
 
+    def flow_outputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """What `Ensemble.with_flow_input` adds to the batch for this member as one of the flow's
+        sources (called in eval mode without gradients): `embed(batch)` as `z_<name>`, and anything
+        else of the same pass that the member's scoring reads back under `embedding`'s conditions
+        (keys `z_<name>_*`; b2 keeps its encoder's latent, which its reconstruction starts from).
+        They hold for the members as they are: score the batch before anything trains them."""
+        return {f"z_{self.name}": self.embed(batch)}
+
     def score(self, batch: dict[str, Tensor]) -> Tensor:
         """Clip anomaly score, (B,), higher = more anomalous."""
         raise NotImplementedError(f"{type(self).__name__} must implement score()")

@@ -228,6 +228,21 @@ class TransformerAEBranch(ErrorProfileScoring, Branch):
         patches = self._patchify(self.stats.normalise(self.spectrogram(batch)))  # (B, N, P)
         return self._encode(patches).float().mean(dim=1)  # (B, N, dim) -> (B, dim)
 
+    def flow_outputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """`embed` and the encoder latent it averages (`z_b2_latent`, (B, N, dim)): scoring decodes it
+        instead of encoding the clips a second time (`_scoring_latent`)."""
+        patches = self._patchify(self.stats.normalise(self.spectrogram(batch)))  # (B, N, P)
+        latent = self._encode(patches)  # (B, N, dim)
+        return {f"z_{self.name}": latent.float().mean(dim=1), f"z_{self.name}_latent": latent}
+
+    def _scoring_latent(self, batch: dict[str, Tensor], patches: Tensor) -> Tensor:
+        """The encoder's latent of `patches`, (B, N, dim): the one `flow_outputs` kept for this batch
+        when it would be the same (eval mode, no gradients: `Branch.embedding`'s conditions)."""
+        done = batch.get(f"z_{self.name}_latent")
+        if done is not None and not self.training and not torch.is_grad_enabled():
+            return done
+        return self._encode(patches)
+
     def error_map(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(input log-mel, reconstruction, squared error), each (B, n_mels, frames).
 
@@ -236,6 +251,6 @@ class TransformerAEBranch(ErrorProfileScoring, Branch):
         """
         spec = self.spectrogram(batch)  # (B, n_mels, frames)
         patches = self._patchify(self.stats.normalise(spec))  # (B, N, P)
-        recon = self._decode(self._encode(patches))  # (B, N, P)
+        recon = self._decode(self._scoring_latent(batch, patches))  # (B, N, P)
         recon_spec = self.stats.denormalise(self._unpatchify(recon))  # (B, n_mels, frames)
         return spec.float(), recon_spec, self._squared_error(recon, patches)
