@@ -365,12 +365,14 @@ class ImageFrontend(nn.Module):
 def rfft64(frames: Tensor, n: int) -> Tensor:
     """The float64 real FFT of `frames` (..., L) zero-padded to `n`, rounded to complex64: (..., n//2+1).
 
-    On the CPU through scipy's pocketfft on torch's intra-op threads: torch's CPU path fills and
-    copies a zero-padded float64 buffer before its FFT, and the whole took 2.2-2.4x scipy's time on
-    AstFbank's frames (benchmarks/bench_frontend.py, `fft`). Both are exact float64 FFTs; the
-    complex64 results were the same to the bit on the benchmark's clips and on MIMII clips. Other
-    devices use torch's FFT.
+    On the CPU through scipy's pocketfft, on as many of its own threads as torch's intra-op pool
+    has: torch's CPU path fills and copies a zero-padded float64 buffer before its FFT, and took
+    2.1-2.2x scipy's time on AstFbank's frames (benchmarks/bench_frontend.py, `fft`). Both are
+    exact float64 FFTs: their complex64 results differed by at most 2.8e-14 (the last bit of the
+    smallest bins), and AstFbank's output was the same to the bit. Other devices use torch's FFT.
+    Not differentiable: the frames are detached and taken in float64 whatever their dtype.
     """
+    frames = frames.detach().to(torch.float64)
     if frames.device.type != "cpu":
         return torch.fft.rfft(frames, n=n).to(torch.complex64)
     spec = scipy.fft.rfft(frames.numpy(), n=n, workers=torch.get_num_threads())  # complex128
@@ -391,12 +393,12 @@ class AstFbank(nn.Module):
     Hann window, a 512-point FFT (float64, the spectrum rounded to complex64 as the extractor stores
     it), power, the extractor's own Kaldi mel filters, floor 2**-23, natural log. It matches
     `backend="extractor"` (the transformers numpy implementation, one Python loop over frames: 20-35
-    ms per 10 s clip on one core) to float32 rounding (tests/test_features.py) and is about 3x faster
-    on the CPU (benchmarks/bench_frontend.py); hand-written because the library's only batched path
-    is torchaudio's, which this project cannot install beside a CPU torch. Neither is
-    differentiable. The 128-bin Kaldi bank at 16 kHz has one filter that covers no FFT bin (filter 3,
-    a constant row); that is the configuration AST was pre-trained with, so it is kept and logged at
-    debug level only.
+    ms per 10 s clip on one core) to float32 rounding (tests/test_features.py) and is 1.6-3.3x faster
+    on the CPU in runs on a shared machine (benchmarks/bench_frontend.py); hand-written because the
+    library's only batched path is torchaudio's, which this project cannot install beside a CPU
+    torch. Neither is differentiable. The 128-bin Kaldi bank at 16 kHz has one filter that covers no
+    FFT bin (filter 3, a constant row); that is the configuration AST was pre-trained with, so it is
+    kept and logged at debug level only.
     """
 
     #: the extractor's pre-emphasis and mel floor (transformers' `_extract_fbank_features`)

@@ -1,5 +1,6 @@
 """Work done once per batch (issue 13): one log-mel module per setting with a memo of its last batch,
-and b1/b3 scored from the embeddings the flow's input already holds. Neither may change a result."""
+b1/b3 scored from the embeddings the flow's input already holds, and b2 decoding the latent it kept.
+None may change a result."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from asd.errors import AsdError
 from asd.features import LogMel, share_frontends
 from asd.run.build import build_datamodule, build_ensemble, data_facts
 from asd.run.calibrate import fit_backends
@@ -90,6 +92,7 @@ def test_shared_modules_and_reused_embeddings_change_no_score(fitted):
     with torch.inference_mode():
         ours = member_scores(ensemble, batch)
         flow_input = separate.with_flow_input(batch)
+        assert {"z_b1", "z_b2", "z_b3", "z_b2_latent"} <= set(flow_input)  # what the members read back
         plain = {k: v for k, v in flow_input.items() if not k.startswith("z_")}
         theirs = {}
         for name, member in separate.members.items():
@@ -136,3 +139,6 @@ def test_b2_decodes_the_flow_inputs_latent_only_in_eval_mode_without_gradients(f
             b2.eval()
     # gradients wanted: its own pass (the Transformer's fast path runs only without them: rounding apart)
     torch.testing.assert_close(b2.error_map(marked)[1].detach(), own)
+    fewer = {k: v[:2] for k, v in batch.items()}  # two clips, with the latent of all of them
+    with torch.no_grad(), pytest.raises(AsdError, match="z_b2_latent .* is not the latent of its 2 clips"):
+        b2.error_map({**fewer, "z_b2_latent": kept["z_b2_latent"]})

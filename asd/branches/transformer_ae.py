@@ -240,6 +240,12 @@ class TransformerAEBranch(ErrorProfileScoring, Branch):
         when it would be the same (eval mode, no gradients: `Branch.embedding`'s conditions)."""
         done = batch.get(f"z_{self.name}_latent")
         if done is not None and not self.training and not torch.is_grad_enabled():
+            if done.shape[:2] != patches.shape[:2]:
+                raise AsdError(
+                    f"b2: the batch's z_b2_latent {tuple(done.shape)} is not the latent of its "
+                    f"{patches.shape[0]} clips ({patches.shape[1]} patches each); drop the z_* keys "
+                    "when a batch's clips change, or build them again with Ensemble.with_flow_input"
+                )
             return done
         return self._encode(patches)
 
