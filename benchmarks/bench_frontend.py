@@ -102,10 +102,15 @@ def framed_first(fbank: AstFbank, wave: torch.Tensor) -> torch.Tensor:
     return (fb - fbank.mean) / (fbank.std * 2)
 
 
+def torch_rfft64(frames: torch.Tensor, n: int) -> torch.Tensor:
+    """`asd.features.rfft64` as it was until 2026-12-05: torch's float64 FFT, rounded to complex64."""
+    return torch.fft.rfft(frames, n=n).to(torch.complex64)
+
+
 def with_torch_fft(fbank: AstFbank, wave: torch.Tensor) -> torch.Tensor:
-    """`fbank(wave)` with torch's FFT in place of `asd.features.rfft64`'s scipy path (before 2026-12-05)."""
+    """`fbank(wave)` with `torch_rfft64` in place of `asd.features.rfft64`'s scipy path."""
     scipy_path = features.rfft64
-    features.rfft64 = lambda frames, n: torch.fft.rfft(frames, n=n).to(torch.complex64)
+    features.rfft64 = torch_rfft64
     try:
         return fbank(wave)
     finally:
@@ -205,7 +210,7 @@ def main() -> None:
         (t_scipy, t_torch), (c64, c64_torch) = best_times(
             [
                 lambda: rfft64(frames, fbank.fft_length),
-                lambda: torch.fft.rfft(frames, n=fbank.fft_length).to(torch.complex64),
+                lambda: torch_rfft64(frames, fbank.fft_length),
             ],
             args.repeats,
         )

@@ -86,17 +86,21 @@ class Branch(L.LightningModule):
         """`embed(batch)`, or the one the ensemble already computed for this batch in eval mode
         (`z_<name>`, `Ensemble.with_flow_input`) when it would be the same: this member in eval mode
         and no gradients wanted (scoring). Members that score their embedding call this."""
-        done = batch.get(f"z_{self.name}")
-        if done is not None and not self.training and not torch.is_grad_enabled():
-            return done
-        return self.embed(batch)
+        done = self.kept(batch)
+        return done if done is not None else self.embed(batch)
+
+    def kept(self, batch: dict[str, Tensor], suffix: str = "") -> Tensor | None:
+        """The batch's `z_<name><suffix>` that `flow_outputs` kept, when it is what this member would
+        compute now (eval mode, no gradients wanted); None otherwise."""
+        done = batch.get(f"z_{self.name}{suffix}")
+        return done if done is not None and not self.training and not torch.is_grad_enabled() else None
 
     def flow_outputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """What `Ensemble.with_flow_input` adds to the batch for this member as one of the flow's
         sources (called in eval mode without gradients): `embed(batch)` as `z_<name>`, and anything
-        else of the same pass that the member's scoring reads back under `embedding`'s conditions
-        (keys `z_<name>_*`; b2 keeps its encoder's latent, which its reconstruction starts from).
-        They hold for the members as they are: score the batch before anything trains them."""
+        else of the same pass that the member's scoring reads back (`kept`; keys `z_<name>_*`; b2
+        keeps its encoder's latent, which its reconstruction starts from). They hold for the
+        members as they are: score the batch before anything trains them."""
         return {f"z_{self.name}": self.embed(batch)}
 
     def score(self, batch: dict[str, Tensor]) -> Tensor:

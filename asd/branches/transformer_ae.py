@@ -223,23 +223,25 @@ class TransformerAEBranch(ErrorProfileScoring, Branch):
         recon = self._decode(self._encode(patches, keep), keep)  # (B, N, P)
         return self._squared_error(recon, patches).mean()
 
+    def _latent(self, batch: dict[str, Tensor]) -> Tensor:
+        """The encoder's latent of the batch's whole spectrogram, (B, N, dim)."""
+        return self._encode(self._patchify(self.stats.normalise(self.spectrogram(batch))))
+
     def embed(self, batch: dict[str, Tensor]) -> Tensor:
         """Encoder latent averaged over patches, (B, dim)."""
-        patches = self._patchify(self.stats.normalise(self.spectrogram(batch)))  # (B, N, P)
-        return self._encode(patches).float().mean(dim=1)  # (B, N, dim) -> (B, dim)
+        return self._latent(batch).float().mean(dim=1)  # (B, N, dim) -> (B, dim)
 
     def flow_outputs(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """`embed` and the encoder latent it averages (`z_b2_latent`, (B, N, dim)): scoring decodes it
         instead of encoding the clips a second time (`_scoring_latent`)."""
-        patches = self._patchify(self.stats.normalise(self.spectrogram(batch)))  # (B, N, P)
-        latent = self._encode(patches)  # (B, N, dim)
+        latent = self._latent(batch)  # (B, N, dim)
         return {f"z_{self.name}": latent.float().mean(dim=1), f"z_{self.name}_latent": latent}
 
     def _scoring_latent(self, batch: dict[str, Tensor], patches: Tensor) -> Tensor:
         """The encoder's latent of `patches`, (B, N, dim): the one `flow_outputs` kept for this batch
-        when it would be the same (eval mode, no gradients: `Branch.embedding`'s conditions)."""
-        done = batch.get(f"z_{self.name}_latent")
-        if done is not None and not self.training and not torch.is_grad_enabled():
+        when it would be the same (`Branch.kept`)."""
+        done = self.kept(batch, "_latent")
+        if done is not None:
             if done.shape[:2] != patches.shape[:2]:
                 raise AsdError(
                     f"b2: the batch's z_b2_latent {tuple(done.shape)} is not the latent of its "
