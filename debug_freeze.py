@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from asd.allocator import reuse_freed_memory
 from asd.diagnostics import debug_freeze
 from asd.ensemble import BRANCHES, REFERENCES
 from asd.errors import AsdError
@@ -35,6 +36,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        reuse_freed_memory()  # ASD_MALLOC: freed tensors stay in the process for the next batch
         if args.freeze not in (*BRANCHES, *REFERENCES):
             raise AsdError(
                 f"--freeze {args.freeze!r}: unknown member; expected one of {[*BRANCHES, *REFERENCES]}"

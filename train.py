@@ -18,6 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
 from omegaconf import DictConfig
 
+from asd.allocator import reuse_freed_memory
 from asd.errors import AsdError, unwritable
 
 CONF = Path(__file__).resolve().parent / "conf"
@@ -109,6 +110,7 @@ def run_folder(argv: list[str]) -> Path | None:
 def start(argv: list[str]) -> None:
     """Check the arguments and the run folder, hold the folder's lock, then hand over to Hydra."""
     try:
+        reuse_freed_memory()  # ASD_MALLOC: freed tensors stay in the process for the next batch
         check_arguments(argv[1:])
         folder = run_folder(argv)
         if folder is not None and (why := unwritable(folder)):

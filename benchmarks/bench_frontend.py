@@ -31,7 +31,9 @@ On `--clips` clips of 10 s (the first-shot synthetic valve, the default members 
             steps and draws each side was built with
 
 Best of `--repeats`, the two sides taking turns (`benchmarks/timing.py`), so load from other
-processes falls on both. Writes benchmarks/results/bench_frontend.json.
+processes falls on both. Runs under the entry points' malloc setting (`asd.allocator`: freed
+memory reused, since 2026-12-05; `ASD_MALLOC=system` for glibc's own, as the files before that
+date were measured), recorded as `allocator`. Writes benchmarks/results/bench_frontend.json.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from timing import best_times, environment, write_result
 
 import asd.branches.base as branch_base
 import asd.features as features
+from asd.allocator import allocator_choice, reuse_freed_memory
 from asd.features import AstFbank, LogMel, rfft64
 from asd.run.build import build_datamodule, build_ensemble, data_facts
 from asd.run.calibrate import fit_backends
@@ -165,6 +168,7 @@ def main() -> None:
         help="b4's DDIM steps and noise draws to time the configured ones against",
     )
     args = parser.parse_args()
+    allocator = {"ASD_MALLOC": allocator_choice(), "reuses_freed_memory": reuse_freed_memory()}
     torch.manual_seed(0)
     steps, draws = args.b4_before
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
@@ -193,6 +197,7 @@ def main() -> None:
         "clips": n,
         "seconds_per_clip": 10.0,
         **environment(torch.device("cpu")),
+        "allocator": allocator,
     }
 
     fbank = AstFbank()

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from asd.allocator import reuse_freed_memory
 from asd.data.audio import AudioConfig, fit_length, length_changes, load_audio, own_length
 from asd.data.datamodule import ClipDataset, WaveStore
 from asd.data.index import parse_path
@@ -212,6 +213,7 @@ def main(argv: list[str]) -> int:
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        reuse_freed_memory()  # ASD_MALLOC: freed tensors stay in the process for the next batch
         parsed = parse_args(argv)
         args = {k: v[0] for k, v in parsed.items() if k != "inputs"}
         batch_size = batch_size_of(args)
