@@ -4,10 +4,10 @@ Every batch allocates and frees tensors of tens of MB: b7's last decoder level a
 16 x 16 x 128 x 320 floats (42 MB) several times per batch of 16 clips. glibc's malloc serves a
 block over its mmap threshold (which it raises as it goes, up to 32 MB) from fresh anonymous pages
 and unmaps it on free, so such a tensor costs a page fault per 4 KiB and the kernel's zeroing of
-every page, batch after batch. Scoring 16 clips with the default ensemble made 51,000-68,000 page
-faults per call this way and 130-260 with freed blocks reused, and took 1.24-1.30x as long
-(medians; a training pass of every member 1.27-1.63x), with the scores the same to the bit
-(benchmarks/bench_allocator.py).
+every page, batch after batch. Scoring 16 clips with the default ensemble made 49,000-68,000 page
+faults per call this way and 130-260 with freed blocks reused, and took 1.05-1.30x as long
+(medians of 8 calls, two runs of three rounds; a training pass of every member 1.27-1.63x), with
+the scores the same to the bit (benchmarks/bench_allocator.py).
 
 `reuse_freed_memory` sets glibc's M_MMAP_MAX to 0 (every block comes from the heap) and
 M_TRIM_THRESHOLD to its largest value (free memory at the top of the heap is not handed back), so a
