@@ -17,7 +17,9 @@ and compares the joint step (one pass over the data, each batch fetched once) wi
 members alone one after the other (one pass each): joint clips/s / sequential clips/s.
 Timings run in one subprocess, the targets taking turns every few steps, so load from other
 processes falls on all of them alike; clips/s come from the median step (the wall-clock
-figure, bursts included, is reported beside it).
+figure, bursts included, is reported beside it). The measuring subprocesses run under the entry
+points' malloc setting (`asd.allocator`, `ASD_MALLOC`; reuse of freed memory since 2026-12-05,
+`system` for glibc's own, as the files before that date were measured).
 
     python benchmarks/bench_train.py                                    # CPU, ~1-2 min on 2 cores
     python benchmarks/bench_train.py --device cuda --precision bf16
@@ -51,6 +53,7 @@ from omegaconf.errors import OmegaConfBaseException
 from timing import write_result  # benchmarks/timing.py, beside this script
 from torch import Tensor
 
+from asd.allocator import allocator_choice, reuse_freed_memory
 from asd.data.datamodule import AsdDataModule
 from asd.ensemble import FLOW, Ensemble
 from asd.errors import AsdError
@@ -69,7 +72,14 @@ ROUND_STEPS = 5  # consecutive training steps a target gets in its turn
 
 # ---------------------------------------------------------------------- config and data
 def compose_config(overrides: list[str]) -> DictConfig:
-    """`conf/train.yaml` with the command line's Hydra overrides, as `python train.py` composes it."""
+    """`conf/train.yaml` with the command line's Hydra overrides, as `python train.py` composes it.
+
+    The learning rate is held constant unless an override says otherwise: a schedule over the fit
+    (`lr_schedule=cosine`, the default) takes its length from a Lightning Trainer, which these
+    timed steps run without; it changes the rate, not the work of a step.
+    """
+    if not any(o.lstrip("+~").startswith("lr_schedule=") for o in overrides):
+        overrides = [*overrides, "lr_schedule=constant"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 
@@ -354,6 +364,7 @@ def measure_speed(
 
 def worker(args: argparse.Namespace) -> int:
     """Subprocess entry: `memory:<target>` or `speed:<target>,<target>..`; numbers to `args.worker_out`."""
+    reuse_freed_memory()  # as the entry points do (ASD_MALLOC; recorded as `allocator`)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = compose_config(args.overrides)
@@ -435,6 +446,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "precision": args.precision,
+        "allocator": allocator_choice(),
         "steps": args.steps,
         "warmup": args.warmup,
         "score_repeats": args.score_repeats,
