@@ -1,11 +1,11 @@
 """The entry points' malloc setting (`asd.allocator`): freed memory reused against glibc's defaults.
 
-    python benchmarks/bench_allocator.py                # CPU, ~4 min on 2 cores
+    python benchmarks/bench_allocator.py                # CPU, ~2 min on 2 cores
     python benchmarks/bench_allocator.py --rounds 5 --clips 32
 
 The setting is process-wide, so each measurement is a fresh process: `--rounds` pairs of
 children, ASD_MALLOC=system then ASD_MALLOC=reuse (the default), on the first-shot synthetic valve
-with the default members and references (as benchmarks/bench_frontend.py builds it). Each child
+with the default members and references (`first_shot` of benchmarks/bench_frontend.py). Each child
 times `asd.run.predict.member_scores` of `--clips` clips of 10 s (a fresh copy of the batch every
 call, so no memo from the call before; `--repeats` calls after one warm-up) and one training
 forward + backward of every member (`Ensemble.losses`), and counts the minor page faults of the
@@ -43,23 +43,12 @@ def child(clips: int, repeats: int, scores_out: Path) -> dict:
 
     reused = reuse_freed_memory()
     import torch
-    from bench_frontend import FIRST_SHOT, training_pass
-    from hydra import compose, initialize_config_dir
+    from bench_frontend import first_shot, training_pass
 
-    from asd.run.build import build_datamodule, build_ensemble, data_facts
-    from asd.run.calibrate import fit_backends
     from asd.run.predict import member_scores
 
-    torch.manual_seed(0)
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*FIRST_SHOT, "run_dir=/tmp/bench_allocator"])
-    dm = build_datamodule(cfg)
-    dm.setup()
-    ensemble = build_ensemble(cfg, data_facts(dm))
-    fit_backends(ensemble, dm, torch.device("cpu"))
-    test = dm.datasets["test"]
-    rows = range(min(clips, len(test)))
-    batch = {k: torch.stack([test[i][k] for i in rows]) for k in test[0]}
+    _, ensemble, batch = first_shot(clips)
+    n = len(batch["wave"])
 
     def fresh() -> dict:
         return {k: v.clone() for k, v in batch.items()}
@@ -85,11 +74,11 @@ def child(clips: int, repeats: int, scores_out: Path) -> dict:
     return {
         "allocator": allocator_choice(),
         "reuses_freed_memory": reused,
-        "clips": len(rows),
+        "clips": n,
         "scoring_best_ms": 1000 * min(times),
         "scoring_median_ms": 1000 * statistics.median(times),
-        "scoring_clips_per_s_best": len(rows) / min(times),
-        "scoring_clips_per_s_median": len(rows) / statistics.median(times),
+        "scoring_clips_per_s_best": n / min(times),
+        "scoring_clips_per_s_median": n / statistics.median(times),
         "page_faults_per_scoring_call": faults / repeats,
         "training_pass_best_ms": 1000 * min(train_times),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

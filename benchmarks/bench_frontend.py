@@ -66,6 +66,21 @@ FIRST_SHOT = [
 ]
 
 
+def first_shot(clips: int) -> tuple:
+    """The first-shot valve's datamodule, the default ensemble built from seed 0 with its backends
+    fitted, and a batch of its first `clips` test clips (all of them when there are fewer)."""
+    torch.manual_seed(0)
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*FIRST_SHOT, "run_dir=/tmp/bench_frontend"])
+    dm = build_datamodule(cfg)
+    dm.setup()
+    ensemble = build_ensemble(cfg, data_facts(dm))
+    fit_backends(ensemble, dm, torch.device("cpu"))
+    test = dm.datasets["test"]
+    rows = range(min(clips, len(test)))
+    return dm, ensemble, {k: torch.stack([test[i][k] for i in rows]) for k in test[0]}
+
+
 def before(ensemble) -> None:
     """Undo the three changes on a copy: b1 on the extractor, own log-mel modules, no reused embeddings."""
     for member in ensemble.members.values():
@@ -169,10 +184,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     allocator = {"ASD_MALLOC": allocator_choice(), "reuses_freed_memory": reuse_freed_memory()}
-    torch.manual_seed(0)
     steps, draws = args.b4_before
+    dm, ours, batch = first_shot(args.clips)
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*FIRST_SHOT, "run_dir=/tmp/bench_frontend"])
         cfg_b4 = compose(
             "train",
             overrides=[
@@ -182,16 +196,9 @@ def main() -> None:
                 f"branches.b4.noise_draws={draws}",
             ],
         )
-    dm = build_datamodule(cfg)
-    dm.setup()
-    ours = build_ensemble(cfg, data_facts(dm))
-    fit_backends(ours, dm, torch.device("cpu"))
     theirs = copy.deepcopy(ours)
     before(theirs)
-    test = dm.datasets["test"]
-    rows = range(min(args.clips, len(test)))
-    batch = {k: torch.stack([test[i][k] for i in rows]) for k in test[0]}
-    n = len(rows)
+    n = len(batch["wave"])
     result = {
         "what": __doc__.splitlines()[0],
         "clips": n,
