@@ -7,7 +7,9 @@ Generates a synthetic dataset in a temporary folder and measures clips/s for
 and, through the training loader (ClipDataset + a shuffling DataLoader, batches of --train-batch,
 the log-mel a member's front end hands out per batch):
   epoch, audio cache     - waves from the warm audio cache, LogMel computed per batch (no feature cache)
-  epoch, feature cache   - features from the warm feature cache (FeatureCache), served by LogMel.prime
+  epoch, feature cache   - features from the warm feature cache (FeatureCache), served by LogMel.prime;
+                           the second epoch; again with rows read through the map, not with pread
+                           (WaveStore(pread=False)); the resident pages of mapped files after each
   first pass             - cold audio cache + building the feature cache, against cold cache + LogMel
 Each pipeline reports the best of --repeats runs (every run starts from a new, empty cache).
 The WAVs were just written, so the OS page cache holds them in every pass: "cold" means asd's
@@ -34,7 +36,7 @@ from timing import write_result  # benchmarks/timing.py, beside this script
 from transformers.audio_utils import mel_filter_bank
 
 from asd.data.audio import AudioConfig
-from asd.data.cache import AudioCache, FeatureCache
+from asd.data.cache import AudioCache, FeatureCache, unmap_rows
 from asd.data.datamodule import ClipDataset, WaveStore
 from asd.data.synthetic import SyntheticConfig, generate
 from asd.data.table import Clip, ClipTable
@@ -90,6 +92,17 @@ def loader_epoch(fe: LogMel, dataset: ClipDataset, batch: int) -> int:
     return seen
 
 
+def resident_file_mb() -> float:
+    """This process's resident pages of mapped files (RssFile, Linux), MB; 0 where /proc has none."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0.0
+    return next(
+        (int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("RssFile:")), 0.0
+    )
+
+
 def timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -102,6 +115,7 @@ def run(clips: int, duration: float, batch: int, repeats: int, train_batch: int 
     mel = mel_filter_bank(N_FFT // 2 + 1, N_MELS, 0.0, SR / 2, SR, norm="slaney", mel_scale="slaney").T
     window = np.hanning(N_FFT + 1)[:-1]  # periodic Hann
     best: dict[str, tuple[float, float]] = {}  # pipeline -> (seconds to get the waves, seconds of features)
+    rss: dict[str, float] = {}  # after which epochs -> the most file-backed resident MB seen
 
     def keep(name: str, load_s: float, feat_s: float) -> None:
         if name not in best or load_s + feat_s < sum(best[name]):
@@ -122,11 +136,28 @@ def run(clips: int, duration: float, batch: int, repeats: int, train_batch: int 
             table = ClipTable([Clip(path=p, machine="m", section="00") for p in warm.paths])
             labels = {"index": torch.arange(len(table))}
             plain = ClipDataset(table, WaveStore([warm.waves]), labels)
-            cached = ClipDataset(
-                table, WaveStore([warm.waves]), labels, {feature_key(fe): WaveStore([feats])}
+            cached, mapped = (
+                ClipDataset(
+                    table,
+                    WaveStore([warm.waves], pread=pread),
+                    labels,
+                    {feature_key(fe): WaveStore([feats], pread=pread)},
+                )
+                for pread in (True, False)
             )
             _, plain_s = timed(lambda plain=plain: loader_epoch(fe, plain, train_batch))
+            unmap_rows(warm.waves, 0, len(warm.waves))  # mapped by the passes above
+            # the second epoch of each: the first reads the files into the page cache
+            loader_epoch(fe, cached, train_batch)
             _, cached_s = timed(lambda cached=cached: loader_epoch(fe, cached, train_batch))
+            rss["epochs, rows read with pread"] = max(
+                rss.get("epochs, rows read with pread", 0), resident_file_mb()
+            )
+            loader_epoch(fe, mapped, train_batch)
+            _, mapped_s = timed(lambda mapped=mapped: loader_epoch(fe, mapped, train_batch))
+            rss["epochs, rows read through the map"] = max(
+                rss.get("epochs, rows read through the map", 0), resident_file_mb()
+            )
             if cold.hit or not warm.hit or len(warm.paths) != len(paths):
                 raise RuntimeError(f"expected a cache miss then a hit on {len(paths)} clips, got {cold.hit=}")
             if not torch.equal(feats_cold, feats_warm):
@@ -137,6 +168,8 @@ def run(clips: int, duration: float, batch: int, repeats: int, train_batch: int 
             keep("first pass: cold cache + feature cache", cold_load_s, build_s)
             keep("epoch, audio cache + LogMel per batch", 0.0, plain_s)
             keep("epoch, feature cache", 0.0, cached_s)
+            keep("epoch, feature cache, rows read through the map", 0.0, mapped_s)
+            del cached, mapped, feats, warm, cold, plain  # close this repeat's maps
 
     # both pipelines compute the same features, so their speeds are comparable
     diff = float(max(np.abs(feats_warm[i].numpy() - ref[i]).max() for i in range(0, len(paths), 17)))
@@ -157,6 +190,7 @@ def run(clips: int, duration: float, batch: int, repeats: int, train_batch: int 
         "repeats": repeats,
         "generate_s": round(gen_s, 2),
         "max_abs_diff_db": diff,
+        "resident_file_mb": {k: round(v, 1) for k, v in rss.items()},
         "pipelines": {
             name: {
                 "seconds": round(load + feat, 3),
@@ -212,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     print("(numpy/scipy reads and computes per clip: its load is inside its features time)")
     print(f"LogMel vs numpy features: max |diff| {res['max_abs_diff_db']:.2e} dB")
+    for name, mb in res["resident_file_mb"].items():
+        print(f"resident pages of mapped files after the {name}: {mb:.0f} MB")
     print(res["markdown"])
     write_result(args.out, res)
     return 0

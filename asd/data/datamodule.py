@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from asd.data.audio import SKIP_HINT, AudioConfig, AudioError, audio_config, length_changes
-from asd.data.cache import AudioCache, FeatureCache, NoRoom
+from asd.data.cache import AudioCache, FeatureCache, NoRoom, RowReader
 from asd.data.index import index_dataset
 from asd.data.synthetic import SyntheticConfig, ensure_synthetic
 from asd.data.table import DOMAIN_IDS, Clip, ClipTable
@@ -48,11 +48,18 @@ SPLITS = ("fit", "val", "test")
 
 
 class WaveStore:
-    """Rows of several (memory-mapped) wave arrays addressed by one index; picklable for workers."""
+    """Rows of several (memory-mapped) wave arrays addressed by one index; picklable for workers.
 
-    def __init__(self, parts: Sequence[np.ndarray]):
+    Rows of a cache file are read with `pread` (`RowReader`), not through its map: an epoch over
+    thousands of clips leaves them in the kernel's page cache, not in the process's resident
+    memory. `pread=False` reads through the map (for comparisons: `benchmarks/bench_data.py`).
+    """
+
+    def __init__(self, parts: Sequence[np.ndarray], pread: bool = True):
         self._files = [getattr(p, "filename", None) for p in parts]
         self._parts: list[np.ndarray] = list(parts)
+        self.pread = pread
+        self._readers: list[RowReader | bool | None] = [None] * len(self._parts)  # None: not looked at
         sizes = np.array([len(p) for p in parts], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(sizes)])
 
@@ -65,12 +72,19 @@ class WaveStore:
 
     def __getitem__(self, i: int) -> np.ndarray:
         part = int(np.searchsorted(self._offsets, i, side="right")) - 1
-        return np.array(self._parts[part][i - self._offsets[part]], dtype=np.float32)
+        rows, j = self._parts[part], int(i - self._offsets[part])
+        reader = self._readers[part]
+        if reader is None:
+            reader = self._readers[part] = self.pread and RowReader.fits(rows) and RowReader(rows)
+        if reader:
+            return reader.read(j)
+        return np.array(rows[j], dtype=np.float32)
 
     def __getstate__(self) -> dict[str, Any]:
         # Workers reopen memory maps by file name instead of receiving a pickled copy of the data.
         state = self.__dict__.copy()
         state["_parts"] = [None if f else p for f, p in zip(self._files, self._parts, strict=True)]
+        state["_readers"] = [None] * len(self._parts)  # each process opens its own files
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
