@@ -17,7 +17,8 @@ not always fit the block a tensor of the same size left, so the heap grows until
 fit the batch's tensors (two 64 MB tensors refilled: five rounds and 736 MB resident, then no
 growth). On the default pipeline at 1k clips of 10 s peak RSS went from 3.0 to 3.4 GB and the
 run took 205 instead of 225 s (benchmarks/results/bench_scale_1k_malloc_*); at 6k clips resident
-anonymous memory was 4.1 GB against 2.8 (docs/results.md). `ASD_MALLOC=system` keeps the C
+anonymous memory was 4.1 GB against 2.8 (docs/results.md; 2.8 GB with reuse once the cache rows
+came to be read with pread, one run, cause not found). `ASD_MALLOC=system` keeps the C
 library's defaults where memory is tighter than time.
 
 Why not a library: the usual advice for PyTorch on CPUs is a caching allocator (jemalloc or

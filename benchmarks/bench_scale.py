@@ -10,9 +10,10 @@ into a fresh `ASD_CACHE` under `--out`; then one `python train.py` (the default 
 settings, `plots=false`, plus `--extra`) under `flock /tmp/torch.lock`, timed with GNU time.
 
 Reported per N: wall time of `prepare` (settings, generation, indexing, decoding) and of each
-stage (from train.py's "done in" log lines), peak RSS (GNU time; it counts the touched pages of
-the memory-mapped audio cache, which the kernel can drop) and peak anonymous memory (sampled
-from /proc twice a second over the process tree: what has to fit in RAM), disk used by the
+stage (from train.py's "done in" log lines), peak RSS (GNU time; it counts resident pages of
+mapped files, which the kernel can drop: the cache files' pages until 2026-12-05, when rows came
+to be read with pread and the builders to unmap what they wrote) and peak anonymous memory
+(sampled from /proc twice a second over the process tree: what has to fit in RAM), disk used by the
 synthetic WAVs, by the decoded-audio cache and by the feature cache beside it, and the predict
 stage's test clips per second.
 Growth: each stage's seconds per training clip at N over the same at the smallest N (1.0 =
@@ -75,9 +76,9 @@ def stage_times(log_text: str) -> dict[str, float]:
 def tree_memory(pid: int) -> tuple[int, int]:
     """(resident, anonymous resident) kB of a process and all its descendants, from /proc.
 
-    Resident memory counts the pages of memory-mapped files the process has touched (the audio
-    cache); those belong to the page cache and the kernel drops them under pressure. Anonymous
-    memory is what has to fit in RAM.
+    Resident memory counts the pages of mapped files the process holds (libraries; the cache files
+    before they were read with pread); those belong to the page cache and the kernel drops them
+    under pressure. Anonymous memory is what has to fit in RAM.
     """
     pids, i = [pid], 0
     while i < len(pids):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -258,6 +259,12 @@ def test_changing_final_recalibrates_without_retraining(run, tmp_path, caplog):
         train(cfg)
     assert "stage fit: skipped" in caplog.text and "stage backends: skipped" in caplog.text
     assert "stage calibrate: its settings changed since the last run" in caplog.text
+    if Path("/proc/self/status").exists():  # each stage that ran says where memory stood
+        for stage in ("calibrate", "predict"):
+            assert re.search(
+                rf"stage {stage}: done in [0-9.]+ s; memory: peak RSS [0-9.]+ GB so far, [0-9.]+ GB anon",
+                caplog.text,
+            )
     rows = read_csv(other / "scores.csv")
     assert all(r["final"] == r["zmean"] for r in rows)
     # the learned fusions are the same models: same scores as the first run's

@@ -143,6 +143,27 @@ def prepare(cfg: DictConfig) -> RunState:
     return RunState(cfg=cfg, run_dir=run_dir, dm=dm, ensemble=ensemble, signature=signature(cfg, facts))
 
 
+def memory_note() -> str:
+    """ "; memory: peak RSS 2.50 GB so far, 2.33 GB anonymous now" from /proc/self/status (Linux), else "".
+
+    Logged when a stage ends, so a run's log shows in which stage the peak was reached and what
+    stayed; the peak counts resident pages of mapped files, anonymous memory is what has to fit.
+    """
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return ""
+    kb = {
+        k: int(v.split()[0])
+        for k, _, v in (line.partition(":") for line in lines)
+        if k in ("VmHWM", "RssAnon")
+    }
+    if len(kb) < 2:
+        return ""
+    peak, anonymous = kb["VmHWM"] / 2**20, kb["RssAnon"] / 2**20
+    return f"; memory: peak RSS {peak:.2f} GB so far, {anonymous:.2f} GB anonymous now"
+
+
 def train(cfg: DictConfig) -> Path:
     """Run (or finish) the whole job described by `cfg`; return the run folder."""
     start = time.perf_counter()
@@ -152,8 +173,9 @@ def train(cfg: DictConfig) -> Path:
     with disk_faults(run_dir), run_lock(run_dir):
         run = prepare(cfg)
         log.info(
-            "prepare: settings checked, data generated/indexed/decoded, members built: done in %.1f s",
+            "prepare: settings checked, data generated/indexed/decoded, members built: done in %.1f s%s",
             time.perf_counter() - start,
+            memory_note(),
         )
         return run_stages(run)
 
@@ -187,7 +209,7 @@ def run_stages(run: RunState) -> Path:
             stage.write(run)
             record.mark(stage.name, settings)
         barrier()
-        log.info("stage %s: done in %.1f s", stage.name, time.perf_counter() - start)
+        log.info("stage %s: done in %.1f s%s", stage.name, time.perf_counter() - start, memory_note())
     if run.trainer is not None and is_wandb(run.trainer.logger) and is_rank_zero():
         import wandb
 
