@@ -547,7 +547,8 @@ def print_table(res: dict[str, Any]) -> None:
         "score RTF",
         "x realtime",
     )
-    widths = (10, 10, 9, 8, 8, 6, 9, 9, 11, 12)
+    first = max(10, *(len(n) + 1 for n in res["results"]))  # b5_after_sources is 16 wide
+    widths = (first, 10, 9, 8, 8, 6, 9, 9, 11, 12)
     print(
         "".join(
             f"{h:<{w}}" if i == 0 else f"{h:>{w}}" for i, (h, w) in enumerate(zip(head, widths, strict=True))
@@ -563,7 +564,7 @@ def print_table(res: dict[str, Any]) -> None:
         else:
             train = f"{'frozen':>49}"
         rtf = r["score"]["rtf"]
-        print(f"{name:<10}{r['params']:>10,}{train}{rtf:>11.5f}{1 / rtf:>11.0f}x")
+        print(f"{name:<{first}}{r['params']:>10,}{train}{rtf:>11.5f}{1 / rtf:>11.0f}x")
     joint = res.get("joint_vs_sequential")
     if joint:
         print(

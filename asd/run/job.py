@@ -144,10 +144,11 @@ def prepare(cfg: DictConfig) -> RunState:
 
 
 def memory_note() -> str:
-    """ "; memory: peak RSS 2.50 GB so far, 2.33 GB anonymous now" from /proc/self/status (Linux), else "".
+    """The memory so far, for a stage's log line (Linux /proc/self/status; elsewhere "").
 
-    Logged when a stage ends, so a run's log shows in which stage the peak was reached and what
-    stayed; the peak counts resident pages of mapped files, anonymous memory is what has to fit.
+    As "; memory: peak RSS 2.50 GB so far, 2.33 GB anonymous now". Logged when a stage ends, so a
+    run's log shows in which stage the peak was reached and what stayed; the peak counts resident
+    pages of mapped files, anonymous memory is what has to fit.
     """
     try:
         lines = Path("/proc/self/status").read_text().splitlines()
