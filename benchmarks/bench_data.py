@@ -9,7 +9,9 @@ the log-mel a member's front end hands out per batch):
   epoch, audio cache     - waves from the warm audio cache, LogMel computed per batch (no feature cache)
   epoch, feature cache   - features from the warm feature cache (FeatureCache), served by LogMel.prime;
                            the second epoch; again with rows read through the map, not with pread
-                           (WaveStore(pread=False)); the resident pages of mapped files after each
+                           (WaveStore(pread=False)); how much the resident pages of mapped files grew
+                           over each two epochs, and one row's read time with pread, through a kept
+                           map and through a map unmapped after each row
   first pass             - cold audio cache + building the feature cache, against cold cache + LogMel
 Each pipeline reports the best of --repeats runs (every run starts from a new, empty cache).
 The WAVs were just written, so the OS page cache holds them in every pass: "cold" means asd's
@@ -36,7 +38,7 @@ from timing import write_result  # benchmarks/timing.py, beside this script
 from transformers.audio_utils import mel_filter_bank
 
 from asd.data.audio import AudioConfig
-from asd.data.cache import AudioCache, FeatureCache, unmap_rows
+from asd.data.cache import AudioCache, FeatureCache, RowReader, unmap_rows
 from asd.data.datamodule import ClipDataset, WaveStore
 from asd.data.synthetic import SyntheticConfig, generate
 from asd.data.table import Clip, ClipTable
@@ -103,6 +105,34 @@ def resident_file_mb() -> float:
     )
 
 
+def row_read_us(waves: np.ndarray) -> dict[str, float]:
+    """Microseconds per row of `waves` (a cache file's map; its pages in the page cache), every row
+    in a shuffled order: with pread, through a map kept (a first pass maps them), and through the
+    map with each row unmapped after its copy. Leaves the map unmapped."""
+    order = np.random.default_rng(0).permutation(len(waves))
+    reader = RowReader(waves)
+
+    def kept() -> None:
+        for i in order:
+            np.array(waves[i])
+
+    def unmapped() -> None:
+        for i in order:
+            np.array(waves[i])
+            unmap_rows(waves, int(i), int(i) + 1)
+
+    def pread() -> None:
+        for i in order:
+            reader.read(int(i))
+
+    out = {}
+    for how, fn in (("pread", pread), ("map kept", kept), ("map, unmapped per row", unmapped)):
+        fn()  # warm: the page cache, and for `kept` the map
+        out[how] = timed(fn)[1] / len(order) * 1e6
+    unmap_rows(waves, 0, len(waves))
+    return out
+
+
 def timed(fn):
     start = time.perf_counter()
     out = fn()
@@ -115,7 +145,8 @@ def run(clips: int, duration: float, batch: int, repeats: int, train_batch: int 
     mel = mel_filter_bank(N_FFT // 2 + 1, N_MELS, 0.0, SR / 2, SR, norm="slaney", mel_scale="slaney").T
     window = np.hanning(N_FFT + 1)[:-1]  # periodic Hann
     best: dict[str, tuple[float, float]] = {}  # pipeline -> (seconds to get the waves, seconds of features)
-    rss: dict[str, float] = {}  # after which epochs -> the most file-backed resident MB seen
+    grown = {"rows read with pread": 0.0, "rows read through the map": 0.0}  # resident file MB, most
+    rows_us: dict[str, float] = {}  # how a row is read -> best microseconds per row
 
     def keep(name: str, load_s: float, feat_s: float) -> None:
         if name not in best or load_s + feat_s < sum(best[name]):
@@ -146,18 +177,22 @@ def run(clips: int, duration: float, batch: int, repeats: int, train_batch: int 
                 for pread in (True, False)
             )
             _, plain_s = timed(lambda plain=plain: loader_epoch(fe, plain, train_batch))
-            unmap_rows(warm.waves, 0, len(warm.waves))  # mapped by the passes above
-            # the second epoch of each: the first reads the files into the page cache
+            for touched in (cold.waves, warm.waves, feats):  # mapped whole by the passes above
+                unmap_rows(touched, 0, len(touched))
+            # two epochs each, the second timed (the first reads the files into the page cache);
+            # the growth of mapped files' resident pages over both
+            before = resident_file_mb()
             loader_epoch(fe, cached, train_batch)
             _, cached_s = timed(lambda cached=cached: loader_epoch(fe, cached, train_batch))
-            rss["epochs, rows read with pread"] = max(
-                rss.get("epochs, rows read with pread", 0), resident_file_mb()
-            )
+            grown["rows read with pread"] = max(grown["rows read with pread"], resident_file_mb() - before)
+            before = resident_file_mb()
             loader_epoch(fe, mapped, train_batch)
             _, mapped_s = timed(lambda mapped=mapped: loader_epoch(fe, mapped, train_batch))
-            rss["epochs, rows read through the map"] = max(
-                rss.get("epochs, rows read through the map", 0), resident_file_mb()
+            grown["rows read through the map"] = max(
+                grown["rows read through the map"], resident_file_mb() - before
             )
+            for how, us in row_read_us(warm.waves).items():
+                rows_us[how] = min(rows_us.get(how, float("inf")), us)
             if cold.hit or not warm.hit or len(warm.paths) != len(paths):
                 raise RuntimeError(f"expected a cache miss then a hit on {len(paths)} clips, got {cold.hit=}")
             if not torch.equal(feats_cold, feats_warm):
@@ -190,7 +225,8 @@ def run(clips: int, duration: float, batch: int, repeats: int, train_batch: int 
         "repeats": repeats,
         "generate_s": round(gen_s, 2),
         "max_abs_diff_db": diff,
-        "resident_file_mb": {k: round(v, 1) for k, v in rss.items()},
+        "resident_file_growth_mb": {k: round(v, 1) for k, v in grown.items()},
+        "row_read_us": {k: round(v, 1) for k, v in rows_us.items()},
         "pipelines": {
             name: {
                 "seconds": round(load + feat, 3),
@@ -246,8 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     print("(numpy/scipy reads and computes per clip: its load is inside its features time)")
     print(f"LogMel vs numpy features: max |diff| {res['max_abs_diff_db']:.2e} dB")
-    for name, mb in res["resident_file_mb"].items():
-        print(f"resident pages of mapped files after the {name}: {mb:.0f} MB")
+    for name, mb in res["resident_file_growth_mb"].items():
+        print(f"two epochs, {name}: resident pages of mapped files grew by {mb:.0f} MB")
+    cells = ", ".join(f"{how} {us:.0f} us" for how, us in res["row_read_us"].items())
+    print(f"one row of the audio cache ({res['duration_s']:g} s), best per row: {cells}")
     print(res["markdown"])
     write_result(args.out, res)
     return 0

@@ -262,7 +262,7 @@ def test_changing_final_recalibrates_without_retraining(run, tmp_path, caplog):
     if Path("/proc/self/status").exists():  # each stage that ran says where memory stood
         for stage in ("calibrate", "predict"):
             assert re.search(
-                rf"stage {stage}: done in [0-9.]+ s; memory: peak RSS [0-9.]+ GB so far, [0-9.]+ GB anon",
+                rf"stage {stage}: done in [0-9.]+ s; memory: peak RSS [0-9.]+ GiB so far, [0-9.]+ GiB anon",
                 caplog.text,
             )
     rows = read_csv(other / "scores.csv")

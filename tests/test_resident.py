@@ -19,7 +19,6 @@ from asd.data.audio import AudioConfig
 from asd.data.cache import AudioCache, FeatureCache, RowReader, create_memmap, unmap_rows
 from asd.data.datamodule import WaveRows, WaveStore
 from asd.errors import AsdError
-from asd.features import LogMel
 
 MB = 2**20
 
@@ -64,15 +63,41 @@ def test_rows_read_with_pread_are_the_files_and_stay_unmapped(tmp_path):
 
 
 def test_pread_reads_row_parts_and_pickled_stores(tmp_path):
-    path, values = cache_file(tmp_path, rows=6, width=1000)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    path, values = cache_file(tmp_path / "a", rows=6, width=1000)
+    other, more = cache_file(tmp_path / "b", rows=3, width=1000, seed=1)
     store = WaveStore(
-        [np.zeros((2, 1000), np.float32), WaveRows(WaveStore([np.load(path, mmap_mode="r")]), [5, 0])]
+        [
+            np.zeros((2, 1000), np.float32),
+            np.load(other, mmap_mode="r"),  # rows 2-4: a second file, read at its own offsets
+            WaveRows(WaveStore([np.load(path, mmap_mode="r")]), [5, 0]),  # rows 5-6
+        ]
     )
-    again = pickle.loads(pickle.dumps(store))  # a worker reopens the file and reads with its own descriptor
+    with pytest.raises(TypeError, match="holds this process's file descriptor"):
+        pickle.dumps(store._readers[1])
+    again = pickle.loads(pickle.dumps(store))  # as a worker gets it: it opens the files itself
+    assert again._readers[1].fd != store._readers[1].fd
     for s in (store, again):
-        np.testing.assert_array_equal(s[2], values[5])
-        np.testing.assert_array_equal(s[3], values[0])
         np.testing.assert_array_equal(s[0], np.zeros(1000, np.float32))
+        for k in range(3):
+            np.testing.assert_array_equal(s[2 + k], more[k])
+        np.testing.assert_array_equal(s[5], values[5])
+        np.testing.assert_array_equal(s[6], values[0])
+        with pytest.raises(IndexError):
+            s[7]
+
+
+def test_a_cache_file_deleted_by_another_run_stays_readable(tmp_path, caplog):
+    path, values = cache_file(tmp_path, rows=4, width=1000)
+    store = WaveStore([np.load(path, mmap_mode="r")])  # opened with the store
+    late = np.load(path, mmap_mode="r")
+    os.unlink(path)  # as AudioCache._remove_stale of a run with other settings does
+    np.testing.assert_array_equal(store[3], values[3])
+    with caplog.at_level("WARNING", logger="asd.data.datamodule"):
+        after = WaveStore([late])  # its map outlives the name; it reads through the map
+    assert "rows.npy: reading its rows through the memory map" in caplog.text
+    np.testing.assert_array_equal(after[2], values[2])
 
 
 def test_only_whole_read_only_float32_maps_are_read_with_pread(tmp_path):
@@ -125,20 +150,51 @@ def test_unmapping_leaves_copy_on_write_maps_and_memory_alone(tmp_path):
     np.testing.assert_array_equal(in_memory, values)
 
 
-def test_building_the_caches_leaves_them_unmapped(tmp_path):
+def peak_growth(build):
+    """(result of `build()`, how far this process's peak RSS rose over its RSS before, bytes)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # the peak restarts at the current RSS
+    except OSError:
+        pytest.skip("cannot reset the peak RSS here (/proc/self/clear_refs)")
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    before = int(status["VmRSS"].split()[0]) * 1024
+    result = build()
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return result, int(status["VmHWM"].split()[0]) * 1024 - before
+
+
+def test_building_the_caches_never_holds_them_resident(tmp_path):
     folder = tmp_path / "wavs"
     folder.mkdir()
     rng = np.random.default_rng(3)
     paths = []
-    for i in range(48):  # 48 x 10 s: 31 MB of float32 audio
+    for i in range(65):  # 64 good clips of 10 s: 41 MB of float32 audio, as many of features
         p = folder / f"clip{i}.wav"
         sf.write(p, 0.1 * rng.standard_normal(160000), 16000, subtype="PCM_16")
         paths.append(str(p))
-    before = resident_file()
-    audio = AudioCache(tmp_path / "cache", AudioConfig(sample_rate=16000, duration=10.0)).load(paths, "m")
-    fe = LogMel(sample_rate=16000, n_fft=1024, hop_length=512, n_mels=128)
-    feats = FeatureCache(fe).load(audio.waves)
-    assert resident_file() - before < 12 * MB
+    (folder / "clip64.wav").write_bytes(b"RIFF, but no audio")  # skipped: the cache is shrunk
+    fe = Rows()
+    fe.compute(torch.zeros(2, 160000))  # torch's kernels and buffers are in place before the count
+    # one decoding thread: the pool's results do not pile up ahead of the writer
+    cache = AudioCache(tmp_path / "cache", AudioConfig(sample_rate=16000, duration=10.0), workers=1)
+    audio, grew = peak_growth(lambda: cache.load(paths, "m", on_bad_file="skip"))
+    assert audio.waves.shape == (64, 160000) and len(audio.bad) == 1
+    assert grew < 24 * MB  # 41 MB written, then copied by the shrink in 8 MB chunks
+    feats, grew = peak_growth(lambda: FeatureCache(fe, batch_size=2).load(audio.waves))
+    assert grew < 12 * MB  # 41 MB read and 41 MB written, two clips at a time
     np.testing.assert_array_equal(WaveStore([audio.waves])[7], audio.waves[7])
-    want = fe.compute(torch.from_numpy(np.array(audio.waves[7:8])))[0].numpy()
-    np.testing.assert_allclose(WaveStore([feats])[7], want, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(WaveStore([feats])[7], audio.waves[7].reshape(250, 640) * 2)
+
+
+class Rows:
+    """A front end as FeatureCache needs one that only reshapes (and doubles) the wave: its own
+    temporaries stay small, so the count above sees the cache's pages, not an STFT's buffers."""
+
+    setting = "rows-250x2"
+    n_mels = 250
+
+    def num_frames(self, samples: int) -> int:
+        return samples // 250
+
+    def compute(self, waves: torch.Tensor) -> torch.Tensor:
+        return waves.reshape(len(waves), 250, -1) * 2

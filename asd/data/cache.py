@@ -237,10 +237,11 @@ class AudioCache:
         """Replace the file `tmp` (N, T) by one holding only its first `good` rows (good, T)."""
         with locked_temp(self.cache_dir, f".{name}-{key}.", ".npy") as tmp2:
             small = create_memmap(self.cache_dir, tmp2, (good, out.shape[1]))
-            for s in range(0, good, 256):  # chunks keep memory flat for large caches
-                small[s : s + 256] = out[s : min(s + 256, good)]
-                unmap_rows(small, s, s + 256)
-                unmap_rows(out, s, s + 256)
+            step = max(1, (8 << 20) // max(1, out.shape[1] * out.itemsize))  # 8 MB chunks: memory stays flat
+            for s in range(0, good, step):
+                small[s : s + step] = out[s : min(s + step, good)]
+                unmap_rows(small, s, s + step)
+                unmap_rows(out, s, s + step)
             small.flush()
             del small
             os.replace(tmp2, tmp)
@@ -354,10 +355,18 @@ class RowReader:
             and bool(array.filename)
         )
 
+    def __reduce__(self):
+        raise TypeError(
+            f"a RowReader of {self.path} holds this process's file descriptor: pickle the WaveStore, "
+            "which opens its files again"
+        )
+
     def read(self, row: int) -> np.ndarray:
         if not 0 <= row < self.rows:
             raise IndexError(f"row {row} of {self.path}, which has {self.rows}")
         out = np.empty(self.row_shape, np.float32)
+        if self.row_bytes == 0:
+            return out
         view, done, at = memoryview(out).cast("B"), 0, self.offset + row * self.row_bytes
         while done < self.row_bytes:
             got = os.preadv(self.fd, [view[done:]], at + done)

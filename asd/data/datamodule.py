@@ -52,16 +52,30 @@ class WaveStore:
 
     Rows of a cache file are read with `pread` (`RowReader`), not through its map: an epoch over
     thousands of clips leaves them in the kernel's page cache, not in the process's resident
-    memory. `pread=False` reads through the map (for comparisons: `benchmarks/bench_data.py`).
+    memory. The file is opened with the store, right after its map, so a later run that deletes
+    it (`AudioCache._remove_stale`) leaves both readable; where it cannot be opened the rows are
+    read through the map. `pread=False` always reads through the map (for comparisons:
+    `benchmarks/bench_data.py`).
     """
 
     def __init__(self, parts: Sequence[np.ndarray], pread: bool = True):
         self._files = [getattr(p, "filename", None) for p in parts]
         self._parts: list[np.ndarray] = list(parts)
         self.pread = pread
-        self._readers: list[RowReader | bool | None] = [None] * len(self._parts)  # None: not looked at
+        self._open_readers()
         sizes = np.array([len(p) for p in parts], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(sizes)])
+
+    def _open_readers(self) -> None:
+        self._readers: list[RowReader | None] = []
+        for part in self._parts:
+            reader = None
+            if self.pread and RowReader.fits(part):
+                try:
+                    reader = RowReader(part)
+                except OSError as e:  # gone or unreadable since it was mapped: the map still reads it
+                    log.warning("%s: reading its rows through the memory map (%s)", part.filename, e)
+            self._readers.append(reader)
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
@@ -72,19 +86,17 @@ class WaveStore:
 
     def __getitem__(self, i: int) -> np.ndarray:
         part = int(np.searchsorted(self._offsets, i, side="right")) - 1
-        rows, j = self._parts[part], int(i - self._offsets[part])
+        j = int(i - self._offsets[part])
         reader = self._readers[part]
-        if reader is None:
-            reader = self._readers[part] = self.pread and RowReader.fits(rows) and RowReader(rows)
-        if reader:
+        if reader is not None:
             return reader.read(j)
-        return np.array(rows[j], dtype=np.float32)
+        return np.array(self._parts[part][j], dtype=np.float32)
 
     def __getstate__(self) -> dict[str, Any]:
         # Workers reopen memory maps by file name instead of receiving a pickled copy of the data.
         state = self.__dict__.copy()
         state["_parts"] = [None if f else p for f, p in zip(self._files, self._parts, strict=True)]
-        state["_readers"] = [None] * len(self._parts)  # each process opens its own files
+        del state["_readers"]  # each process opens its own files
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -92,6 +104,7 @@ class WaveStore:
         self._parts = [
             np.load(f, mmap_mode="r") if f else p for f, p in zip(self._files, self._parts, strict=True)
         ]
+        self._open_readers()
 
 
 class WaveRows:

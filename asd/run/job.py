@@ -146,9 +146,10 @@ def prepare(cfg: DictConfig) -> RunState:
 def memory_note() -> str:
     """The memory so far, for a stage's log line (Linux /proc/self/status; elsewhere "").
 
-    As "; memory: peak RSS 2.50 GB so far, 2.33 GB anonymous now". Logged when a stage ends, so a
+    As "; memory: peak RSS 2.50 GiB so far, 2.33 GiB anonymous now". Logged when a stage ends, so a
     run's log shows in which stage the peak was reached and what stayed; the peak counts resident
-    pages of mapped files, anonymous memory is what has to fit.
+    pages of mapped files, anonymous memory is what has to fit. This process only: DataLoader
+    workers (`data.num_workers`) have their own.
     """
     try:
         lines = Path("/proc/self/status").read_text().splitlines()
@@ -162,7 +163,7 @@ def memory_note() -> str:
     if len(kb) < 2:
         return ""
     peak, anonymous = kb["VmHWM"] / 2**20, kb["RssAnon"] / 2**20
-    return f"; memory: peak RSS {peak:.2f} GB so far, {anonymous:.2f} GB anonymous now"
+    return f"; memory: peak RSS {peak:.2f} GiB so far, {anonymous:.2f} GiB anonymous now"
 
 
 def train(cfg: DictConfig) -> Path:
