@@ -324,9 +324,9 @@ class RowReader:
     until the map closes: an epoch over 6,000 clips of 10 s would hold 5.5 GB of audio and features.
     `pread` copies from the kernel's page cache (which keeps the file for the next epoch, and gives
     it up under memory pressure) and maps nothing; on this machine it reads a row of 10 s in 36 us,
-    against 29 us through a kept map and 54 us through a map unmapped after each row
-    (`benchmarks/bench_data.py` times an epoch both ways). Only for what `fits`: a whole
-    read-only float32 .npy map, as `np.load(mmap_mode="r")` returns it.
+    against 28 us through a kept map and 52 us through a map unmapped after each row, and an epoch
+    from the feature cache runs at the same rate either way (`benchmarks/bench_data.py`). Only for
+    what `fits`: a whole read-only float32 .npy map, as `np.load(mmap_mode="r")` returns it.
     """
 
     def __init__(self, array: np.memmap):
