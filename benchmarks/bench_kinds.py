@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -35,6 +34,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_statistics import kind_aucs  # noqa: E402
 from bench_zscores import read_scores  # noqa: E402
+from timing import write_tables  # noqa: E402
 
 from asd.data.synthetic import KINDS_FILE  # noqa: E402
 from asd.errors import AsdError  # noqa: E402
@@ -130,11 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
         "those groups; official: DCASE 2023 score. Mean ± sample std over runs.\n\n"
         f"{table(runs)}\n"
     )
-    print(text)
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"{args.name}.md").write_text(text)
     result = {"runs": runs}
-    (args.results / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_tables(args.results, args.name, result, [text])
     return result
 
 

@@ -420,6 +420,12 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def one_after_another(results: dict[str, Any], members: list[str], key: str) -> float:
+    """Clips/s of training `members` alone, one after the other: each makes its own pass over the
+    data, so their seconds per clip add up."""
+    return 1.0 / sum(1.0 / results[n]["train"][key] for n in members)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Prepare the data once, measure every member and the ensemble, compare joint with sequential."""
     device = torch.device(args.device)
@@ -495,8 +501,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ("clips_per_s_median", "_median"),
             ("clips_per_s_wall", "_wall"),
         ):
-            # alone, one after the other: each member makes its own pass, so seconds per clip add up
-            seq = 1.0 / sum(1.0 / results[n]["train"][key] for n in same)
+            seq = one_after_another(results, same, key)
             joint = results[ENSEMBLE]["train"][key]
             res["joint_vs_sequential"] |= {
                 f"sequential_clips_per_s{suffix}": round(seq, 2),
@@ -504,7 +509,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"ratio{suffix}": round(joint / seq, 3),
             }
             if same != trained:
-                alone = 1.0 / sum(1.0 / results[n]["train"][key] for n in trained)
+                alone = one_after_another(results, trained, key)
                 res["joint_vs_sequential"][f"ratio_b5_alone{suffix}"] = round(joint / alone, 3)
     return res
 
