@@ -2,10 +2,14 @@
 
 Every edit stays inside the mask returned with it. Time kinds rewrite one random span of samples;
 TF kinds change the STFT bins of a mask (Perlin blobs, a frequency band, a frame span) and add back
-ISTFT(mask * (X' - X)), so samples no masked frame covers are bit-identical. Working on waves means
-every member, AST included, sees the same anomalies.
+ISTFT(mask * (X' - X)), so samples no masked frame covers are bit-identical. Steady kinds change the
+whole clip a little and the same way throughout, as a worn part or a changed mount does: `eq` colours
+its long-term spectrum (a few dB in smooth bands), `hum` adds a weak steady tone with harmonics. They
+are opt-in (`DEFAULT_KINDS` leaves them out): they move the fusion's weights towards the columns that
+hear the long-term spectrum, but `final` only within noise (docs/results.md, "Steady
+pseudo-anomalies"). Working on waves means every member, AST included, sees the same anomalies.
 
-One file: eleven edit kinds share one mask contract, one seeded RNG per copy and one config;
+One file: thirteen edit kinds share one mask contract, one seeded RNG per copy and one config;
 splitting them would scatter the contract the tests check kind by kind.
 """
 
@@ -32,16 +36,20 @@ log = logging.getLogger(__name__)
 
 # fmt: off
 KINDS: tuple[str, ...] = ("tone", "harmonics", "impulses", "band_noise", "gain_drift", "pitch_drift",
-                          "modulation", "outlier", "tf_blobs", "tf_band", "tf_span")
+                          "modulation", "outlier", "tf_blobs", "tf_band", "tf_span", "eq", "hum")
 # fmt: on
 TF_KINDS = ("tf_blobs", "tf_band", "tf_span")
+STEADY_KINDS = ("eq", "hum")  # the whole clip, changed the same way throughout
+#: what a run draws unless `fusion.anomalies.kinds` says otherwise: the steady kinds are opt-in, as
+#: they moved `final` only within noise (docs/results.md, "Steady pseudo-anomalies")
+DEFAULT_KINDS = tuple(k for k in KINDS if k not in STEADY_KINDS)
 
 
 @dataclass(frozen=True)
 class AnomalyConfig:
     """What the generator may inject and how strongly; ranges are (low, high), drawn uniformly per call."""
 
-    kinds: tuple[str, ...] = KINDS
+    kinds: tuple[str, ...] = DEFAULT_KINDS
     p_none: float = 0.0  # probability that a call returns the clip unchanged, kind "none"
     level_db: tuple[float, float] = (-10.0, 5.0)  # added components' RMS relative to the clip's RMS
     span: tuple[float, float] = (0.1, 0.6)  # fraction of the clip (or of its frames) one event covers
@@ -57,6 +65,9 @@ class AnomalyConfig:
     p_substitute: float = 0.5  # outlier: probability of substituting the span instead of mixing
     fade_ms: float = 10.0  # ramps inside a span, so added sounds start and end without a click
     min_rms: float = 1e-3  # reference RMS floor: a silent clip still gets an audible added component
+    eq_db: tuple[float, float] = (3.0, 10.0)  # eq: peak gain of each smooth band, boosted or cut
+    eq_octaves: tuple[float, float] = (0.3, 1.5)  # eq: width (std in octaves) of each band
+    hum_db: tuple[float, float] = (-30.0, -12.0)  # hum: the steady tone's RMS relative to the clip's
 
 
 def anomaly_config(values: Mapping[str, Any] | None) -> AnomalyConfig:
@@ -241,8 +252,11 @@ class PseudoAnomalies:
         ref = max(_rms(x), self.config.min_rms)
         if kind in TF_KINDS:
             return self._tf_edit(x, rng, kind, ref)
-        n = min(len(x), max(2, round(rng.uniform(*self.config.span) * len(x))))
-        start = int(rng.integers(0, len(x) - n + 1))
+        if kind in STEADY_KINDS:
+            n, start = len(x), 0
+        else:
+            n = min(len(x), max(2, round(rng.uniform(*self.config.span) * len(x))))
+            start = int(rng.integers(0, len(x) - n + 1))
         out = x.astype(np.float64)
         span = slice(start, start + n)
         # the edit only ever sees and returns the span, so nothing outside it can change
@@ -336,6 +350,32 @@ class PseudoAnomalies:
             # substitute: the other clip at the span's own loudness, cross-faded in and out inside the span
             return seg * (1 - fade) + _scaled(other, max(_rms(seg), self.config.min_rms)) * fade
         return seg + _scaled(other, self._level(rng, ref)) * fade
+
+    # ------------------------------------------------------------------ steady kinds: the whole clip
+    def _eq(self, seg, rng, ref, other) -> np.ndarray:
+        """1-3 smooth bands, Gaussian in log frequency, each boosted or cut; zero phase (one FFT)."""
+        sr = self.config.sample_rate
+        freqs = np.fft.rfftfreq(len(seg), 1.0 / sr)
+        octaves = np.log2(np.maximum(freqs, 1.0))  # DC shares the 1 Hz bin's gain
+        curve_db = np.zeros(len(freqs))
+        for _ in range(int(rng.integers(1, 4))):
+            centre = rng.uniform(np.log2(100.0), np.log2(0.45 * sr))
+            width = rng.uniform(*self.config.eq_octaves)
+            gain = rng.choice([-1.0, 1.0]) * rng.uniform(*self.config.eq_db)
+            curve_db += gain * np.exp(-0.5 * ((octaves - centre) / width) ** 2)
+        return np.fft.irfft(np.fft.rfft(seg) * 10 ** (curve_db / 20), n=len(seg))
+
+    def _hum(self, seg, rng, ref, other) -> np.ndarray:
+        """A weak steady tone (log-uniform 50 Hz .. 0.2 sr) with up to 3 more harmonics, below 0.45 sr."""
+        sr = self.config.sample_rate
+        f0 = np.exp(rng.uniform(np.log(50.0), np.log(0.2 * sr)))
+        k = np.arange(1, int(rng.integers(1, 5)) + 1)
+        k = k[k * f0 < 0.45 * sr]  # the fundamental always stays: 0.2 sr < 0.45 sr
+        phases = rng.uniform(0, 2 * np.pi, len(k))
+        partials = np.sin(2 * np.pi * f0 * k[:, None] * np.arange(len(seg)) / sr + phases[:, None])
+        comp = (partials / k[:, None]).sum(axis=0)
+        level = ref * 10 ** (rng.uniform(*self.config.hum_db) / 20)
+        return seg + _scaled(comp, level) * self._fade(len(seg))
 
     # ------------------------------------------------------------------ TF kinds
     def _tf_edit(self, x: np.ndarray, rng: np.random.Generator, kind: str, ref: float) -> Injection:

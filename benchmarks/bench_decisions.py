@@ -11,7 +11,11 @@ and the TPR/TNR of its decisions over every test clip) and `.hydra/config.yaml`
 score measures the ranking; TNR against `threshold_percentile` measures whether the thresholds
 were set where they were meant to be (a threshold fitted on too few or on optimistic normal
 scores lands far from it). Per label and configuration: every seed, the mean and sample std
-(n - 1), and the mean distance |TNR - threshold_percentile|. Writes benchmarks/results/<name>.{json,md}.
+(n - 1), and the mean distance |TNR - threshold_percentile|. With `--baseline LABEL`, each other
+label's official score is also compared with that label's seed by seed (`paired`): the mean and
+sample std of the differences over the seeds both hold, how many are higher, lower and equal, and
+"noise" where the mean difference lies within one std of them (as bench_quality.py judges).
+Writes benchmarks/results/<name>.{json,md}.
 """
 
 from __future__ import annotations
@@ -79,12 +83,36 @@ def summarise(runs: list[dict]) -> dict[str, float]:
     }
 
 
+def paired(runs: list[dict], base: list[dict]) -> dict[str, float | int | str] | None:
+    """`runs`' official scores minus `base`'s, seed by seed over the seeds both hold; None if none."""
+    by_seed = {r["seed"]: r["official"] for r in base}
+    diffs = [r["official"] - by_seed[r["seed"]] for r in runs if r["seed"] in by_seed]
+    if not diffs:
+        return None
+    mean = statistics.fmean(diffs)
+    std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    return {
+        "n": len(diffs),
+        "diff_mean": mean,
+        "diff_std": std,
+        "higher": sum(d > 0 for d in diffs),
+        "lower": sum(d < 0 for d in diffs),
+        "equal": sum(d == 0 for d in diffs),
+        # one seed gives no spread to judge by
+        "verdict": "noise" if len(diffs) < 2 or abs(mean) <= std else ("higher" if mean > 0 else "lower"),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="LABEL=DIR: a bench_quality.py --out folder and its name")
     parser.add_argument("--name", default="bench_decisions", help="result files' name")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where <name>.{json,md} go")
+    parser.add_argument("--baseline", help="a LABEL every other label is compared with, seed by seed")
     args = parser.parse_args()
+    labels_given = [given.rpartition("=")[0] for given in args.runs]
+    if args.baseline is not None and args.baseline not in labels_given:
+        raise SystemExit(f"error: --baseline {args.baseline!r} is none of the labels {labels_given}")
 
     table: dict[str, dict[str, list[dict]]] = {}  # config -> label -> runs
     for given in args.runs:
@@ -104,6 +132,7 @@ def main() -> None:
             table.setdefault(run_dir.parent.name, {}).setdefault(label, []).append(run)
     lines = [f"# Ranking and decisions of `final` ({', '.join(args.runs)})", ""]
     summary: dict[str, dict[str, dict[str, float]]] = {}
+    comparisons: dict[str, dict[str, dict]] = {}  # config -> label -> paired differences (--baseline)
     for config, labels in table.items():
         lines += [
             f"## {config}",
@@ -120,7 +149,29 @@ def main() -> None:
             )
         aims = sorted({r["percentile"] for runs in labels.values() for r in runs})
         lines += ["", f"TNR aim (threshold_percentile): {', '.join(f'{a:g}' for a in aims)}", ""]
-    write_tables(args.results, args.name, {"runs": args.runs, "table": table, "summary": summary}, lines)
+        if args.baseline in labels:
+            rows = [
+                (label, d)
+                for label, runs in labels.items()
+                if label != args.baseline and (d := paired(runs, labels[args.baseline])) is not None
+            ]
+            lines += [
+                f"Official score minus `{args.baseline}`'s, seed by seed:",
+                "",
+                "| runs | seeds | mean ± std of the differences | higher / lower / equal | verdict |",
+                "| --- | --- | --- | --- | --- |",
+            ]
+            for label, d in rows:
+                comparisons.setdefault(config, {})[label] = d
+                lines.append(
+                    f"| {label} | {d['n']} | {d['diff_mean']:+.4f} ± {d['diff_std']:.4f} | "
+                    f"{d['higher']} / {d['lower']} / {d['equal']} | {d['verdict']} |"
+                )
+            lines.append("")
+    data = {"runs": args.runs, "table": table, "summary": summary}
+    if args.baseline is not None:
+        data |= {"baseline": args.baseline, "paired": comparisons}
+    write_tables(args.results, args.name, data, lines)
 
 
 if __name__ == "__main__":

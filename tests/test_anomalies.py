@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,9 @@ from scipy import ndimage, signal
 from torch.utils.data import DataLoader
 
 from asd.anomalies import (
+    DEFAULT_KINDS,
     KINDS,
+    STEADY_KINDS,
     TF_KINDS,
     AnomalyConfig,
     Injection,
@@ -28,7 +31,7 @@ from asd.data.table import Clip, ClipTable
 from asd.errors import AsdError
 
 SR, N_FFT, HOP = 16000, 512, 128
-TIME_KINDS = [k for k in KINDS if k not in TF_KINDS]
+TIME_KINDS = [k for k in KINDS if k not in TF_KINDS and k not in STEADY_KINDS]
 SEEDS = range(6)
 
 
@@ -107,6 +110,49 @@ def test_tf_kinds_change_the_spectrogram_inside_their_mask_only(gen, clip, kind)
             assert inj.mask[rows].all() and rows[-1] - rows[0] + 1 == len(rows)  # all frames, one band
 
 
+@pytest.mark.parametrize("kind", STEADY_KINDS)
+def test_steady_kinds_change_the_whole_clip_the_same_way_throughout(gen, clip, kind):
+    noise = np.random.default_rng(5).standard_normal(4 * SR).astype(np.float32)  # 4 s of white noise
+    for source in (clip, noise):
+        frames = source[: len(source) // 1600 * 1600].reshape(-1, 1600)  # 100 ms frames
+        for seed in SEEDS:
+            inj = gen(source, np.random.default_rng(seed), kind=kind)
+            assert inj.kind == kind and inj.wave.dtype == np.float32 and inj.wave.shape == source.shape
+            assert inj.mask.dtype == bool and inj.mask.shape == source.shape and inj.mask.all()
+            change = (inj.wave.astype(np.float64) - source)[: frames.size].reshape(frames.shape)
+            assert rms(change) > 0.02 * rms(source)  # a real change, if a small one
+            if kind == "hum":  # an added steady component: as loud in every 100 ms (fades aside)
+                per_frame = np.sqrt(np.mean(change[1:-1] ** 2, axis=1))
+                assert per_frame.std() < 0.05 * per_frame.mean()
+            else:  # a fixed filter: each frame's change is that frame passed through it, so the change's
+                # share of each noise frame's energy is the same throughout
+                share = np.sum(change**2, axis=1) / np.sum(frames.astype(np.float64) ** 2, axis=1)
+                if source is noise:
+                    assert share[1:-1].std() < 0.25 * share[1:-1].mean()
+    # eq is linear: twice the clip, twice the result (hum is added at the clip's level, so it scales too)
+    for kind_ in STEADY_KINDS:
+        one = gen(clip, np.random.default_rng(2), kind=kind_).wave.astype(np.float64)
+        two = gen(2 * clip, np.random.default_rng(2), kind=kind_).wave.astype(np.float64)
+        np.testing.assert_allclose(two, 2 * one, atol=1e-5)
+
+
+def test_eq_bands_and_hum_levels_follow_their_ranges(clip):
+    noise = np.random.default_rng(5).standard_normal(4 * SR)
+    gen = PseudoAnomalies(AnomalyConfig(eq_db=(6.0, 6.0), eq_octaves=(0.5, 0.5)))
+    out = gen(noise.astype(np.float32), np.random.default_rng(1), kind="eq").wave.astype(np.float64)
+    # the spectrum's ratio, smoothed over 1/6 octave, stays within the bands' reach: 1-3 bands of 6 dB
+    freqs = np.fft.rfftfreq(len(noise), 1 / SR)
+    ratio_db = 10 * np.log10(np.abs(np.fft.rfft(out)) ** 2 / np.abs(np.fft.rfft(noise)) ** 2)
+    smooth = [
+        ratio_db[(freqs > f / 2 ** (1 / 12)) & (freqs < f * 2 ** (1 / 12))].mean()
+        for f in 2 ** np.arange(7, 12.8, 0.1)
+    ]
+    assert 5.0 < np.abs(smooth).max() < 18.5
+    hum = PseudoAnomalies(AnomalyConfig(hum_db=(-20.0, -20.0), fade_ms=0.0))
+    inj = hum(clip, np.random.default_rng(4), kind="hum")
+    assert rms(inj.wave.astype(np.float64) - clip) == pytest.approx(0.1 * rms(clip), rel=1e-3)  # -20 dB
+
+
 def test_added_components_follow_level_db_relative_to_the_clip_and_a_floor_for_silence(clip):
     cfg = AnomalyConfig(level_db=(0.0, 0.0), fade_ms=0.0)
     gen = PseudoAnomalies(cfg)
@@ -167,8 +213,11 @@ def test_kinds_are_drawn_only_from_the_enabled_ones(clip):
 
     assert drawn(AnomalyConfig(kinds=("tone",)), None) == {"tone"}
     assert drawn(AnomalyConfig(kinds=("tone", "tf_band")), None) == {"tone", "tf_band"}
-    assert drawn(AnomalyConfig(), clip) == set(KINDS)
-    assert drawn(AnomalyConfig(), None) == set(KINDS) - {"outlier"}  # no outlier wave, no outlier kind
+    assert drawn(AnomalyConfig(), clip) == set(DEFAULT_KINDS) == set(KINDS) - set(STEADY_KINDS)
+    assert drawn(AnomalyConfig(), None) == set(DEFAULT_KINDS) - {
+        "outlier"
+    }  # no outlier wave, no outlier kind
+    assert drawn(AnomalyConfig(kinds=KINDS), clip) == set(KINDS)  # the steady kinds when asked for
     assert drawn(AnomalyConfig(kinds=("tone",), p_none=0.5), None) == {"tone", "none"}
     gen = PseudoAnomalies(AnomalyConfig(kinds=("harmonics",)))
     assert all(gen(clip, np.random.default_rng(s)).kind == "harmonics" for s in SEEDS)
@@ -214,6 +263,17 @@ def test_anomaly_config_from_hydra_lists_and_defaults():
     assert cfg == AnomalyConfig(kinds=("tone", "tf_blobs"), span=(0.2, 0.3), p_none=0.1)
     assert anomaly_config(None) == AnomalyConfig()
     assert anomaly_config({"kinds": "tone"}).kinds == ("tone",)
+
+
+def test_the_configs_anomaly_settings_are_the_generators_defaults():
+    """conf/fusion/default.yaml lists the edit strengths so they can be set without Hydra's `+`;
+    they must say what the generator does when nothing is set."""
+    conf = Path(__file__).resolve().parents[1] / "conf" / "fusion" / "default.yaml"
+    values = {
+        k: v for k, v in OmegaConf.to_container(OmegaConf.load(conf).anomalies).items() if k != "copies"
+    }
+    assert {"level_db", "gain_db", "eq_db", "hum_db"} <= set(values)
+    assert anomaly_config(values) == AnomalyConfig()
 
 
 def test_frames_that_do_not_overlap_are_a_clear_error(clip, tmp_path):

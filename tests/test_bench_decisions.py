@@ -75,6 +75,44 @@ def test_labels_are_compared_per_configuration_with_the_tnr_aim(tmp_path):
     assert "| one | 0.600 0.700 | 0.650 ± 0.071 | 0.10 | 0.90 | 0.10 |" in md
 
 
+def test_a_baseline_compares_every_other_label_seed_by_seed(tmp_path):
+    for label, scores in {"base": (0.60, 0.70, 0.80), "new": (0.62, 0.69, 0.83), "one": (0.9,)}.items():
+        for seed, official in zip((1, 2, 3), scores, strict=False):
+            write_run(tmp_path / label / "first-shot" / f"seed{seed}", "zmean", official, 0.1, 0.9)
+    write_run(
+        tmp_path / "new" / "first-shot" / "seed4", "zmean", 0.99, 0.1, 0.9
+    )  # no baseline seed: left out
+    out = tmp_path / "results"
+    given = [f"{label}={tmp_path / label}" for label in ("base", "new", "one")]
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT), *given, "--baseline", "base", "--results", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    paired = json.loads((out / "bench_decisions.json").read_text())["paired"]["first-shot"]
+    new = paired["new"]  # differences +0.02, -0.01, +0.03: mean 0.0133, std 0.0208
+    assert (new["n"], new["higher"], new["lower"], new["equal"]) == (3, 2, 1, 0)
+    assert new["diff_mean"] == pytest.approx(0.04 / 3) and new["diff_std"] == pytest.approx(
+        0.0208167, rel=1e-5
+    )
+    assert new["verdict"] == "noise"  # the mean lies within one std of the differences
+    assert paired["one"]["verdict"] == "noise" and paired["one"]["n"] == 1  # one seed: nothing to judge by
+    assert (
+        bd.paired(
+            [{"seed": "a", "official": 0.7}, {"seed": "b", "official": 0.8}],
+            [{"seed": "a", "official": 0.6}, {"seed": "b", "official": 0.69}],
+        )["verdict"]
+        == "higher"
+    )
+    md = (out / "bench_decisions.md").read_text()
+    assert "| new | 3 | +0.0133 ± 0.0208 | 2 / 1 / 0 | noise |" in md
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT), *given, "--baseline", "old"], capture_output=True, text=True
+    )
+    assert res.returncode != 0 and "--baseline 'old' is none of the labels" in res.stderr
+
+
 def test_a_bad_label_is_one_clear_error(tmp_path):
     res = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True)
     assert res.returncode != 0 and "expected LABEL=DIR" in res.stderr

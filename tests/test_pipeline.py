@@ -26,6 +26,7 @@ from asd.run import FINAL_CKPT, FinishedRun, train
 from asd.run.calibrate import reference_normals
 from asd.run.job import prepare
 from asd.run.predict import context_of, infer, member_scores
+from asd.run.stages import stored_anomalies
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = str(REPO / "conf")
@@ -311,8 +312,10 @@ def test_the_discriminant_weight_rule_recalibrates_and_the_summary_says_so(run, 
     assert "weighted by each one's criterion" in (run / "summary.md").read_text()
     # the default rule is not in the calibrate stage's settings: they equal what runs made before the
     # key existed stored, so such a run folder is not calibrated again
-    weighted = json.loads((run / "stages.json").read_text())["calibrate"]["fusion"]["weighted"]
-    assert weighted == {"power": 2.0}
+    stored = json.loads((run / "stages.json").read_text())["calibrate"]["fusion"]
+    assert stored["weighted"] == {"power": 2.0}
+    # nor are the edit strengths the config lists at their defaults (asd.run.stages.stored_anomalies)
+    assert set(stored["anomalies"]) == {"copies", "kinds", "p_none"}
     other = tmp_path / "discriminant"
     shutil.copytree(run, other)
     cfg = compose_from(other)
@@ -330,6 +333,18 @@ def test_the_discriminant_weight_rule_recalibrates_and_the_summary_says_so(run, 
     summary = (other / "summary.md").read_text()
     assert "by the shrunk linear discriminant of all members, fusion.weighted.rule=discriminant" in summary
     assert "zweighted member weights (fusion.weighted.rule=discriminant;" in summary
+
+
+def test_stages_store_an_edit_strength_only_where_it_differs_from_the_default():
+    given = {
+        "copies": 8,
+        "kinds": ["tone"],
+        "level_db": [-25, -5],
+        "gain_db": [6, 12],
+        "hum_db": [-30.0, -12.0],
+    }
+    assert stored_anomalies(given) == {"copies": 8, "kinds": ["tone"], "level_db": [-25, -5]}
+    assert stored_anomalies(None) is None
 
 
 def test_threshold_shrinkage_moves_only_the_thresholds_and_the_summary_says_so(run, tmp_path, caplog):
@@ -552,7 +567,7 @@ def test_frozen_member_restored_from_a_checkpoint_does_not_move(run, tmp_path):
         ("final=best", "final='best': expected auto or one of"),
         ("final=meta fusion.enabled=false", "final=meta needs the pseudo-anomalies it is fitted on"),
         ("final=zweighted fusion.enabled=false", "final=zweighted needs the pseudo-anomalies"),
-        ("fusion.anomalies.kinds=[tone,hum]", "fusion.anomalies.kinds"),
+        ("fusion.anomalies.kinds=[tone,whistle]", "fusion.anomalies.kinds"),
         ("fusion.anomalies.copies=0", "fusion.anomalies.copies=0"),
         ("+ckpt.b2=/nonexistent.ckpt", "no such file"),
         ("data.on_bad_file=ignore", "data.on_bad_file"),

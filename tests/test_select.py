@@ -36,6 +36,30 @@ def test_criterion_is_the_hmean_of_every_sections_auc_and_pauc():
         select.criterion(scores[:3], y[:3], section[:3])
 
 
+def test_the_auc_measure_leaves_out_the_pauc_that_one_top_normal_decides():
+    """Ten normals: the pAUC (FPR <= 0.1) rests on the highest normal alone. One normal above
+    every pseudo-anomaly sets the pAUC at its floor, 9/19 (McClish: no area below FPR 0.1), and
+    pulls the official criterion down; the AUC counts it as one normal in ten."""
+    y = np.array([0] * 10 + [1] * 10)
+    section = np.zeros(20, dtype=np.int64)
+    scores = np.array([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 9.0] + [1.0 + i / 10 for i in range(10)])
+    auc, pauc = auc_pauc(y, scores)
+    # 90 of 100 pairs ranked right; (1 + (0 - 0.005) / (0.1 - 0.005)) / 2 with no anomaly above it
+    assert auc == pytest.approx(0.9) and pauc == pytest.approx(9 / 19)
+    assert select.criterion(scores, y, section, measure="auc") == pytest.approx(0.9)
+    assert select.criterion(scores, y, section) == pytest.approx(2 / (1 / 0.9 + 19 / 9))  # 0.621
+    two = np.repeat([0, 1], 10)  # two sections: the harmonic mean of their AUCs
+    y2, s2 = np.tile([0] * 5 + [1] * 5, 2), np.concatenate([np.arange(10.0), [0, 1, 2, 3, 9, 4, 5, 6, 7, 8]])
+    want = hmean([auc_pauc(y2[:10], s2[:10])[0], auc_pauc(y2[10:], s2[10:])[0]])
+    assert select.criterion(s2, y2, two, measure="auc") == pytest.approx(want, abs=1e-15)
+    rows = torch.tensor(np.stack([scores, -scores], axis=1))
+    crit, weights, _ = select.member_weights(rows, y, section, power=2.0, measure="auc")
+    np.testing.assert_allclose(crit, [0.9, 0.1])
+    np.testing.assert_allclose(weights, [0.4**2, 0.0])
+    with pytest.raises(AsdError, match="fusion.weighted.measure='pauc': expected one of"):
+        select.criterion(scores, y, section, measure="pauc")
+
+
 def test_the_label_free_fusion_decides_when_the_learned_one_separates_worse():
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     section = np.zeros(8, dtype=np.int64)

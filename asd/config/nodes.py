@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo
 from pydantic.functional_validators import PlainValidator
 from pydantic_core import PydanticCustomError
 
-from asd.anomalies import KINDS
+from asd.anomalies import DEFAULT_KINDS, KINDS
 from asd.branches.contrastive import OBJECTIVES, SELF_SUPERVISED, SPECTRA
 from asd.branches.diffusion import SCHEDULES
 from asd.branches.error_profile import SCORE_MODES as PROFILE_MODES
@@ -47,7 +47,7 @@ from asd.data.cache import ON_BAD_FILE
 from asd.data.index import YEARS
 from asd.data.synthetic import MODELS
 from asd.image_anomalies import IMAGE_KINDS
-from asd.scoring import FUSIONS, WEIGHT_RULES, WEIGHTED
+from asd.scoring import CRITERION_MEASURES, FUSIONS, WEIGHT_RULES, WEIGHTED
 
 
 def _distinct(v: Any, options: tuple[str, ...]) -> bool:
@@ -408,7 +408,7 @@ class Anomalies(Node):
     """`asd.anomalies.AnomalyConfig` fields (the sample rate comes from the data) and `copies`."""
 
     copies: PosInt = 8
-    kinds: Kinds = list(KINDS)
+    kinds: Kinds = list(DEFAULT_KINDS)
     p_none: number(ge=0, lt=1) = 0.0
     level_db: interval() = [-10.0, 5.0]
     span: interval(gt=0, le=1) = [0.1, 0.6]
@@ -423,6 +423,9 @@ class Anomalies(Node):
     p_substitute: Fraction = 0.5
     fade_ms: Weight = 10.0
     min_rms: Positive = 1e-3
+    eq_db: interval(gt=0) = [3.0, 10.0]
+    eq_octaves: interval(gt=0) = [0.3, 1.5]
+    hum_db: interval() = [-30.0, -12.0]
 
 
 ImageKinds = value(  # `kinds: blobs` is one kind (asd.image_anomalies.image_anomaly_config)
@@ -469,6 +472,7 @@ FUSION_CANDIDATES = ("meta", "attention", WEIGHTED, *FUSIONS)
 class Weighted(Node):
     power: Positive = 2.0
     rule: choice(*WEIGHT_RULES) = "criterion"
+    measure: choice(*CRITERION_MEASURES) = "official"
 
 
 class Select(Node):

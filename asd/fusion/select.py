@@ -37,7 +37,7 @@ from torch import Tensor
 from asd.errors import AsdError
 from asd.evaluation.metrics import auc_pauc, hmean
 from asd.fusion.stage import apply_fusion, fit_fusion
-from asd.scoring import FUSIONS, WEIGHT_RULES, WEIGHTED, fuse, fuse_weighted
+from asd.scoring import CRITERION_MEASURES, FUSIONS, WEIGHT_RULES, WEIGHTED, fuse, fuse_weighted
 
 log = logging.getLogger(__name__)
 
@@ -136,23 +136,31 @@ def cross_fitted_learned(
     return out
 
 
-def criterion(scores: np.ndarray, y: np.ndarray, section: np.ndarray) -> float:
-    """Harmonic mean of every section's AUC and pAUC (max FPR 0.1), normals vs pseudo-anomalies."""
+def criterion(scores: np.ndarray, y: np.ndarray, section: np.ndarray, measure: str = "official") -> float:
+    """Harmonic mean of every section's AUC and pAUC (max FPR 0.1), normals vs pseudo-anomalies;
+    `measure="auc"`: of the AUCs alone (`fusion.weighted.measure`)."""
+    if measure not in CRITERION_MEASURES:
+        raise AsdError(
+            f"fusion.weighted.measure={measure!r}: expected one of {', '.join(map(repr, CRITERION_MEASURES))}"
+        )
     values = []
     for s in np.unique(section):
         rows = section == s
         if len(np.unique(y[rows])) == 2:
-            values.extend(auc_pauc(y[rows], scores[rows]))
+            auc, pauc = auc_pauc(y[rows], scores[rows])
+            values.extend([auc, pauc] if measure == "official" else [auc])
     if not values:
         raise AsdError("no section has both normals and pseudo-anomalies to judge the final score on")
     return hmean(values)
 
 
-def member_criteria(rows: Tensor, y: np.ndarray, section: np.ndarray) -> np.ndarray:
+def member_criteria(
+    rows: Tensor, y: np.ndarray, section: np.ndarray, measure: str = "official"
+) -> np.ndarray:
     """`criterion` of each member's own column of `rows` (N, M): how well it alone separates the
     normals (left-out z-scores) from the pseudo-anomalies, (M,) float64."""
     scores = rows.double().numpy()
-    return np.array([criterion(scores[:, m], y, section) for m in range(scores.shape[1])])
+    return np.array([criterion(scores[:, m], y, section, measure) for m in range(scores.shape[1])])
 
 
 def criterion_weights(criteria: np.ndarray, power: float) -> np.ndarray:
@@ -195,21 +203,32 @@ def discriminant_weights(rows: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, s
 
 
 def member_weights(
-    rows: Tensor | np.ndarray, y: np.ndarray, section: np.ndarray, power: float, rule: str = "criterion"
+    rows: Tensor | np.ndarray,
+    y: np.ndarray,
+    section: np.ndarray,
+    power: float,
+    rule: str = "criterion",
+    measure: str = "official",
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """(criteria (M,), weights (M,), note): each member's `member_criteria` and the `zweighted`
-    weights `rule` makes (`criterion_weights` of the criteria, or `discriminant_weights`)."""
+    """(criteria (M,), weights (M,), note): each member's `member_criteria` (by `measure`) and the
+    `zweighted` weights `rule` makes (`criterion_weights` of the criteria, or `discriminant_weights`)."""
     if rule not in WEIGHT_RULES:
         raise AsdError(f"fusion.weighted.rule={rule!r}: expected one of {', '.join(map(repr, WEIGHT_RULES))}")
     rows = torch.as_tensor(rows)
-    criteria = member_criteria(rows, y, section)
+    criteria = member_criteria(rows, y, section, measure)
     if rule == "criterion":
         return criteria, criterion_weights(criteria, power), ""
     return criteria, *discriminant_weights(rows.double().numpy(), y)
 
 
 def cross_fitted_weighted(
-    rows: Tensor, y: np.ndarray, section: np.ndarray, plan: list[Fit], power: float, rule: str = "criterion"
+    rows: Tensor,
+    y: np.ndarray,
+    section: np.ndarray,
+    plan: list[Fit],
+    power: float,
+    rule: str = "criterion",
+    measure: str = "official",
 ) -> np.ndarray:
     """`zweighted` scores of the rows each fit of `plan` scores, with weights from that fit's other
     rows only (NaN for rows no fit scores): it is judged like the learned fusions, never on the rows
@@ -220,7 +239,7 @@ def cross_fitted_weighted(
         if len(np.unique(y[t])) < 2:  # a fit without both kinds of rows cannot weigh: equal weights
             weights = np.ones(rows.shape[1])
         else:
-            weights = member_weights(rows[train], y[t], section[t], power, rule)[1]
+            weights = member_weights(rows[train], y[t], section[t], power, rule, measure)[1]
         out[held.numpy()] = fuse_weighted(rows[held].double(), torch.as_tensor(weights)).numpy()
     return out
 

@@ -246,8 +246,9 @@ def choose_final(
     if WEIGHTED in names:
         rows = torch.cat([loo, z[n_normal:]])
         power, rule = float(fcfg["weighted"]["power"]), str(fcfg["weighted"].get("rule", "criterion"))
+        measure = str(fcfg["weighted"].get("measure", "official"))
         learned[WEIGHTED] = select.cross_fitted_weighted(
-            rows, y.numpy().astype(np.int64), ctx["section"].numpy(), plan, power, rule
+            rows, y.numpy().astype(np.int64), ctx["section"].numpy(), plan, power, rule, measure
         )
     if any(n in select.LEARNED for n in names):
         learned |= select.cross_fitted_learned(
@@ -285,17 +286,19 @@ def weigh_members(
     then their pseudo-anomalies'), and the weights `fusion.weighted.rule` makes (`power` or the
     discriminant, `asd.fusion.select.member_weights`)."""
     rule = str(cfg.fusion.weighted.get("rule", "criterion"))
+    measure = str(cfg.fusion.weighted.get("measure", "official"))
     criteria, weights, note = select.member_weights(
-        rows, y.numpy().astype(np.int64), section.numpy(), float(cfg.fusion.weighted.power), rule
+        rows, y.numpy().astype(np.int64), section.numpy(), float(cfg.fusion.weighted.power), rule, measure
     )
     members = calibration.members
     calibration.member_criteria = {m: float(c) for m, c in zip(members, criteria, strict=True)}
     calibration.weights = {m: float(w) for m, w in zip(members, weights / weights.sum(), strict=True)}
     calibration.weights_rule, calibration.weights_note = rule, note
     log.info(
-        "stage calibrate: zweighted weights (fusion.weighted.rule=%s; each member's criterion alone on "
-        "normals vs pseudo-anomalies in brackets)%s: %s",
+        "stage calibrate: zweighted weights (fusion.weighted.rule=%s, measure=%s; each member's criterion "
+        "alone on normals vs pseudo-anomalies in brackets)%s: %s",
         rule,
+        measure,
         f", {note}" if note else "",
         ", ".join(f"{m} {w:.2f} ({criteria[i]:.3f})" for i, (m, w) in enumerate(calibration.weights.items())),
     )

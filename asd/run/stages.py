@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from asd.anomalies import PseudoAnomalyDataset
+from asd.anomalies import AnomalyConfig, PseudoAnomalyDataset
 from asd.calibration import Calibration
 from asd.data.datamodule import AsdDataModule
 from asd.ensemble import Ensemble, is_reference
@@ -259,6 +259,7 @@ class CrossFit(Stage):
     def settings(self, run: RunState) -> dict[str, Any]:
         fusion = run.cfg.fusion
         fakes = {k: plain(fusion.get(k)) for k in ("seed", "anomalies", "image_anomalies")}
+        fakes["anomalies"] = stored_anomalies(fakes["anomalies"])
         return {
             "folds": run.dm.crossfit_folds,
             "fused": fused_members(run.ensemble),
@@ -322,6 +323,31 @@ class Backends(Stage):
         cal.load_backends(run.ensemble, self.state)
 
 
+#: `fusion.anomalies` keys conf/fusion/default.yaml lists since 2026-12-05 (before, only the schema
+#: knew them); a stage stores one only where it differs from the generator's default
+_LISTED_LATER = (
+    "level_db", "span", "gain_db", "pitch_semitones", "mod_rate_hz", "mod_depth", "band", "blob_fraction",
+    "eq_db", "eq_octaves", "hum_db",
+)  # fmt: skip
+
+
+def stored_anomalies(values: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`fusion.anomalies` as a stage's settings store it: the keys of `_LISTED_LATER` left out where
+    they hold the generator's defaults, so a run folder made before the config listed them (with the
+    same edits) is not cross-fitted and calibrated again."""
+    if values is None:
+        return None
+    defaults = AnomalyConfig()
+    return {
+        k: v
+        for k, v in values.items()
+        if not (
+            k in _LISTED_LATER
+            and list(getattr(defaults, k)) == list(v if isinstance(v, list | tuple) else [v])
+        )
+    }
+
+
 class Calibrate(Stage):
     """Normalisers, learned fusions and thresholds: `calibration.pt` (and the pseudo-anomaly plot)."""
 
@@ -335,9 +361,13 @@ class Calibrate(Stage):
     def settings(self, run: RunState) -> dict[str, Any]:
         cfg = run.cfg
         fusion = plain(cfg.fusion)
+        # the defaults, and what runs made before the keys existed used: their calibration still stands
         if fusion.get("weighted", {}).get("rule") == "criterion":
-            # the default, and what runs made before the key existed used: their calibration still stands
             del fusion["weighted"]["rule"]
+        if fusion.get("weighted", {}).get("measure") == "official":
+            del fusion["weighted"]["measure"]
+        if "anomalies" in fusion:
+            fusion["anomalies"] = stored_anomalies(fusion["anomalies"])
         return {
             "fusion": fusion,
             "final": cfg.final,
