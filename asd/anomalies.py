@@ -3,11 +3,12 @@
 Every edit stays inside the mask returned with it. Time kinds rewrite one random span of samples;
 TF kinds change the STFT bins of a mask (Perlin blobs, a frequency band, a frame span) and add back
 ISTFT(mask * (X' - X)), so samples no masked frame covers are bit-identical. Steady kinds change the
-whole clip a little and the same way throughout, as a worn part or a changed mount does: `eq` colours
-its long-term spectrum (a few dB in smooth bands), `hum` adds a weak steady tone with harmonics. They
-are opt-in (`DEFAULT_KINDS` leaves them out): they move the fusion's weights towards the columns that
-hear the long-term spectrum, but `final` only within noise (docs/results.md, "Steady
-pseudo-anomalies"). Working on waves means every member, AST included, sees the same anomalies.
+whole clip the same way throughout, as a worn part or a changed mount does: `eq` colours its
+long-term spectrum (1-3 smooth bands of 3-10 dB each, more where they overlap), `hum` adds a weak
+steady tone with harmonics. They are opt-in (`DEFAULT_KINDS` leaves them out): alone they rank the
+columns that hear the long-term spectrum first, but beside the event kinds they move the weights
+little and `final` only within noise (docs/results.md, "Steady pseudo-anomalies"). Working on waves
+means every member, AST included, sees the same anomalies.
 
 One file: thirteen edit kinds share one mask contract, one seeded RNG per copy and one config;
 splitting them would scatter the contract the tests check kind by kind.
@@ -206,7 +207,9 @@ class Injection:
 
     wave: np.ndarray  # (T,) float32
     kind: str  # one of KINDS, or "none"
-    mask: np.ndarray  # bool: (T,) samples for time kinds and "none", (F, frames) STFT bins for TF_KINDS
+    mask: (
+        np.ndarray
+    )  # bool: (T,) samples for time kinds, steady kinds (all True) and "none"; (F, frames) for TF_KINDS
 
 
 class PseudoAnomalies:
@@ -353,24 +356,45 @@ class PseudoAnomalies:
 
     # ------------------------------------------------------------------ steady kinds: the whole clip
     def _eq(self, seg, rng, ref, other) -> np.ndarray:
-        """1-3 smooth bands, Gaussian in log frequency, each boosted or cut; zero phase (one FFT)."""
-        sr = self.config.sample_rate
-        freqs = np.fft.rfftfreq(len(seg), 1.0 / sr)
+        """1-3 smooth bands, Gaussian in log frequency, each boosted or cut, zero phase. Each band is
+        centred where the clip has energy (drawn by its power spectrum), so the change is never
+        confined to bins the clip leaves empty; a clip below `min_rms` gets white noise at `min_rms`
+        first (a silent clip still changes, as `level_db`'s floor does for added components)."""
+        sr, n = self.config.sample_rate, len(seg)
+        if _rms(seg) < self.config.min_rms:
+            seg = seg + rng.standard_normal(n) * self.config.min_rms
+        # reflected ends: one FFT over the clip alone is a circular filter, which would carry the
+        # clip's end into its start
+        pad = min(n - 1, sr // 4)
+        padded = np.pad(seg, pad, mode="reflect")
+        spec = np.fft.rfft(padded)
+        freqs = np.fft.rfftfreq(len(padded), 1.0 / sr)
         octaves = np.log2(np.maximum(freqs, 1.0))  # DC shares the 1 Hz bin's gain
-        curve_db = np.zeros(len(freqs))
-        for _ in range(int(rng.integers(1, 4))):
-            centre = rng.uniform(np.log2(100.0), np.log2(0.45 * sr))
-            width = rng.uniform(*self.config.eq_octaves)
-            gain = rng.choice([-1.0, 1.0]) * rng.uniform(*self.config.eq_db)
-            curve_db += gain * np.exp(-0.5 * ((octaves - centre) / width) ** 2)
-        return np.fft.irfft(np.fft.rfft(seg) * 10 ** (curve_db / 20), n=len(seg))
+        low, high = min(100.0, 0.2 * sr), 0.45 * sr  # bands centred between these
+        inside = (freqs >= low) & (freqs <= high)
+        power = np.abs(spec[inside]) ** 2
+        for _ in range(8):  # bands of opposite sign can cancel: draw again while the change is < 5 % RMS
+            curve_db = np.zeros(len(freqs))
+            for _ in range(int(rng.integers(1, 4))):
+                drawn = (
+                    rng.choice(len(power), p=power / power.sum())
+                    if power.sum() > 0
+                    else rng.integers(len(power))
+                )
+                width = rng.uniform(*self.config.eq_octaves)
+                gain = rng.choice([-1.0, 1.0]) * rng.uniform(*self.config.eq_db)
+                curve_db += gain * np.exp(-0.5 * ((octaves - octaves[inside][int(drawn)]) / width) ** 2)
+            out = np.fft.irfft(spec * 10 ** (curve_db / 20), n=len(padded))[pad : pad + n]
+            if _rms(out - seg) >= 0.05 * _rms(seg):
+                break
+        return out
 
     def _hum(self, seg, rng, ref, other) -> np.ndarray:
         """A weak steady tone (log-uniform 50 Hz .. 0.2 sr) with up to 3 more harmonics, below 0.45 sr."""
         sr = self.config.sample_rate
-        f0 = np.exp(rng.uniform(np.log(50.0), np.log(0.2 * sr)))
+        f0 = np.exp(rng.uniform(np.log(min(50.0, 0.1 * sr)), np.log(0.2 * sr)))
         k = np.arange(1, int(rng.integers(1, 5)) + 1)
-        k = k[k * f0 < 0.45 * sr]  # the fundamental always stays: 0.2 sr < 0.45 sr
+        k = k[k * f0 < 0.45 * sr]  # the fundamental always stays: f0 <= 0.2 sr < 0.45 sr
         phases = rng.uniform(0, 2 * np.pi, len(k))
         partials = np.sin(2 * np.pi * f0 * k[:, None] * np.arange(len(seg)) / sr + phases[:, None])
         comp = (partials / k[:, None]).sum(axis=0)

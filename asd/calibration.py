@@ -55,7 +55,7 @@ CONTEXT = ("machine", "section", "domain")
 #: fields added after runs were written: a `calibration.pt` without them loads with their defaults
 ADDED = frozenset(
     {"reference_final", "threshold_note", "member_criteria", "weights", "z_limit"}
-    | {"weights_rule", "weights_note"}
+    | {"weights_rule", "weights_note", "weights_measure"}
 )
 
 Scores = Mapping[str, np.ndarray]
@@ -104,6 +104,8 @@ class Calibration:
     #: the `fusion.weighted.rule` the weights were made by, and why they fell back to equal ones ("" if not)
     weights_rule: str = "criterion"
     weights_note: str = ""
+    #: the `fusion.weighted.measure` each member's criterion was (official: AUC and pAUC; auc: the AUC)
+    weights_measure: str = "official"
     #: soft limit L of every z-score before fusion, z -> L tanh(z / L) (`limit`); None: off
     z_limit: float | None = None
 

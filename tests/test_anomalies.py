@@ -136,6 +136,23 @@ def test_steady_kinds_change_the_whole_clip_the_same_way_throughout(gen, clip, k
         np.testing.assert_allclose(two, 2 * one, atol=1e-5)
 
 
+def test_eq_never_carries_the_clips_end_into_its_start_and_always_changes_the_clip(gen):
+    loud_end = np.zeros(SR, dtype=np.float32)
+    loud_end[3 * SR // 4 :] = machine_clip(n=SR // 4)  # silent for 0.75 s, then a machine
+    tone = np.sin(2 * np.pi * 1000 * np.arange(SR) / SR).astype(np.float32)  # energy in one bin only
+    silent = np.zeros(SR, dtype=np.float32)
+    for seed in range(20):
+        out = gen(loud_end, np.random.default_rng(seed), kind="eq").wave
+        assert np.abs(out[: SR // 20]).max() < 1e-3 * np.abs(loud_end).max()  # the first 50 ms stay silent
+        changed = gen(tone, np.random.default_rng(seed), kind="eq").wave.astype(np.float64) - tone
+        assert rms(changed) >= 0.05 * rms(tone)  # bands land where the clip has energy, and do not cancel
+        quiet = gen(silent, np.random.default_rng(seed), kind="eq").wave
+        assert rms(quiet) > 0.1 * AnomalyConfig().min_rms  # a silent clip changes too
+    low = PseudoAnomalies(AnomalyConfig(sample_rate=200, n_fft=16, hop=8))  # low rates draw inside their band
+    for kind in STEADY_KINDS:
+        assert np.isfinite(low(machine_clip(n=400), np.random.default_rng(0), kind=kind).wave).all()
+
+
 def test_eq_bands_and_hum_levels_follow_their_ranges(clip):
     noise = np.random.default_rng(5).standard_normal(4 * SR)
     gen = PseudoAnomalies(AnomalyConfig(eq_db=(6.0, 6.0), eq_octaves=(0.5, 0.5)))
@@ -148,6 +165,7 @@ def test_eq_bands_and_hum_levels_follow_their_ranges(clip):
         for f in 2 ** np.arange(7, 12.8, 0.1)
     ]
     assert 5.0 < np.abs(smooth).max() < 18.5
+    assert np.ptp(smooth) > 3.0  # bands, not one gain over every frequency
     hum = PseudoAnomalies(AnomalyConfig(hum_db=(-20.0, -20.0), fade_ms=0.0))
     inj = hum(clip, np.random.default_rng(4), kind="hum")
     assert rms(inj.wave.astype(np.float64) - clip) == pytest.approx(0.1 * rms(clip), rel=1e-3)  # -20 dB

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from asd.calibration import Calibration, fit_thresholds
 from asd.data.index import index_dataset, parse_path
@@ -26,7 +26,7 @@ from asd.run import FINAL_CKPT, FinishedRun, train
 from asd.run.calibrate import reference_normals
 from asd.run.job import prepare
 from asd.run.predict import context_of, infer, member_scores
-from asd.run.stages import stored_anomalies
+from asd.run.stages import LISTED_LATER, stored_anomalies
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = str(REPO / "conf")
@@ -332,7 +332,7 @@ def test_the_discriminant_weight_rule_recalibrates_and_the_summary_says_so(run, 
     assert weighted == {"power": 2.0, "rule": "discriminant"}
     summary = (other / "summary.md").read_text()
     assert "by the shrunk linear discriminant of all members, fusion.weighted.rule=discriminant" in summary
-    assert "zweighted member weights (fusion.weighted.rule=discriminant;" in summary
+    assert "zweighted member weights (fusion.weighted.rule=discriminant, measure=official;" in summary
 
 
 def test_stages_store_an_edit_strength_only_where_it_differs_from_the_default():
@@ -345,6 +345,29 @@ def test_stages_store_an_edit_strength_only_where_it_differs_from_the_default():
     }
     assert stored_anomalies(given) == {"copies": 8, "kinds": ["tone"], "level_db": [-25, -5]}
     assert stored_anomalies(None) is None
+    # every strength the config lists is one of them, at the value the config gives it
+    conf = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "fusion" / "default.yaml").anomalies)
+    listed = {k: tuple(v) for k, v in conf.items() if k not in ("copies", "kinds", "p_none")}
+    assert listed == LISTED_LATER
+
+
+def test_the_auc_measure_recalibrates_and_the_summary_says_so(run, tmp_path, caplog):
+    first = Calibration.load(run / "calibration.pt")
+    assert first.weights_measure == "official"
+    other = tmp_path / "auc"
+    shutil.copytree(run, other)
+    cfg = compose_from(other)
+    cfg.run_dir = str(other)
+    cfg.fusion.weighted.measure = "auc"
+    with caplog.at_level("INFO", logger="asd.run"):
+        train(cfg)
+    assert "stage backends: skipped" in caplog.text
+    assert "stage calibrate: its settings changed since the last run" in caplog.text
+    cal = Calibration.load(other / "calibration.pt")
+    assert cal.weights_measure == "auc" and cal.member_criteria != first.member_criteria
+    weighted = json.loads((other / "stages.json").read_text())["calibrate"]["fusion"]["weighted"]
+    assert weighted == {"power": 2.0, "measure": "auc"}
+    assert "measure=auc; in brackets its AUC alone of each member" in (other / "summary.md").read_text()
 
 
 def test_threshold_shrinkage_moves_only_the_thresholds_and_the_summary_says_so(run, tmp_path, caplog):

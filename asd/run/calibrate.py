@@ -293,7 +293,7 @@ def weigh_members(
     members = calibration.members
     calibration.member_criteria = {m: float(c) for m, c in zip(members, criteria, strict=True)}
     calibration.weights = {m: float(w) for m, w in zip(members, weights / weights.sum(), strict=True)}
-    calibration.weights_rule, calibration.weights_note = rule, note
+    calibration.weights_rule, calibration.weights_note, calibration.weights_measure = rule, note, measure
     log.info(
         "stage calibrate: zweighted weights (fusion.weighted.rule=%s, measure=%s; each member's criterion "
         "alone on normals vs pseudo-anomalies in brackets)%s: %s",

@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from asd.anomalies import AnomalyConfig, PseudoAnomalyDataset
+from asd.anomalies import PseudoAnomalyDataset
 from asd.calibration import Calibration
 from asd.data.datamodule import AsdDataModule
 from asd.ensemble import Ensemble, is_reference
@@ -324,27 +324,25 @@ class Backends(Stage):
 
 
 #: `fusion.anomalies` keys conf/fusion/default.yaml lists since 2026-12-05 (before, only the schema
-#: knew them); a stage stores one only where it differs from the generator's default
-_LISTED_LATER = (
-    "level_db", "span", "gain_db", "pitch_semitones", "mod_rate_hz", "mod_depth", "band", "blob_fraction",
-    "eq_db", "eq_octaves", "hum_db",
-)  # fmt: skip
+#: knew them), at the values they held then. Fixed here, not read from `AnomalyConfig`: should a
+#: default change later, runs made with the old value must be cross-fitted and calibrated again
+LISTED_LATER: dict[str, tuple[float, float]] = {
+    "level_db": (-10.0, 5.0), "span": (0.1, 0.6), "gain_db": (6.0, 12.0), "pitch_semitones": (1.0, 3.0),
+    "mod_rate_hz": (2.0, 30.0), "mod_depth": (0.3, 0.9), "band": (0.03, 0.2), "blob_fraction": (0.03, 0.15),
+    "eq_db": (3.0, 10.0), "eq_octaves": (0.3, 1.5), "hum_db": (-30.0, -12.0),
+}  # fmt: skip
 
 
 def stored_anomalies(values: dict[str, Any] | None) -> dict[str, Any] | None:
-    """`fusion.anomalies` as a stage's settings store it: the keys of `_LISTED_LATER` left out where
-    they hold the generator's defaults, so a run folder made before the config listed them (with the
+    """`fusion.anomalies` as a stage's settings store it: a key of `LISTED_LATER` left out where it
+    holds the value it had when the config began to list it, so a run folder made before (with the
     same edits) is not cross-fitted and calibrated again."""
     if values is None:
         return None
-    defaults = AnomalyConfig()
     return {
         k: v
         for k, v in values.items()
-        if not (
-            k in _LISTED_LATER
-            and list(getattr(defaults, k)) == list(v if isinstance(v, list | tuple) else [v])
-        )
+        if not (k in LISTED_LATER and isinstance(v, list | tuple) and tuple(v) == LISTED_LATER[k])
     }
 
 
@@ -567,10 +565,11 @@ class Report(Stage):
         if run.calibration.reason:
             notes.append(run.calibration.reason)
         if run.calibration.weights:
-            rule = run.calibration.weights_rule
+            rule, measure = run.calibration.weights_rule, run.calibration.weights_measure
+            judged = "its AUC alone" if measure == "auc" else "its criterion"
             notes.append(
-                f"zweighted member weights (fusion.weighted.rule={rule}; in brackets the criterion of each "
-                "member alone on normals vs pseudo-anomalies): "
+                f"zweighted member weights (fusion.weighted.rule={rule}, measure={measure}; in brackets "
+                f"{judged} of each member alone on normals vs pseudo-anomalies): "
                 + ", ".join(
                     f"{m} {w:.2f} ({run.calibration.member_criteria[m]:.3f})"
                     for m, w in run.calibration.weights.items()
