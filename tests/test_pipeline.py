@@ -306,6 +306,17 @@ def test_the_reference_is_fused_by_default_and_stays_reported_as_its_own(run, tm
         assert r["stats_temporal"] == first[r["path"]]["stats_temporal"]
 
 
+def rerun_copy(run: Path, other: Path, caplog, key: str, value) -> Path:
+    """`other`: a copy of the finished `run`, run again by `train` with one key set (logs at INFO)."""
+    shutil.copytree(run, other)
+    cfg = compose_from(other)
+    cfg.run_dir = str(other)
+    OmegaConf.update(cfg, key, value)
+    with caplog.at_level("INFO", logger="asd.run"):
+        train(cfg)
+    return other
+
+
 def test_the_discriminant_weight_rule_recalibrates_and_the_summary_says_so(run, tmp_path, caplog):
     first = Calibration.load(run / "calibration.pt")
     assert first.weights_rule == "criterion" and first.weights_note == ""
@@ -316,13 +327,7 @@ def test_the_discriminant_weight_rule_recalibrates_and_the_summary_says_so(run, 
     assert stored["weighted"] == {"power": 2.0}
     # nor are the edit strengths the config lists at their defaults (asd.run.stages.stored_anomalies)
     assert set(stored["anomalies"]) == {"copies", "kinds", "p_none"}
-    other = tmp_path / "discriminant"
-    shutil.copytree(run, other)
-    cfg = compose_from(other)
-    cfg.run_dir = str(other)
-    cfg.fusion.weighted.rule = "discriminant"
-    with caplog.at_level("INFO", logger="asd.run"):
-        train(cfg)
+    other = rerun_copy(run, tmp_path / "discriminant", caplog, "fusion.weighted.rule", "discriminant")
     assert "stage fit: skipped" in caplog.text and "stage crossfit: skipped" in caplog.text
     assert "stage calibrate: its settings changed since the last run" in caplog.text
     cal = Calibration.load(other / "calibration.pt")
@@ -354,13 +359,7 @@ def test_stages_store_an_edit_strength_only_where_it_differs_from_the_default():
 def test_the_auc_measure_recalibrates_and_the_summary_says_so(run, tmp_path, caplog):
     first = Calibration.load(run / "calibration.pt")
     assert first.weights_measure == "official"
-    other = tmp_path / "auc"
-    shutil.copytree(run, other)
-    cfg = compose_from(other)
-    cfg.run_dir = str(other)
-    cfg.fusion.weighted.measure = "auc"
-    with caplog.at_level("INFO", logger="asd.run"):
-        train(cfg)
+    other = rerun_copy(run, tmp_path / "auc", caplog, "fusion.weighted.measure", "auc")
     assert "stage backends: skipped" in caplog.text
     assert "stage calibrate: its settings changed since the last run" in caplog.text
     cal = Calibration.load(other / "calibration.pt")
