@@ -207,9 +207,8 @@ class Injection:
 
     wave: np.ndarray  # (T,) float32
     kind: str  # one of KINDS, or "none"
-    mask: (
-        np.ndarray
-    )  # bool: (T,) samples for time kinds, steady kinds (all True) and "none"; (F, frames) for TF_KINDS
+    #: bool: (T,) samples for time kinds, steady kinds (all True) and "none"; (F, frames) for TF_KINDS
+    mask: np.ndarray
 
 
 class PseudoAnomalies:
