@@ -372,14 +372,11 @@ class PseudoAnomalies:
         low, high = min(100.0, 0.2 * sr), 0.45 * sr  # bands centred between these
         inside = (freqs >= low) & (freqs <= high)
         power = np.abs(spec[inside]) ** 2
+        weights = power / power.sum() if power.sum() > 0 else None  # None: uniform
         for _ in range(8):  # bands of opposite sign can cancel: draw again while the change is < 5 % RMS
             curve_db = np.zeros(len(freqs))
             for _ in range(int(rng.integers(1, 4))):
-                drawn = (
-                    rng.choice(len(power), p=power / power.sum())
-                    if power.sum() > 0
-                    else rng.integers(len(power))
-                )
+                drawn = rng.choice(len(power), p=weights)
                 width = rng.uniform(*self.config.eq_octaves)
                 gain = rng.choice([-1.0, 1.0]) * rng.uniform(*self.config.eq_db)
                 curve_db += gain * np.exp(-0.5 * ((octaves - octaves[inside][int(drawn)]) / width) ** 2)

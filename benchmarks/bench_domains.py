@@ -23,7 +23,6 @@ Prints a table of mean ± sample std over the runs and writes `benchmarks/result
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -36,6 +35,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_zscores import read_scores  # noqa: E402
+from timing import write_tables  # noqa: E402
 
 from asd.errors import AsdError  # noqa: E402
 from asd.evaluation import evaluate  # noqa: E402
@@ -125,11 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
         "the normals' median difference (an oracle: reads test labels). Mean ± sample std over runs.\n\n"
         f"{table(runs, args.methods)}\n"
     )
-    print(text)
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"{args.name}.md").write_text(text)
     result = {"methods": args.methods, "runs": runs}
-    (args.results / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_tables(args.results, args.name, result, [text])
     return result
 
 
