@@ -140,9 +140,7 @@ def test_scores_have_one_row_per_test_clip_and_every_column(run):
 
 def test_with_enough_normals_the_learned_fusions_are_judged_out_of_fold(run, tmp_path):
     other = tmp_path / "other"
-    shutil.copytree(run, other)
-    cfg = compose_from(other)
-    cfg.run_dir = str(other)
+    cfg = copy_for_rerun(run, other)
     cfg.fusion.select.min_normals = 1
     train(cfg)
     summary = (other / "summary.md").read_text()
@@ -193,6 +191,15 @@ def compose_from(run: Path) -> DictConfig:
     from omegaconf import OmegaConf
 
     return OmegaConf.load(run / ".hydra" / "config.yaml")
+
+
+def copy_for_rerun(run: Path, other: Path) -> DictConfig:
+    """`other`: a copy of the finished `run`; its config, pointed at the copy, with plots off (the
+    re-runs check files and logs, not pictures, and drawing them took about 5 s of each re-run)."""
+    shutil.copytree(run, other)
+    cfg = compose_from(other)
+    cfg.run_dir, cfg.plots = str(other), False
+    return cfg
 
 
 def score_tool(*args: str) -> subprocess.CompletedProcess:
@@ -253,9 +260,8 @@ def test_score_tool_refuses_another_configuration_and_unfinished_runs(run, tmp_p
 
 def test_changing_final_recalibrates_without_retraining(run, tmp_path, caplog):
     other = tmp_path / "other"
-    shutil.copytree(run, other)
-    cfg = compose_from(other)
-    cfg.run_dir, cfg.final = str(other), "zmean"
+    cfg = copy_for_rerun(run, other)
+    cfg.final = "zmean"
     with caplog.at_level("INFO", logger="asd.run"):
         train(cfg)
     assert "stage fit: skipped" in caplog.text and "stage backends: skipped" in caplog.text
@@ -285,9 +291,7 @@ def test_the_reference_is_fused_by_default_and_stays_reported_as_its_own(run, tm
     )
     assert "- reference, reported beside: " in summary
     other = tmp_path / "other"
-    shutil.copytree(run, other)
-    cfg = compose_from(other)
-    cfg.run_dir = str(other)
+    cfg = copy_for_rerun(run, other)
     cfg.fusion.references = []
     with caplog.at_level("INFO", logger="asd.run"):
         train(cfg)
@@ -308,9 +312,7 @@ def test_the_reference_is_fused_by_default_and_stays_reported_as_its_own(run, tm
 
 def rerun_copy(run: Path, other: Path, caplog, key: str, value) -> Path:
     """`other`: a copy of the finished `run`, run again by `train` with one key set (logs at INFO)."""
-    shutil.copytree(run, other)
-    cfg = compose_from(other)
-    cfg.run_dir = str(other)
+    cfg = copy_for_rerun(run, other)
     OmegaConf.update(cfg, key, value)
     with caplog.at_level("INFO", logger="asd.run"):
         train(cfg)
@@ -372,9 +374,8 @@ def test_the_auc_measure_recalibrates_and_the_summary_says_so(run, tmp_path, cap
 def test_threshold_shrinkage_moves_only_the_thresholds_and_the_summary_says_so(run, tmp_path, caplog):
     assert "threshold_shrinkage" not in json.loads((run / "stages.json").read_text())["calibrate"]
     other = tmp_path / "pulled"
-    shutil.copytree(run, other)
-    cfg = compose_from(other)
-    cfg.run_dir, cfg.threshold_shrinkage = str(other), 2.0
+    cfg = copy_for_rerun(run, other)
+    cfg.threshold_shrinkage = 2.0
     with caplog.at_level("INFO", logger="asd.run"):
         train(cfg)
     assert "stage calibrate: its settings changed since the last run" in caplog.text
@@ -395,9 +396,8 @@ def test_thresholds_are_normal_prediction_bounds_by_default_and_gamma_refits_onl
     assert "decisions: normal prediction bound at 0.9 (mean + t x std x sqrt(1 + 1/n))" in summary
     assert "per machine/section (threshold=normal)" in summary
     other = tmp_path / "gamma"
-    shutil.copytree(run, other)
-    cfg = compose_from(other)
-    cfg.run_dir, cfg.threshold = str(other), "gamma"
+    cfg = copy_for_rerun(run, other)
+    cfg.threshold = "gamma"
     with caplog.at_level("INFO", logger="asd.run"):
         train(cfg)
     assert "stage fit: skipped" in caplog.text
@@ -429,7 +429,7 @@ def test_a_calibration_written_before_threshold_notes_is_reported_as_the_gamma_t
     del stages["report"]  # redo the report alone
     (old / "stages.json").write_text(json.dumps(stages))
     cfg = compose_from(old)
-    cfg.run_dir = str(old)
+    cfg.run_dir, cfg.plots = str(old), False
     with caplog.at_level("INFO", logger="asd.run"):
         train(cfg)
     assert "stage calibrate: skipped" in caplog.text
@@ -445,9 +445,7 @@ def test_domain_statistics_are_shrunk_by_default_and_a_refit_needs_no_training(r
     assert "as if 2 more clips showed them (fusion.normalisation.shrinkage)" in summary
     assert "every z-score softly limited to ±5 before fusion: 5 tanh(z / 5)" in summary
     other = tmp_path / "own_statistics"
-    shutil.copytree(run, other)
-    cfg = compose_from(other)
-    cfg.run_dir = str(other)
+    cfg = copy_for_rerun(run, other)
     cfg.fusion.normalisation.shrinkage = 0
     cfg.fusion.normalisation.z_limit = None
     with caplog.at_level("INFO", logger="asd.run"):
