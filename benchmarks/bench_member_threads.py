@@ -194,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=RESULTS, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train.yaml")
     args = p.parse_args(argv)
-    for key in ("steps", "rounds"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key} must be at least 1")
+    for key, least in (("steps", 1), ("rounds", 1), ("warmup", 0)):
+        if getattr(args, key) < least:
+            p.error(f"--{key} must be at least {least}")
     threads = args.threads or torch.get_num_threads()
     cfg = compose_config(args.overrides)
     dm = setup_data(cfg)

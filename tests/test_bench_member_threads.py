@@ -72,7 +72,13 @@ def test_main_writes_every_way_and_the_ratio(tiny, tmp_path):
     assert "joint / threads" in md and "| threads |" in md
 
 
-def test_one_trainable_member_is_refused(tmp_path, capsys):
+def test_one_trainable_member_and_bad_counts_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bmt.main(["--results", str(tmp_path), "debug=default", "branch=[b2]", "reference=false"])
     assert "threads need at least 2" in capsys.readouterr().err
+    refused = ((["--steps", "0"], "--steps must be at least 1"), (["--warmup", "-1"], "--warmup must be"))
+    for bad, says in refused:
+        with pytest.raises(SystemExit):
+            bmt.main([*bad, "--results", str(tmp_path)])
+        assert says in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written
