@@ -115,7 +115,15 @@ def median_ms(fn: Callable[[], None], steps: int, setup: Callable[[], object] | 
 
 
 def measure(stepper: Stepper, steps: int, rounds: int, warmup: int, threads: int) -> dict:
-    """Per-member time (1 thread), the groups, and each way's median ms per step over `rounds`."""
+    """Per-member time (1 thread), the groups, and each way's median ms per step over `rounds`;
+    torch's intra-op threads are `threads` again afterwards, whatever happened."""
+    try:
+        return _measure(stepper, steps, rounds, warmup, threads)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(stepper: Stepper, steps: int, rounds: int, warmup: int, threads: int) -> dict:
     torch.set_num_threads(1)
     alone = {}
     for n in stepper.names:  # each member's own step; the flow's input is made untimed
@@ -124,27 +132,25 @@ def measure(stepper: Stepper, steps: int, rounds: int, warmup: int, threads: int
         step = lambda batch, n=n: stepper.members(batch, [n])  # noqa: E731
         alone[n] = median_ms(step, steps, setup=lambda: stepper.with_flow(stepper.batch()))
     groups = balanced_groups(alone)
-    pool = ThreadPoolExecutor(len(groups))
-
-    def threaded() -> None:
-        batch = stepper.with_flow(stepper.batch())  # the flow's sources embed before the threads start
-        for f in [pool.submit(stepper.members, batch, g) for g in groups]:
-            f.result()
-
-    ways = {
-        "joint": (threads, lambda: stepper.joint(stepper.batch())),
-        "joint_1": (1, lambda: stepper.joint(stepper.batch())),
-        "threads": (1, threaded),
-    }
     per_round: dict[str, list[float]] = {w: [] for w in WAYS}
-    for _ in range(rounds):
-        for way, (n_threads, fn) in ways.items():
-            torch.set_num_threads(n_threads)
-            for _ in range(warmup):
-                fn()
-            per_round[way].append(median_ms(fn, steps))
-    pool.shutdown()
-    torch.set_num_threads(threads)
+    with ThreadPoolExecutor(len(groups)) as pool:
+
+        def threaded() -> None:
+            batch = stepper.with_flow(stepper.batch())  # the flow's sources embed before the threads start
+            for f in [pool.submit(stepper.members, batch, g) for g in groups]:
+                f.result()
+
+        ways = {
+            "joint": (threads, lambda: stepper.joint(stepper.batch())),
+            "joint_1": (1, lambda: stepper.joint(stepper.batch())),
+            "threads": (1, threaded),
+        }
+        for _ in range(rounds):
+            for way, (n_threads, fn) in ways.items():
+                torch.set_num_threads(n_threads)
+                for _ in range(warmup):
+                    fn()
+                per_round[way].append(median_ms(fn, steps))
     ms = {w: statistics.median(v) for w, v in per_round.items()}
     return {
         "member_ms_1_thread": alone,
@@ -214,7 +220,6 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": args.overrides,
         **measure(stepper, args.steps, args.rounds, args.warmup, threads),
     }
-    torch.set_num_threads(threads)
     result["environment"] = environment(torch.device("cpu"))
     write_tables(args.results, args.name, result, markdown(result))
     return 0
