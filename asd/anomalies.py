@@ -371,6 +371,7 @@ class PseudoAnomalies:
         octaves = np.log2(np.maximum(freqs, 1.0))  # DC shares the 1 Hz bin's gain
         low, high = min(100.0, 0.2 * sr), 0.45 * sr  # bands centred between these
         inside = (freqs >= low) & (freqs <= high)
+        centres = octaves[inside]  # where a band may be centred
         power = np.abs(spec[inside]) ** 2
         weights = power / power.sum() if power.sum() > 0 else None  # None: uniform
         for _ in range(8):  # bands of opposite sign can cancel: draw again while the change is < 5 % RMS
@@ -379,7 +380,7 @@ class PseudoAnomalies:
                 drawn = rng.choice(len(power), p=weights)
                 width = rng.uniform(*self.config.eq_octaves)
                 gain = rng.choice([-1.0, 1.0]) * rng.uniform(*self.config.eq_db)
-                curve_db += gain * np.exp(-0.5 * ((octaves - octaves[inside][int(drawn)]) / width) ** 2)
+                curve_db += gain * np.exp(-0.5 * ((octaves - centres[int(drawn)]) / width) ** 2)
             out = np.fft.irfft(spec * 10 ** (curve_db / 20), n=len(padded))[pad : pad + n]
             if _rms(out - seg) >= 0.05 * _rms(seg):
                 break

@@ -17,6 +17,7 @@ and how their scores and pseudo-anomalies are made is one contract.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -245,8 +246,7 @@ def choose_final(
         judged = torch.stack([held for _, held in plan]).any(dim=0).numpy()
     if WEIGHTED in names:
         rows = torch.cat([loo, z[n_normal:]])
-        power, rule = float(fcfg["weighted"]["power"]), str(fcfg["weighted"].get("rule", "criterion"))
-        measure = str(fcfg["weighted"].get("measure", "official"))
+        power, rule, measure = weighted_settings(fcfg["weighted"])
         learned[WEIGHTED] = select.cross_fitted_weighted(
             rows, y.numpy().astype(np.int64), ctx["section"].numpy(), plan, power, rule, measure
         )
@@ -285,10 +285,9 @@ def weigh_members(
     """`zweighted`'s weights: each member's criterion on `rows` (N, M) (normals' left-out z-scores,
     then their pseudo-anomalies'), and the weights `fusion.weighted.rule` makes (`power` or the
     discriminant, `asd.fusion.select.member_weights`)."""
-    rule = str(cfg.fusion.weighted.get("rule", "criterion"))
-    measure = str(cfg.fusion.weighted.get("measure", "official"))
+    power, rule, measure = weighted_settings(cfg.fusion.weighted)
     criteria, weights, note = select.member_weights(
-        rows, y.numpy().astype(np.int64), section.numpy(), float(cfg.fusion.weighted.power), rule, measure
+        rows, y.numpy().astype(np.int64), section.numpy(), power, rule, measure
     )
     members = calibration.members
     calibration.member_criteria = {m: float(c) for m, c in zip(members, criteria, strict=True)}
@@ -360,6 +359,16 @@ def pseudo_anomalies(cfg: DictConfig, dm: AsdDataModule, normals: ClipDataset) -
     return PseudoAnomalyDataset(
         normals, generator, copies=copies, seed=int(cfg.fusion.seed), pool=dm.datasets["fit"]
     )
+
+
+#: `fusion.weighted` keys added after runs were written, at the values those runs used (and the defaults)
+WEIGHTED_ADDED = {"rule": "criterion", "measure": "official"}
+
+
+def weighted_settings(weighted: Mapping[str, Any]) -> tuple[float, str, str]:
+    """(power, rule, measure) of a `fusion.weighted` node; a key it lacks has its `WEIGHTED_ADDED` value."""
+    get = {k: str(weighted.get(k, v)) for k, v in WEIGHTED_ADDED.items()}
+    return float(weighted["power"]), get["rule"], get["measure"]
 
 
 def _z_limit(cfg: DictConfig) -> float | None:

@@ -360,10 +360,10 @@ class Calibrate(Stage):
         cfg = run.cfg
         fusion = plain(cfg.fusion)
         # the defaults, and what runs made before the keys existed used: their calibration still stands
-        if fusion.get("weighted", {}).get("rule") == "criterion":
-            del fusion["weighted"]["rule"]
-        if fusion.get("weighted", {}).get("measure") == "official":
-            del fusion["weighted"]["measure"]
+        weighted = fusion.get("weighted", {})
+        for key, value in cal.WEIGHTED_ADDED.items():
+            if weighted.get(key) == value:
+                del weighted[key]
         if "anomalies" in fusion:
             fusion["anomalies"] = stored_anomalies(fusion["anomalies"])
         return {
