@@ -13,7 +13,9 @@ about threefold, with the square root of the clip count), computes every clip's 
   (the reference `stats_mahalanobis`), `std` (the spread over time), and `mean+std` (the two
   calibrated scores averaged); and `temporal`, the reference's own `stats_temporal` column (the
   max of the mean's calibrated score and those of each band's peak above its median frame and
-  its mean frame-to-frame change; `asd.branches.logmel_stats`); and the reference's own
+  its mean frame-to-frame change, the latter beside the fast modulation of a few bands;
+  `asd.branches.logmel_stats`); `temporal, no modulation`, the same column without the
+  modulation statistic (`branches.stats.modulation=null`); and the reference's own
   `stats_mahalanobis` and `stats_temporal` columns with speed-perturbed copies of the training
   clips in its Mahalanobis models (`--speeds`, by default `SPEEDS`, whatever the config says),
   `mean, speed copies` and `temporal, speed copies`;
@@ -64,6 +66,7 @@ METHODS = (
     "std",
     "mean+std",
     "temporal",
+    "temporal, no modulation",
     "mean, speed copies",
     "temporal, speed copies",
     "supervised linear",
@@ -97,22 +100,23 @@ def clip_statistics(
     `perturbed`'s backend features of the training clips (`train`) alone, each clip's then its
     speed-perturbed copies' (test clips are scored as they are; the clips' own log-mels are not
     computed twice)."""
-    specs, copies = [], []
+    specs, own, copies = [], [], []
     for i in range(0, len(paths), batch):
         wave = read_waves(paths[i : i + batch])
         with torch.inference_mode():
             specs.append(ref.frontend(wave).float())
+            own.append(ref.features_of(specs[-1], wave))
             fit = torch.tensor(train[i : i + batch])
             if fit.any():
-                own = perturbed.features_of(specs[-1][fit])
-                copies.append(torch.cat([own, perturbed.copy_features(wave[fit])], dim=1))
+                mine = perturbed.features_of(specs[-1][fit], wave[fit])
+                copies.append(torch.cat([mine, perturbed.copy_features(wave[fit])], dim=1))
     spec = torch.cat(specs)  # (N, n_mels, frames)
     return {
         "mean": spec.mean(dim=2),
         "std": spec.std(dim=2),
         "max": spec.amax(dim=2),
         "delta": spec.diff(dim=2).abs().mean(dim=2),
-        "reference": ref.features_of(spec),
+        "reference": torch.cat(own),
         "perturbed": torch.cat(copies),
     }
 
@@ -182,10 +186,11 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
         kind_of = {str(root / r["file_name"]): r["kind"] for r in csv.DictReader(f)}
     ref = instantiate(reference_settings(), speeds=[]).eval()
     perturbed = instantiate(reference_settings(), speeds=args.speeds).eval()
-    if not ref.temporal or not perturbed.speeds:
+    if not ref.temporal or not perturbed.speeds or not ref.modulation_bands:
         raise SystemExit(
-            "this benchmark reports stats.temporal with and without speed copies: set stats.temporal=true "
-            "in conf/branches/default.yaml and give --speeds a factor or more"
+            "this benchmark reports stats.temporal with and without speed copies and modulation: set "
+            "stats.temporal=true and a stats.modulation front end in conf/branches/default.yaml and give "
+            "--speeds a factor or more"
         )
     feats = clip_statistics([c.path for c in clips], ref, perturbed, [c.split == "train" for c in clips])
     sections = sorted({(c.machine, c.section) for c in clips})
@@ -199,6 +204,10 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     scores["mean+std"] = (scores["mean"] + scores["std"]) / 2
     own = feats["reference"]
     scores["temporal"] = reference_scores(ref, own[train], own, train, section, domain)["temporal"]
+    plain = instantiate(reference_settings(), speeds=[], modulation=None).eval()  # the features before it
+    mine = own[:, : own.shape[1] - ref.modulation_bands]
+    before = reference_scores(plain, mine[train], mine, train, section, domain)
+    scores["temporal, no modulation"] = before["temporal"]
     copied = reference_scores(perturbed, feats["perturbed"], own, train, section, domain)
     scores["mean, speed copies"], scores["temporal, speed copies"] = copied["mahalanobis"], copied["temporal"]
     rich = torch.cat([feats[k] for k in ("mean", "std", "max", "delta")], dim=1)[~train].double().numpy()

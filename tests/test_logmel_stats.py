@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from asd.branches.logmel_stats import LogMelStatsReference, speed_perturb
+from asd.branches.logmel_stats import LogMelStatsReference, modulation_statistics, speed_perturb
 from asd.ensemble import Ensemble, is_reference, select_references
 from asd.errors import AsdError
 from asd.features import LogMel
@@ -132,6 +132,78 @@ def test_temporal_needs_calibration_and_enough_frames_and_bands_each_one_clear_e
     short = LogMelStatsReference(LogMel(n_mels=16, hop_length=512), calibrate=True, temporal=True, bands=4)
     with pytest.raises(AsdError, match="1 frame"):
         short.backend_features({"wave": torch.randn(2, 256)})
+
+
+def fine(n_mels: int = 4) -> LogMel:
+    """A short-hop log-mel of a few broad bands: the modulation front end's shape at test size."""
+    return LogMel(n_fft=256, hop_length=64, n_mels=n_mels)
+
+
+def test_modulation_features_are_each_bands_std_around_its_moving_average_beside_the_change():
+    m = LogMelStatsReference(LogMel(n_mels=16), calibrate=True, temporal=True, bands=4, modulation=fine())
+    b = clips(3)
+    feats = m.backend_features(b)
+    assert m.modulation_bands == 4 and feats.shape == (3, 16 + 4 + 4 + 4)
+    short = fine()(b["wave"])  # (3, 4, frames)
+    frames = short.shape[2]
+    trend = torch.stack(  # each frame's centred mean over 9 frames, fewer at the ends
+        [short[:, :, max(0, t - 4) : t + 5].mean(dim=2) for t in range(frames)], dim=2
+    )
+    torch.testing.assert_close(feats[:, 24:], (short - trend).std(dim=2))
+    torch.testing.assert_close(modulation_statistics(short, 9, "x", "y"), feats[:, 24:])
+    plain = LogMelStatsReference(LogMel(n_mels=16), calibrate=True, temporal=True, bands=4)
+    torch.testing.assert_close(feats[:, :24], plain.backend_features(b))  # the rest as it was
+    # the change model reads the change and the modulation together; no fourth model, no new column
+    parts = m._parts(feats)
+    assert parts["change"].shape == (3, 8) and set(m.backend) == set(plain.backend)
+    torch.testing.assert_close(parts["change"], feats[:, 20:])
+    with pytest.raises(AsdError, match="needs the clips' waves"):
+        m.features_of(m.frontend(b["wave"]))
+
+
+def hissing(n: int, seed: int) -> dict[str, torch.Tensor]:
+    """Noise and a tone near 500 Hz, each clip at its own level (+-2 dB): a normal whose level
+    varies more than a fast wobble changes its power (+2 % at depth 0.2)."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(T) / SR
+    gain = 10 ** ((4 * torch.rand(n, 1, generator=g) - 2) / 20)
+    tone = torch.sin(2 * math.pi * (500 + 20 * torch.rand(n, 1, generator=g)) * t)
+    wave = gain * (0.3 * torch.randn(n, T, generator=g) + 0.5 * tone)
+    zeros = torch.zeros(n, dtype=torch.long)
+    return {"wave": wave.float(), "section": zeros, "domain": zeros}
+
+
+def test_the_modulation_statistic_hears_a_fast_wobble_the_frame_change_misses():
+    """A 31.25 Hz swing of the level (a shaft's rate): one period per 32 ms hop of the main log-mel,
+    two per 64 ms window, so its frames all see the same; the 4 ms hop follows it."""
+    kw = {"calibrate": True, "temporal": True, "bands": 8, "covariance": "pooled"}
+    train, normal = hissing(30, seed=0), hissing(12, seed=7)
+    odd = wobbling(hissing(12, seed=7), depth=0.2, rate=31.25)
+    y = np.r_[np.zeros(12), np.ones(12)]
+    auc = {}
+    for name, modulation in (("with", fine()), ("without", None)):
+        m = LogMelStatsReference(LogMel(n_mels=32), **kw, modulation=modulation).eval()
+        m.fit_backend(m.backend_features(train), {"section": train["section"], "domain": train["domain"]})
+        assert m.score_kinds == ("mahalanobis", "knn", "temporal")
+        s = {
+            k: np.r_[m.scores(normal)[k].numpy(), m.scores(odd)[k].numpy()]
+            for k in ("mahalanobis", "temporal")
+        }
+        auc[name] = {k: roc_auc_score(y, v) for k, v in s.items()}
+    assert auc["with"]["temporal"] > 0.95, auc
+    assert auc["without"]["temporal"] < 0.8 and auc["with"]["mahalanobis"] < 0.7, auc
+
+
+def test_modulation_is_unused_and_logged_without_temporal_and_needs_an_odd_smoothing(caplog):
+    with caplog.at_level("INFO", logger="asd.branches.logmel_stats"):
+        m = LogMelStatsReference(LogMel(n_mels=16), calibrate=True, modulation=fine())
+    assert m.modulation is None and m.modulation_bands == 0 and "modulation unused" in caplog.text
+    assert m.backend_features(clips(2)).shape == (2, 16)
+    for bad in (2, 4, 1, True, 9.0):
+        with pytest.raises(AsdError, match=f"modulation_smooth={bad!r}"):
+            LogMelStatsReference(LogMel(n_mels=16), modulation_smooth=bad)
+    with pytest.raises(AsdError, match="at least 2 frames; this clip gives 1"):
+        modulation_statistics(torch.zeros(2, 4, 1), 9, "stats", "use longer clips")
 
 
 def test_without_temporal_the_reference_scores_and_stores_as_before():

@@ -19,6 +19,14 @@ target references per section, the smaller of the two:
   the spectrum. Each score is calibrated on its models' left-out distances, so the max flags a
   clip as soon as one of them finds it out of the ordinary, where an average would let the two
   that see nothing dilute the one that does (docs/results.md, "Clip statistics that hear time").
+  With `modulation` (a second log-mel front end with a short hop, 4 ms by default), the change
+  model also reads how fast each of a few broad bands flickers: the std over time of the band
+  minus its moving average over `modulation_smooth` frames. A shaft-rate wobble (an imbalance, a
+  rub once per revolution; 10-100 Hz) is averaged away within one 32 ms frame of the main log-mel
+  and is this statistic's whole content; it is envelope analysis, the oldest tool of machine
+  vibration monitoring, on the sound. It joins the change vector (one Mahalanobis model of
+  `bands` + its bands values), so the max does not gain a fourth chance to flag a normal clip
+  (docs/results.md, "Fast modulation in the change model").
 
 With `speeds`, every Mahalanobis model also learns from speed-perturbed copies of its training
 clips (each clip resampled so that its frequencies and its tempo scale by each factor, as Kaldi's
@@ -35,6 +43,7 @@ It has no parameters to train, so the ensemble never gives it an optimizer.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from fractions import Fraction
 from numbers import Real
@@ -46,6 +55,8 @@ from torch.nn import functional as F
 from asd.branches.base import Branch
 from asd.errors import AsdError
 from asd.scoring import KnnBackend, MahalanobisBackend
+
+log = logging.getLogger(__name__)
 
 STATS = ("mean", "mean_std")
 
@@ -67,6 +78,8 @@ class LogMelStatsReference(Branch):
         temporal: bool = False,
         bands: int = 32,
         speeds: Sequence[float] = (),
+        modulation: nn.Module | None = None,
+        modulation_smooth: int = 9,
     ):
         """Args:
         frontend: wave (B, T) -> log-mel (B, n_mels, frames) (`asd.features.LogMel`).
@@ -82,6 +95,12 @@ class LogMelStatsReference(Branch):
         bands: log-mel bands of the temporal statistics (adjacent mel bins averaged), at most n_mels.
         speeds: factors of the speed-perturbed training copies of the Mahalanobis models (module
             docstring), each in [0.5, 2] and not 1; empty: none.
+        modulation: wave (B, T) -> log-mel (B, bands, frames) with a short hop (`asd.features.LogMel`),
+            whose bands' fast modulation joins the change model (module docstring); unused (and
+            logged) without `temporal`. None: off.
+        modulation_smooth: frames of the moving average each band of `modulation` is taken from
+            before its std over time (odd, >= 3): 9 frames of a 4 ms hop keep what moves faster than
+            about 28 Hz.
         """
         super().__init__()
         if temporal and not calibrate:
@@ -92,6 +111,15 @@ class LogMelStatsReference(Branch):
         if not isinstance(bands, int) or isinstance(bands, bool) or bands < 1:
             raise AsdError(
                 f"stats: bands={bands!r}; use a whole number >= 1 (at most the front end's n_mels)"
+            )
+        if modulation is not None and not temporal:  # a part of the column temporal=false leaves out
+            log.info("stats: modulation unused: it joins stats_temporal's change model, and temporal=false")
+            modulation = None
+        smooth_ok = isinstance(modulation_smooth, int) and not isinstance(modulation_smooth, bool)
+        if not smooth_ok or modulation_smooth < 3 or modulation_smooth % 2 == 0:
+            raise AsdError(
+                f"stats: modulation_smooth={modulation_smooth!r}; use an odd whole number >= 3 (frames of "
+                "the moving average, centred on each frame)"
             )
         listed = isinstance(speeds, Sequence) and not isinstance(speeds, str)
         factors = listed and all(
@@ -104,6 +132,9 @@ class LogMelStatsReference(Branch):
             )
         self.frontend, self.stats, self.temporal, self.bands = frontend, stats, bool(temporal), bands
         self.speeds = [float(r) for r in speeds]
+        self.modulation, self.modulation_smooth = modulation, modulation_smooth
+        #: values of the modulation statistic per clip (0: off)
+        self.modulation_bands = int(modulation.n_mels) if modulation is not None else 0
 
         def mahalanobis() -> MahalanobisBackend:
             return MahalanobisBackend(
@@ -123,11 +154,14 @@ class LogMelStatsReference(Branch):
     def features(self, batch: dict[str, Tensor]) -> Tensor:
         """One statistics vector per clip, float32: (B, n_mels) or (B, 2 * n_mels), then with
         `temporal` each band's peak above its median frame and its mean frame-to-frame change
-        (2 * `bands` more values)."""
-        return self.features_of(self.frontend(batch["wave"]).float())  # (B, T) -> (B, n_mels, frames)
+        (2 * `bands` more values), then with `modulation` each of its bands' fast modulation
+        (`modulation_bands` more)."""
+        wave = batch["wave"]
+        return self.features_of(self.frontend(wave).float(), wave)  # (B, T) -> (B, n_mels, frames)
 
-    def features_of(self, spec: Tensor) -> Tensor:
-        """`features` of log-mels computed already by this reference's front end, (B, n_mels, frames)."""
+    def features_of(self, spec: Tensor, wave: Tensor | None = None) -> Tensor:
+        """`features` of log-mels computed already by this reference's front end, (B, n_mels, frames);
+        with `modulation`, `wave` (B, T) is the clips' waveform, which its own front end reads."""
         stat = spec.mean(dim=2) if self.stats == "mean" else torch.cat([spec.mean(dim=2), spec.std(dim=2)], 1)
         if not self.temporal:
             return stat
@@ -135,15 +169,24 @@ class LogMelStatsReference(Branch):
             "use longer clips, a smaller hop_length or fewer branches.stats.bands, or "
             "branches.stats.temporal=false"
         )
-        return torch.cat([stat, time_statistics(spec, self.bands, "stats", fix)], dim=1)
+        parts = [stat, time_statistics(spec, self.bands, "stats", fix)]
+        if self.modulation is not None:
+            if wave is None:
+                raise AsdError(
+                    "stats: features_of needs the clips' waves with branches.stats.modulation set (its own "
+                    "front end reads them); pass wave=, or set branches.stats.modulation=null"
+                )
+            fine = self.modulation(wave).float()  # (B, modulation_bands, frames)
+            parts.append(modulation_statistics(fine, self.modulation_smooth, "stats", fix))
+        return torch.cat(parts, dim=1)
 
     def _parts(self, feats: Tensor) -> dict[str, Tensor]:
         """`features` split into each backend's input."""
         if not self.temporal:
             return {"mahalanobis": feats, "knn": feats}
-        d = feats.shape[1] - 2 * self.bands
+        d = feats.shape[1] - 2 * self.bands - self.modulation_bands
         stat, peak, change = feats[:, :d], feats[:, d : d + self.bands], feats[:, d + self.bands :]
-        return {"mahalanobis": stat, "knn": stat, "peak": peak, "change": change}
+        return {"mahalanobis": stat, "knn": stat, "peak": peak, "change": change}  # change + modulation
 
     def loss(self, batch: dict[str, Tensor]) -> Tensor:
         """Nothing to learn: zero (the ensemble never trains a member without parameters)."""
@@ -160,7 +203,7 @@ class LogMelStatsReference(Branch):
     def copy_features(self, wave: Tensor) -> Tensor:
         """`features` of each clip's `speeds` copies, one after another: (B, T) -> (B, R * F)."""
         waves = [speed_perturb(wave, r) for r in self.speeds]  # (B, T / r) each
-        return torch.cat([self.features_of(self.frontend(w).float()) for w in waves], dim=1)
+        return torch.cat([self.features_of(self.frontend(w).float(), w) for w in waves], dim=1)
 
     def fit_backend(self, feats: Tensor, meta: dict[str, Tensor]) -> None:
         feats, r = feats.detach().float(), len(self.speeds)
@@ -214,6 +257,23 @@ def time_statistics(spec: Tensor, bands: int, who: str, fix: str) -> Tensor:
     peak = band.amax(dim=2) - band.median(dim=2).values
     change = band.diff(dim=2).abs().mean(dim=2)
     return torch.cat([peak, change], dim=1)
+
+
+def modulation_statistics(spec: Tensor, smooth: int, who: str, fix: str) -> Tensor:
+    """How fast each band of a short-hop log-mel flickers: (B, bands, frames) -> (B, bands).
+
+    The std over time of each band minus its centred moving average over `smooth` frames (fewer at
+    the clip's ends), so the slow course of the sound is taken out and what moves within a few
+    frames is left: amplitude modulation at a shaft's rate, a rub once per revolution, roughness.
+    For maps too short the error names `who` and ends with `fix`.
+    """
+    frames = spec.shape[2]
+    if frames < 2:
+        raise AsdError(
+            f"{who}: the modulation statistic needs at least 2 frames; this clip gives {frames} ({fix})"
+        )
+    trend = F.avg_pool1d(spec, smooth, stride=1, padding=smooth // 2, count_include_pad=False)
+    return (spec - trend).std(dim=2)
 
 
 def speed_perturb(wave: Tensor, factor: float) -> Tensor:

@@ -306,6 +306,8 @@ class Stats(Node):
     temporal: Flag = False
     bands: PosInt = 32
     speeds: Speeds = []
+    modulation: Target | None = None
+    modulation_smooth: integer(ge=3) = 9  # odd: the reference says so
 
 
 SCHEMAS: dict[str, type[Node]] = {

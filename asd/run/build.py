@@ -223,6 +223,9 @@ def build_member(name: str, cfg: DictConfig, runtime: dict[str, Any]) -> Branch:
         if node.get("speeds"):  # a picture played faster means nothing either
             node["speeds"] = []
             log.info("branches.%s.speeds: off on pictures (speed-perturbed copies are for audio)", name)
+        if node.get("modulation") is not None:  # a second, short-hop log-mel of the audio
+            node["modulation"] = None
+            log.info("branches.%s.modulation: off on pictures (modulation over time is for audio)", name)
     runtime = {k: v for k, v in runtime.items() if k != "frontend"}
     member = build(node, f"branches.{name}", runtime)
     if not isinstance(member, Branch):
