@@ -26,6 +26,8 @@ from asd.run.build import (
     build_logger,
     build_trainer,
     data_facts,
+    signature,
+    signature_changes,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,3 +149,27 @@ def test_every_option_composes_validates_and_builds(
     if cfg.trainer.accelerator in ("gpu", "cuda"):
         assert isinstance(trainer.accelerator, CUDAAccelerator)
         assert trainer.precision == cfg.trainer.precision
+
+
+def test_a_signature_names_what_changed_and_keeps_older_folders_without_the_modulation():
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        now = compose("train", overrides=["branch=[b2]", "reference=[stats]"])
+        off = compose(
+            "train", overrides=["branch=[b2]", "reference=[stats]", "branches.stats.modulation=null"]
+        )
+    facts = {"machines": ["rotor"]}
+    ours, plain_off = signature(now, facts), signature(off, facts)
+    # modulation=null signs like a folder written before branches.stats.modulation: without both keys
+    assert not {"modulation", "modulation_smooth"} & set(plain_off["config"]["stats"])
+    assert plain_off["hash"] != ours["hash"]
+    text = signature_changes(plain_off, ours)
+    assert text.startswith("branches.stats.modulation: absent there, {") and "now" in text
+    assert "branches.stats.modulation_smooth: absent there, 9 now" in text
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        other = compose("train", overrides=["branch=[b2]", "reference=[stats]", "branches.b2.dim=32"])
+    changed = signature_changes(ours, signature(other, facts))
+    assert changed.startswith("branches.b2.dim: ") and changed.endswith(", 32 now")
+    assert signature_changes(ours, signature(now, {"machines": ["valve"]})) == (
+        'data.machines: ["rotor"] there, ["valve"] now'
+    )
+    assert "no readable configuration" in signature_changes(None, ours)

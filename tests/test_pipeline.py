@@ -254,6 +254,7 @@ def test_score_tool_refuses_another_configuration_and_unfinished_runs(run, tmp_p
     cfg_path.write_text(cfg_path.read_text().replace("dim: 16", "dim: 32", 1))
     res = score_tool(f"run={other}", f"inputs={folder}")
     assert res.returncode == 2 and "another configuration" in res.stderr
+    assert "dim: 16 there, 32 now" in res.stderr  # the refusal names what changed
     res = score_tool(f"run={tmp_path}", f"inputs={folder}")
     assert res.returncode == 2 and "not a finished asd run" in res.stderr
 

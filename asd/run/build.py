@@ -295,13 +295,53 @@ def build_ensemble(cfg: DictConfig, facts: dict[str, Any]) -> Ensemble:
     return ensemble
 
 
+#: member keys added after run folders were written, and the value that means "as before": a key
+#: at that value is left out of the signature, so such a folder still opens with it (with the key
+#: `modulation` also goes `modulation_smooth`, which does nothing without it)
+SIGNATURE_ADDED = {"stats": {"modulation": None}}
+
+
 def signature(cfg: DictConfig, facts: dict[str, Any]) -> dict[str, Any]:
     """What a run's weights depend on; a run folder of another signature is refused."""
     names = member_names(cfg)
     members = {n: plain(cfg.branches[n]) for n in names}
+    for name, added in SIGNATURE_ADDED.items():
+        node = members.get(name)
+        for key, before in added.items():
+            if isinstance(node, dict) and key in node and node[key] == before:
+                node.pop(key)
+                node.pop(f"{key}_smooth", None)
     sig = {"members": names, "config": members, "facts": facts}
     sig["hash"] = hashlib.sha256(json.dumps(sig, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return sig
+
+
+def signature_changes(theirs: Any, ours: dict[str, Any], most: int = 4) -> str:
+    """What differs between a run folder's stored `signature` and this run's, for the refusal:
+    "branches.stats.modulation: null there, {...} now; ..." (the first `most` keys, then a count)."""
+    if not isinstance(theirs, dict) or not {"members", "config", "facts"} <= set(theirs):
+        return "the run folder's file holds no readable configuration"
+    missing = object()
+
+    def walk(a: Any, b: Any, key: str, out: list[str]) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                walk(a.get(k, missing), b.get(k, missing), f"{key}.{k}", out)
+        elif a != b:
+            out.append(f"{key}: {show(a)} there, {show(b)} now")
+
+    def show(v: Any) -> str:
+        text = "absent" if v is missing else json.dumps(v, sort_keys=True, default=str)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    out: list[str] = []
+    walk(theirs["members"], ours["members"], "members", out)
+    walk(theirs["config"], ours["config"], "branches", out)
+    walk(theirs["facts"], ours["facts"], "data", out)
+    if not out:
+        return "the same settings under another hash (a file of an older asd)"
+    more = f"; and {len(out) - most} more" if len(out) > most else ""
+    return "; ".join(out[:most]) + more
 
 
 # ---------------------------------------------------------------------- cross-field checks

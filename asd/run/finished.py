@@ -21,7 +21,7 @@ from asd.data.datamodule import ClipDataset, WaveStore, label_tensors
 from asd.data.table import Clip, ClipTable
 from asd.data.windows import windowing_of
 from asd.errors import AsdError
-from asd.run.build import build_ensemble, fused_members, signature
+from asd.run.build import build_ensemble, fused_members, signature, signature_changes
 from asd.run.calibrate import load_backends
 from asd.run.crossfit import load_copies
 from asd.run.predict import predict
@@ -60,8 +60,7 @@ class FinishedRun:
         if sig["hash"] != stored.get("hash"):
             raise AsdError(
                 f"{self.dir}: its .hydra/config.yaml describes another configuration than its checkpoint "
-                "(members, sizes or audio settings differ); score with the run folder exactly as train.py "
-                "wrote it"
+                f"({signature_changes(stored, sig)}); score with the run folder exactly as train.py wrote it"
             )
         self.ensemble = build_ensemble(self.cfg, self.facts)
         load_weights(self.ensemble, self.dir / FINAL_CKPT, sig)

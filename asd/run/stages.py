@@ -46,6 +46,7 @@ from asd.run.build import (
     inference_device,
     plain,
     resolve_trainer,
+    signature_changes,
     with_budget,
 )
 from asd.run.checkpointing import (
@@ -624,10 +625,10 @@ def load_weights(ensemble: Ensemble, path: Path, sig: dict[str, Any]) -> None:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for foreign or damaged files
         raise AsdError(f"{path}: not a readable asd checkpoint ({e}); delete it to retrain") from e
-    theirs = ckpt.get("asd_signature", {}).get("hash") if isinstance(ckpt, dict) else None
-    if theirs != sig["hash"]:
+    theirs = ckpt.get("asd_signature") if isinstance(ckpt, dict) else None
+    if not isinstance(theirs, dict) or theirs.get("hash") != sig["hash"]:
         raise AsdError(
-            f"{path} was written by another configuration (members/sizes/audio/data differ): "
+            f"{path} was written by another configuration ({signature_changes(theirs, sig)}): "
             "use a new run_dir for this configuration, or the original overrides for this run folder"
         )
     ensemble.load_state_dict(ckpt["state_dict"])
@@ -644,7 +645,8 @@ def load_crossfit_file(path: Path, sig: dict[str, Any]) -> dict[str, Any]:
         raise AsdError(f"{path} was written by an older asd; delete it to cross-fit again")
     if state["signature"].get("hash") != sig["hash"]:
         raise AsdError(
-            f"{path} belongs to another configuration than {FINAL_CKPT}; delete it to cross-fit again"
+            f"{path} belongs to another configuration than {FINAL_CKPT} "
+            f"({signature_changes(state['signature'], sig)}); delete it to cross-fit again"
         )
     return state
 
@@ -657,5 +659,8 @@ def load_backends_file(path: Path, sig: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(state, dict) or not {"members", "reference_scores", "signature"} <= set(state):
         raise AsdError(f"{path} was written by an older asd; delete it to refit the backends")
     if state["signature"].get("hash") != sig["hash"]:
-        raise AsdError(f"{path} belongs to another configuration than {FINAL_CKPT}; delete it to refit")
+        raise AsdError(
+            f"{path} belongs to another configuration than {FINAL_CKPT} "
+            f"({signature_changes(state['signature'], sig)}); delete it to refit"
+        )
     return state
