@@ -24,8 +24,9 @@ target references per section, the smaller of the two:
   minus its moving average over `modulation_smooth` frames. A shaft-rate wobble (an imbalance, a
   rub once per revolution; 10-100 Hz) is averaged away within one 32 ms frame of the main log-mel
   and is this statistic's whole content; it is envelope analysis, the oldest tool of machine
-  vibration monitoring, on the sound. It joins the change vector (one Mahalanobis model of
-  `bands` + its bands values), so the max does not gain a fourth chance to flag a normal clip
+  vibration monitoring, on the sound. It joins the change vector (one Mahalanobis model of the
+  `bands` change values and its own bands' values), so the max gains no fourth chance to flag a
+  normal clip
   (docs/results.md, "Fast modulation in the change model").
 
 With `speeds`, every Mahalanobis model also learns from speed-perturbed copies of its training
@@ -99,8 +100,8 @@ class LogMelStatsReference(Branch):
             whose bands' fast modulation joins the change model (module docstring); unused (and
             logged) without `temporal`. None: off.
         modulation_smooth: frames of the moving average each band of `modulation` is taken from
-            before its std over time (odd, >= 3): 9 frames of a 4 ms hop keep what moves faster than
-            about 28 Hz.
+            before its std over time (odd, >= 3): 9 frames of a 4 ms hop (36 ms) take out what moves
+            slower than about 12 Hz and leave what moves faster (wholly from about 28 Hz on).
         """
         super().__init__()
         if temporal and not calibrate:

@@ -318,7 +318,7 @@ def signature(cfg: DictConfig, facts: dict[str, Any]) -> dict[str, Any]:
 
 def signature_changes(theirs: Any, ours: dict[str, Any], most: int = 4) -> str:
     """What differs between a run folder's stored `signature` and this run's, for the refusal:
-    "branches.stats.modulation: null there, {...} now; ..." (the first `most` keys, then a count)."""
+    "branches.stats.modulation: absent there, {...} now; ..." (the first `most` keys, then a count)."""
     if not isinstance(theirs, dict) or not {"members", "config", "facts"} <= set(theirs):
         return "the run folder's file holds no readable configuration"
     missing = object()
