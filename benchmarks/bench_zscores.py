@@ -38,7 +38,10 @@ RESULTS = REPO / "benchmarks" / "results"
 
 
 def read_scores(run_dir: Path) -> tuple[list[Clip], list[dict[str, str]]]:
-    with open(run_dir / "scores.csv", newline="") as f:
+    path = run_dir / "scores.csv"
+    if not path.is_file():
+        raise AsdError(f"{run_dir}: no scores.csv; give run folders that train.py finished")
+    with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     clips = [
         Clip(r["path"], r["machine"], r["section"], r["domain"], split="test", label=r["label"]) for r in rows
@@ -113,4 +116,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except AsdError as e:
+        sys.exit(f"error: {e}")
