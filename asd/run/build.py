@@ -223,9 +223,6 @@ def build_member(name: str, cfg: DictConfig, runtime: dict[str, Any]) -> Branch:
         if node.get("speeds"):  # a picture played faster means nothing either
             node["speeds"] = []
             log.info("branches.%s.speeds: off on pictures (speed-perturbed copies are for audio)", name)
-        if node.get("modulation") is not None:  # a second, short-hop log-mel of the audio
-            node["modulation"] = None
-            log.info("branches.%s.modulation: off on pictures (modulation over time is for audio)", name)
     runtime = {k: v for k, v in runtime.items() if k != "frontend"}
     member = build(node, f"branches.{name}", runtime)
     if not isinstance(member, Branch):
@@ -295,22 +292,21 @@ def build_ensemble(cfg: DictConfig, facts: dict[str, Any]) -> Ensemble:
     return ensemble
 
 
-#: member keys added after run folders were written, and the value that means "as before": a key
-#: at that value is left out of the signature, so such a folder still opens with it (with the key
-#: `modulation` also goes `modulation_smooth`, which does nothing without it)
-SIGNATURE_ADDED = {"stats": {"modulation": None}}
+#: member keys added after run folders were written: (member, key) -> (the value that means "as
+#: before", the keys that do nothing at that value). At that value all of them are left out of the
+#: signature, so such a folder still opens with it.
+SIGNATURE_ADDED = {("stats", "modulation"): (None, ("modulation_smooth",))}
 
 
 def signature(cfg: DictConfig, facts: dict[str, Any]) -> dict[str, Any]:
     """What a run's weights depend on; a run folder of another signature is refused."""
     names = member_names(cfg)
     members = {n: plain(cfg.branches[n]) for n in names}
-    for name, added in SIGNATURE_ADDED.items():
+    for (name, key), (before, idle) in SIGNATURE_ADDED.items():
         node = members.get(name)
-        for key, before in added.items():
-            if isinstance(node, dict) and key in node and node[key] == before:
-                node.pop(key)
-                node.pop(f"{key}_smooth", None)
+        if isinstance(node, dict) and key in node and node[key] == before:
+            for k in (key, *idle):
+                node.pop(k, None)
     sig = {"members": names, "config": members, "facts": facts}
     sig["hash"] = hashlib.sha256(json.dumps(sig, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return sig
