@@ -501,11 +501,14 @@ class MahalanobisBackend(nn.Module):
     to `folds` clips is left out one clip at a time). Off by default.
 
     `fit(..., copies=)` adds augmented copies of each training clip (speed-perturbed ones from
-    `asd.branches.logmel_stats`): they join their clip's domain in its mean and in its section's
-    covariance, are left out together with it, and are never measured themselves, so the
-    calibration describes real clips. Whether a domain has clips enough for a covariance of its own
-    counts its real clips; a section too small for one borrows the other sections' spread of real
-    clips only.
+    `asd.branches.logmel_stats`): they join their clip's domain in its section's covariance (their
+    deviations from the mean of the domain's real clips), are left out together with it, and are
+    never measured themselves, so the calibration describes real clips. Each domain's mean is its
+    real clips' mean: a copy teaches a direction the sound varies in, not where the machine's
+    sound is (averaged into a domain of one clip, copies at other speeds smeared its tones).
+    Whether a domain has clips enough for a covariance of its own counts its real clips; a section
+    too small for one borrows the other sections' spread of real clips only, so there the copies
+    change nothing.
     """
 
     _KEYS = ("mean", "whiten", "section", "domain")
@@ -571,6 +574,12 @@ class MahalanobisBackend(nn.Module):
         few = 3 if self.shrinkage == "auto" else 2
         lone = [s for s in torch.unique(section).tolist() if int((section == s).sum()) < few]
         shared = self._shared_covariance(x, section, group_domain, lone, where) if lone else None
+        if lone and extra is not None:
+            log.info(
+                "Mahalanobis: the augmented copies change nothing in sections %s: they borrow the other "
+                "sections' spread of real clips, and a mean is its real clips' own",
+                lone,
+            )
         for s in torch.unique(section).tolist():
             in_section = section == s
             xs, gs = x[in_section], group_domain[in_section]
@@ -650,7 +659,7 @@ class MahalanobisBackend(nn.Module):
         """group id -> (mean (D,), whitening L^-1 (D, D)) of one section's clips x (n, D).
 
         `shared`: one covariance for every group (a section of one clip borrows it), fitting none.
-        `extra` (n, R, D): each clip's augmented copies, which join its group.
+        `extra` (n, R, D): each clip's augmented copies, which join its group's spread (not its mean).
         """
         groups = torch.unique(group).tolist()
         clips = {d: int((group == d).sum()) for d in groups}  # real clips, copies not counted
@@ -658,10 +667,12 @@ class MahalanobisBackend(nn.Module):
         # (3: it shrinks nothing for 2), since the copies of one or two clips show only the speed direction
         least = 3 if extra is not None and self.shrinkage == "auto" else 2
         enough = {d: clips[d] >= least for d in groups}  # without copies: the rule as it always was
+        # each group's mean is its real clips' mean: a copy is a direction of variation, not a
+        # clip of the machine; averaged in, copies moved to other speeds smear the tones of the mean
+        means = {d: x[group == d].mean(dim=0) for d in groups}
         if extra is not None:
             x = torch.cat([x, extra.reshape(-1, x.shape[1])])
             group = torch.cat([group, group.repeat_interleave(extra.shape[1])])
-        means = {d: x[group == d].mean(dim=0) for d in groups}
         pooled = shared
         if pooled is None and self.covariance == "pooled" and len(groups) > 1:
             deviations = torch.cat([x[group == d] - means[d] for d in groups])  # within-domain spread

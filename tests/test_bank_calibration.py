@@ -96,17 +96,31 @@ def test_copies_join_the_models_and_leave_with_their_clip():
     twins = MahalanobisBackend(shrinkage=0.1, covariance="pooled", calibrate=True, folds=20)
     twins.fit(feats, section, domain, copies=feats[:, None].repeat(1, 2, 1))
     torch.testing.assert_close(twins.score(query, zeros), plain.score(query, zeros))
-    # real copies: the same models as plain rows of their clips' domains, but measured and left out
-    # as their clips
+    # real copies: each domain keeps its real clips' mean, and the copies' deviations from it join
+    # the pooled covariance beside the clips' own
     copies = feats[:, None] + 0.3 * torch.randn(14, 2, 3, dtype=torch.float64, generator=torch.Generator())
-    rows = torch.cat([feats, copies.reshape(-1, 3)])
-    as_rows = MahalanobisBackend(shrinkage=0.1, covariance="pooled").fit(
-        rows, section.repeat(3), torch.cat([domain, domain.repeat_interleave(2)])
-    )
+    copies[:, :, 0] += 2.0  # copies displaced along one direction: a mean that took them in would move
     with_copies = MahalanobisBackend(shrinkage=0.1, covariance="pooled").fit(
         feats, section, domain, copies=copies
     )
-    torch.testing.assert_close(with_copies.score(query, zeros), as_rows.score(query, zeros))
+    state, before = with_copies._fitted.state, plain._fitted.state
+    torch.testing.assert_close(state["mean"], before["mean"])
+    means = {d: feats[domain == d].mean(dim=0) for d in (0, 1)}
+    deviations = torch.cat(
+        [torch.cat([feats[domain == d], copies[domain == d].reshape(-1, 3)]) - means[d] for d in (0, 1)]
+    )
+    cov = deviations - deviations.mean(dim=0)
+    cov = (
+        0.9 * cov.T @ cov / len(cov)
+        + 0.1 * torch.eye(3, dtype=torch.float64) * torch.trace(cov.T @ cov / len(cov)) / 3
+    )
+    whiten = torch.linalg.inv(torch.linalg.cholesky(cov))
+    torch.testing.assert_close(state["whiten"][0], whiten.float(), rtol=1e-4, atol=1e-5)
+    # the displaced direction is now part of normal variation: a query moved along it is nearer
+    moved = query.clone()
+    moved[:, 0] += 2.0
+    without = MahalanobisBackend(shrinkage=0.1, covariance="pooled").fit(feats, section, domain)
+    assert (with_copies.score(moved, zeros) < without.score(moved, zeros)).all()
     with pytest.raises(
         AsdError, match=r"`copies` is \(14, 3\); expected a float tensor \(N, R, D\) = \(14, R, 3\)"
     ):
@@ -117,6 +131,22 @@ def test_copies_join_the_models_and_leave_with_their_clip():
     broken[3, 1, 0] = math.nan
     with pytest.raises(AsdError, match=r"`copies` has NaN/inf values in \(clip, copy\) \[\[3, 1\]\]"):
         plain.fit(feats, section, domain, copies=broken)
+
+
+def test_copies_change_nothing_where_a_section_has_one_clip(caplog):
+    # the MIMII sample's case: one training clip per section; such a section borrows the other
+    # sections' spread of real clips, and its mean is its clip, so its copies have nothing to join
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    section, domain = torch.arange(4), torch.zeros(4, dtype=torch.long)
+    copies = feats[:, None] + torch.randn(4, 3, 6, generator=g, dtype=torch.float64)
+    query = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    ids = torch.arange(10) % 4
+    plain = MahalanobisBackend(covariance="pooled").fit(feats, section, domain)
+    with caplog.at_level(logging.INFO, logger="asd.scoring"):
+        with_copies = MahalanobisBackend(covariance="pooled").fit(feats, section, domain, copies=copies)
+    torch.testing.assert_close(with_copies.score(query, ids), plain.score(query, ids))
+    assert "the augmented copies change nothing in sections [0, 1, 2, 3]" in caplog.text
 
 
 def test_pooled_covariance_shares_the_within_domain_spread():

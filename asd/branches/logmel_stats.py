@@ -33,11 +33,13 @@ With `speeds`, every Mahalanobis model also learns from speed-perturbed copies o
 clips (each clip resampled so that its frequencies and its tempo scale by each factor, as Kaldi's
 speed perturbation does for speech): a machine whose speed or load moves its tones between
 recordings varies more than a few clips show, most of all in a target domain of 2-5 clips, and
-the copies teach the models that direction of variation. The copies join their clip's domain in
-the means and covariances, are left out with it by the calibration and are never measured
-themselves (`MahalanobisBackend.fit(copies=)`); the kNN bank keeps the real clips only, since a
-clip's own copy would be its nearest neighbour. Scoring is unchanged: test clips are not perturbed.
-(docs/results.md, "Speed-perturbed copies of the training clips".)
+the copies teach the models that direction of variation. The copies join the spread of their
+clip's domain (the covariances), not its mean, which stays the real clips' own; they are left out
+with their clip by the calibration and are never measured themselves
+(`MahalanobisBackend.fit(copies=)`). The kNN bank keeps the real clips only, since a clip's own
+copy would be its nearest neighbour. Scoring is unchanged: test clips are not perturbed.
+(docs/results.md, "Speed-perturbed copies of the training clips" and "Speed copies in the spread,
+not the mean".)
 
 It has no parameters to train, so the ensemble never gives it an optimizer.
 """
