@@ -501,11 +501,12 @@ class MahalanobisBackend(nn.Module):
     to `folds` clips is left out one clip at a time). Off by default.
 
     `fit(..., copies=)` adds augmented copies of each training clip (speed-perturbed ones from
-    `asd.branches.logmel_stats`): they join their clip's domain in its section's covariance (their
-    deviations from the mean of the domain's real clips), are left out together with it, and are
-    never measured themselves, so the calibration describes real clips. Each domain's mean is its
-    real clips' mean: a copy teaches a direction the sound varies in, not where the machine's
-    sound is (averaged into a domain of one clip, copies at other speeds smeared its tones).
+    `asd.branches.logmel_stats`): they join the spread of their clip's domain (with the pooled
+    covariance, as deviations from the mean of the domain's real clips), are left out together with
+    it, and are never measured themselves, so the calibration describes real clips. Each domain's
+    mean is its real clips' mean: a copy teaches a direction the sound varies in, not where the
+    machine's sound is (averaged into a domain of one clip, copies at other speeds smeared its
+    tones).
     Whether a domain has clips enough for a covariance of its own counts its real clips; a section
     too small for one borrows the other sections' spread of real clips only, so there the copies
     change nothing.
