@@ -15,9 +15,12 @@ unchanged: its scores are the default run's.
 rows, and scores them with the run's labels (`asd.evaluation.evaluate`, the official DCASE score of
 the year its `summary.md` names, with the `fusion.weighted.power` of its `.hydra/config.yaml`):
 
-  criterion      `fusion.weighted.rule=criterion` (the default): (criterion - 0.5) ** power per member
+  criterion      `fusion.weighted.rule=criterion`: (criterion - 0.5) ** power per member, without a
+                 floor on the references' share (`fusion.weighted.reference_share=null`)
   discriminant   `fusion.weighted.rule=discriminant`: the shrunk linear discriminant of all members
   zmean          equal weights
+  criterion, reference_share=S   the criterion's weights with the fused references given at least S
+                 of them (`--shares`, 0.8 by default: the default since 2026-12-06)
 
 beside `final` and each fused column alone, and the mean correlation of each pair of fused columns
 over the test clips. Writes benchmarks/results/<name>.{json,md}.
@@ -98,12 +101,13 @@ def official(clips: list, scores, year: int) -> float:
     return evaluate(clips, scores, year=year).official
 
 
-def one_run(run_dir: Path) -> dict:
+def one_run(run_dir: Path, shares: list[float]) -> dict:
     import numpy as np
     import torch
     from omegaconf import OmegaConf
 
     from asd.data.table import Clip
+    from asd.ensemble import is_reference
     from asd.fusion import select
 
     saved = torch.load(run_dir / "weights_rows.pt", weights_only=False)
@@ -134,6 +138,12 @@ def one_run(run_dir: Path) -> dict:
             w = w / w.sum()
         out["weights"][rule] = dict(zip(members, w.round(4).tolist(), strict=True))
         out["official"][rule] = official(clips, z @ w, year)
+    reference = np.array([is_reference(m) for m in members])
+    for share in shares:
+        w = select.member_weights(rows, y, section, power, reference=reference, share=share)[1]
+        w, rule = w / w.sum(), f"criterion, reference_share={share:g}"
+        out["weights"][rule] = dict(zip(members, w.round(4).tolist(), strict=True))
+        out["official"][rule] = official(clips, z @ w, year)
     out["official"]["final (the run's)"] = official(clips, np.array([float(r["final"]) for r in test]), year)
     for i, m in enumerate(members):
         out["official"][f"{m} (fused z)"] = official(clips, z[:, i], year)
@@ -142,10 +152,10 @@ def one_run(run_dir: Path) -> dict:
     return out
 
 
-def table(runs: list[Path], name: str) -> None:
+def table(runs: list[Path], name: str, shares: list[float]) -> None:
     import numpy as np
 
-    results = [one_run(r) for r in runs]
+    results = [one_run(r, shares) for r in runs]
     years = {r["year"] for r in results}
     if len(years) != 1:
         raise SystemExit(f"the runs score under different official years {sorted(years)}: one table per year")
@@ -168,7 +178,16 @@ def table(runs: list[Path], name: str) -> None:
     higher = sum(r["official"]["discriminant"] > r["official"]["criterion"] for r in results)
     lower = sum(r["official"]["discriminant"] < r["official"]["criterion"] for r in results)
     n = len(results)
-    lines += ["", f"discriminant against criterion: higher in {higher}, lower in {lower} of {n} runs", ""]
+    lines += ["", f"discriminant against criterion: higher in {higher}, lower in {lower} of {n} runs"]
+    for share in shares:
+        rule = f"criterion, reference_share={share:g}"
+        diff = [r["official"][rule] - r["official"]["criterion"] for r in results]
+        spread = statistics.stdev(diff) if n > 1 else 0.0
+        lines.append(
+            f"{rule} against criterion: {np.mean(diff):+.4f} ± {spread:.4f}, higher in "
+            f"{sum(d > 0 for d in diff)}, lower in {sum(d < 0 for d in diff)} of {n} runs"
+        )
+    lines.append("")
     members = results[0]["members"]
     corr = np.mean([r["correlation"] for r in results], axis=0)
     lines += ["mean correlation of the fused columns over the test clips:", ""]
@@ -199,12 +218,15 @@ def main() -> None:
     t = sub.add_parser("table", help="every rule on recorded runs")
     t.add_argument("runs", type=Path, nargs="+")
     t.add_argument("--name", default="bench_weights")
+    t.add_argument(
+        "--shares", type=float, nargs="*", default=[0.8], help="fusion.weighted.reference_share values"
+    )
     args = parser.parse_args()
     if args.cmd == "run":
         run(args.configs, args.seeds, args.out.resolve(), args.extra)
     else:
         sys.path.insert(0, str(REPO))
-        table(args.runs, args.name)
+        table(args.runs, args.name, args.shares)
 
 
 if __name__ == "__main__":

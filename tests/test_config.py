@@ -152,6 +152,10 @@ def test_logger_nodes_need_a_target():
             "fusion.weighted.rule=lda",
             "fusion.weighted.rule='lda': expected one of 'criterion', 'discriminant'",
         ),
+        (
+            "fusion.weighted.reference_share=1.5",
+            "fusion.weighted.reference_share=1.5: expected a number in [0, 1] or null",
+        ),
         ("fusion.normalisation.z_limit=0", "fusion.normalisation.z_limit=0: expected a number > 0 or null"),
         ("threshold_percentile=1.2", "threshold_percentile=1.2: expected a number in (0, 1)"),
         ("threshold_fence=-1", "threshold_fence=-1: expected a number >= 0 or null"),

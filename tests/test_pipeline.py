@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from asd.calibration import Calibration, fit_thresholds
 from asd.data.index import index_dataset, parse_path
+from asd.ensemble import is_reference
 from asd.errors import AsdError
 from asd.evaluation import evaluate
 from asd.run import FINAL_CKPT, FinishedRun, train
@@ -325,9 +326,10 @@ def test_the_discriminant_weight_rule_recalibrates_and_the_summary_says_so(run, 
     assert first.weights_rule == "criterion" and first.weights_note == ""
     assert "weighted by each one's criterion" in (run / "summary.md").read_text()
     # the default rule is not in the calibrate stage's settings: they equal what runs made before the
-    # key existed stored, so such a run folder is not calibrated again
+    # key existed stored, so such a run folder is not calibrated again; the references' share is,
+    # since runs made before it existed had none (they are calibrated again)
     stored = json.loads((run / "stages.json").read_text())["calibrate"]["fusion"]
-    assert stored["weighted"] == {"power": 2.0}
+    assert stored["weighted"] == {"power": 2.0, "reference_share": 0.8}
     # nor are the edit strengths the config lists at their defaults (asd.run.stages.stored_anomalies)
     assert set(stored["anomalies"]) == {"copies", "kinds", "p_none"}
     other = rerun_copy(run, tmp_path / "discriminant", caplog, "fusion.weighted.rule", "discriminant")
@@ -337,7 +339,7 @@ def test_the_discriminant_weight_rule_recalibrates_and_the_summary_says_so(run, 
     assert cal.weights_rule == "discriminant" and sum(cal.weights.values()) == pytest.approx(1.0)
     assert cal.weights != first.weights and cal.member_criteria == first.member_criteria
     weighted = json.loads((other / "stages.json").read_text())["calibrate"]["fusion"]["weighted"]
-    assert weighted == {"power": 2.0, "rule": "discriminant"}
+    assert weighted == {"power": 2.0, "rule": "discriminant", "reference_share": 0.8}
     summary = (other / "summary.md").read_text()
     assert "by the shrunk linear discriminant of all members, fusion.weighted.rule=discriminant" in summary
     assert "zweighted member weights (fusion.weighted.rule=discriminant, measure=official;" in summary
@@ -368,8 +370,28 @@ def test_the_auc_measure_recalibrates_and_the_summary_says_so(run, tmp_path, cap
     cal = Calibration.load(other / "calibration.pt")
     assert cal.weights_measure == "auc" and cal.member_criteria != first.member_criteria
     weighted = json.loads((other / "stages.json").read_text())["calibrate"]["fusion"]["weighted"]
-    assert weighted == {"power": 2.0, "measure": "auc"}
+    assert weighted == {"power": 2.0, "measure": "auc", "reference_share": 0.8}
     assert "measure=auc; in brackets its AUC alone of each member" in (other / "summary.md").read_text()
+
+
+def test_the_references_share_recalibrates_and_the_summary_says_so(run, tmp_path, caplog):
+    first = Calibration.load(run / "calibration.pt")
+    fused = [m for m in first.members if is_reference(m)]
+    assert fused, "the tiny run fuses a reference column (fusion.references=auto)"
+    other = rerun_copy(run, tmp_path / "anchored", caplog, "fusion.weighted.reference_share", 0.95)
+    assert "stage backends: skipped" in caplog.text
+    assert "stage calibrate: its settings changed since the last run" in caplog.text
+    cal = Calibration.load(other / "calibration.pt")
+    assert cal.member_criteria == first.member_criteria  # the same rows judge each member
+    held = sum(first.weights[m] for m in fused)
+    assert sum(cal.weights[m] for m in fused) == pytest.approx(max(0.95, held))
+    members = [m for m in first.members if m not in fused]
+    kept = [first.weights[m] / cal.weights[m] for m in members if first.weights[m] > 0]
+    np.testing.assert_allclose(kept, kept[0])  # the members keep their proportions
+    weighted = json.loads((other / "stages.json").read_text())["calibrate"]["fusion"]["weighted"]
+    assert weighted["reference_share"] == 0.95
+    summary = (other / "summary.md").read_text()
+    assert f"{', '.join(fused)} held at least 0.95 of the weight (fusion.weighted.reference_share)" in summary
 
 
 def test_threshold_shrinkage_moves_only_the_thresholds_and_the_summary_says_so(run, tmp_path, caplog):

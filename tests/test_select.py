@@ -154,6 +154,45 @@ def test_a_members_weight_is_its_criterion_above_chance_to_the_power():
     np.testing.assert_array_equal(select.criterion_weights(np.array([0.5, 0.3]), power=2.0), [1.0, 1.0])
 
 
+def test_the_references_share_is_raised_to_the_floor_and_the_members_keep_their_proportions():
+    reference = np.array([False, False, True, False])
+    w = np.array([0.3, 0.1, 0.2, 0.4])  # sum 1.0; the reference holds 0.2
+    anchored = select.anchored_weights(w, reference, share=0.8)
+    np.testing.assert_allclose(anchored, [0.075, 0.025, 0.8, 0.1], rtol=1e-12)  # members: 0.2 x w / 0.8
+    # the scale of the weights is kept (zweighted divides by their sum anyway)
+    np.testing.assert_allclose(select.anchored_weights(2 * w, reference, 0.8), 2 * anchored, rtol=1e-12)
+    # a floor, not a target: a reference above it, no fused reference, or no share change nothing
+    np.testing.assert_array_equal(select.anchored_weights(w, reference, share=0.1), w)
+    np.testing.assert_array_equal(select.anchored_weights(w, np.zeros(4, dtype=bool), 0.8), w)
+    np.testing.assert_array_equal(select.anchored_weights(w, reference, None), w)
+    # two references share the floor in their own proportions, or equally where neither has weight
+    two = np.array([True, True, False])
+    np.testing.assert_allclose(select.anchored_weights(np.array([0.1, 0.3, 0.6]), two, 0.8), [0.2, 0.6, 0.2])
+    np.testing.assert_allclose(
+        select.anchored_weights(np.array([0.0, 0.0, 1.0]), two, 0.5), [0.25, 0.25, 0.5]
+    )
+
+
+def test_member_weights_and_their_cross_fitted_scores_keep_the_references_floor():
+    rng = np.random.default_rng(3)
+    rows, y = separated_rows(rng)
+    section = np.zeros(len(y), dtype=np.int64)
+    reference = np.array([False, False, True])
+    plain = select.member_weights(rows, y, section, power=2.0)[1]
+    criteria, weights, _ = select.member_weights(rows, y, section, 2.0, reference=reference, share=0.9)
+    np.testing.assert_allclose(weights, select.anchored_weights(plain, reference, 0.9), rtol=1e-12)
+    assert weights[2] / weights.sum() == pytest.approx(0.9)
+    source = torch.arange(len(y)) % (len(y) // 2)  # each pseudo-anomaly made from one normal
+    plan = select.source_plan(len(y) // 2, source, folds=3, seed=0)
+    scored = select.cross_fitted_weighted(
+        torch.as_tensor(rows), y, section, plan, 2.0, reference=reference, share=0.9
+    )
+    for train, held in plan:
+        t, h = train.numpy(), held.numpy()
+        w = select.member_weights(rows[t], y[t], section[t], 2.0, reference=reference, share=0.9)[1]
+        np.testing.assert_allclose(scored[h], rows[h] @ (w / w.sum()), rtol=1e-12)
+
+
 def separated_rows(rng: np.random.Generator, n: int = 60) -> tuple[np.ndarray, np.ndarray]:
     """Normals then as many pseudo-anomalies; columns: a, a near-copy of a, and b, where a and b
     each shift the anomalies by 1.5 standard deviations with independent noise."""

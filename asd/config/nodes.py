@@ -475,6 +475,7 @@ class Weighted(Node):
     power: Positive = 2.0
     rule: choice(*WEIGHT_RULES) = "criterion"
     measure: choice(*CRITERION_MEASURES) = "official"
+    reference_share: number(ge=0, le=1, null=True) = 0.8
 
 
 class Select(Node):

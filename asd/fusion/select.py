@@ -12,9 +12,11 @@ the same rows (docs/results.md: no measurable gain on the digits).
 
 `zweighted` is fitted on these rows too, with one number per member: by default each member's own
 criterion below (`member_criteria`), made a weight by `criterion_weights`; with
-`fusion.weighted.rule=discriminant` all members together (`discriminant_weights`). It is judged
-like the learned fusions, with weights from the other folds (`cross_fitted_weighted`), and stays a
-candidate where a group has too few normals for meta and attention.
+`fusion.weighted.rule=discriminant` all members together (`discriminant_weights`); the fused
+reference columns then hold at least `fusion.weighted.reference_share` of the weight
+(`anchored_weights`). It is judged like the learned fusions, with weights from the other folds
+(`cross_fitted_weighted`), and stays a candidate where a group has too few normals for meta and
+attention.
 
 Each candidate's criterion is the official-score rule applied to this labelled set: per section,
 the AUC and the pAUC (FPR <= 0.1) of its normals against its pseudo-anomalies, then the harmonic
@@ -202,6 +204,32 @@ def discriminant_weights(rows: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, s
     return w / w.sum(), ""
 
 
+def anchored_weights(weights: np.ndarray, reference: np.ndarray, share: float | None) -> np.ndarray:
+    """`weights` (M,) with the fused reference columns' (`reference`, a boolean mask) total raised to
+    at least `share` of the sum (`fusion.weighted.reference_share`), the members' scaled down to the
+    rest in their own proportions; unchanged where `share` is None, no reference is fused, or the
+    references hold that share already. References without weight of their own share it equally.
+
+    Why a floor: the weights come from pseudo-anomalies, which the reconstruction members (b2, b6,
+    b7) hear better than real faults, so they get as much weight as the reference though they are
+    far weaker on test clips. The reference has no trained parameters to overfit the few training
+    clips, and in every configuration measured the fusion lost to it alone, each added member
+    lowering the score (docs/results.md, "The reference's share of `zweighted`").
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    reference = np.asarray(reference, dtype=bool)
+    if share is None or not reference.any():
+        return w
+    total = w.sum()
+    held = w[reference].sum()
+    if held >= share * total:
+        return w
+    out = np.empty_like(w)  # the members hold more than 1 - share > 0 of it here, so `rest` > 0
+    out[reference] = share * (w[reference] / held if held > 0 else 1.0 / reference.sum())
+    out[~reference] = (1.0 - share) * w[~reference] / (total - held)
+    return out * total
+
+
 def member_weights(
     rows: Tensor | np.ndarray,
     y: np.ndarray,
@@ -209,16 +237,23 @@ def member_weights(
     power: float,
     rule: str = "criterion",
     measure: str = "official",
+    reference: np.ndarray | None = None,
+    share: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """(criteria (M,), weights (M,), note): each member's `member_criteria` (by `measure`) and the
-    `zweighted` weights `rule` makes (`criterion_weights` of the criteria, or `discriminant_weights`)."""
+    `zweighted` weights `rule` makes (`criterion_weights` of the criteria, or `discriminant_weights`),
+    with the reference columns (mask `reference`) given at least `share` of them (`anchored_weights`)."""
     if rule not in WEIGHT_RULES:
         raise AsdError(f"fusion.weighted.rule={rule!r}: expected one of {', '.join(map(repr, WEIGHT_RULES))}")
     rows = torch.as_tensor(rows)
     criteria = member_criteria(rows, y, section, measure)
     if rule == "criterion":
-        return criteria, criterion_weights(criteria, power), ""
-    return criteria, *discriminant_weights(rows.double().numpy(), y)
+        weights, note = criterion_weights(criteria, power), ""
+    else:
+        weights, note = discriminant_weights(rows.double().numpy(), y)
+    if reference is not None:
+        weights = anchored_weights(weights, reference, share)
+    return criteria, weights, note
 
 
 def cross_fitted_weighted(
@@ -229,17 +264,22 @@ def cross_fitted_weighted(
     power: float,
     rule: str = "criterion",
     measure: str = "official",
+    reference: np.ndarray | None = None,
+    share: float | None = None,
 ) -> np.ndarray:
     """`zweighted` scores of the rows each fit of `plan` scores, with weights from that fit's other
     rows only (NaN for rows no fit scores): it is judged like the learned fusions, never on the rows
-    its weights came from. `rows` (N, M): normals' left-out z-scores, then the pseudo-anomalies'."""
+    its weights came from. `rows` (N, M): normals' left-out z-scores, then the pseudo-anomalies'.
+    `reference` and `share` as in `member_weights`."""
     out = np.full(len(rows), np.nan)
     for train, held in plan:
         t = train.numpy()
         if len(np.unique(y[t])) < 2:  # a fit without both kinds of rows cannot weigh: equal weights
             weights = np.ones(rows.shape[1])
+            if reference is not None:
+                weights = anchored_weights(weights, reference, share)
         else:
-            weights = member_weights(rows[train], y[t], section[t], power, rule, measure)[1]
+            weights = member_weights(rows[train], y[t], section[t], power, rule, measure, reference, share)[1]
         out[held.numpy()] = fuse_weighted(rows[held].double(), torch.as_tensor(weights)).numpy()
     return out
 

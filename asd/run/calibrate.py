@@ -17,7 +17,7 @@ and how their scores and pseudo-anomalies are made is one contract.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,7 @@ from asd.calibration import (
     percentile_note,
 )
 from asd.data.datamodule import AsdDataModule, ClipDataset, join_rows
-from asd.ensemble import REFERENCES, Ensemble
+from asd.ensemble import REFERENCES, Ensemble, is_reference
 from asd.errors import AsdError
 from asd.evaluation import THRESHOLD_MODELS
 from asd.fusion import select
@@ -248,7 +248,15 @@ def choose_final(
         rows = torch.cat([loo, z[n_normal:]])
         power, rule, measure = weighted_settings(fcfg["weighted"])
         learned[WEIGHTED] = select.cross_fitted_weighted(
-            rows, y.numpy().astype(np.int64), ctx["section"].numpy(), plan, power, rule, measure
+            rows,
+            y.numpy().astype(np.int64),
+            ctx["section"].numpy(),
+            plan,
+            power,
+            rule,
+            measure,
+            reference_columns(calibration.members),
+            reference_share(fcfg["weighted"]),
         )
     if any(n in select.LEARNED for n in names):
         learned |= select.cross_fitted_learned(
@@ -286,20 +294,28 @@ def weigh_members(
     then their pseudo-anomalies'), and the weights `fusion.weighted.rule` makes (`power` or the
     discriminant, `asd.fusion.select.member_weights`)."""
     power, rule, measure = weighted_settings(cfg.fusion.weighted)
-    criteria, weights, note = select.member_weights(
-        rows, y.numpy().astype(np.int64), section.numpy(), power, rule, measure
-    )
     members = calibration.members
+    criteria, weights, note = select.member_weights(
+        rows,
+        y.numpy().astype(np.int64),
+        section.numpy(),
+        power,
+        rule,
+        measure,
+        reference_columns(members),
+        reference_share(cfg.fusion.weighted),
+    )
     calibration.member_criteria = {m: float(c) for m, c in zip(members, criteria, strict=True)}
     calibration.weights = {m: float(w) for m, w in zip(members, weights / weights.sum(), strict=True)}
     calibration.weights_rule, calibration.weights_note, calibration.weights_measure = rule, note, measure
     log.info(
         "stage calibrate: zweighted weights (fusion.weighted.rule=%s, measure=%s; each member's criterion "
-        "alone on normals vs pseudo-anomalies in brackets)%s: %s",
+        "alone on normals vs pseudo-anomalies in brackets)%s: %s%s",
         rule,
         measure,
         f", {note}" if note else "",
         ", ".join(f"{m} {w:.2f} ({criteria[i]:.3f})" for i, (m, w) in enumerate(calibration.weights.items())),
+        anchored_note(cfg.fusion.weighted, members),
     )
 
 
@@ -361,14 +377,39 @@ def pseudo_anomalies(cfg: DictConfig, dm: AsdDataModule, normals: ClipDataset) -
     )
 
 
-#: `fusion.weighted` keys added after runs were written, at the values those runs used (and the defaults)
-WEIGHTED_ADDED = {"rule": "criterion", "measure": "official"}
+#: `fusion.weighted` keys added after runs were written, at the values those runs used
+WEIGHTED_ADDED = {"rule": "criterion", "measure": "official", "reference_share": None}
 
 
 def weighted_settings(weighted: Mapping[str, Any]) -> tuple[float, str, str]:
     """(power, rule, measure) of a `fusion.weighted` node; a key it lacks has its `WEIGHTED_ADDED` value."""
-    get = {k: str(weighted.get(k, v)) for k, v in WEIGHTED_ADDED.items()}
-    return float(weighted["power"]), get["rule"], get["measure"]
+    return (
+        float(weighted["power"]),
+        str(weighted.get("rule", WEIGHTED_ADDED["rule"])),
+        str(weighted.get("measure", WEIGHTED_ADDED["measure"])),
+    )
+
+
+def reference_share(weighted: Mapping[str, Any]) -> float | None:
+    """`fusion.weighted.reference_share` as a float, or None (off; also for configs written before it)."""
+    share = weighted.get("reference_share", None)
+    return None if share is None else float(share)
+
+
+def reference_columns(columns: Sequence[str]) -> np.ndarray:
+    """Which fused columns are a reference's (`fusion.references`), a boolean mask (M,)."""
+    return np.array([is_reference(c) for c in columns], dtype=bool)
+
+
+def anchored_note(weighted: Mapping[str, Any], columns: Sequence[str]) -> str:
+    """What `fusion.weighted.reference_share` did to `zweighted`'s weights, for the summary ("" when off)."""
+    share = reference_share(weighted)
+    if share is None:
+        return ""
+    fused = [c for c in columns if is_reference(c)]
+    if not fused:
+        return f"; fusion.weighted.reference_share={share:g} unused: no reference column is fused"
+    return f"; {', '.join(fused)} held at least {share:g} of the weight (fusion.weighted.reference_share)"
 
 
 def _z_limit(cfg: DictConfig) -> float | None:

@@ -575,6 +575,7 @@ class Report(Stage):
                     f"{m} {w:.2f} ({run.calibration.member_criteria[m]:.3f})"
                     for m, w in run.calibration.weights.items()
                 )
+                + cal.anchored_note(run.cfg.fusion.weighted, run.calibration.members)
             )
         if run.trainer is not None:
             notes.append(f"trained with {resolve_trainer(plain(run.cfg.trainer), *hardware()).describe()}")
