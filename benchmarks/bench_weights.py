@@ -23,7 +23,7 @@ the year its `summary.md` names, with the `fusion.weighted.power` of its `.hydra
                  of them (`--shares`, 0.8 by default: the default since 2026-12-06)
 
 beside `final` and each fused column alone, and the mean correlation of each pair of fused columns
-over the test clips. Writes benchmarks/results/<name>.{json,md}.
+over the test clips. Writes benchmarks/results/<name>.{json,md} (or under `--results`).
 """
 
 from __future__ import annotations
@@ -152,7 +152,7 @@ def one_run(run_dir: Path, shares: list[float]) -> dict:
     return out
 
 
-def table(runs: list[Path], name: str, shares: list[float]) -> None:
+def table(runs: list[Path], name: str, shares: list[float], results_dir: Path = RESULTS) -> None:
     import numpy as np
 
     results = [one_run(r, shares) for r in runs]
@@ -197,10 +197,10 @@ def table(runs: list[Path], name: str, shares: list[float]) -> None:
         lines.append(f"| {m} | " + " | ".join(f"{c:.2f}" for c in corr[i]) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.md").write_text(text)
-    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {RESULTS / name}.{{md,json}}")
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{name}.md").write_text(text)
+    (results_dir / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {results_dir / name}.{{md,json}}")
 
 
 def main() -> None:
@@ -221,12 +221,13 @@ def main() -> None:
     t.add_argument(
         "--shares", type=float, nargs="*", default=[0.8], help="fusion.weighted.reference_share values"
     )
+    t.add_argument("--results", type=Path, default=RESULTS, help="where <name>.{md,json} go")
     args = parser.parse_args()
     if args.cmd == "run":
         run(args.configs, args.seeds, args.out.resolve(), args.extra)
     else:
         sys.path.insert(0, str(REPO))
-        table(args.runs, args.name, args.shares)
+        table(args.runs, args.name, args.shares, args.results)
 
 
 if __name__ == "__main__":
