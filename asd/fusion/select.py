@@ -204,11 +204,11 @@ def discriminant_weights(rows: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, s
     return w / w.sum(), ""
 
 
-def anchored_weights(weights: np.ndarray, reference: np.ndarray, share: float | None) -> np.ndarray:
+def anchored_weights(weights: np.ndarray, reference: np.ndarray | None, share: float | None) -> np.ndarray:
     """`weights` (M,) with the fused reference columns' (`reference`, a boolean mask) total raised to
     at least `share` of the sum (`fusion.weighted.reference_share`), the members' scaled down to the
-    rest in their own proportions; unchanged where `share` is None, no reference is fused, or the
-    references hold that share already. References without weight of their own share it equally.
+    rest in their own proportions; unchanged where `share` or `reference` is None, no reference is
+    fused, or the references hold that share already. References without weight of their own share it equally.
 
     Why a floor: the weights come from pseudo-anomalies, which the reconstruction members (b2, b6,
     b7) hear better than real faults, so they get as much weight as the reference though they are
@@ -217,9 +217,9 @@ def anchored_weights(weights: np.ndarray, reference: np.ndarray, share: float | 
     lowering the score (docs/results.md, "The reference's share of `zweighted`").
     """
     w = np.asarray(weights, dtype=np.float64)
-    reference = np.asarray(reference, dtype=bool)
-    if share is None or not reference.any():
+    if share is None or reference is None or not np.any(reference):
         return w
+    reference = np.asarray(reference, dtype=bool)
     total = w.sum()
     held = w[reference].sum()
     if held >= share * total:
@@ -251,9 +251,7 @@ def member_weights(
         weights, note = criterion_weights(criteria, power), ""
     else:
         weights, note = discriminant_weights(rows.double().numpy(), y)
-    if reference is not None:
-        weights = anchored_weights(weights, reference, share)
-    return criteria, weights, note
+    return criteria, anchored_weights(weights, reference, share), note
 
 
 def cross_fitted_weighted(
@@ -275,9 +273,7 @@ def cross_fitted_weighted(
     for train, held in plan:
         t = train.numpy()
         if len(np.unique(y[t])) < 2:  # a fit without both kinds of rows cannot weigh: equal weights
-            weights = np.ones(rows.shape[1])
-            if reference is not None:
-                weights = anchored_weights(weights, reference, share)
+            weights = anchored_weights(np.ones(rows.shape[1]), reference, share)
         else:
             weights = member_weights(rows[train], y[t], section[t], power, rule, measure, reference, share)[1]
         out[held.numpy()] = fuse_weighted(rows[held].double(), torch.as_tensor(weights)).numpy()
