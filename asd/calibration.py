@@ -289,6 +289,29 @@ def fence_note(clipped: int, fence: float, scores: str = "score") -> str:
     return f"{clipped} far-out {scores}(s) first set to Q3 + {fence:g} x IQR of its section (threshold_fence)"
 
 
+def threshold_normals(
+    section: Tensor | np.ndarray, domain: Tensor | np.ndarray, min_domain: int
+) -> np.ndarray:
+    """Which reference normals a section's threshold is fitted on (`threshold_min_domain`): (N,) bool.
+
+    A source or target group of fewer than `min_domain` normals in its section is left out when the
+    rest of the section holds at least `min_domain`, whose threshold its clips then take. Its
+    left-out scores describe none of its test clips: their z-scores come from at most one other clip
+    of the domain, and cross-fitted, each was scored by a copy that saw at most one (a first-shot
+    target pair: 13.7 and 15.1 where its test normals average 1.9; docs/results.md). Clips of
+    unknown domain are always kept; `min_domain` 1 keeps every clip."""
+    section, domain = np.asarray(section, dtype=np.int64), np.asarray(domain, dtype=np.int64)
+    keep = np.ones(section.shape, dtype=bool)
+    for s in np.unique(section):
+        in_section = section == s
+        for d in (0, 1):
+            group = in_section & (domain == d)
+            n = int(group.sum())
+            if 0 < n < min_domain and int((in_section & ~group).sum()) >= min_domain:
+                keep[group] = False
+    return keep
+
+
 def fit_thresholds(
     final: np.ndarray,
     section: Tensor,

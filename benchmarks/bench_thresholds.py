@@ -6,10 +6,11 @@ Each `LABEL=DIR` is a `bench_quality.py --out` folder (`<config>/seed<S>/` run f
 run it reads `calibration.pt` (the reference normals' left-out final scores that the thresholds
 are fitted on, `reference_final`, and `threshold_percentile`), `scores.csv` (every test clip's
 final score and label) and `.hydra/config.yaml`, from which it rebuilds the data module to learn
-each reference normal's section: the held-out split, or every training clip where the run
-cross-fitted, exactly as the run chose them. Then it fits the thresholds of every way in `WAYS`
-with `asd.calibration.fit_thresholds`, the calibrate stage's own function (with the run's
-`threshold_fence`), and counts what they decide on the test clips. The final scores do not
+each reference normal's section and domain: the held-out split, or every training clip where the
+run cross-fitted, exactly as the run chose them. Then it fits the thresholds of every way in
+`WAYS` with `asd.calibration.fit_thresholds` on the normals `asd.calibration.threshold_normals`
+keeps, the calibrate stage's own functions (with the run's `threshold_fence`), and counts what
+they decide on the test clips. The final scores do not
 change, so neither does the ranking: only the decisions.
 
 Per label and configuration: the mean TNR (the share of test normals passed, against the aim
@@ -34,18 +35,19 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/timing.py, also when loaded by path
 from timing import write_tables  # noqa: E402
 
-from asd.calibration import fit_thresholds  # noqa: E402
+from asd.calibration import fit_thresholds, threshold_normals  # noqa: E402
 from asd.run.calibrate import reference_normals  # noqa: E402
 from asd.run.job import split_datamodule  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-#: name -> (threshold model, threshold_shrinkage)
+#: name -> (threshold model, threshold_shrinkage, threshold_min_domain); min_domain 1 fits every normal
 WAYS = {
-    "normal": ("normal", 0.0),
-    "gamma": ("gamma", 0.0),
-    "normal, shrinkage 2": ("normal", 2.0),
-    "gamma, shrinkage 2": ("gamma", 2.0),
+    "normal": ("normal", 0.0, 1),
+    "gamma": ("gamma", 0.0, 1),
+    "normal, shrinkage 2": ("normal", 2.0, 1),
+    "gamma, shrinkage 2": ("gamma", 2.0, 1),
+    "normal, min_domain 3": ("normal", 0.0, 3),
 }
 
 
@@ -58,6 +60,7 @@ def rates(final: np.ndarray, anomalous: np.ndarray, section: np.ndarray, thresho
 def refit(
     reference_final: np.ndarray,
     reference_section: np.ndarray,
+    reference_domain: np.ndarray,
     num_sections: int,
     final: np.ndarray,
     anomalous: np.ndarray,
@@ -67,10 +70,11 @@ def refit(
 ) -> dict[str, dict]:
     """Every way's thresholds from the reference normals, and the TNR/TPR they give the test clips."""
     out = {}
-    for way, (model, shrinkage) in WAYS.items():
+    for way, (model, shrinkage, min_domain) in WAYS.items():
+        rows = threshold_normals(reference_section, reference_domain, min_domain)
         thresholds, _ = fit_thresholds(
-            reference_final,
-            torch.as_tensor(reference_section),
+            reference_final[rows],
+            torch.as_tensor(reference_section[rows]),
             num_sections,
             percentile,
             fence,
@@ -81,11 +85,12 @@ def refit(
     return out
 
 
-def reference_sections(cfg: DictConfig) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Each reference normal's section id, and the (machine, section) keys in id order, of one run."""
+def reference_sections(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """Each reference normal's section and domain ids, and the (machine, section) keys in id order,
+    of one run."""
     dm = split_datamodule(cfg)
     normals, _ = reference_normals(dm, warn=False)
-    return np.asarray(normals.labels["section"]), list(dm.section_keys)
+    return np.asarray(normals.labels["section"]), np.asarray(normals.labels["domain"]), list(dm.section_keys)
 
 
 def read_run(run_dir: Path) -> dict:
@@ -93,7 +98,7 @@ def read_run(run_dir: Path) -> dict:
     state = torch.load(run_dir / "calibration.pt", map_location="cpu", weights_only=True)
     reference_final = np.asarray(state["reference_final"], dtype=np.float64)
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    ref_section, keys = reference_sections(cfg)
+    ref_section, ref_domain, keys = reference_sections(cfg)
     if len(ref_section) != len(reference_final):
         raise ValueError(
             f"{run_dir}: {len(reference_final)} reference scores in calibration.pt but the rebuilt data "
@@ -106,6 +111,7 @@ def read_run(run_dir: Path) -> dict:
     ways = refit(
         reference_final,
         ref_section,
+        ref_domain,
         len(keys),
         np.array([float(r["final"]) for r in rows]),
         np.array([r["label"] == "anomaly" for r in rows]),

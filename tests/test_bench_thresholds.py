@@ -22,6 +22,7 @@ def test_every_way_counts_its_decisions_on_the_test_clips_by_hand():
     out = bt.refit(
         reference_final=np.array([1.0, 2.0, 3.0, 4.0, 5.0]),
         reference_section=np.zeros(5, dtype=np.int64),
+        reference_domain=np.zeros(5, dtype=np.int64),
         num_sections=1,
         final=np.array([0.0, 5.0, 6.0, 7.0, 2.0]),
         anomalous=np.array([False, False, False, True, True]),
@@ -34,6 +35,27 @@ def test_every_way_counts_its_decisions_on_the_test_clips_by_hand():
     # one section: the pooled threshold is its own, so shrinking towards it changes nothing
     assert out["normal, shrinkage 2"] == out["normal"]
     assert out["gamma, shrinkage 2"] == out["gamma"]
+    # one domain: min_domain has nothing to leave out
+    assert out["normal, min_domain 3"] == out["normal"]
+
+
+def test_min_domain_fits_the_section_without_its_target_pair():
+    """Source normals 1..5 and a target pair at 40 and 50: every normal sets a bound far above the
+    test clips; min_domain 3 fits the bound of 1..5 (5.6556, by hand in test_calibration), which
+    passes the normal at 5 and flags the anomalies at 7 and 9 and the normal at 6."""
+    out = bt.refit(
+        reference_final=np.array([1.0, 2.0, 40.0, 3.0, 4.0, 50.0, 5.0]),
+        reference_section=np.zeros(7, dtype=np.int64),
+        reference_domain=np.array([0, 0, 1, 0, 0, 1, 0]),
+        num_sections=1,
+        final=np.array([0.0, 5.0, 6.0, 7.0, 9.0]),
+        anomalous=np.array([False, False, False, True, True]),
+        section=np.zeros(5, dtype=np.int64),
+        percentile=0.9,
+        fence=None,
+    )
+    assert out["normal"] == {"tnr": 1.0, "tpr": 0.0}
+    assert out["normal, min_domain 3"] == {"tnr": pytest.approx(2 / 3), "tpr": 1.0}
 
 
 def test_rates_use_each_clips_own_section_threshold():

@@ -10,7 +10,7 @@ import scipy.stats
 import torch
 from helpers import TINY_FUSION_CFG
 
-from asd.calibration import Calibration, fit_normalizers, fit_thresholds, left_out_z
+from asd.calibration import Calibration, fit_normalizers, fit_thresholds, left_out_z, threshold_normals
 from asd.errors import AsdError
 from asd.evaluation import fit_gamma_threshold, normal_bound
 from asd.fusion.stage import fit_fusion
@@ -249,6 +249,38 @@ def test_normal_thresholds_are_fitted_after_the_far_out_fence():
     assert none == 0 and clipped == 1 and plain[0] > 1000.0
     q1, q3 = np.percentile(scores, [25, 75])
     assert fenced[0] == normal_bound(np.minimum(scores, q3 + 3.0 * (q3 - q1)), 0.9) < 5.0
+
+
+def test_small_domain_groups_are_left_out_of_the_threshold_fit_only_where_their_section_can_spare_them():
+    """Section 0: 8 source and 2 target (the first-shot case): the targets go. Section 1: 4 source
+    and 1 target: the target goes. Section 2: 2 and 2, the rest too small: all stay. Section 3:
+    3 clips of unknown domain: they stay. Section 4: 2 target clips alone: they stay."""
+    section = torch.tensor([0] * 10 + [1] * 5 + [2] * 4 + [3] * 3 + [4] * 2)
+    domain = torch.tensor([0] * 8 + [1] * 2 + [0] * 4 + [1] + [0, 0, 1, 1] + [2] * 3 + [1, 1])
+    keep = threshold_normals(section, domain, 3)
+    assert keep.dtype == bool and keep.shape == (24,)
+    assert np.flatnonzero(~keep).tolist() == [8, 9, 14]
+    assert threshold_normals(section, domain, 1).all()
+    assert np.flatnonzero(~threshold_normals(section, domain, 2)).tolist() == [14]  # 1 clip < 2
+    assert threshold_normals(section, domain, 11).all()  # no section holds 11 others
+
+
+def test_a_left_out_target_pair_far_above_its_test_clips_no_longer_lifts_the_first_shot_threshold():
+    """A first-shot section's left-out final scores (seed 79 of the first-shot benchmark, rounded):
+    its two target clips, scored by copies that saw one target clip, sit far above the rest; without
+    them the bound is that of the 8 fenced source scores, computed by hand."""
+    final = np.array([-0.20, 0.61, -0.23, -0.81, -0.24, -0.14, -0.28, 1.48, -0.30, 1.74])
+    domain = torch.tensor([0, 0, 0, 0, 0, 0, 0, 1, 0, 1])
+    section = torch.zeros(10, dtype=torch.long)
+    keep = threshold_normals(section, domain, 3)
+    every, _ = fit_thresholds(final, section, 1, 0.9, fence=3.0)
+    kept, _ = fit_thresholds(final[keep], section[keep], 1, 0.9, fence=3.0)
+    q1, q3 = np.percentile(final[keep], [25, 75])
+    src = np.minimum(final[keep], q3 + 3.0 * (q3 - q1))  # the fence holds 0.61 back to 0.115
+    assert src.max() == pytest.approx(0.115)
+    by_hand = src.mean() + scipy.stats.t.ppf(0.9, 7) * src.std(ddof=1) * (1 + 1 / 8) ** 0.5
+    assert kept[0].item() == pytest.approx(by_hand, rel=1e-12)
+    assert kept[0] < 0.2 < 1.0 < every[0]
 
 
 def test_threshold_shrinkage_pulls_normal_bounds_towards_the_bound_of_all_scores():

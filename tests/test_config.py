@@ -160,6 +160,8 @@ def test_logger_nodes_need_a_target():
         ("threshold_percentile=1.2", "threshold_percentile=1.2: expected a number in (0, 1)"),
         ("threshold_fence=-1", "threshold_fence=-1: expected a number >= 0 or null"),
         ("threshold_shrinkage=-1", "threshold_shrinkage=-1: expected a number >= 0"),
+        ("threshold_min_domain=0", "threshold_min_domain=0: expected an integer >= 1"),
+        ("threshold_min_domain=2.5", "threshold_min_domain=2.5: expected an integer >= 1"),
         ("branch=5", "branch=5: expected 'all', a member name or a list of them"),  # names: select_branches
         ("freeze=[1]", "freeze=[1]: expected a member name or a list of them or null"),
         ("final=true", "final=True: expected a non-empty string"),

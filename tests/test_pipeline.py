@@ -18,7 +18,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from asd.calibration import Calibration, fit_thresholds
+from asd.calibration import Calibration, fit_thresholds, threshold_normals
 from asd.data.index import index_dataset, parse_path
 from asd.ensemble import is_reference
 from asd.errors import AsdError
@@ -394,20 +394,58 @@ def test_the_references_share_recalibrates_and_the_summary_says_so(run, tmp_path
     assert f"{', '.join(fused)} held at least 0.95 of the weight (fusion.weighted.reference_share)" in summary
 
 
-def test_threshold_shrinkage_moves_only_the_thresholds_and_the_summary_says_so(run, tmp_path, caplog):
-    assert "threshold_shrinkage" not in json.loads((run / "stages.json").read_text())["calibrate"]
-    other = tmp_path / "pulled"
+def recalibrated(run: Path, other: Path, caplog, **settings) -> Calibration:
+    """`run` copied to `other` and re-run with `settings`: only calibrate and after are redone, and
+    every final score stays what it was (only the decisions may move). Returns the new calibration."""
     cfg = copy_for_rerun(run, other)
-    cfg.threshold_shrinkage = 2.0
+    for key, value in settings.items():
+        cfg[key] = value
     with caplog.at_level("INFO", logger="asd.run"):
         train(cfg)
+    assert "stage fit: skipped" in caplog.text
     assert "stage calibrate: its settings changed since the last run" in caplog.text
-    assert "as if 2 more clips showed it (threshold_shrinkage)" in (other / "summary.md").read_text()
-    first, pulled = (Calibration.load(d / "calibration.pt") for d in (run, other))
-    assert first.weights == pulled.weights and not torch.equal(first.thresholds, pulled.thresholds)
     before = {r["path"]: r for r in read_csv(run / "scores.csv")}
-    for r in read_csv(other / "scores.csv"):  # the same scores; only the decisions may move
+    for r in read_csv(other / "scores.csv"):
         assert r["final"] == before[r["path"]]["final"]
+    return Calibration.load(other / "calibration.pt")
+
+
+def test_threshold_shrinkage_moves_only_the_thresholds_and_the_summary_says_so(run, tmp_path, caplog):
+    assert "threshold_shrinkage" not in json.loads((run / "stages.json").read_text())["calibrate"]
+    pulled = recalibrated(run, tmp_path / "pulled", caplog, threshold_shrinkage=2.0)
+    assert (
+        "as if 2 more clips showed it (threshold_shrinkage)"
+        in (tmp_path / "pulled" / "summary.md").read_text()
+    )
+    first = Calibration.load(run / "calibration.pt")
+    assert first.weights == pulled.weights and not torch.equal(first.thresholds, pulled.thresholds)
+
+
+def test_small_domains_set_no_threshold_by_default_and_min_domain_1_refits_only_the_thresholds(
+    run, tmp_path, caplog
+):
+    """debug=default cross-fits 8 source and 2 target clips a section: the 2 targets' left-out scores
+    are left out of the threshold fit, and threshold_min_domain=1 puts them back (nothing else moves)."""
+    first = Calibration.load(run / "calibration.pt")
+    assert json.loads((run / "stages.json").read_text())["calibrate"]["threshold_min_domain"] == 3
+    cfg = config(run)
+    normals, _ = reference_normals(prepare(cfg).dm, warn=False)
+    context = context_of(normals)
+    rows = threshold_normals(context["section"], context["domain"], 3)
+    assert (context["domain"][~torch.as_tensor(rows)] == 1).all() and int((~rows).sum()) == 4  # 2 sections
+    final, sections = first.reference_final.numpy(), len(first.thresholds)
+    want, _ = fit_thresholds(final[rows], context["section"][rows], sections, 0.9, cfg.threshold_fence)
+    assert torch.equal(first.thresholds, want)
+    summary = (run / "summary.md").read_text()
+    assert "the 4 left-out scores of domains with fewer than 3 of their section's normals" in summary
+    assert "rotor/section_00 target, valve/section_00 target) set no threshold" in summary
+    other = tmp_path / "all normals"
+    every = recalibrated(run, other, caplog, threshold_min_domain=1)
+    assert "threshold_min_domain" not in json.loads((other / "stages.json").read_text())["calibrate"]
+    assert torch.equal(every.thresholds, fit_thresholds(final, context["section"], sections, 0.9, 3.0)[0])
+    assert not torch.equal(every.thresholds, first.thresholds)
+    assert torch.equal(every.reference_final, first.reference_final)
+    assert "threshold_min_domain" not in (other / "summary.md").read_text()
 
 
 def test_thresholds_are_normal_prediction_bounds_by_default_and_gamma_refits_only_the_thresholds(
@@ -427,8 +465,10 @@ def test_thresholds_are_normal_prediction_bounds_by_default_and_gamma_refits_onl
     assert "stage calibrate: its settings changed since the last run" in caplog.text
     gamma = Calibration.load(other / "calibration.pt")
     normals, _ = reference_normals(prepare(cfg).dm, warn=False)  # the run's own, and their sections
-    section = context_of(normals)["section"]
-    final, sections, fence = first.reference_final.numpy(), len(first.thresholds), cfg.threshold_fence
+    context = context_of(normals)
+    rows = threshold_normals(context["section"], context["domain"], cfg.threshold_min_domain)
+    section = context["section"][rows]
+    final, sections, fence = first.reference_final.numpy()[rows], len(first.thresholds), cfg.threshold_fence
     bound, _ = fit_thresholds(final, section, sections, 0.9, fence, 0.0, "normal")
     want, _ = fit_thresholds(final, section, sections, 0.9, fence, 0.0, "gamma")
     assert torch.equal(first.thresholds, bound)

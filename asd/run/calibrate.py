@@ -33,6 +33,7 @@ from asd.calibration import (
     fit_thresholds,
     left_out_z,
     percentile_note,
+    threshold_normals,
 )
 from asd.data.datamodule import AsdDataModule, ClipDataset, join_rows
 from asd.ensemble import REFERENCES, Ensemble, is_reference
@@ -42,7 +43,7 @@ from asd.fusion import select
 from asd.fusion.stage import apply_fusion, fit_fusion, held_out_meta_scores, summarise_kinds
 from asd.run.build import fused_members, plain
 from asd.run.predict import context_of, infer, member_scores
-from asd.scoring import FUSIONS, WEIGHTED, fuse
+from asd.scoring import DOMAIN_NAMES, FUSIONS, WEIGHTED, fuse
 
 log = logging.getLogger(__name__)
 
@@ -412,6 +413,27 @@ def anchored_note(weighted: Mapping[str, Any], columns: Sequence[str]) -> str:
     return f"; {', '.join(fused)} held at least {share:g} of the weight (fusion.weighted.reference_share)"
 
 
+def threshold_rows(
+    cfg: DictConfig, context: Mapping[str, Tensor], dm: AsdDataModule
+) -> tuple[np.ndarray, str]:
+    """The reference normals the thresholds are fitted on (`threshold_min_domain`), and the summary's
+    words for those left out ("" when none is)."""
+    least = int(cfg.get("threshold_min_domain", 1))
+    rows = threshold_normals(context["section"], context["domain"], least)
+    if rows.all():
+        return rows, ""
+    names = section_names(dm)
+    section, domain = context["section"].numpy(), context["domain"].numpy()
+    groups = sorted({(int(s), int(d)) for s, d in zip(section[~rows], domain[~rows], strict=True)})
+    which = ", ".join(f"{names[s]} {DOMAIN_NAMES[d]}" for s, d in groups)
+    note = (
+        f"; the {int((~rows).sum())} left-out scores of domains with fewer than {least} of their section's "
+        f"normals ({which}) set no threshold; their clips take the threshold the rest of their section sets "
+        "(threshold_min_domain)"
+    )
+    return rows, note
+
+
 def _z_limit(cfg: DictConfig) -> float | None:
     """`fusion.normalisation.z_limit` as a float, or None (off; also for configs written before it)."""
     limit = cfg.fusion.normalisation.get("z_limit", None)
@@ -525,17 +547,24 @@ def calibrate(
     calibration.reference_final = torch.as_tensor(final)  # threshold=midpoint's normal side
     fence, shrinkage = cfg.get("threshold_fence", None), float(cfg.get("threshold_shrinkage", 0.0))
     model = threshold_model(cfg)
+    rows, left = threshold_rows(cfg, context, dm)
     calibration.thresholds, clipped = fit_thresholds(
-        final, context["section"], dm.num_sections, calibration.threshold_percentile, fence, shrinkage, model
+        final[rows],
+        context["section"][rows],
+        dm.num_sections,
+        calibration.threshold_percentile,
+        fence,
+        shrinkage,
+        model,
     )
-    note = percentile_note(calibration.threshold_percentile, f"{len(final)} {kind}", shrinkage, model)
+    note = percentile_note(calibration.threshold_percentile, f"{int(rows.sum())} {kind}", shrinkage, model)
     if cfg.get("threshold", "normal") == model:  # under threshold=midpoint it names the fallback
         note += f" (threshold={model})"
-    calibration.threshold_note = note + (f", {fence_note(clipped, fence)}" if clipped else "")
+    calibration.threshold_note = note + (f", {fence_note(clipped, fence)}" if clipped else "") + left
     log.info("stage calibrate: thresholds: %s", calibration.threshold_note)
     log.info(
         "stage calibrate: thresholds from %d %s normals' left-out %s scores: %s",
-        len(final),
+        int(rows.sum()),
         kind,
         final_name,
         np.round(calibration.thresholds.numpy(), 3).tolist(),

@@ -374,6 +374,8 @@ class Calibrate(Stage):
             "threshold_fence": cfg.get("threshold_fence", None),
             # only when set: runs made before the key existed stored no such setting
             **({"threshold_shrinkage": float(k)} if (k := cfg.get("threshold_shrinkage")) else {}),
+            # 1 is what runs made before the key existed used: their thresholds still stand
+            **({"threshold_min_domain": int(m)} if (m := cfg.get("threshold_min_domain", 1)) != 1 else {}),
             "threshold": cfg.get("threshold", "normal"),
             # threshold=midpoint's sections without labelled anomalies keep this model's thresholds
             # (gamma's before threshold=normal existed: such runs are calibrated again)

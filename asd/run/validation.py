@@ -130,10 +130,12 @@ def midpoint_thresholds(run: Any) -> None:
     )
     normals, kind = cal.reference_normals(dm, warn=False)
     fence = cfg.get("threshold_fence", None)
+    context = context_of(normals)
+    rows, _ = cal.threshold_rows(cfg, context, dm)  # the normals the percentile fit used
     calibration.thresholds, kept, clipped = fit_midpoint_thresholds(
         calibration.thresholds,
-        calibration.reference_final.numpy(),
-        context_of(normals)["section"],
+        calibration.reference_final.numpy()[rows],
+        context["section"][rows],
         columns["final"],
         labels["section"],
         fence,
