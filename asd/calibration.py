@@ -294,21 +294,21 @@ def threshold_normals(
 ) -> np.ndarray:
     """Which reference normals a section's threshold is fitted on (`threshold_min_domain`): (N,) bool.
 
-    A source or target group of fewer than `min_domain` normals in its section is left out when the
-    rest of the section holds at least `min_domain`, whose threshold its clips then take. Its
-    left-out scores describe none of its test clips: their z-scores come from at most one other clip
-    of the domain, and cross-fitted, each was scored by a copy that saw at most one (a first-shot
-    target pair: 1.48 and 1.74 where its test normals average -0.78; docs/results.md). Clips of
-    unknown domain are always kept; `min_domain` 1 keeps every clip."""
+    Source and target groups of fewer than `min_domain` normals are left out when the section keeps
+    at least `min_domain` without them; their clips take that threshold. Their left-out z-scores
+    come from at most one other clip of the domain, scored (cross-fitted) by a copy that saw at most
+    one: a first-shot target pair at 1.48 and 1.74, its test normals at -0.78 (docs/results.md)."""
     section, domain = np.asarray(section, dtype=np.int64), np.asarray(domain, dtype=np.int64)
     keep = np.ones(section.shape, dtype=bool)
     for s in np.unique(section):
         in_section = section == s
+        small = np.zeros_like(keep)
         for d in (0, 1):
             group = in_section & (domain == d)
-            n = int(group.sum())
-            if 0 < n < min_domain and int((in_section & ~group).sum()) >= min_domain:
-                keep[group] = False
+            if 0 < int(group.sum()) < min_domain:
+                small |= group
+        if int((in_section & ~small).sum()) >= min_domain:  # what the section keeps can stand alone
+            keep[small] = False
     return keep
 
 

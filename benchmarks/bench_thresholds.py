@@ -41,7 +41,8 @@ from asd.run.job import split_datamodule  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-#: name -> (threshold model, threshold_shrinkage, threshold_min_domain); min_domain 1 fits every normal
+#: name -> (threshold model, threshold_shrinkage, threshold_min_domain); min_domain 1 fits every normal,
+#: as runs did before 2026-12-06; the default since is "normal, min_domain 3"
 WAYS = {
     "normal": ("normal", 0.0, 1),
     "gamma": ("gamma", 0.0, 1),

@@ -254,15 +254,20 @@ def test_normal_thresholds_are_fitted_after_the_far_out_fence():
 def test_small_domain_groups_are_left_out_of_the_threshold_fit_only_where_their_section_can_spare_them():
     """Section 0: 8 source and 2 target (the first-shot case): the targets go. Section 1: 4 source
     and 1 target: the target goes. Section 2: 2 and 2, the rest too small: all stay. Section 3:
-    3 clips of unknown domain: they stay. Section 4: 2 target clips alone: they stay."""
-    section = torch.tensor([0] * 10 + [1] * 5 + [2] * 4 + [3] * 3 + [4] * 2)
-    domain = torch.tensor([0] * 8 + [1] * 2 + [0] * 4 + [1] + [0, 0, 1, 1] + [2] * 3 + [1, 1])
+    3 clips of unknown domain: they stay. Section 4: 2 target clips alone: they stay. Section 5:
+    1 source, 1 target and 2 of unknown domain: without both small groups only 2 would be left,
+    so all stay. Section 6: 1 source beside 3 of unknown domain: the source clip goes."""
+    section = torch.tensor([0] * 10 + [1] * 5 + [2] * 4 + [3] * 3 + [4] * 2 + [5] * 4 + [6] * 4)
+    domain = torch.tensor(
+        [0] * 8 + [1] * 2 + [0] * 4 + [1] + [0, 0, 1, 1] + [2] * 3 + [1, 1] + [0, 1, 2, 2] + [0, 2, 2, 2]
+    )
     keep = threshold_normals(section, domain, 3)
-    assert keep.dtype == bool and keep.shape == (24,)
-    assert np.flatnonzero(~keep).tolist() == [8, 9, 14]
+    assert keep.dtype == bool and keep.shape == (32,)
+    assert np.flatnonzero(~keep).tolist() == [8, 9, 14, 28]
     assert threshold_normals(section, domain, 1).all()
-    assert np.flatnonzero(~threshold_normals(section, domain, 2)).tolist() == [14]  # 1 clip < 2
-    assert threshold_normals(section, domain, 11).all()  # no section holds 11 others
+    assert np.flatnonzero(~threshold_normals(section, domain, 2)).tolist() == [14, 24, 25, 28]  # 1 clip < 2
+    assert threshold_normals(section.numpy(), domain.numpy(), 3).tolist() == keep.tolist()
+    assert threshold_normals(section, domain, 11).all()  # no section keeps 11 without its small groups
 
 
 def test_a_left_out_target_pair_far_above_its_test_clips_no_longer_lifts_the_first_shot_threshold():

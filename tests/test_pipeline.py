@@ -394,9 +394,10 @@ def test_the_references_share_recalibrates_and_the_summary_says_so(run, tmp_path
     assert f"{', '.join(fused)} held at least 0.95 of the weight (fusion.weighted.reference_share)" in summary
 
 
-def recalibrated(run: Path, other: Path, caplog, **settings) -> Calibration:
+def recalibrated(run: Path, other: Path, caplog, same_final: bool = True, **settings) -> Calibration:
     """`run` copied to `other` and re-run with `settings`: only calibrate and after are redone, and
-    every final score stays what it was (only the decisions may move). Returns the new calibration."""
+    with `same_final` every final score stays what it was (only the decisions may move). Returns
+    the new calibration."""
     cfg = copy_for_rerun(run, other)
     for key, value in settings.items():
         cfg[key] = value
@@ -405,7 +406,7 @@ def recalibrated(run: Path, other: Path, caplog, **settings) -> Calibration:
     assert "stage fit: skipped" in caplog.text
     assert "stage calibrate: its settings changed since the last run" in caplog.text
     before = {r["path"]: r for r in read_csv(run / "scores.csv")}
-    for r in read_csv(other / "scores.csv"):
+    for r in read_csv(other / "scores.csv") if same_final else ():
         assert r["final"] == before[r["path"]]["final"]
     return Calibration.load(other / "calibration.pt")
 
@@ -442,10 +443,24 @@ def test_small_domains_set_no_threshold_by_default_and_min_domain_1_refits_only_
     other = tmp_path / "all normals"
     every = recalibrated(run, other, caplog, threshold_min_domain=1)
     assert "threshold_min_domain" not in json.loads((other / "stages.json").read_text())["calibrate"]
-    assert torch.equal(every.thresholds, fit_thresholds(final, context["section"], sections, 0.9, 3.0)[0])
+    want, _ = fit_thresholds(final, context["section"], sections, 0.9, cfg.threshold_fence)
+    assert torch.equal(every.thresholds, want)
     assert not torch.equal(every.thresholds, first.thresholds)
     assert torch.equal(every.reference_final, first.reference_final)
     assert "threshold_min_domain" not in (other / "summary.md").read_text()
+
+
+def test_a_raw_final_score_keeps_every_normal_for_its_thresholds_and_says_so(run, tmp_path, caplog):
+    """final=b2 is the member's raw score, whose domains need not share a scale: no group is left out."""
+    other = tmp_path / "raw"
+    raw = recalibrated(run, other, caplog, same_final=False, final="b2")
+    cfg = config(other)
+    normals, _ = reference_normals(prepare(cfg).dm, warn=False)
+    section = context_of(normals)["section"]
+    final, sections = raw.reference_final.numpy(), len(raw.thresholds)
+    want, _ = fit_thresholds(final, section, sections, 0.9, cfg.threshold_fence)
+    assert raw.final == "b2" and torch.equal(raw.thresholds, want)
+    assert "threshold_min_domain=3 unused: final=b2 is a raw score" in (other / "summary.md").read_text()
 
 
 def test_thresholds_are_normal_prediction_bounds_by_default_and_gamma_refits_only_the_thresholds(

@@ -16,16 +16,20 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from sklearn.metrics import precision_recall_fscore_support
 
-from asd.calibration import Calibration, fit_midpoint_thresholds
+from asd.calibration import Calibration, fit_midpoint_thresholds, threshold_normals
 from asd.config import validate
 from asd.data.synthetic import SyntheticConfig, generate
 from asd.data.table import Clip
 from asd.errors import AsdError
+from asd.evaluation import clip_far_out
 from asd.evaluation.heatmaps import check_cmap, heatmap_rows
 from asd.evaluation.metrics import decision_counts, decision_rates, decision_table
 from asd.evaluation.plots import plot_member_losses, plot_tsne, read_member_losses
 from asd.evaluation.threshold import midpoint_threshold
 from asd.run import train
+from asd.run.calibrate import reference_normals
+from asd.run.job import prepare
+from asd.run.predict import context_of
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = str(REPO / "conf")
@@ -322,9 +326,18 @@ def test_midpoint_threshold_on_labelled_anomalies_with_the_percentile_threshold_
     finished = FinishedRun(tmp_path / "mid")
     anomaly_mean = finished.score([parse_path(p) for p in rotor])["final"].mean()
     normal_mean = 2 * float(mid.thresholds[0]) - anomaly_mean
-    assert min(mid.reference_final) - 1e-9 <= normal_mean <= max(mid.reference_final) + 1e-9
+    # the normal side: rotor's left-out final scores without its 2 target clips (threshold_min_domain),
+    # after the far-out fence, as the percentile fit uses them
+    normals, _ = reference_normals(prepare(cfg).dm, warn=False)
+    context = context_of(normals)
+    rows = threshold_normals(context["section"], context["domain"], 3)
+    rotor_rows = rows & (context["section"] == 0).numpy()
+    assert int(rotor_rows.sum()) == 8 and not rows[(context["domain"] == 1).numpy()].any()
+    fenced, _ = clip_far_out(mid.reference_final.numpy()[rotor_rows], cfg.threshold_fence)
+    assert normal_mean == pytest.approx(fenced.mean(), abs=1e-5)
     summary = (tmp_path / "mid" / "summary.md").read_text()
     assert "midpoint thresholds (threshold=midpoint)" in summary
+    assert "(rotor/section_00 target, valve/section_00 target) set no threshold" in summary
     assert "valve/section_00 had no labelled anomalies and kept the normal prediction bound at 0.9" in summary
     assert "valve/section_00 have no labelled anomalous validation clips" in caplog.text
 

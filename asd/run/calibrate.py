@@ -414,11 +414,18 @@ def anchored_note(weighted: Mapping[str, Any], columns: Sequence[str]) -> str:
 
 
 def threshold_rows(
-    cfg: DictConfig, context: Mapping[str, Tensor], dm: AsdDataModule
+    cfg: DictConfig, context: Mapping[str, Tensor], dm: AsdDataModule, final: str
 ) -> tuple[np.ndarray, str]:
     """The reference normals the thresholds are fitted on (`threshold_min_domain`), and the summary's
-    words for those left out ("" when none is)."""
+    words for those left out ("" when none is). A small domain's clips can take the threshold of
+    the rest of their section only when `final` is a z-score of each clip's own domain (a fusion);
+    a member's raw score (`final=b2`) keeps every normal, and the note says so."""
     least = int(cfg.get("threshold_min_domain", 1))
+    if least > 1 and final not in ("meta", "attention", WEIGHTED, *FUSIONS):
+        return np.ones(len(context["section"]), dtype=bool), (
+            f"; threshold_min_domain={least} unused: final={final} is a raw score, whose domains "
+            "need not share a scale"
+        )
     rows = threshold_normals(context["section"], context["domain"], least)
     if rows.all():
         return rows, ""
@@ -547,7 +554,7 @@ def calibrate(
     calibration.reference_final = torch.as_tensor(final)  # threshold=midpoint's normal side
     fence, shrinkage = cfg.get("threshold_fence", None), float(cfg.get("threshold_shrinkage", 0.0))
     model = threshold_model(cfg)
-    rows, left = threshold_rows(cfg, context, dm)
+    rows, left = threshold_rows(cfg, context, dm, final_name)
     calibration.thresholds, clipped = fit_thresholds(
         final[rows],
         context["section"][rows],

@@ -131,7 +131,7 @@ def midpoint_thresholds(run: Any) -> None:
     normals, kind = cal.reference_normals(dm, warn=False)
     fence = cfg.get("threshold_fence", None)
     context = context_of(normals)
-    rows, _ = cal.threshold_rows(cfg, context, dm)  # the normals the percentile fit used
+    rows, left = cal.threshold_rows(cfg, context, dm, calibration.final)  # as the percentile fit
     calibration.thresholds, kept, clipped = fit_midpoint_thresholds(
         calibration.thresholds,
         calibration.reference_final.numpy()[rows],
@@ -148,6 +148,7 @@ def midpoint_thresholds(run: Any) -> None:
     )
     if clipped:
         note += "; " + fence_note(clipped, fence, "normal score")
+    note += left
     if kept:
         fell = ", ".join(names[s] for s in kept)
         # the calibrate stage's note says how those were fitted (and what threshold_fence clipped)
