@@ -68,11 +68,14 @@ def refit(
     section: np.ndarray,
     percentile: float,
     fence: float | None,
+    crossfit: bool = True,
 ) -> dict[str, dict]:
-    """Every way's thresholds from the reference normals, and the TNR/TPR they give the test clips."""
+    """Every way's thresholds from the reference normals, and the TNR/TPR they give the test clips.
+    `crossfit`: whether the run cross-fitted its reference normals (only such runs leave small
+    domains out, as `asd.run.calibrate.threshold_rows` does)."""
     out = {}
     for way, (model, shrinkage, min_domain) in WAYS.items():
-        rows = threshold_normals(reference_section, reference_domain, min_domain)
+        rows = threshold_normals(reference_section, reference_domain, min_domain if crossfit else 1)
         thresholds, _ = fit_thresholds(
             reference_final[rows],
             torch.as_tensor(reference_section[rows]),
@@ -86,12 +89,13 @@ def refit(
     return out
 
 
-def reference_sections(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
-    """Each reference normal's section and domain ids, and the (machine, section) keys in id order,
-    of one run."""
+def reference_sections(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]], bool]:
+    """Each reference normal's section and domain ids, the (machine, section) keys in id order, and
+    whether the normals were cross-fitted, of one run."""
     dm = split_datamodule(cfg)
     normals, _ = reference_normals(dm, warn=False)
-    return np.asarray(normals.labels["section"]), np.asarray(normals.labels["domain"]), list(dm.section_keys)
+    section, domain = np.asarray(normals.labels["section"]), np.asarray(normals.labels["domain"])
+    return section, domain, list(dm.section_keys), bool(dm.crossfit_folds)
 
 
 def read_run(run_dir: Path) -> dict:
@@ -99,7 +103,7 @@ def read_run(run_dir: Path) -> dict:
     state = torch.load(run_dir / "calibration.pt", map_location="cpu", weights_only=True)
     reference_final = np.asarray(state["reference_final"], dtype=np.float64)
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    ref_section, ref_domain, keys = reference_sections(cfg)
+    ref_section, ref_domain, keys, crossfit = reference_sections(cfg)
     if len(ref_section) != len(reference_final):
         raise ValueError(
             f"{run_dir}: {len(reference_final)} reference scores in calibration.pt but the rebuilt data "
@@ -119,6 +123,7 @@ def read_run(run_dir: Path) -> dict:
         np.array([ids[(r["machine"], r["section"])] for r in rows]),
         percentile,
         cfg.get("threshold_fence", None),
+        crossfit,
     )
     return {"percentile": percentile, "ways": ways}
 

@@ -39,11 +39,11 @@ def test_every_way_counts_its_decisions_on_the_test_clips_by_hand():
     assert out["normal, min_domain 3"] == out["normal"]
 
 
-def test_min_domain_fits_the_section_without_its_target_pair():
+def test_min_domain_fits_the_section_without_its_target_pair_where_the_run_cross_fitted():
     """Source normals 1..5 and a target pair at 40 and 50: every normal sets a bound far above the
     test clips; min_domain 3 fits the bound of 1..5 (5.6556, by hand in test_calibration), which
     passes the normal at 5 and flags the anomalies at 7 and 9 and the normal at 6."""
-    out = bt.refit(
+    args = dict(
         reference_final=np.array([1.0, 2.0, 40.0, 3.0, 4.0, 50.0, 5.0]),
         reference_section=np.zeros(7, dtype=np.int64),
         reference_domain=np.array([0, 0, 1, 0, 0, 1, 0]),
@@ -54,8 +54,11 @@ def test_min_domain_fits_the_section_without_its_target_pair():
         percentile=0.9,
         fence=None,
     )
+    out = bt.refit(**args)
     assert out["normal"] == {"tnr": 1.0, "tpr": 0.0}
     assert out["normal, min_domain 3"] == {"tnr": pytest.approx(2 / 3), "tpr": 1.0}
+    held_out = bt.refit(**{**args, "crossfit": False})  # a held-out split keeps every normal
+    assert held_out["normal, min_domain 3"] == held_out["normal"] == out["normal"]
 
 
 def test_rates_use_each_clips_own_section_threshold():

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import io
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import scipy.stats
 import torch
 from helpers import TINY_FUSION_CFG
+from omegaconf import OmegaConf
 
 from asd.calibration import Calibration, fit_normalizers, fit_thresholds, left_out_z, threshold_normals
 from asd.errors import AsdError
 from asd.evaluation import fit_gamma_threshold, normal_bound
 from asd.fusion.stage import fit_fusion
+from asd.run.calibrate import threshold_rows
 from asd.scoring import GroupNormalizer
 
 FUSION_CFG = TINY_FUSION_CFG
@@ -268,6 +271,25 @@ def test_small_domain_groups_are_left_out_of_the_threshold_fit_only_where_their_
     assert np.flatnonzero(~threshold_normals(section, domain, 2)).tolist() == [14, 24, 25, 28]  # 1 clip < 2
     assert threshold_normals(section.numpy(), domain.numpy(), 3).tolist() == keep.tolist()
     assert threshold_normals(section, domain, 11).all()  # no section keeps 11 without its small groups
+
+
+def test_only_cross_fitted_runs_leave_small_domains_out_and_a_raw_final_never_does():
+    """The first-shot layout (8 source, 2 target): cross-fitted with a fused final, the pair goes and
+    the note names it; held out, or with a member's raw score as final, every normal stays."""
+    cfg = OmegaConf.create({"threshold_min_domain": 3})
+    context = {"section": torch.zeros(10, dtype=torch.long), "domain": torch.tensor([0] * 8 + [1] * 2)}
+    crossfit = SimpleNamespace(crossfit_folds=5, section_keys=[("valve", "00")])
+    rows, note = threshold_rows(cfg, context, crossfit, "zweighted")
+    assert rows.tolist() == [True] * 8 + [False] * 2
+    assert note.startswith("; the 2 left-out scores of domains with fewer than 3")
+    assert "(valve/section_00 target) set no threshold" in note
+    held_out = SimpleNamespace(crossfit_folds=0, section_keys=[("valve", "00")])
+    assert threshold_rows(cfg, context, held_out, "zweighted")[0].all()
+    assert threshold_rows(cfg, context, held_out, "zweighted")[1] == ""
+    rows, note = threshold_rows(cfg, context, crossfit, "b2")
+    assert rows.all() and "threshold_min_domain=3 unused: final=b2 is a raw score" in note
+    every = OmegaConf.create({"threshold_min_domain": 1})
+    assert threshold_rows(every, context, crossfit, "zweighted")[0].all()
 
 
 def test_a_left_out_target_pair_far_above_its_test_clips_no_longer_lifts_the_first_shot_threshold():

@@ -601,7 +601,7 @@ class TrainConfig(Node):
     threshold_percentile: number(gt=0, lt=1) = 0.9
     threshold_fence: number(ge=0, null=True) = 3.0  # asd.evaluation.clip_far_out; null: scores as they are
     threshold_shrinkage: number(ge=0) = 0.0  # asd.calibration.fit_thresholds; 0: each section's own
-    threshold_min_domain: integer(ge=1) = 3  # asd.calibration.threshold_normals; 1: every normal
+    threshold_min_domain: integer(ge=1) = 3  # asd.run.calibrate.threshold_rows (crossfit); 1: every normal
     threshold: choice("normal", "gamma", "midpoint") = "normal"  # asd.calibration.fit_thresholds
     validation_anomalies: Annotated[Any, PlainValidator(_validation_anomalies)] = None
     year: choice(*YEARS, null=True) = None  # null: the data's layout, data.year, else 2023

@@ -417,10 +417,16 @@ def threshold_rows(
     cfg: DictConfig, context: Mapping[str, Tensor], dm: AsdDataModule, final: str
 ) -> tuple[np.ndarray, str]:
     """The reference normals the thresholds are fitted on (`threshold_min_domain`), and the summary's
-    words for those left out ("" when none is). A small domain's clips can take the threshold of
-    the rest of their section only when `final` is a z-score of each clip's own domain (a fusion);
-    a member's raw score (`final=b2`) keeps every normal, and the note says so."""
-    least = int(cfg.get("threshold_min_domain", 1))
+    words for those left out ("" when none is).
+
+    Only a cross-fitted run leaves any out: there each clip of a small domain was scored by a copy
+    that saw at most one other clip of it, and its left-out score sits above its test clips'. A
+    held-out clip was scored by members that saw the rest of its domain, and measured no higher
+    than its section's other held-out clips (docs/results.md), so held-out runs keep every normal.
+    A small domain's clips can take the threshold of the rest of their section only when `final`
+    is a z-score of each clip's own domain (a fusion); a member's raw score (`final=b2`) keeps every
+    normal, and the note says so."""
+    least = int(cfg.get("threshold_min_domain", 1)) if dm.crossfit_folds else 1
     if least > 1 and final not in ("meta", "attention", WEIGHTED, *FUSIONS):
         return np.ones(len(context["section"]), dtype=bool), (
             f"; threshold_min_domain={least} unused: final={final} is a raw score, whose domains "
