@@ -275,7 +275,8 @@ def test_small_domain_groups_are_left_out_of_the_threshold_fit_only_where_their_
 
 def test_only_cross_fitted_runs_leave_small_domains_out_and_a_raw_final_never_does():
     """The first-shot layout (8 source, 2 target): cross-fitted with a fused final, the pair goes and
-    the note names it; held out, or with a member's raw score as final, every normal stays."""
+    the note names it; held out (the note says why), or with a member's raw score as final, every
+    normal stays."""
     cfg = OmegaConf.create({"threshold_min_domain": 3})
     context = {"section": torch.zeros(10, dtype=torch.long), "domain": torch.tensor([0] * 8 + [1] * 2)}
     crossfit = SimpleNamespace(crossfit_folds=5, section_keys=[("valve", "00")])
@@ -284,8 +285,10 @@ def test_only_cross_fitted_runs_leave_small_domains_out_and_a_raw_final_never_do
     assert note.startswith("; the 2 left-out scores of domains with fewer than 3")
     assert "(valve/section_00 target) set no threshold" in note
     held_out = SimpleNamespace(crossfit_folds=0, section_keys=[("valve", "00")])
-    assert threshold_rows(cfg, context, held_out, "zweighted")[0].all()
-    assert threshold_rows(cfg, context, held_out, "zweighted")[1] == ""
+    rows, note = threshold_rows(cfg, context, held_out, "zweighted")
+    assert rows.all() and "every held-out normal sets its section's threshold (threshold_min_domain=3" in note
+    three = {"section": torch.zeros(6, dtype=torch.long), "domain": torch.tensor([0] * 3 + [1] * 3)}
+    assert threshold_rows(cfg, three, held_out, "zweighted")[1] == ""  # no small group: nothing to say
     rows, note = threshold_rows(cfg, context, crossfit, "b2")
     assert rows.all() and "threshold_min_domain=3 unused: final=b2 is a raw score" in note
     every = OmegaConf.create({"threshold_min_domain": 1})

@@ -422,11 +422,20 @@ def threshold_rows(
     Only a cross-fitted run leaves any out: there each clip of a small domain was scored by a copy
     that saw at most one other clip of it, and its left-out score sits above its test clips'. A
     held-out clip was scored by members that saw the rest of its domain, and measured no higher
-    than its section's other held-out clips (docs/results.md), so held-out runs keep every normal.
+    than its section's other held-out clips (docs/results.md), so held-out runs keep every normal
+    (the note says so where a small group would have gone).
     A small domain's clips can take the threshold of the rest of their section only when `final`
     is a z-score of each clip's own domain (a fusion); a member's raw score (`final=b2`) keeps every
     normal, and the note says so."""
-    least = int(cfg.get("threshold_min_domain", 1)) if dm.crossfit_folds else 1
+    least = int(cfg.get("threshold_min_domain", 1))
+    if least > 1 and not dm.crossfit_folds:
+        every = np.ones(len(context["section"]), dtype=bool)
+        if threshold_normals(context["section"], context["domain"], least).all():
+            return every, ""
+        return every, (
+            f"; every held-out normal sets its section's threshold (threshold_min_domain={least} applies to "
+            "cross-fitted runs: a held-out clip was scored by members that saw the rest of its domain)"
+        )
     if least > 1 and final not in ("meta", "attention", WEIGHTED, *FUSIONS):
         return np.ones(len(context["section"]), dtype=bool), (
             f"; threshold_min_domain={least} unused: final={final} is a raw score, whose domains "
