@@ -296,8 +296,8 @@ def threshold_normals(
 
     Source and target groups of fewer than `min_domain` normals are left out when the section keeps
     at least `min_domain` without them; their clips take that threshold. Their left-out z-scores
-    come from at most one other clip of the domain, scored (cross-fitted) by a copy that saw at most
-    one: a first-shot target pair at 1.48 and 1.74, its test normals at -0.78 (docs/results.md)."""
+    come from fewer than `min_domain` - 1 other clips of the domain, scored (cross-fitted) by copies
+    that saw as few: a first-shot target pair at 1.48 and 1.74, its test normals at -0.78."""
     section, domain = np.asarray(section, dtype=np.int64), np.asarray(domain, dtype=np.int64)
     keep = np.ones(section.shape, dtype=bool)
     for s in np.unique(section):

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/timing.py
 from timing import write_tables  # noqa: E402
 
 from asd.calibration import fit_thresholds, threshold_normals  # noqa: E402
-from asd.run.calibrate import reference_normals  # noqa: E402
+from asd.run.calibrate import FUSED_FINALS, reference_normals  # noqa: E402
 from asd.run.job import split_datamodule  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -68,14 +68,14 @@ def refit(
     section: np.ndarray,
     percentile: float,
     fence: float | None,
-    crossfit: bool = True,
+    small_out: bool = True,
 ) -> dict[str, dict]:
     """Every way's thresholds from the reference normals, and the TNR/TPR they give the test clips.
-    `crossfit`: whether the run cross-fitted its reference normals (only such runs leave small
-    domains out, as `asd.run.calibrate.threshold_rows` does)."""
+    `small_out`: whether `threshold_min_domain` applies to the run, as in
+    `asd.run.calibrate.threshold_rows`: cross-fitted reference normals and a fused `final`."""
     out = {}
     for way, (model, shrinkage, min_domain) in WAYS.items():
-        rows = threshold_normals(reference_section, reference_domain, min_domain if crossfit else 1)
+        rows = threshold_normals(reference_section, reference_domain, min_domain if small_out else 1)
         thresholds, _ = fit_thresholds(
             reference_final[rows],
             torch.as_tensor(reference_section[rows]),
@@ -123,7 +123,7 @@ def read_run(run_dir: Path) -> dict:
         np.array([ids[(r["machine"], r["section"])] for r in rows]),
         percentile,
         cfg.get("threshold_fence", None),
-        crossfit,
+        crossfit and state["final"] in FUSED_FINALS,
     )
     return {"percentile": percentile, "ways": ways}
 

@@ -57,7 +57,7 @@ def test_min_domain_fits_the_section_without_its_target_pair_where_the_run_cross
     out = bt.refit(**args)
     assert out["normal"] == {"tnr": 1.0, "tpr": 0.0}
     assert out["normal, min_domain 3"] == {"tnr": pytest.approx(2 / 3), "tpr": 1.0}
-    held_out = bt.refit(**{**args, "crossfit": False})  # a held-out split keeps every normal
+    held_out = bt.refit(**{**args, "small_out": False})  # a held-out split (or a raw final) keeps all
     assert held_out["normal, min_domain 3"] == held_out["normal"] == out["normal"]
 
 

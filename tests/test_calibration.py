@@ -286,7 +286,7 @@ def test_only_cross_fitted_runs_leave_small_domains_out_and_a_raw_final_never_do
     assert "(valve/section_00 target) set no threshold" in note
     held_out = SimpleNamespace(crossfit_folds=0, section_keys=[("valve", "00")])
     rows, note = threshold_rows(cfg, context, held_out, "zweighted")
-    assert rows.all() and "every held-out normal sets its section's threshold (threshold_min_domain=3" in note
+    assert rows.all() and "no small domain was left out (threshold_min_domain=3 applies to cross" in note
     three = {"section": torch.zeros(6, dtype=torch.long), "domain": torch.tensor([0] * 3 + [1] * 3)}
     assert threshold_rows(cfg, three, held_out, "zweighted")[1] == ""  # no small group: nothing to say
     rows, note = threshold_rows(cfg, context, crossfit, "b2")

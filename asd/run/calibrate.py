@@ -413,6 +413,9 @@ def anchored_note(weighted: Mapping[str, Any], columns: Sequence[str]) -> str:
     return f"; {', '.join(fused)} held at least {share:g} of the weight (fusion.weighted.reference_share)"
 
 
+FUSED_FINALS = ("meta", "attention", WEIGHTED, *FUSIONS)  # per-domain z-scores, fused: one scale
+
+
 def threshold_rows(
     cfg: DictConfig, context: Mapping[str, Tensor], dm: AsdDataModule, final: str
 ) -> tuple[np.ndarray, str]:
@@ -433,10 +436,10 @@ def threshold_rows(
         if threshold_normals(context["section"], context["domain"], least).all():
             return every, ""
         return every, (
-            f"; every held-out normal sets its section's threshold (threshold_min_domain={least} applies to "
-            "cross-fitted runs: a held-out clip was scored by members that saw the rest of its domain)"
+            f"; no small domain was left out (threshold_min_domain={least} applies to cross-fitted runs "
+            "only: here each clip was scored by members that saw the rest of its domain)"
         )
-    if least > 1 and final not in ("meta", "attention", WEIGHTED, *FUSIONS):
+    if least > 1 and final not in FUSED_FINALS:
         return np.ones(len(context["section"]), dtype=bool), (
             f"; threshold_min_domain={least} unused: final={final} is a raw score, whose domains "
             "need not share a scale"

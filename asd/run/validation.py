@@ -152,7 +152,8 @@ def midpoint_thresholds(run: Any) -> None:
     if kept:
         fell = ", ".join(names[s] for s in kept)
         # the calibrate stage's note says how those were fitted (and what threshold_fence clipped)
-        note += f"; {fell} had no labelled anomalies and kept the {calibration.threshold_note}"
+        kept_note = calibration.threshold_note.removesuffix(left)  # which ends with `left`, said above
+        note += f"; {fell} had no labelled anomalies and kept the {kept_note}"
         log.warning(
             "stage calibrate: threshold=midpoint: %s have no labelled anomalous validation clips: "
             "they keep the %s percentile thresholds (the default model)",
