@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/timing.py
 from timing import write_tables  # noqa: E402
 
 from asd.calibration import fit_thresholds, threshold_normals  # noqa: E402
-from asd.run.calibrate import FUSED_FINALS, reference_normals  # noqa: E402
+from asd.config.nodes import FUSION_CANDIDATES  # noqa: E402
+from asd.run.calibrate import reference_normals  # noqa: E402
 from asd.run.job import split_datamodule  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -123,7 +124,7 @@ def read_run(run_dir: Path) -> dict:
         np.array([ids[(r["machine"], r["section"])] for r in rows]),
         percentile,
         cfg.get("threshold_fence", None),
-        crossfit and state["final"] in FUSED_FINALS,
+        crossfit and state["final"] in FUSION_CANDIDATES,
     )
     return {"percentile": percentile, "ways": ways}
 

@@ -35,6 +35,7 @@ from asd.calibration import (
     percentile_note,
     threshold_normals,
 )
+from asd.config.nodes import FUSION_CANDIDATES
 from asd.data.datamodule import AsdDataModule, ClipDataset, join_rows
 from asd.ensemble import REFERENCES, Ensemble, is_reference
 from asd.errors import AsdError
@@ -413,9 +414,6 @@ def anchored_note(weighted: Mapping[str, Any], columns: Sequence[str]) -> str:
     return f"; {', '.join(fused)} held at least {share:g} of the weight (fusion.weighted.reference_share)"
 
 
-FUSED_FINALS = ("meta", "attention", WEIGHTED, *FUSIONS)  # per-domain z-scores, fused: one scale
-
-
 def threshold_rows(
     cfg: DictConfig, context: Mapping[str, Tensor], dm: AsdDataModule, final: str
 ) -> tuple[np.ndarray, str]:
@@ -439,7 +437,7 @@ def threshold_rows(
             f"; no small domain was left out (threshold_min_domain={least} applies to cross-fitted runs "
             "only: here each clip was scored by members that saw the rest of its domain)"
         )
-    if least > 1 and final not in FUSED_FINALS:
+    if least > 1 and final not in FUSION_CANDIDATES:  # fused per-domain z-scores: one scale
         return np.ones(len(context["section"]), dtype=bool), (
             f"; threshold_min_domain={least} unused: final={final} is a raw score, whose domains "
             "need not share a scale"
