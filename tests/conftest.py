@@ -20,6 +20,16 @@ MIMII = REPO.parent / "shared" / "data" / "mimii_0db"
 TINY = SyntheticConfig(sections=1, source_train=8, target_train=2, test_per_class=3, duration=1.0)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker and the processes its tests start get an equal share of the
+    cores as torch's intra-op threads: two workers of two threads each on two cores spin against each
+    other and run several times slower. Runs before any test module imports torch; an
+    OMP_NUM_THREADS set by the user is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
     old = os.environ.get("ASD_CACHE")
