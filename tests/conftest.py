@@ -11,23 +11,27 @@ from pathlib import Path
 
 import pytest
 
-from asd.data.synthetic import SyntheticConfig, generate
+
+def share_cores() -> None:
+    """Under pytest-xdist, each worker and the processes its tests start get an equal share of the
+    cores as threads: two workers of two torch threads each on two cores spin against each other and
+    run several times slower. An OMP_NUM_THREADS set by the user is kept."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # the cores this process may use, as xdist's `-n auto` counts them
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // workers))
+
+
+share_cores()  # before numpy's BLAS and torch load: each reads OMP_NUM_THREADS once, when it loads
+
+from asd.data.synthetic import SyntheticConfig, generate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MIMII = REPO.parent / "shared" / "data" / "mimii_0db"
 
 #: a synthetic dataset small enough for unit tests (1 s clips, one section per machine)
 TINY = SyntheticConfig(sections=1, source_train=8, target_train=2, test_per_class=3, duration=1.0)
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist, each worker and the processes its tests start get an equal share of the
-    cores as torch's intra-op threads: two workers of two threads each on two cores spin against each
-    other and run several times slower. Runs before any test module imports torch; an
-    OMP_NUM_THREADS set by the user is kept."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(scope="session", autouse=True)
