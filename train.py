@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import OverrideParseException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from asd.allocator import reuse_freed_memory
 from asd.errors import AsdError, unwritable
@@ -87,9 +87,13 @@ def run_folder(argv: list[str]) -> Path | None:
     """The run folder Hydra will make, composed as Hydra composes it; None for Hydra's own flags
     (--help, --cfg, --multirun, ...) or a config Hydra will refuse itself.
 
+    The composed config is checked here too (`asd.config.validate`, which loads without torch): a
+    bad value is one AsdError before torch and Lightning load and before Hydra writes anything.
     Without `name=` or `run_dir=`, the folder's name is the start time: it is pinned here (`name=`
     added to `argv`), so the folder checked and locked now is the one Hydra writes.
     """
+    from asd.config import validate
+
     args = argv[1:]
     if any(a.startswith("-") for a in args):
         return None
@@ -98,6 +102,9 @@ def run_folder(argv: list[str]) -> Path | None:
             cfg = compose("train", overrides=args, return_hydra_config=True)
             HydraConfig.instance().set_config(cfg)  # `${asd_choice:...}` in run_dir reads the choices
             folder, name = Path(cfg.hydra.run.dir).resolve(), cfg.name
+            validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))  # as `main` gets it
+    except AsdError:
+        raise
     except Exception:  # Hydra reports it in its own words when it composes the config again
         return None
     finally:

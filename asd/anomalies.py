@@ -29,21 +29,14 @@ from matplotlib.figure import Figure
 from scipy import interpolate, signal
 from torch.utils.data import Dataset
 
+from asd.choices import DEFAULT_KINDS, KINDS, STEADY_KINDS
 from asd.data.windows import with_wave
 from asd.errors import AsdError
 from asd.fileio import write_atomic
 
 log = logging.getLogger(__name__)
 
-# fmt: off
-KINDS: tuple[str, ...] = ("tone", "harmonics", "impulses", "band_noise", "gain_drift", "pitch_drift",
-                          "modulation", "outlier", "tf_blobs", "tf_band", "tf_span", "eq", "hum")
-# fmt: on
 TF_KINDS = ("tf_blobs", "tf_band", "tf_span")
-STEADY_KINDS = ("eq", "hum")  # the whole clip, changed the same way throughout
-#: what a run draws unless `fusion.anomalies.kinds` says otherwise: the steady kinds are opt-in, as
-#: they moved `final` only within noise (docs/results.md, "Steady pseudo-anomalies")
-DEFAULT_KINDS = tuple(k for k in KINDS if k not in STEADY_KINDS)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,7 @@ to `calibration.pt`; the predict stage and `tools/score.py` load it and call `co
   or none for a member whose scoring backend is calibrated: its scores already are z-scores of
   left-out training normals per source/target model, fitted on every training clip of the fit
   split instead of the few held-out ones;
-- the raw scores of the normals those statistics came from, so a refit of the fusions needs no
-  member to score them again;
+- the raw scores of the normals those statistics came from, which a refit of the fusions reuses;
 - the learned fusions (`asd.fusion.stage.FusionState`), when they are enabled;
 - the final method and one decision threshold per section.
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from asd.choices import FUSIONS, WEIGHTED
 from asd.errors import AsdError
 from asd.evaluation import (
     THRESHOLD_MODELS,
@@ -43,7 +43,7 @@ from asd.evaluation import (
 from asd.evaluation.metrics import finite_scores
 from asd.fileio import torch_save_atomic
 from asd.fusion.stage import FusionState, apply_fusion
-from asd.scoring import FUSIONS, WEIGHTED, GroupNormalizer, fuse, fuse_weighted
+from asd.scoring import GroupNormalizer, fuse, fuse_weighted
 
 log = logging.getLogger(__name__)
 

@@ -34,13 +34,13 @@ from matplotlib.figure import Figure
 from scipy import ndimage
 
 from asd.anomalies import Injection, draw_kind, perlin_noise
+from asd.choices import IMAGE_KINDS
 from asd.data.images import ImageLayout
 from asd.errors import AsdError
 from asd.fileio import write_atomic
 
 log = logging.getLogger(__name__)
 
-IMAGE_KINDS: tuple[str, ...] = ("blobs", "scratch", "cutpaste", "noise", "outlier")
 #: value range assumed for a picture flatter than this, so strengths stay visible on a flat picture
 MIN_RANGE = 0.1
 

@@ -23,21 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from asd.choices import FUSIONS
 from asd.errors import AsdError
 
 log = logging.getLogger(__name__)
 
-FUSIONS = ("zmean", "zmin", "zmax")
-#: the member-weighted mean of the z-scores, its weights fitted without test labels (`fuse_weighted`)
-WEIGHTED = "zweighted"
-#: `fusion.weighted.rule`: how its weights are made (`asd.fusion.select.member_weights`)
-WEIGHT_RULES = ("criterion", "discriminant")
-#: `fusion.weighted.measure`: what each member's criterion is, for its zweighted weight. official: the
-#: official-score rule (AUC and pAUC); auc: the AUC alone. With n normals in a section, the pAUC
-#: (FPR <= 0.1) rests on the ceil(0.1 n) highest-scoring ones: on a 10-clip machine one clip decides it.
-#: `auc` moved `final` only within noise on synthetic, first-shot and MIMII runs (docs/results.md,
-#: "Steady pseudo-anomalies, an AUC-only criterion"), so `official` stays the default
-CRITERION_MEASURES = ("official", "auc")
 DOMAIN_NAMES = {0: "source", 1: "target", 2: "unknown"}
 _BLOCK = 4096  # query rows per block where a backend has no `chunk` setting
 

@@ -83,9 +83,6 @@ log = logging.getLogger(__name__)
 
 SCORE_MODES = ("knn", "centre", "mahalanobis")
 
-OBJECTIVES = ("supcon", "subcluster_adacos")
-SPECTRA = ("logmel", "multires")
-SELF_SUPERVISED = ("auto", "always", "never")
 _MASKED = -1e9  # logit of an anchor with itself: finite, so a batch of one gives no NaN gradient
 
 

@@ -44,12 +44,12 @@ from torch import Tensor, nn
 
 from asd.branches.base import Branch, OptimizerFactory
 from asd.branches.error_profile import ErrorProfileScoring
+from asd.choices import SCHEDULES
 from asd.errors import AsdError
 from asd.features import BinStats
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("cosine", "linear")
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
 

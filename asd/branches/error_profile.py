@@ -29,10 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from asd.branches.logmel_stats import time_statistics
+from asd.choices import PROFILE_MODES
 from asd.errors import AsdError
 from asd.scoring import MahalanobisBackend
 
-SCORE_MODES = ("mse", "mahalanobis", "temporal")
 #: bands of the temporal statistics of the error (`stats_temporal`'s default); a map of fewer bins
 #: (a small picture) uses one band per bin
 PROFILE_BANDS = 32
@@ -97,7 +97,7 @@ class ErrorProfileScoring:
 
     def _init_scoring(self, score_mode: str, own: tuple[str, ...] = ()) -> None:
         """Check `score_mode` and build the backend it needs; `own`: modes the member scores itself."""
-        modes = (*own, *SCORE_MODES)
+        modes = (*own, *PROFILE_MODES)
         if score_mode not in modes:
             raise AsdError(
                 f"{self.name}: score_mode={score_mode!r} is unknown; set branches.{self.name}.score_mode "

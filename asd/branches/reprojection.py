@@ -79,14 +79,12 @@ from torch.optim import Optimizer
 from asd.anomalies import AnomalyConfig, _band_mask, _blob_mask
 from asd.branches.base import Branch, OptimizerFactory, conv_input
 from asd.branches.error_profile import ErrorProfileScoring
+from asd.choices import POOLS, STRATEGIES
 from asd.errors import AsdError
 from asd.features import BinStats, probe_length
 from asd.fileio import write_atomic
 
 log = logging.getLogger(__name__)
-
-STRATEGIES = ("perlin", "band", "both")
-POOLS = ("mean", "max", "topk")
 
 
 def focal_loss(logits: Tensor, target: Tensor, gamma: float) -> Tensor:

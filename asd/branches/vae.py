@@ -63,16 +63,12 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 
 from asd.branches.base import Branch, OptimizerFactory, conv_input
 from asd.branches.error_profile import ErrorProfileScoring
+from asd.choices import FFT_NORMS, RECON_TERMS, RECONS, SKIPS
 from asd.errors import AsdError
 from asd.features import BinStats, probe_length
 
 log = logging.getLogger(__name__)
 
-SKIPS = ("none", "add", "concat", "gated")
-RECONS = ("mse", "fft", "logfft", "ssim", "hybrid")
-#: the terms `recon="hybrid"` weighs with `recon_weights`
-RECON_TERMS = ("mse", "fft", "logfft", "ssim")
-FFT_NORMS = ("l1", "l2")
 LOGVAR_RANGE = (-10.0, 10.0)  # keeps exp(logvar) finite early in training
 
 

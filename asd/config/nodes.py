@@ -15,12 +15,30 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo
 from pydantic.functional_validators import PlainValidator
 from pydantic_core import PydanticCustomError
 
-from asd.anomalies import DEFAULT_KINDS, KINDS
-from asd.branches.contrastive import OBJECTIVES, SELF_SUPERVISED, SPECTRA
-from asd.branches.diffusion import SCHEDULES
-from asd.branches.error_profile import SCORE_MODES as PROFILE_MODES
-from asd.branches.reprojection import POOLS, STRATEGIES
-from asd.branches.vae import FFT_NORMS, RECON_TERMS, RECONS, SKIPS
+from asd.choices import (
+    CRITERION_MEASURES,
+    CROPS,
+    DEFAULT_KINDS,
+    FFT_NORMS,
+    FUSIONS,
+    IMAGE_KINDS,
+    KINDS,
+    MODELS,
+    OBJECTIVES,
+    ON_BAD_FILE,
+    PADS,
+    POOLS,
+    PROFILE_MODES,
+    RECON_TERMS,
+    RECONS,
+    SCHEDULES,
+    SELF_SUPERVISED,
+    SKIPS,
+    SPECTRA,
+    STRATEGIES,
+    WEIGHT_RULES,
+    WEIGHTED,
+)
 from asd.config.values import (
     Count,
     Dropout,
@@ -42,12 +60,7 @@ from asd.config.values import (
     number,
     value,
 )
-from asd.data.audio import CROPS, PADS
-from asd.data.cache import ON_BAD_FILE
 from asd.data.index import YEARS
-from asd.data.synthetic import MODELS
-from asd.image_anomalies import IMAGE_KINDS
-from asd.scoring import CRITERION_MEASURES, FUSIONS, WEIGHT_RULES, WEIGHTED
 
 
 def _distinct(v: Any, options: tuple[str, ...]) -> bool:

@@ -16,12 +16,11 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
 
+from asd.choices import CROPS, PADS
 from asd.errors import AsdError
 
 log = logging.getLogger(__name__)
 
-CROPS = ("start", "center")
-PADS = ("wrap", "zero")
 # Bump when decoding changes what a given file and config produce, so old caches are not reused.
 DECODE_VERSION = 1
 #: ends the message of a bad file that a training run may leave out; test clips never are, and their

@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from asd.choices import ON_BAD_FILE
 from asd.data.audio import AudioConfig, AudioError, decode
 from asd.errors import AsdError
 
 log = logging.getLogger(__name__)
 
-ON_BAD_FILE = ("error", "skip")
 # Bump when the cache files' layout or meaning changes, so old files are rebuilt instead of misread.
 CACHE_FORMAT = 2
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*")

@@ -30,12 +30,12 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import fftconvolve
 
+from asd.choices import MODELS
 from asd.errors import AsdError
 from asd.paths import cache_root
 
 log = logging.getLogger(__name__)
 
-MODELS = ("rotor", "valve")
 ANOMALY_KINDS: dict[str, tuple[str, ...]] = {
     "rotor": ("bearing", "imbalance", "clicks", "tilt", "rub"),
     "valve": ("missing", "leak", "resonance", "rattle", "tilt"),

@@ -36,10 +36,11 @@ import torch
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from torch import Tensor
 
+from asd.choices import CRITERION_MEASURES, FUSIONS, WEIGHT_RULES, WEIGHTED
 from asd.errors import AsdError
 from asd.evaluation.metrics import auc_pauc, hmean
 from asd.fusion.stage import apply_fusion, fit_fusion
-from asd.scoring import CRITERION_MEASURES, FUSIONS, WEIGHT_RULES, WEIGHTED, fuse, fuse_weighted
+from asd.scoring import fuse, fuse_weighted
 
 log = logging.getLogger(__name__)
 

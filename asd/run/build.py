@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from asd.branches.base import Branch
 from asd.calibration import LEARNED
+from asd.choices import FUSIONS, WEIGHTED
 from asd.data.datamodule import AsdDataModule
 from asd.data.images import image_layout_of
 from asd.ensemble import (
@@ -45,7 +46,6 @@ from asd.errors import AsdError
 from asd.features import share_frontends
 from asd.run.checkpointing import LAST_CKPT, AtomicCheckpointIO, ResumeCheckpoint
 from asd.run.progress import show_progress
-from asd.scoring import FUSIONS, WEIGHTED
 
 log = logging.getLogger(__name__)
 

@@ -35,6 +35,7 @@ from asd.calibration import (
     percentile_note,
     threshold_normals,
 )
+from asd.choices import FUSIONS, WEIGHTED
 from asd.config.nodes import FUSION_CANDIDATES
 from asd.data.datamodule import AsdDataModule, ClipDataset, join_rows
 from asd.ensemble import REFERENCES, Ensemble, is_reference
@@ -44,7 +45,7 @@ from asd.fusion import select
 from asd.fusion.stage import apply_fusion, fit_fusion, held_out_meta_scores, summarise_kinds
 from asd.run.build import fused_members, plain
 from asd.run.predict import context_of, infer, member_scores
-from asd.scoring import DOMAIN_NAMES, FUSIONS, WEIGHTED, fuse
+from asd.scoring import DOMAIN_NAMES, fuse
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from asd.calibration import LEARNED
+from asd.choices import FUSIONS, WEIGHTED
 from asd.ensemble import BRANCHES
-from asd.scoring import FUSIONS, WEIGHTED
 
 #: the members with a training loss: the branches and the DCASE baseline autoencoder (`stats`
 #: is training-free)

@@ -24,13 +24,13 @@ import numpy as np
 from omegaconf import DictConfig
 
 from asd.calibration import LEARNED, percentile_note
+from asd.choices import FUSIONS, WEIGHTED
 from asd.data.table import ClipTable
 from asd.ensemble import is_reference
 from asd.errors import AsdError
 from asd.evaluation import evaluate
 from asd.evaluation.metrics import TABLE_KEYS
 from asd.fileio import write_atomic, write_text_atomic
-from asd.scoring import FUSIONS, WEIGHTED
 
 log = logging.getLogger(__name__)
 
