@@ -17,8 +17,8 @@ from hydra import compose, initialize_config_dir
 
 from asd.allocator import reuse_freed_memory
 from asd.diagnostics import debug_freeze
-from asd.ensemble import BRANCHES, REFERENCES
 from asd.errors import AsdError
+from asd.members import BRANCHES, REFERENCES
 
 CONF = Path(__file__).resolve().parent / "conf"
 

@@ -87,12 +87,14 @@ def run_folder(argv: list[str]) -> Path | None:
     """The run folder Hydra will make, composed as Hydra composes it; None for Hydra's own flags
     (--help, --cfg, --multirun, ...) or a config Hydra will refuse itself.
 
-    The composed config is checked here too (`asd.config.validate`, which loads without torch): a
-    bad value is one AsdError before torch and Lightning load and before Hydra writes anything.
+    The composed config is checked here too (`asd.config.validate` and `asd.members.check_members`,
+    which load without torch): a bad value or member name is one AsdError before torch and Lightning
+    load and before Hydra writes anything.
     Without `name=` or `run_dir=`, the folder's name is the start time: it is pinned here (`name=`
     added to `argv`), so the folder checked and locked now is the one Hydra writes.
     """
     from asd.config import validate
+    from asd.members import check_members
 
     args = argv[1:]
     if any(a.startswith("-") for a in args):
@@ -102,7 +104,9 @@ def run_folder(argv: list[str]) -> Path | None:
             cfg = compose("train", overrides=args, return_hydra_config=True)
             HydraConfig.instance().set_config(cfg)  # `${asd_choice:...}` in run_dir reads the choices
             folder, name = Path(cfg.hydra.run.dir).resolve(), cfg.name
-            validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))  # as `main` gets it
+            job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # the config `main` gets
+            validate(job)
+            check_members(job)
     except AsdError:
         raise
     except Exception:  # Hydra reports it in its own words when it composes the config again

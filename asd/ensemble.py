@@ -40,14 +40,10 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from asd.branches.base import Branch
 from asd.errors import AsdError
 from asd.features import prime_frontends
+from asd.members import REFERENCES
 
 log = logging.getLogger(__name__)
 
-#: every member the design names, in order
-BRANCHES = ("b1", "b2", "b3", "b4", "b5", "b6", "b7")
-#: the reference detectors run beside the ensemble: the DCASE baseline autoencoder, and training-free
-#: log-mel statistics; reported on their own, and fused only where `fusion.references` names a column
-REFERENCES = ("dcase_ae", "stats")
 #: the flow member and the members whose embeddings it models (docs/architecture.md, "Members")
 FLOW = "b5"
 FLOW_SOURCES = ("b1", "b2", "b3")
@@ -57,43 +53,9 @@ SchedulerFactory = Callable[[Optimizer], LRScheduler]
 T = TypeVar("T")
 
 
-def select_branches(branch: str | Sequence[str]) -> list[str]:
-    """Resolve `branch=all|bN|[..]`; fail loudly on a typo."""
-    if isinstance(branch, str):
-        names = list(BRANCHES) if branch == "all" else [branch]
-    else:
-        names = list(branch)
-    unknown = sorted(set(names) - set(BRANCHES))
-    if unknown:
-        raise AsdError(f"unknown branch {unknown}; expected 'all' or some of {list(BRANCHES)}")
-    if not names:
-        raise AsdError("branch=[] selects no member; use branch=all or e.g. branch=b2")
-    return list(dict.fromkeys(names))
-
-
-def select_references(reference: bool | str | Sequence[str]) -> list[str]:
-    """Resolve `reference=true|false|name|[..]`: true is every reference, false none."""
-    if isinstance(reference, bool):
-        return list(REFERENCES) if reference else []
-    names = [reference] if isinstance(reference, str) else list(reference)
-    unknown = sorted(set(names) - set(REFERENCES))
-    if unknown:
-        raise AsdError(f"reference={unknown}: unknown; expected true, false or some of {list(REFERENCES)}")
-    return list(dict.fromkeys(names))
-
-
 def is_reference(column: str) -> bool:
     """Whether a score column (`dcase_ae_mse`, `stats_knn`, ...) is a reference's."""
     return any(column == r or column.startswith(f"{r}_") for r in REFERENCES)
-
-
-def select_frozen(freeze: str | Sequence[str] | None, members: Sequence[str]) -> list[str]:
-    """Resolve `freeze=bN|[..]` against the selected members."""
-    names = [] if not freeze else [freeze] if isinstance(freeze, str) else list(freeze)
-    stray = sorted(set(names) - set(members))
-    if stray:
-        raise AsdError(f"freeze={stray} names members that are not selected; selected: {list(members)}")
-    return names
 
 
 class Ensemble(L.LightningModule):

@@ -44,11 +44,12 @@ from omegaconf import DictConfig, open_dict
 from timing import environment, write_result
 
 from asd.data.datamodule import AsdDataModule
-from asd.ensemble import Ensemble, select_branches
+from asd.ensemble import Ensemble
 from asd.evaluation import evaluate
+from asd.members import plain, select_branches
 from asd.run import calibrate as cal
 from asd.run import predict as predict_module
-from asd.run.build import build_trainer, data_facts, hardware, plain, resolve_trainer
+from asd.run.build import build_trainer, data_facts, hardware, resolve_trainer
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "bench_gpu.json"

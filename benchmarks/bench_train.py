@@ -63,7 +63,8 @@ from asd.data.datamodule import AsdDataModule
 from asd.ensemble import FLOW, Ensemble
 from asd.errors import AsdError
 from asd.features import logmel_frontends
-from asd.run.build import build_datamodule, build_ensemble, data_facts, member_names
+from asd.members import member_names
+from asd.run.build import build_datamodule, build_ensemble, data_facts
 from asd.run.calibrate import fit_member_backends
 from asd.run.predict import infer, member_scores
 

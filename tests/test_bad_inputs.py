@@ -203,16 +203,24 @@ def test_bad_values_are_named_together_in_one_error(finished):
     finished.assert_unchanged()
 
 
-def test_a_bad_value_is_refused_before_torch_loads_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.max_epochs=-1", "trainer.max_epochs=-1: expected an integer >= 1"),
+        ("branch=b9", "unknown branch ['b9']"),
+        ("freeze=b3", "freeze=['b3'] names members that are not selected"),
+    ],
+)
+def test_a_bad_value_is_refused_before_torch_loads_and_writes_nothing(tmp_path, override, message):
     # train.py as a script in a process of its own, which says on its way out whether torch was loaded
-    argv = [str(REPO / "train.py"), *TINY_RUN, "trainer.max_epochs=-1", f"run_dir='{tmp_path / 'r'}'"]
+    argv = [str(REPO / "train.py"), *TINY_RUN, override, f"run_dir='{tmp_path / 'r'}'"]
     probe = (
         f"import runpy, sys\nsys.argv = {argv!r}\n"
         "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
         "finally:\n    print('torch loaded:', 'torch' in sys.modules)\n"
     )
     res = run([sys.executable, "-c", probe], tmp_path)
-    one_error(res, "trainer.max_epochs=-1: expected an integer >= 1")
+    one_error(res, message)
     assert res.stdout.strip().splitlines()[-1] == "torch loaded: False"
     assert not (tmp_path / "r").exists()  # no run folder, no Hydra log, no lock
 

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from asd.branches.pretrained import ScratchAST
 from asd.config import SCHEMAS, validate, validate_member
 from asd.errors import AsdError
-from asd.run.build import plain
+from asd.members import plain
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 #: what an option needs besides itself: a data folder (never read here) and MIMII's split size

@@ -16,9 +16,10 @@ from torch.utils.data import DataLoader
 from asd.branches.dcase_ae import DcaseAEBranch
 from asd.branches.transformer_ae import TransformerAEBranch
 from asd.diagnostics import StepRecorder
-from asd.ensemble import BRANCHES, Ensemble, select_branches, select_frozen
+from asd.ensemble import Ensemble
 from asd.errors import AsdError
 from asd.features import LogMel
+from asd.members import BRANCHES, select_branches, select_frozen
 from asd.run.build import build_scheduler
 
 SAMPLES = 4000  # 0.25 s at 16 kHz

@@ -19,8 +19,8 @@ from PIL import Image
 from asd.data.images import ImageDataModule, ImageError, ImageLayout, image_config, index_images, read_image
 from asd.errors import AsdError
 from asd.features import ImageFrontend
+from asd.members import IMAGE_MEMBERS, member_names
 from asd.run import FinishedRun, train
-from asd.run.build import IMAGE_MEMBERS, member_names
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = str(REPO / "conf")

@@ -10,9 +10,10 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from asd.branches.logmel_stats import LogMelStatsReference, modulation_statistics, speed_perturb
-from asd.ensemble import Ensemble, is_reference, select_references
+from asd.ensemble import Ensemble, is_reference
 from asd.errors import AsdError
 from asd.features import LogMel
+from asd.members import select_references
 
 SR, T = 16000, 8000
 

@@ -15,8 +15,9 @@ from pytorch_lightning.accelerators import CPUAccelerator, CUDAAccelerator
 from pytorch_lightning.strategies import DDPStrategy, SingleDeviceStrategy
 
 from asd.ensemble import MemberMixedPrecision
+from asd.members import plain
 from asd.run import build
-from asd.run.build import TrainerChoice, build_datamodule, build_trainer, plain, resolve_trainer
+from asd.run.build import TrainerChoice, build_datamodule, build_trainer, resolve_trainer
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 NO_CUDA = (0, False)

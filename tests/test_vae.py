@@ -15,9 +15,10 @@ from torch.utils.data import DataLoader
 from asd.branches.dcase_ae import DcaseAEBranch
 from asd.branches.vae import RECONS, SKIPS, Skip, VAEBranch, gaussian_kl
 from asd.config import validate
-from asd.ensemble import BRANCHES, Ensemble, select_branches
+from asd.ensemble import Ensemble
 from asd.errors import AsdError
 from asd.features import LogMel
+from asd.members import BRANCHES, select_branches
 from asd.run.build import build_datamodule, build_ensemble, data_facts
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -31,19 +31,17 @@ from asd.calibration import LEARNED
 from asd.choices import FUSIONS, WEIGHTED
 from asd.data.datamodule import AsdDataModule
 from asd.data.images import image_layout_of
-from asd.ensemble import (
-    BRANCHES,
-    FLOW,
-    FLOW_SOURCES,
-    REFERENCES,
-    Ensemble,
-    MemberMixedPrecision,
-    select_branches,
-    select_frozen,
-    select_references,
-)
+from asd.ensemble import FLOW, FLOW_SOURCES, Ensemble, MemberMixedPrecision
 from asd.errors import AsdError
 from asd.features import share_frontends
+from asd.members import (
+    IMAGE_MEMBERS,
+    REFERENCES,
+    member_names,
+    plain,
+    select_branches,
+    select_frozen,
+)
 from asd.run.checkpointing import LAST_CKPT, AtomicCheckpointIO, ResumeCheckpoint
 from asd.run.progress import show_progress
 
@@ -106,11 +104,6 @@ def build_scheduler(node: dict[str, Any], where: str) -> Any:
     return BudgetScheduler(node, auto[0], where) if auto else factory
 
 
-def plain(node: Any) -> Any:
-    """A config node as plain Python (lists, dicts), resolved; anything else unchanged."""
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
 def build(node: dict[str, Any], key: str, runtime: dict[str, Any] | None = None, **kwargs: Any) -> Any:
     """`instantiate(node)`, plus those `runtime` values its constructor names and the node lacks.
 
@@ -163,36 +156,6 @@ def build_datamodule(cfg: DictConfig) -> AsdDataModule:
 def data_facts(dm: AsdDataModule) -> dict[str, Any]:
     """What members are sized by: audio settings and class maps (saved with the run)."""
     return dm.state_dict()
-
-
-#: members that take a 2-D input and run on pictures (`data=images`) through `asd.features.ImageFrontend`
-IMAGE_MEMBERS = ("b2", "b4", "b5", "b6", "b7", "dcase_ae", "stats")
-#: why the others do not
-AUDIO_ONLY = {
-    "b1": "the Audio Spectrogram Transformer reads Kaldi fbank features of a waveform",
-    "b3": "its self-supervised classes are audio transforms (time reversal, speed changes) and its "
-    "full-spectrum branch an FFT of the waveform",
-}
-
-
-def is_image_data(cfg: DictConfig) -> bool:
-    """Whether the run reads pictures (`data=images`: the data node has an `image` section)."""
-    return "image" in cfg.data
-
-
-def member_names(cfg: DictConfig) -> list[str]:
-    """The members to build: `branch` and `reference`; on pictures, `branch=all` means the image members."""
-    names = select_branches(plain(cfg.branch)) + select_references(plain(cfg.reference))
-    if not is_image_data(cfg):
-        return names
-    audio = [n for n in names if n not in IMAGE_MEMBERS]
-    if audio and plain(cfg.branch) != "all":
-        why = "; ".join(f"{n}: {AUDIO_ONLY.get(n, 'an audio member')}" for n in audio)
-        raise AsdError(
-            f"branch: {audio} only make sense for audio ({why}); with data=images choose from "
-            f"{[n for n in IMAGE_MEMBERS if n in BRANCHES]}, or branch=all (which leaves them out)"
-        )
-    return [n for n in names if n in IMAGE_MEMBERS]
 
 
 def image_frontend(facts: dict[str, Any]) -> dict[str, Any] | None:

@@ -38,12 +38,13 @@ from asd.calibration import (
 from asd.choices import FUSIONS, WEIGHTED
 from asd.config.nodes import FUSION_CANDIDATES
 from asd.data.datamodule import AsdDataModule, ClipDataset, join_rows
-from asd.ensemble import REFERENCES, Ensemble, is_reference
+from asd.ensemble import Ensemble, is_reference
 from asd.errors import AsdError
 from asd.evaluation import THRESHOLD_MODELS
 from asd.fusion import select
 from asd.fusion.stage import apply_fusion, fit_fusion, held_out_meta_scores, summarise_kinds
-from asd.run.build import fused_members, plain
+from asd.members import REFERENCES, plain
+from asd.run.build import fused_members
 from asd.run.predict import context_of, infer, member_scores
 from asd.scoring import DOMAIN_NAMES, fuse
 

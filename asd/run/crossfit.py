@@ -41,8 +41,9 @@ from torch.utils.data import Dataset
 from asd.anomalies import PseudoAnomalyDataset
 from asd.data.datamodule import AsdDataModule, ClipDataset, join_rows
 from asd.data.table import ClipTable
-from asd.ensemble import REFERENCES, Ensemble
+from asd.ensemble import Ensemble
 from asd.errors import AsdError
+from asd.members import REFERENCES
 from asd.run.build import (
     build_ensemble,
     build_trainer,

@@ -18,7 +18,7 @@ from typing import Any
 
 from asd.calibration import LEARNED
 from asd.choices import FUSIONS, WEIGHTED
-from asd.ensemble import BRANCHES
+from asd.members import BRANCHES
 
 #: the members with a training loss: the branches and the DCASE baseline autoencoder (`stats`
 #: is training-free)

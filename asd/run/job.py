@@ -22,18 +22,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from asd.config import validate
 from asd.data.datamodule import AsdDataModule
-from asd.ensemble import select_frozen
 from asd.errors import AsdError, disk_fault
 from asd.features import logmel_frontends
 from asd.fileio import write_text_atomic
+from asd.members import check_members, is_image_data
 from asd.run.build import (
     build_datamodule,
     build_ensemble,
     check_final,
     data_facts,
-    is_image_data,
-    member_names,
-    plain,
     resolve_run_dir,
     signature,
 )
@@ -100,11 +97,6 @@ def disk_faults(run_dir: Path) -> Iterator[None]:
         if fault is None:
             raise
         raise fault from e
-
-
-def check_members(cfg: DictConfig) -> None:
-    """`branch`, `reference` and `freeze` name members that exist: checked before any data is read."""
-    select_frozen(plain(cfg.freeze), member_names(cfg))
 
 
 def split_datamodule(cfg: DictConfig) -> AsdDataModule:

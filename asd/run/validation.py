@@ -21,8 +21,8 @@ from asd.data.audio import Decoded
 from asd.data.datamodule import AsdDataModule, ClipDataset, WaveStore, label_tensors
 from asd.data.table import Clip, ClipTable
 from asd.errors import AsdError
+from asd.members import plain
 from asd.run import calibrate as cal
-from asd.run.build import plain
 from asd.run.crossfit import run_copies
 from asd.run.predict import context_of, predict
 
