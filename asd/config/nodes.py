@@ -605,7 +605,8 @@ class TrainConfig(Node):
     fusion: Fusion
     trainer: Trainer
     logger: Logger
-    # names are checked once the selection is known: asd.ensemble.select_branches, select_frozen, load_member
+    # names are checked once the selection is known: asd.members.select_branches and
+    # select_frozen, Ensemble.load_member
     branch: Selection = "all"
     freeze: Frozen = []
     ckpt: Checkpoints = {}
