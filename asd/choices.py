@@ -58,3 +58,5 @@ WEIGHT_RULES = ("criterion", "discriminant")
 #: `auc` moved `final` only within noise on synthetic, first-shot and MIMII runs (docs/results.md,
 #: "Steady pseudo-anomalies, an AUC-only criterion"), so `official` stays the default
 CRITERION_MEASURES = ("official", "auc")
+#: what `final=auto` may choose among (asd.fusion.select): the fused per-domain z-scores
+FUSION_CANDIDATES = ("meta", "attention", WEIGHTED, *FUSIONS)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/timing.py
 from timing import write_tables  # noqa: E402
 
 from asd.calibration import fit_thresholds, threshold_normals  # noqa: E402
-from asd.config.nodes import FUSION_CANDIDATES  # noqa: E402
+from asd.choices import FUSION_CANDIDATES  # noqa: E402
 from asd.run.calibrate import reference_normals  # noqa: E402
 from asd.run.job import split_datamodule  # noqa: E402
 

@@ -20,7 +20,7 @@ from asd.choices import (
     CROPS,
     DEFAULT_KINDS,
     FFT_NORMS,
-    FUSIONS,
+    FUSION_CANDIDATES,
     IMAGE_KINDS,
     KINDS,
     MODELS,
@@ -37,7 +37,6 @@ from asd.choices import (
     SPECTRA,
     STRATEGIES,
     WEIGHT_RULES,
-    WEIGHTED,
 )
 from asd.config.values import (
     Count,
@@ -478,10 +477,6 @@ class Meta(Node):
     meta_steps: Count = 200
     meta_lr: Positive = 3e-3
     support_fraction: number(gt=0, lt=1) = 0.5
-
-
-#: what `final=auto` may choose among (asd.fusion.select)
-FUSION_CANDIDATES = ("meta", "attention", WEIGHTED, *FUSIONS)
 
 
 class Weighted(Node):

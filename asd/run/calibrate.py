@@ -35,8 +35,7 @@ from asd.calibration import (
     percentile_note,
     threshold_normals,
 )
-from asd.choices import FUSIONS, WEIGHTED
-from asd.config.nodes import FUSION_CANDIDATES
+from asd.choices import FUSION_CANDIDATES, FUSIONS, WEIGHTED
 from asd.data.datamodule import AsdDataModule, ClipDataset, join_rows
 from asd.ensemble import Ensemble, is_reference
 from asd.errors import AsdError
