@@ -62,7 +62,7 @@ def test_cross_fitting_is_on_for_small_runs_only(tiny_root, tmp_path):
 
 
 def test_a_copy_leaves_out_the_references_the_fusions_do_not_read(tmp_path):
-    cfg = config(tmp_path, "freeze=[b2,stats]", "+ckpt.stats=/x.ckpt", "+ckpt.b2=/y.ckpt")
+    cfg = config(tmp_path, "freeze=[b2,stats]", "ckpt.stats=/x.ckpt", "ckpt.b2=/y.ckpt")
     copy = fold_config(cfg, ["b2", "b3"])
     assert copy.reference is False and list(copy.freeze) == ["b2"] and dict(copy.ckpt) == {"b2": "/y.ckpt"}
     assert list(fold_config(cfg, ["b2", "stats_knn"]).reference) == ["stats"]

@@ -644,7 +644,7 @@ def test_reference_only_and_member_only_runs(tmp_path):
 
 
 def test_frozen_member_restored_from_a_checkpoint_does_not_move(run, tmp_path):
-    cfg = config(tmp_path / "r", "branch=b2", "freeze=b2", f"+ckpt.b2='{run / FINAL_CKPT}'", "plots=false")
+    cfg = config(tmp_path / "r", "branch=b2", "freeze=b2", f"ckpt.b2='{run / FINAL_CKPT}'", "plots=false")
     out = train(cfg)
     before = torch.load(run / FINAL_CKPT, weights_only=True)["state_dict"]
     after = torch.load(out / FINAL_CKPT, weights_only=True)["state_dict"]
@@ -668,7 +668,7 @@ def test_frozen_member_restored_from_a_checkpoint_does_not_move(run, tmp_path):
         ("final=zweighted fusion.enabled=false", "final=zweighted needs the pseudo-anomalies"),
         ("fusion.anomalies.kinds=[tone,whistle]", "fusion.anomalies.kinds"),
         ("fusion.anomalies.copies=0", "fusion.anomalies.copies=0"),
-        ("+ckpt.b2=/nonexistent.ckpt", "no such file"),
+        ("ckpt.b2=/nonexistent.ckpt", "no such file"),
         ("data.on_bad_file=ignore", "data.on_bad_file"),
         (
             "fusion.references=[stats_mahalanobis] reference=false",

@@ -112,8 +112,8 @@ ReconWeights = value(
     ),
 )
 Checkpoints = value(
-    "a mapping of member names to checkpoint paths",
-    lambda v: isinstance(v, dict) and all(isinstance(p, str) for p in v.values()),
+    "a mapping of member names to checkpoint paths (null: none)",
+    lambda v: isinstance(v, dict) and all(p is None or isinstance(p, str) for p in v.values()),
 )
 
 

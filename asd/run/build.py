@@ -250,7 +250,8 @@ def build_ensemble(cfg: DictConfig, facts: dict[str, Any]) -> Ensemble:
     for text, names_sharing in same.items():
         log.info("LR schedule of %s: %s", ", ".join(names_sharing), text)
     for name, path in (cfg.get("ckpt") or {}).items():
-        ensemble.load_member(name, path)
+        if path is not None:  # conf/train.yaml names every member, so `ckpt.b2=PATH` needs no `+`
+            ensemble.load_member(name, path)
     ensemble.fused_references = fused_references(cfg, ensemble)
     return ensemble
 

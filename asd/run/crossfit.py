@@ -149,7 +149,7 @@ def fold_config(cfg: DictConfig, columns: list[str]) -> DictConfig:
     freeze = plain(cfg.get("freeze")) or []
     freeze = [freeze] if isinstance(freeze, str) else list(freeze)
     out.freeze = [n for n in freeze if n not in dropped]
-    out.ckpt = {k: v for k, v in (plain(cfg.get("ckpt")) or {}).items() if k not in dropped}
+    out.ckpt = {k: v for k, v in (plain(cfg.get("ckpt")) or {}).items() if k not in dropped and v is not None}
     return out
 
 
