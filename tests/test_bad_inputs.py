@@ -33,6 +33,7 @@ from hydra import compose, initialize_config_dir
 from asd.data.audio import SKIP_HINT, audio_config
 from asd.data.cache import AudioCache
 from asd.data.datamodule import AsdDataModule
+from asd.data.windows import window_starts
 from asd.errors import AsdError, unwritable
 from asd.run import train
 from tests.conftest import kill_while_writing
@@ -268,6 +269,31 @@ def test_second_train_py_on_a_run_folder_in_use_is_refused(finished, tmp_path):
 
 
 # ---------------------------------------------------------------------- tools/score.py
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["bogus=1"], "argument 'bogus=1': expected key=value with key one of"),
+        (["inputs=x"], "missing run=...; usage: python tools/score.py run=RUN inputs=FILE_OR_DIR"),
+        (["run=r", "inputs=x", "batch_size=0"], "batch_size='0': expected a whole number of clips >= 1"),
+        (["--help"], None),
+    ],
+)
+def test_score_tool_answers_its_arguments_before_torch_loads(tmp_path, args, message):
+    # the tool as a script in a process of its own, which says on its way out whether torch was loaded
+    argv = [SCORE[1], *args]
+    probe = (
+        f"import runpy, sys\nsys.argv = {argv!r}\n"
+        "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "finally:\n    print('torch loaded:', 'torch' in sys.modules)\n"
+    )
+    res = run([sys.executable, "-c", probe], tmp_path)
+    if message is None:  # --help: the usage, exit status 0
+        assert res.returncode == 0 and "python tools/score.py run=RUN inputs=FILE_OR_DIR" in res.stdout
+    else:
+        one_error(res, message)
+    assert res.stdout.strip().splitlines()[-1] == "torch loaded: False"
+
+
 def test_score_tool_with_a_truncated_checkpoint(finished, tmp_path):
     copy = tmp_path / "cut"
     shutil.copytree(finished.dir, copy)
@@ -316,8 +342,9 @@ def test_score_tool_refuses_a_hop_that_would_leave_audio_unscored(hop):
     spec.loader.exec_module(tool)
     with pytest.raises(AsdError, match=rf"hop='{hop}': expected seconds in \(0, 2\].*unscored"):
         tool.hop_of({"hop": hop}, audio_config(duration=2.0))
-    assert tool.window_starts(5 * 16000, 2 * 16000, 16000) == [0, 16000, 32000, 48000]
-    assert tool.window_starts(5 * 16000 + 1, 2 * 16000, 2 * 16000) == [0, 32000, 48001]
+    # the windows the tool scores a 5 s file in (asd.data.windows, which it calls)
+    assert window_starts(5 * 16000, 2 * 16000, 16000) == [0, 16000, 32000, 48000]
+    assert window_starts(5 * 16000 + 1, 2 * 16000, 2 * 16000) == [0, 32000, 48001]
 
 
 # ---------------------------------------------------------------------- the audio cache and the data

@@ -25,21 +25,20 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
+# only what reading the arguments needs: a bad argument or --help is answered before torch loads (6-8 s)
 from asd.allocator import reuse_freed_memory
-from asd.data.audio import AudioConfig, fit_length, length_changes, load_audio, own_length
-from asd.data.datamodule import ClipDataset, WaveStore
 from asd.data.index import parse_path
 from asd.data.table import DOMAIN_IDS, Clip
-from asd.data.windows import window_starts, windowing_of
 from asd.errors import AsdError, disk_fault
 from asd.fileio import write_text_atomic
-from asd.run import FinishedRun
-from asd.run.predict import predict
-from asd.run.report import csv_text, score_cells, score_names
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from asd.data.audio import AudioConfig
+    from asd.run import FinishedRun
 
 KEYS = ("run", "inputs", "out", "machine", "section", "domain", "batch_size", "hop")
 
@@ -149,6 +148,8 @@ class Windows:
     """
 
     def __init__(self, paths: list[str], items: list[tuple[int, int]], audio: AudioConfig):
+        import numpy as np
+
         self.paths, self.items, self.audio = paths, items, audio  # items: (file index, start sample)
         self.whole = dataclasses.replace(audio, duration=None, window=None, window_hop=None)
         self.loaded, self.wave = -1, np.zeros(0, np.float32)
@@ -157,6 +158,8 @@ class Windows:
         return len(self.items)
 
     def __getitem__(self, i: int) -> np.ndarray:
+        from asd.data.audio import fit_length, load_audio
+
         f, start = self.items[i]
         if f != self.loaded:
             self.loaded, self.wave = f, load_audio(self.paths[f], self.whole)  # (T_file,)
@@ -169,6 +172,14 @@ def score_windows(
 ) -> tuple[dict[str, np.ndarray], list[int], list[int]]:
     """Every column of each file's most anomalous window (highest `final`), that window's start in
     samples, and each file's number of windows."""
+    import numpy as np
+    import torch
+
+    from asd.data.audio import length_changes, own_length
+    from asd.data.datamodule import ClipDataset, WaveStore
+    from asd.data.windows import window_starts, windowing_of
+    from asd.run.predict import predict
+
     n = run.audio.num_samples
     lengths = [own_length(f, run.audio) for f in files]
     starts = [window_starts(t, n, hop) for t in lengths]
@@ -217,6 +228,9 @@ def main(argv: list[str]) -> int:
         parsed = parse_args(argv)
         args = {k: v[0] for k, v in parsed.items() if k != "inputs"}
         batch_size = batch_size_of(args)
+        from asd.run import FinishedRun  # torch, Lightning and the members: after the arguments are read
+        from asd.run.report import csv_text, score_cells, score_names
+
         run = FinishedRun(args["run"])
         hop = hop_of(args, run.audio)
         files = list_inputs(parsed["inputs"])
