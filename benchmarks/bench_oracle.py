@@ -73,19 +73,25 @@ def oracle_z(raw: np.ndarray, groups: np.ndarray, normal: np.ndarray, where: str
     return z
 
 
+def weightings(weights: np.ndarray) -> dict[str, np.ndarray]:
+    """The members' weightings the mix tries, each summing to 1: equal, and the run's own `weights`
+    (M,) (any scale) unless they are all zero."""
+    out = {"equal": np.full(weights.shape[0], 1.0 / weights.shape[0])}
+    if weights.sum() > 0:
+        out["run"] = weights / weights.sum()
+    return out
+
+
 def best_mix(
     reference: np.ndarray, members: np.ndarray, weights: np.ndarray, shares: tuple[float, ...], score
 ) -> tuple[float, dict]:
-    """The highest `score` of share * reference + (1 - share) * members over shares and two weightings.
+    """The highest `score` of share * reference + (1 - share) * members over shares and `weightings`.
 
     `reference` (N,), `members` (N, M) z-scores, `weights` (M,) the run's member weights (any scale;
     all zero counts as equal). Returns the best score and where it was reached.
     """
-    weightings = {"equal": np.full(members.shape[1], 1.0 / members.shape[1])}
-    if weights.sum() > 0:
-        weightings["run"] = weights / weights.sum()
     best, where = -np.inf, {}
-    for name, w in weightings.items():
+    for name, w in weightings(weights).items():
         mixed_members = members @ w
         for share in shares:
             value = score(share * reference + (1.0 - share) * mixed_members)
@@ -141,8 +147,8 @@ def run_row(run_dir: Path, shares: tuple[float, ...]) -> dict:
     mem_cols = [columns.index(m) for m in members]
     final = score(np.array([float(r["final"]) for r in rows]))
     run = score(z @ weights / weights.sum()) if weights.sum() > 0 else float("nan")
-    mem_w = weights[mem_cols]
-    mem_w = mem_w / mem_w.sum() if mem_w.sum() > 0 else np.full(len(mem_cols), 1.0 / len(mem_cols))
+    tried = weightings(weights[mem_cols])
+    mem_w = tried.get("run", tried["equal"])
     best, where = best_mix(zo[:, ref_cols].mean(axis=1), zo[:, mem_cols], weights[mem_cols], shares, score)
     return {
         "final": final,
